@@ -1,0 +1,125 @@
+"""From a config's ``levels`` section to Betty Problems and their dependency graph."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from betty.configs import Config as BettyConfig
+
+import mqvae.hypergradients  # noqa: F401  (registers the hypergradient types with Betty)
+from mqvae.config import Config, LevelConfig
+from mqvae.data import holdout_split
+from mqvae.errors import UserError
+from mqvae.loader import BatchStream
+from problems import PROBLEMS
+
+
+def make_optimizer(level: LevelConfig, params) -> torch.optim.Optimizer:
+    # Betty rebuilds the optimizer from ``defaults`` and the problem's param groups; only the class
+    # and the defaults given here matter.
+    if level.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=level.lr, momentum=level.momentum, weight_decay=level.weight_decay)
+    cls = torch.optim.AdamW if level.optimizer == "adamw" else torch.optim.Adam
+    return cls(params, lr=level.lr, weight_decay=level.weight_decay)
+
+
+class LRSchedule:
+    """Multiplier of the base learning rate at a step: constant, cosine, or linear warm-up then cosine
+    (the MQ-VAE paper's schedule, App. I). A picklable callable so LambdaLR can save it."""
+
+    def __init__(self, kind: str, total: int, warmup_ratio: float):
+        self.kind, self.total, self.warmup = kind, total, int(round(warmup_ratio * total)) if kind == "warmup_cosine" else 0
+
+    def __call__(self, step: int) -> float:
+        if self.kind == "constant":
+            return 1.0
+        if step < self.warmup:
+            return (step + 1) / self.warmup
+        progress = min(1.0, (step - self.warmup) / max(1, self.total - self.warmup))
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def make_scheduler(level: LevelConfig, optimizer, total: int):
+    if level.scheduler == "constant":
+        return None
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, LRSchedule(level.scheduler, total, level.warmup_ratio))
+
+
+def level_graph(cfg: Config) -> tuple[dict[str, list[str]], dict[str, list[str]]]:
+    """Betty's ``u2l`` (upper -> lowers whose best response it differentiates through) and ``l2u``
+    (lower -> uppers it triggers after its step), by level name.
+
+    xi = 0 is alternated optimization (Huh §4.2, MQ-VAE §4.4): Eq. 10's phi' is phi itself, so there is no
+    tentative lower step and no hypergradient. The upper level then simply steps first, on its direct
+    gradient at the current lower parameters, and the lower level steps after it with the updated
+    codebook: in Betty's terms the execution edge is reversed and there is no u2l edge at all.
+    """
+    u2l = {level.name: list(level.lower) for level in cfg.levels if level.lower}
+    l2u: dict[str, list[str]] = {}
+    for upper, lowers in u2l.items():
+        for lower in lowers:
+            l2u.setdefault(lower, []).append(upper)
+    if cfg.hypergradient.xi == 0:
+        if len(cfg.levels) > 2:
+            raise UserError("hypergradient.xi: 0 (alternated optimization) is defined for two levels; this config has "
+                            f"{len(cfg.levels)}")
+        return {}, {upper: lowers for upper, lowers in u2l.items()}
+    return u2l, l2u
+
+
+def build_problems(cfg: Config, model, datasets, device) -> tuple[list, dict]:
+    """The configured levels as Betty Problems, and the Betty dependency dict."""
+    u2l, l2u = level_graph(cfg)
+    betty_children = {}
+    for lower, uppers in l2u.items():
+        for upper in uppers:
+            betty_children.setdefault(upper, []).append(lower)
+
+    holdout = None
+    problems = {}
+    for index, level in enumerate(cfg.levels):
+        if level.problem not in PROBLEMS:
+            raise UserError(f"levels.{index}.problem: unknown problem '{level.problem}' (registered: {', '.join(sorted(PROBLEMS))})")
+        cls = PROBLEMS[level.problem]
+        module = cls.module_of(model).to(device)
+        has_upper = level.name in l2u and cfg.hypergradient.xi != 0
+        xi = cfg.hypergradient.xi if cfg.hypergradient.xi is not None else level.lr
+        betty_cfg = BettyConfig(
+            type=cfg.hypergradient.type,
+            darts_alpha=cfg.hypergradient.alpha,
+            # The upper loss is differentiated twice (its own parameters, then the lower ones).
+            retain_graph=level.name in u2l,
+            gradient_clipping=level.grad_clip,
+            log_step=-1,
+        )
+        data = level.data
+        if data == "auto":
+            data = "shared" if level.name in betty_children else "train"
+        stream = None
+        if data == "train":
+            stream = BatchStream(datasets.train, cfg.data.batch_size, seed=cfg.seed + index, num_workers=cfg.data.num_workers)
+        elif data == "holdout":
+            if holdout is None:
+                _, holdout = holdout_split(datasets.train, cfg.data.holdout_fraction, seed=cfg.seed)
+            stream = BatchStream(holdout, min(cfg.data.batch_size, len(holdout)), seed=cfg.seed + index, num_workers=cfg.data.num_workers)
+        params = [p for p in module.parameters() if p.requires_grad]
+        optimizer = make_optimizer(level, params)
+        scheduler = make_scheduler(level, optimizer, cfg.train.iters)
+        problem = cls(level.name, betty_cfg, module, optimizer, scheduler, stream, model=model, level_cfg=level,
+                      xi=xi if has_upper else 0.0, fd_alpha=cfg.hypergradient.alpha)
+        problems[level.name] = (problem, data)
+
+    for name, (problem, data) in problems.items():
+        if data == "shared":
+            children = betty_children.get(name, [])
+            if not children:
+                raise UserError(f"levels: level '{name}' has data: shared but no level below it to share a batch with")
+            problem.batch_source = problems[children[0]][0]
+
+    by_name = {name: problem for name, (problem, _) in problems.items()}
+    dependencies = {
+        "u2l": {by_name[u]: [by_name[l] for l in lowers] for u, lowers in u2l.items()},
+        "l2u": {by_name[l]: [by_name[u] for u in uppers] for l, uppers in l2u.items()},
+    }
+    return list(by_name.values()), dependencies

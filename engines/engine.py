@@ -1,0 +1,127 @@
+"""The Betty Engine that runs any level graph: one level (VQ-VAE), two (MQ-VAE) or more."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from pathlib import Path
+
+import torch
+from betty.configs import EngineConfig
+from betty.engine import Engine
+from betty.logging.logger_base import get_logger
+from tqdm import tqdm
+
+from mqvae.checkpoint import rng_state, save_checkpoint, set_rng_state
+from mqvae.errors import UserError
+from mqvae.evaluation import evaluate
+
+# Betty logs set-up chatter at INFO; the progress bar and log.jsonl are this toolkit's interface.
+get_logger().setLevel(logging.WARNING)
+
+
+class LevelEngine(Engine):
+    def __init__(self, cfg, problems, dependencies, model, datasets, device, run_dir: Path):
+        self.cfg, self.model, self.datasets, self.run_dir = cfg, model, datasets, Path(run_dir)
+        self.target_device = device
+        self.train_time = 0.0  # seconds spent in training iterations, excluding evaluation and saving
+        engine_cfg = EngineConfig(train_iters=cfg.train.iters, roll_back=cfg.hypergradient.roll_back, logger_type="none")
+        super().__init__(problems=problems, config=engine_cfg, dependencies=dependencies)
+        # Quantizer maintenance follows the real forward of the level that trains the encoder.
+        self.encoder_level = next(p for p in problems if any(m is model.encoder for m in p.module.modules()))
+
+    def configure_systems(self):
+        # Betty's own version divides by torch.cuda.device_count() for distributed strategies, which fails on
+        # a CPU-only machine; this engine runs one process on the configured device.
+        self.device = self.target_device
+        return {"strategy": "default", "backend": None, "world_size": 1, "rank": 0, "local_rank": 0}
+
+    # -- state ------------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {
+            "levels": {p.name: p.module.state_dict() for p in self.problems},
+            "optimizers": {p.name: p.optimizer.state_dict() for p in self.problems},
+            "schedulers": {p.name: p.scheduler.state_dict() for p in self.problems if p.scheduler is not None},
+            "streams": {p.name: p.stream.state_dict() for p in self.problems if p.stream is not None},
+            "step": self.global_step,
+            "train_time": self.train_time,
+            "rng": rng_state(),
+        }
+
+    def load_state_dict(self, state: dict, where: str) -> None:
+        names = sorted(p.name for p in self.problems)
+        if sorted(state["levels"]) != names:
+            raise UserError(f"--resume: {where} holds levels {sorted(state['levels'])}, the config has {names}")
+        try:
+            for p in self.problems:
+                p.module.load_state_dict(state["levels"][p.name])
+                p.optimizer.load_state_dict(state["optimizers"][p.name])
+                if p.scheduler is not None:
+                    p.scheduler.load_state_dict(state["schedulers"][p.name])
+                if p.stream is not None:
+                    p.stream.load_state_dict(state["streams"][p.name])
+                    p.train_data_iterator = [iter(p.stream)]
+                p._count = state["step"]
+        except (KeyError, RuntimeError, ValueError) as exc:
+            raise UserError(f"--resume: {where} does not match this config ({str(exc).splitlines()[0][:150]})") from None
+        self.global_step = state["step"]
+        self.train_time = state.get("train_time", 0.0)
+        set_rng_state(state["rng"])
+
+    def save(self) -> None:
+        save_checkpoint(self.run_dir / "checkpoint.pt", self.state_dict())
+
+    # -- the loop ---------------------------------------------------------------------------------
+    def run(self):
+        cfg = self.cfg.train
+        self.train()
+        log = open(self.run_dir / "log.jsonl", "a")
+        bar = tqdm(total=cfg.iters, initial=self.global_step, desc=self.run_dir.name, dynamic_ncols=True, mininterval=0.5)
+        try:
+            for step in range(self.global_step + 1, cfg.iters + 1):
+                start = time.perf_counter()
+                self.global_step = step
+                self.train_step()
+                self.maintain()
+                if step % cfg.log_every == 0 or step == cfg.iters:
+                    record = self.training_record(step)
+                    self.train_time += time.perf_counter() - start
+                    record["time_s"] = round(self.train_time, 4)
+                    log.write(json.dumps(record) + "\n")
+                    log.flush()
+                    bar.set_postfix({k.split(".")[-1] if len(self.problems) == 1 else k: f"{v:.4g}"
+                                     for k, v in record.items() if k.endswith((".loss", ".perplexity"))}, refresh=False)
+                else:
+                    self.train_time += time.perf_counter() - start
+                if cfg.eval_every and step % cfg.eval_every == 0:
+                    metrics, _ = evaluate(self.model, self.datasets.test, self.cfg.data.batch_size, self.device)
+                    log.write(json.dumps({"step": step, "time_s": round(self.train_time, 4), **metrics}) + "\n")
+                    log.flush()
+                if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
+                    self.save()
+                bar.update(1)
+        finally:
+            bar.close()
+            log.close()
+
+    def maintain(self) -> None:
+        """Explicit quantizer maintenance (dead-code replacement, running statistics) on this iteration's
+        real forward; never inside a forward, so perturbed evaluations stay pure."""
+        forward = self.encoder_level.last_forward
+        if forward is not None:
+            self.model.quantizer.maintain(*forward)
+
+    def training_record(self, step: int) -> dict:
+        """The levels' latest loss terms as numbers (the only host sync of an iteration, at logging steps)."""
+        record = {"step": step}
+        for p in self.problems:
+            for key, value in p.last_stats.items():
+                if torch.is_tensor(value) and value.numel() == 1:
+                    record[f"{p.name}.{key}"] = value.item()
+        for key, value in record.items():
+            if key.endswith(".loss") and not math.isfinite(value):
+                raise UserError(f"train: {key} is {value} at iteration {step}; stopped (the last checkpoint, if any, "
+                                f"is kept in {self.run_dir})")
+        return record

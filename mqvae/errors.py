@@ -1,0 +1,10 @@
+"""The one exception type that run.py turns into a single line and a non-zero exit.
+
+Anything the user can fix (a config typo, a missing data folder, a corrupt
+checkpoint, a diverged loss) raises ``UserError``; everything else is a bug and
+keeps its traceback.
+"""
+
+
+class UserError(Exception):
+    """An error caused by the user's input; its message is one self-contained line."""

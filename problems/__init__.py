@@ -1,0 +1,6 @@
+"""Betty Problems: one class per level kind, and the registry configs name them by."""
+
+from .base import Level
+from .levels import PROBLEMS, AutoEncoder, Classifier, Codebook, CommitmentWeight, VQVAE, register_problem
+
+__all__ = ["Level", "PROBLEMS", "register_problem", "VQVAE", "AutoEncoder", "Classifier", "Codebook", "CommitmentWeight"]

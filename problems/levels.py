@@ -1,0 +1,85 @@
+"""The level kinds of MQ-VAE and its baselines."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .base import Level
+
+
+class VQVAE(Level):
+    """Joint training of encoder, decoder and codebook on Eq. 6: the VQ-VAE baseline as a one-level problem."""
+
+    @classmethod
+    def module_of(cls, model):
+        return model
+
+
+class AutoEncoder(Level):
+    """MQ-VAE's lower level: the encoder phi and decoder theta (Eq. 7)."""
+
+    @classmethod
+    def module_of(cls, model):
+        return nn.ModuleDict({"encoder": model.encoder, "decoder": model.decoder})
+
+
+class Classifier(AutoEncoder):
+    """The classification task's lower level: backbone halves and head around the quantizer (Huh §5.1)."""
+
+
+class Codebook(Level):
+    """MQ-VAE's upper level: the codebook C (Eq. 8), and the affine parameters when they are learned."""
+
+    @classmethod
+    def module_of(cls, model):
+        return model.quantizer
+
+    def param_groups(self):
+        groups = getattr(self.module, "param_groups", None)
+        if groups is None:
+            return super().param_groups()
+        lr = self.level_cfg.lr
+        return [{**group, "lr": lr * group.pop("lr_scale", 1.0)} for group in groups()]
+
+
+class CommitmentWeight(Level):
+    """A third level that learns the commitment weight beta of the levels below it (Eq. 6).
+
+    beta = softplus(rho) stays positive. Its loss is the task loss on held-out data at the current
+    lower parameters; beta reaches it only through the lower level's response, so its whole gradient
+    is the hypergradient through the lower level's step.
+    """
+
+    @classmethod
+    def module_of(cls, model):
+        beta = model.quantizer.loss_weights()["commitment"]
+        # Inverse softplus, so the level starts at the configured beta.
+        rho = torch.tensor(float(beta)).expm1().log() if beta > 0 else torch.tensor(-10.0)
+        module = nn.Module()
+        module.rho = nn.Parameter(rho)
+        return module
+
+    def beta(self) -> torch.Tensor:
+        return F.softplus(self.module.rho)
+
+    def provided_weights(self) -> dict:
+        return {"commitment": self.beta()}
+
+    def loss_terms(self, batch) -> dict:
+        terms = self.model.loss(batch, weights=self.provided_weights())
+        return {**terms, "loss": terms["task"], "beta": self.beta()}
+
+
+PROBLEMS: dict[str, type[Level]] = {}
+
+
+def register_problem(cls: type[Level]) -> type[Level]:
+    """Make a Level subclass nameable in a config's ``levels.*.problem`` (use as a class decorator)."""
+    PROBLEMS[cls.__name__] = cls
+    return cls
+
+
+for _cls in (VQVAE, AutoEncoder, Classifier, Codebook, CommitmentWeight):
+    register_problem(_cls)
