@@ -82,6 +82,9 @@ def build_problems(cfg: Config, model, datasets, device) -> tuple[list, dict]:
         if level.problem not in PROBLEMS:
             raise UserError(f"levels.{index}.problem: unknown problem '{level.problem}' (registered: {', '.join(sorted(PROBLEMS))})")
         cls = PROBLEMS[level.problem]
+        if hasattr(cls, level.name) or level.name in ("model", "module", "stream"):
+            # Betty makes every level an attribute of the others under its name.
+            raise UserError(f"levels.{index}.name: '{level.name}' is taken by an attribute of the Problem classes; choose another name")
         module = cls.module_of(model).to(device)
         has_upper = level.name in l2u and cfg.hypergradient.xi != 0
         xi = cfg.hypergradient.xi if cfg.hypergradient.xi is not None else level.lr

@@ -30,7 +30,8 @@ class LevelEngine(Engine):
         engine_cfg = EngineConfig(train_iters=cfg.train.iters, roll_back=cfg.hypergradient.roll_back, logger_type="none")
         super().__init__(problems=problems, config=engine_cfg, dependencies=dependencies)
         # Quantizer maintenance follows the real forward of the level that trains the encoder.
-        self.encoder_level = next(p for p in problems if any(m is model.encoder for m in p.module.modules()))
+        encoder = getattr(model, "encoder", None)
+        self.encoder_level = next((p for p in problems if any(m is encoder for m in p.module.modules())), None)
 
     def configure_systems(self):
         # Betty's own version divides by torch.cuda.device_count() for distributed strategies, which fails on
@@ -109,7 +110,7 @@ class LevelEngine(Engine):
     def maintain(self) -> None:
         """Explicit quantizer maintenance (dead-code replacement, running statistics) on this iteration's
         real forward; never inside a forward, so perturbed evaluations stay pure."""
-        forward = self.encoder_level.last_forward
+        forward = self.encoder_level.last_forward if self.encoder_level is not None else None
         if forward is not None:
             self.model.quantizer.maintain(*forward)
 

@@ -67,8 +67,8 @@ class Level(ImplicitProblem):
         codebook's gradient needs only an encoder forward and the quantizer's losses: the decoder
         forward of the finite-difference passes would be wasted (DESIGN.md, cost model).
         """
-        quantizer = self.model.quantizer
-        if upper.module is quantizer and not quantizer.task_reaches_codebook:
+        quantizer = getattr(self.model, "quantizer", None)
+        if quantizer is not None and upper.module is quantizer and not quantizer.task_reaches_codebook:
             return self.model.quantization_loss(batch)
         return self.training_step(batch)
 
@@ -77,8 +77,9 @@ class Level(ImplicitProblem):
         # Betty's version calls loss.item() every step, a host sync in the hot loop; keep tensors and
         # let the engine read them at logging steps only.
         stats = self.loss_terms(batch)
-        out = stats.pop("_out")
-        self.last_forward = (out.z_e.detach(), out.quant.detached())
+        out = stats.pop("_out", None)
+        if out is not None:
+            self.last_forward = (out.z_e.detach(), out.quant.detached())
         self.last_stats = {k: v.detach() for k, v in stats.items()}
         return stats["loss"] / self.gas, self.last_stats
 
