@@ -89,6 +89,24 @@ def direct(vector, curr, prev, sync):
     return _deliver([torch.zeros_like(p) for p in prev.trainable_parameters()], prev, sync)
 
 
+def _zero_when_unreachable(fn):
+    """Betty's implicit-function methods (neumann, cg) differentiate grad_phi L with respect to the upper
+    parameters by autograd. With a plain straight-through estimator that mixed derivative is identically
+    zero (sg[z_e] blocks it) and autograd reports the codebook as unused; the exact answer is a zero implicit
+    term, which is what this returns. (MQ-VAE's finite difference does see through the stop-gradient.)"""
+
+    @functools.wraps(fn)
+    def wrapper(vector, curr, prev, sync):
+        try:
+            return fn(vector, curr, prev, sync)
+        except RuntimeError as exc:
+            if "not have been used in the graph" not in str(exc) and "does not require grad" not in str(exc):
+                raise
+            return _deliver([torch.zeros_like(p) for p in prev.trainable_parameters()], prev, sync)
+
+    return wrapper
+
+
 def _pure(fn):
     if getattr(fn, "runs_purely", False):
         return fn
@@ -111,6 +129,7 @@ def register_hypergradient(name: str, fn) -> None:
 # parameters and has no xi); they are wrapped so that their perturbed evaluations are pure as well.
 BETTY_TYPES = ("darts", "neumann", "cg", "sama")
 for _name in BETTY_TYPES:
-    register_hypergradient(_name, jvp_fn_mapping[_name])
+    _fn = jvp_fn_mapping[_name]
+    register_hypergradient(_name, _fn if _name in ("darts", "sama") else _zero_when_unreachable(_fn))
 register_hypergradient("mqvae", mqvae)
 register_hypergradient("direct", direct)

@@ -1,0 +1,48 @@
+"""Small configs and engines shared by the tests."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+
+from engines.experiment import build_engine
+from mqvae.config import config_from_dict
+
+TINY_MODEL = {"kind": "vqvae", "hidden_channels": 8, "res_channels": 4, "num_res_blocks": 1, "downsample": 2}
+TINY_QUANTIZER = {"num_codes": 16, "dim": 4, "beta": 0.25}
+
+
+def two_levels(codebook_lr=1e-2, autoencoder_lr=1e-2, optimizer="adam"):
+    return [
+        {"name": "codebook", "problem": "Codebook", "optimizer": optimizer, "lr": codebook_lr, "lower": ["autoencoder"]},
+        {"name": "autoencoder", "problem": "AutoEncoder", "optimizer": optimizer, "lr": autoencoder_lr},
+    ]
+
+
+def tiny_config(levels=None, hypergradient=None, model=None, quantizer=None, **top):
+    data = {
+        "seed": 0,
+        "device": "cpu",
+        "data": {"name": "digits", "batch_size": 16},
+        "model": {**TINY_MODEL, **(model or {})},
+        "quantizer": {**TINY_QUANTIZER, **(quantizer or {})},
+        "levels": levels if levels is not None else two_levels(),
+        "hypergradient": hypergradient or {},
+        "train": {"iters": 2, "log_every": 1},
+        **top,
+    }
+    return config_from_dict(data, "<test>")
+
+
+def tiny_engine(tmp_path, **kwargs):
+    cfg = tiny_config(**kwargs)
+    return build_engine(cfg, tmp_path)
+
+
+def snapshot(module: torch.nn.Module) -> dict:
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def optimizer_snapshot(optimizer) -> dict:
+    return copy.deepcopy(optimizer.state_dict())

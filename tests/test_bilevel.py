@@ -1,0 +1,283 @@
+"""The bi-level core against independent references: exact autograd through the unrolled step,
+plain-torch Algorithm 1 (with and without roll-back), Huh Eq. 17-18 for xi = 0, and purity."""
+
+from __future__ import annotations
+
+import copy
+from types import SimpleNamespace
+
+import pytest
+import torch
+from betty.hypergradient import jvp_fn_mapping
+from torch import nn
+from torch.utils.data import TensorDataset
+
+from engines.build import build_problems
+from engines.engine import LevelEngine
+from mqvae.config import config_from_dict
+from problems import Level, register_problem
+
+from helpers import snapshot, tiny_engine
+
+# ---------------------------------------------------------------------------------------------
+# 1. A smooth toy two-level problem in float64: the engine's hypergradient equals autograd's
+#    d/dC L(phi - xi * grad_phi L(phi, C), C).
+
+
+def toy_loss(phi, c, x):
+    # Non-quadratic in phi, so the mixed derivative at the pre-step and post-step points differ.
+    return ((x @ phi - 1) ** 2).mean() + (phi * c).sum() ** 2 + 0.5 * ((phi - c) ** 2).sum() + (torch.sin(phi) * c).sum()
+
+
+class Holder(nn.Module):
+    def __init__(self, value):
+        super().__init__()
+        self.w = nn.Parameter(value.clone())
+
+
+class ToyModel(nn.Module):
+    def __init__(self, d=5):
+        super().__init__()
+        g = torch.Generator().manual_seed(3)
+        self.lower = Holder(0.5 * torch.randn(d, generator=g, dtype=torch.float64))
+        self.upper = Holder(0.5 * torch.randn(d, generator=g, dtype=torch.float64))
+
+    def loss(self, batch, weights=None):
+        return {"loss": toy_loss(self.lower.w, self.upper.w, batch[0])}
+
+
+@register_problem
+class ToyLower(Level):
+    @classmethod
+    def module_of(cls, model):
+        return model.lower
+
+
+@register_problem
+class ToyUpper(Level):
+    @classmethod
+    def module_of(cls, model):
+        return model.upper
+
+    def custom_optimizer_step(self):
+        self.recorded = [p.grad.detach().clone() for p in self.trainable_parameters()]
+        self.optimizer.step()
+
+
+def toy_engine(tmp_path, xi, hypergradient_type="mqvae"):
+    cfg = config_from_dict({
+        "device": "cpu",
+        "data": {"batch_size": 12},
+        "levels": [
+            {"name": "upper", "problem": "ToyUpper", "optimizer": "sgd", "lr": 0.1, "lower": ["lower"]},
+            {"name": "lower", "problem": "ToyLower", "optimizer": "sgd", "lr": xi},
+        ],
+        "hypergradient": {"type": hypergradient_type, "xi": None, "alpha": 0.01},
+    }, "<toy>")
+    x = torch.randn(12, 5, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    datasets = SimpleNamespace(train=TensorDataset(x, torch.zeros(12)), test=None)
+    model = ToyModel()
+    problems, deps = build_problems(cfg, model, datasets, torch.device("cpu"))
+    return LevelEngine(cfg, problems, deps, model, datasets, torch.device("cpu"), tmp_path), model
+
+
+def unrolled_hypergradient(phi0, c0, x, xi):
+    phi, c = phi0.clone().requires_grad_(), c0.clone().requires_grad_()
+    (g_phi,) = torch.autograd.grad(toy_loss(phi, c, x), phi, create_graph=True)
+    (hyper,) = torch.autograd.grad(toy_loss(phi - xi * g_phi, c, x), c)
+    return hyper
+
+
+def fd_variant(phi0, c0, x, xi, at_post_step=False, scale=True):
+    """Eq. 13 computed by hand, optionally with the mistakes the engine must not make."""
+    phi, c = phi0.clone().requires_grad_(), c0.clone().requires_grad_()
+    phi1 = (phi0 - xi * torch.autograd.grad(toy_loss(phi, c, x), phi)[0]).requires_grad_()
+    v, direct = torch.autograd.grad(toy_loss(phi1, c, x), (phi1, c))
+    eps = 0.01 / v.norm()
+    base = phi1.detach() if at_post_step else phi0
+
+    def grad_c(p):
+        return torch.autograd.grad(toy_loss(p, c, x), c)[0]
+
+    implicit = -(grad_c(base + eps * v) - grad_c(base - eps * v)) / (2 * eps)
+    return direct + (xi if scale else 1.0) * implicit
+
+
+def relative_error(a, b):
+    return float((a - b).norm() / b.norm())
+
+
+@pytest.mark.parametrize("xi", [0.05, 0.2])
+def test_engine_hypergradient_equals_autograd_through_the_unrolled_step(tmp_path, xi):
+    engine, model = toy_engine(tmp_path, xi)
+    phi0, c0 = model.lower.w.detach().clone(), model.upper.w.detach().clone()
+    engine.train_step()
+    x = engine.lower.cur_batch[0]
+    reference = unrolled_hypergradient(phi0, c0, x, xi)
+    produced = engine.upper.recorded[0]
+    assert relative_error(produced, reference) < 1e-4
+
+    # The comparison is sharp enough to catch each of the mistakes Eq. 13 invites.
+    c = c0.clone().requires_grad_()
+    phi = phi0.clone().requires_grad_()
+    post = (phi0 - xi * torch.autograd.grad(toy_loss(phi, c0, x), phi)[0]).detach()
+    direct = torch.autograd.grad(toy_loss(post, c, x), c)[0]
+    for wrong in (direct, fd_variant(phi0, c0, x, xi, at_post_step=True), fd_variant(phi0, c0, x, xi, scale=False)):
+        assert relative_error(wrong, reference) > 1e-3
+    assert relative_error(fd_variant(phi0, c0, x, xi), reference) < 1e-4
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. One engine iteration on a tiny VQ-VAE equals Algorithm 1 written in plain torch.
+
+
+def enc_dec_parameters(model):
+    return list(model.encoder.parameters()) + list(model.decoder.parameters())
+
+
+def set_grads(params, grads):
+    for p, g in zip(params, grads):
+        p.grad = g.clone()
+
+
+def algorithm_1(model, batch, lr, xi, alpha, roll_back):
+    """MQ-VAE Algorithm 1 / Eq. 10-13 in plain torch, with the toolkit's default order (roll_back=False)."""
+    lower, codebook = enc_dec_parameters(model), [model.quantizer.codebook]
+    opt_lower, opt_upper = torch.optim.Adam(lower, lr=lr), torch.optim.Adam(codebook, lr=lr)
+    pre = [p.detach().clone() for p in lower]
+    opt_lower_state = copy.deepcopy(opt_lower.state_dict())
+
+    def loss():
+        return model.loss(batch)["loss"]
+
+    # 1. tentative lower step
+    set_grads(lower, torch.autograd.grad(loss(), lower))
+    opt_lower.step()
+    opt_lower.zero_grad()
+    # 2. v and the direct term at the post-step parameters
+    grads = torch.autograd.grad(loss(), codebook + lower)
+    direct, v = grads[0], grads[1:]
+    # 3. Eq. 13 around the pre-step parameters (full loss: no shortcut here)
+    eps = alpha / torch.cat([t.reshape(-1) for t in v]).norm()
+    post = [p.detach().clone() for p in lower]
+    fd = []
+    for sign in (1, -1):
+        with torch.no_grad():
+            for p, p0, vi in zip(lower, pre, v):
+                p.copy_(p0 + sign * eps * vi)
+        fd.append(torch.autograd.grad(loss(), codebook)[0])
+    with torch.no_grad():
+        for p, p1 in zip(lower, post):
+            p.copy_(p1)
+    implicit = -xi * (fd[0] - fd[1]) / (2 * eps)
+    # 4. codebook step
+    codebook[0].grad = direct + implicit
+    opt_upper.step()
+    # 5. roll back and take the real lower step with the updated codebook on the same batch
+    if roll_back:
+        with torch.no_grad():
+            for p, p0 in zip(lower, pre):
+                p.copy_(p0)
+        opt_lower.load_state_dict(opt_lower_state)
+        set_grads(lower, torch.autograd.grad(loss(), lower))
+        opt_lower.step()
+    return opt_lower, opt_upper
+
+
+def assert_optimizer_states_close(a, b):
+    sa, sb = a.state_dict()["state"], b.state_dict()["state"]
+    assert sa.keys() == sb.keys()
+    for key in sa:
+        for name in sa[key]:
+            torch.testing.assert_close(torch.as_tensor(sa[key][name]), torch.as_tensor(sb[key][name]), rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("roll_back", [False, True])
+def test_one_iteration_equals_plain_torch_algorithm_1(tmp_path, roll_back):
+    engine = tiny_engine(tmp_path, hypergradient={"roll_back": roll_back, "alpha": 0.01})
+    reference = copy.deepcopy(engine.model)
+    engine.train_step()
+    batch = engine.autoencoder.cur_batch
+    opt_lower, opt_upper = algorithm_1(reference, batch, lr=1e-2, xi=1e-2, alpha=0.01, roll_back=roll_back)
+
+    for (name, got), (_, want) in zip(engine.model.state_dict().items(), reference.state_dict().items()):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6, msg=lambda m: f"{name}: {m}")
+    assert_optimizer_states_close(engine.autoencoder.optimizer, opt_lower)
+    assert_optimizer_states_close(engine.codebook.optimizer, opt_upper)
+    # The codebook moved, and roll-back on and off give different lower parameters (they are different orders).
+    assert not torch.equal(engine.model.quantizer.codebook, tiny_engine(tmp_path / "fresh").model.quantizer.codebook)
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. xi = 0 is alternated optimization; the implicit term is linear in xi.
+
+
+class CallCounter:
+    def __init__(self, monkeypatch):
+        self.calls = 0
+        for name, fn in list(jvp_fn_mapping.items()):
+            monkeypatch.setitem(jvp_fn_mapping, name, self.wrap(fn))
+
+    def wrap(self, fn):
+        def counted(*args):
+            self.calls += 1
+            return fn(*args)
+        return counted
+
+
+def test_xi_zero_is_huh_alternated_optimization(tmp_path, monkeypatch):
+    counter = CallCounter(monkeypatch)
+    engine = tiny_engine(tmp_path, hypergradient={"xi": 0.0})
+    lower_steps = []
+    original = engine.autoencoder.one_step_descent
+    monkeypatch.setattr(engine.autoencoder, "one_step_descent", lambda batch=None: lower_steps.append(1) or original(batch))
+    reference = copy.deepcopy(engine.model)
+    engine.train_step()
+
+    assert counter.calls == 0  # no finite-difference (or any hypergradient) evaluation
+    assert len(lower_steps) == 1 and engine.autoencoder._pre_step is None  # no tentative lower step
+
+    # Huh Eq. 17-18: a codebook step at the current encoder, then a lower step with the updated codebook.
+    batch = engine.codebook.cur_batch
+    lower, codebook = enc_dec_parameters(reference), [reference.quantizer.codebook]
+    opt_upper, opt_lower = torch.optim.Adam(codebook, lr=1e-2), torch.optim.Adam(lower, lr=1e-2)
+    set_grads(codebook, torch.autograd.grad(reference.loss(batch)["loss"], codebook))
+    opt_upper.step()
+    set_grads(lower, torch.autograd.grad(reference.loss(batch)["loss"], lower))
+    opt_lower.step()
+    for (name, got), (_, want) in zip(engine.model.state_dict().items(), reference.state_dict().items()):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7, msg=lambda m: f"{name}: {m}")
+
+
+def implicit_term(engine, xi):
+    ae, cb = engine.autoencoder, engine.codebook
+    vector = [torch.ones_like(p) * 1e-2 for p in ae.trainable_parameters()]
+    ae.xi = xi
+    return jvp_fn_mapping["mqvae"](vector, ae, cb, False)
+
+
+def test_implicit_term_scales_linearly_with_xi(tmp_path):
+    engine = tiny_engine(tmp_path)
+    engine.train_step()
+    once, twice = implicit_term(engine, 0.01), implicit_term(engine, 0.02)
+    assert once[0].abs().sum() > 0
+    torch.testing.assert_close(twice[0], 2 * once[0], rtol=1e-5, atol=1e-9)
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. Purity of the perturbed evaluations, for every hypergradient type.
+
+
+@pytest.mark.parametrize("kind", ["mqvae", "direct", "darts", "sama", "neumann", "cg"])
+def test_hypergradient_leaves_parameters_and_buffers_bit_identical(tmp_path, kind):
+    engine = tiny_engine(tmp_path, model={"norm": "batch"}, hypergradient={"type": kind})
+    engine.train_step()
+    ae, cb = engine.autoencoder, engine.codebook
+    before = snapshot(engine.model)
+    vector = [torch.randn_like(p) for p in ae.trainable_parameters()]
+    jvp_fn_mapping[kind](vector, ae, cb, False)
+    after = engine.model.state_dict()
+    assert before.keys() == after.keys()
+    assert any("running_mean" in k for k in before)
+    for key in before:
+        assert torch.equal(before[key], after[key]), key
