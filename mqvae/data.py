@@ -1,0 +1,241 @@
+"""Named image data sets: each name maps to a function that returns a train/test pair.
+
+Every item is ``(image, label)`` with ``image`` a float32 C×H×W tensor in [0, 1]
+(``transforms.ToTensor()``, the scaling of the MQ-VAE paper, App. I) and H == W.
+
+Built-in names:
+
+* ``digits`` (default) — scikit-learn's 1797 real 8×8 handwritten digits, shipped
+  inside scikit-learn so a run needs no download; upsampled to 16×16 so a VQ-VAE
+  with two stride-2 downsamplings has a 4×4 latent.
+* ``mnist``, ``fashion_mnist`` — 28×28 padded with zeros to 32×32 so that two or
+  three stride-2 downsamplings divide evenly.
+* ``cifar10``, ``cifar100``, ``svhn`` — 32×32 RGB as stored.
+* ``celeba`` — aligned faces, center-cropped to 140×140 then resized to 64×64;
+  used unconditionally, so every label is 0.
+* ``image_folder`` — ``root/train/<class>/*`` and ``root/test/<class>/*`` images,
+  resized (shorter side) and center-cropped to ``IMAGE_FOLDER_SIZE`` (64).
+
+Torchvision sets are read from ``data.root`` in torchvision's own layout and are
+downloaded only when ``data.download`` is true.
+"""
+
+import os
+import pickle
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch.utils.data import Dataset, Subset, TensorDataset
+
+from mqvae.errors import UserError
+
+IMAGE_FOLDER_SIZE = 64
+
+# The digits test set must be the same in every run, whatever the run seed.
+_DIGITS_SPLIT_SEED = 20240607
+_DIGITS_TRAIN_SIZE = 1500
+
+# What torchvision's readers raise for missing, truncated or foreign files
+# (and for failed downloads); anything else is a bug and keeps its traceback.
+_READ_ERRORS = (RuntimeError, OSError, EOFError, ValueError, KeyError, AssertionError, pickle.UnpicklingError)
+
+
+def _fetch_hint(download: bool) -> str:
+    # After a failed download, suggesting a download again would not help.
+    return "put the files there" + ("" if download else " or set data.download: true")
+
+
+@dataclass
+class Datasets:
+    """A train/test pair of ``(image, label)`` sets with the shape facts models need."""
+
+    train: Dataset
+    test: Dataset
+    channels: int
+    image_size: int
+    num_classes: int
+
+
+# name -> function(root: str, download: bool, seed: int) -> Datasets; the built-in
+# sets ignore seed (their splits are fixed), a user's set may use it for its own split.
+DATASETS: dict[str, Callable[[str, bool, int], Datasets]] = {}
+
+
+def register_dataset(name: str):
+    """Decorator adding a loader ``fn(root, download, seed) -> Datasets`` under ``name``."""
+
+    def register(loader):
+        if name in DATASETS:
+            raise UserError(f"data set name '{name}' is registered twice; give the new loader another name")
+        DATASETS[name] = loader
+        return loader
+
+    return register
+
+
+def load_datasets(name: str, root: str, download: bool, seed: int) -> Datasets:
+    if name not in DATASETS:
+        raise UserError(f"data.name: unknown data set '{name}'; registered: {', '.join(sorted(DATASETS))}")
+    return DATASETS[name](root, download, seed)
+
+
+def holdout_split(dataset: Dataset, fraction: float, seed: int) -> tuple[Dataset, Dataset]:
+    """Split off a seeded ``fraction`` of ``dataset``; returns ``(rest, held_out)``.
+
+    A ``TensorDataset`` is split into ``TensorDataset``s so the batch stream's
+    fast path still applies.
+    """
+    n = len(dataset)
+    n_held = round(n * fraction)
+    if not 0 < n_held < n:
+        raise UserError(f"hold-out fraction {fraction} of {n} items leaves one part empty; use a fraction strictly between 0 and 1")
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    held, rest = order[:n_held], order[n_held:]
+    if isinstance(dataset, TensorDataset):
+        return TensorDataset(*(t[rest] for t in dataset.tensors)), TensorDataset(*(t[held] for t in dataset.tensors))
+    return Subset(dataset, rest.tolist()), Subset(dataset, held.tolist())
+
+
+@register_dataset("digits")
+def _digits(root: str, download: bool, seed: int) -> Datasets:
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    # Raw values are counts 0..16 of set pixels in 4×4 blocks.
+    images = torch.from_numpy(digits.images).float().div(16.0).unsqueeze(1)
+    # Bilinear interpolation is a convex combination, so values stay in [0, 1].
+    images = torch.nn.functional.interpolate(images, size=16, mode="bilinear", align_corners=False)
+    labels = torch.from_numpy(digits.target).long()
+    order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(_DIGITS_SPLIT_SEED))
+    train, test = order[:_DIGITS_TRAIN_SIZE], order[_DIGITS_TRAIN_SIZE:]
+    return Datasets(
+        train=TensorDataset(images[train], labels[train]),
+        test=TensorDataset(images[test], labels[test]),
+        channels=1,
+        image_size=16,
+        num_classes=10,
+    )
+
+
+def _read_pair(title: str, folder: str, expected: str, remedy: str, make: Callable[[bool], Dataset]):
+    """``(make(True), make(False))`` — train then test — with read failures as one UserError line."""
+    try:
+        return make(True), make(False)
+    except _READ_ERRORS as err:
+        reason = " ".join(str(err).split()) or type(err).__name__
+        raise UserError(
+            f"data.root: no readable {title} files in '{folder}' (expected {expected}; torchvision: {reason}); {remedy}"
+        ) from err
+
+
+def _mnist_like(class_name: str, title: str):
+    def load(root: str, download: bool, seed: int) -> Datasets:
+        from torchvision import datasets, transforms
+
+        cls = getattr(datasets, class_name)
+        to_tensor = transforms.Compose([transforms.Pad(2), transforms.ToTensor()])
+        train, test = _read_pair(
+            title,
+            os.path.join(root, class_name, "raw"),
+            "train-images-idx3-ubyte, train-labels-idx1-ubyte, t10k-images-idx3-ubyte, t10k-labels-idx1-ubyte",
+            _fetch_hint(download),
+            lambda is_train: cls(root, train=is_train, transform=to_tensor, download=download),
+        )
+        return Datasets(train, test, channels=1, image_size=32, num_classes=10)
+
+    return load
+
+
+register_dataset("mnist")(_mnist_like("MNIST", "MNIST"))
+register_dataset("fashion_mnist")(_mnist_like("FashionMNIST", "Fashion-MNIST"))
+
+
+def _cifar(class_name: str, title: str, expected: str, num_classes: int):
+    def load(root: str, download: bool, seed: int) -> Datasets:
+        from torchvision import datasets, transforms
+
+        cls = getattr(datasets, class_name)
+        train, test = _read_pair(
+            title,
+            os.path.join(root, cls.base_folder),
+            expected,
+            _fetch_hint(download),
+            lambda is_train: cls(root, train=is_train, transform=transforms.ToTensor(), download=download),
+        )
+        return Datasets(train, test, channels=3, image_size=32, num_classes=num_classes)
+
+    return load
+
+
+register_dataset("cifar10")(_cifar("CIFAR10", "CIFAR-10", "data_batch_1..5, test_batch, batches.meta", 10))
+register_dataset("cifar100")(_cifar("CIFAR100", "CIFAR-100", "train, test, meta", 100))
+
+
+@register_dataset("svhn")
+def _svhn(root: str, download: bool, seed: int) -> Datasets:
+    from torchvision import datasets, transforms
+
+    # torchvision keeps SVHN's .mat files directly in root, not in a subfolder.
+    train, test = _read_pair(
+        "SVHN",
+        root,
+        "train_32x32.mat, test_32x32.mat",
+        _fetch_hint(download),
+        lambda is_train: datasets.SVHN(
+            root, split="train" if is_train else "test", transform=transforms.ToTensor(), download=download
+        ),
+    )
+    return Datasets(train, test, channels=3, image_size=32, num_classes=10)
+
+
+def _unlabelled(_target) -> int:
+    # Module-level (not a lambda) so DataLoader workers can pickle it.
+    return 0
+
+
+@register_dataset("celeba")
+def _celeba(root: str, download: bool, seed: int) -> Datasets:
+    from torchvision import datasets, transforms
+
+    faces = transforms.Compose([transforms.CenterCrop(140), transforms.Resize(64), transforms.ToTensor()])
+    # CelebA has no class label; "identity" is the cheapest target to carry, replaced by 0.
+    train, test = _read_pair(
+        "CelebA",
+        os.path.join(root, "celeba"),
+        "img_align_celeba/, list_eval_partition.txt, identity_CelebA.txt, list_attr_celeba.txt, "
+        "list_bbox_celeba.txt, list_landmarks_align_celeba.txt",
+        _fetch_hint(download),
+        lambda is_train: datasets.CelebA(
+            root,
+            split="train" if is_train else "test",
+            target_type="identity",
+            transform=faces,
+            target_transform=_unlabelled,
+            download=download,
+        ),
+    )
+    return Datasets(train, test, channels=3, image_size=64, num_classes=1)
+
+
+@register_dataset("image_folder")
+def _image_folder(root: str, download: bool, seed: int) -> Datasets:
+    from torchvision import datasets, transforms
+
+    square = transforms.Compose(
+        [transforms.Resize(IMAGE_FOLDER_SIZE), transforms.CenterCrop(IMAGE_FOLDER_SIZE), transforms.ToTensor()]
+    )
+    train, test = _read_pair(
+        "image",
+        root,
+        "train/<class>/*.png|jpg and test/<class>/*.png|jpg",
+        "create those class subfolders of images (image_folder is never downloaded)",
+        lambda is_train: datasets.ImageFolder(os.path.join(root, "train" if is_train else "test"), transform=square),
+    )
+    # ImageFolder numbers classes by sorted folder name, separately per split.
+    if train.classes != test.classes:
+        raise UserError(
+            f"data.root: class folders differ between '{os.path.join(root, 'train')}' ({', '.join(train.classes)}) "
+            f"and '{os.path.join(root, 'test')}' ({', '.join(test.classes)}); use the same class folder names in both"
+        )
+    return Datasets(train, test, channels=3, image_size=IMAGE_FOLDER_SIZE, num_classes=len(train.classes))

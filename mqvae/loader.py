@@ -1,0 +1,88 @@
+"""A deterministic, resumable stream of mini-batches.
+
+Betty pulls batches with ``next()`` on ``iter(loader)`` and calls ``iter(loader)``
+again after ``StopIteration``. A checkpoint must resume at exactly the next
+batch, so each epoch's order is a pure function of ``(seed, epoch)`` (never the
+global RNG) and the stream counts how many batches it has handed out.
+"""
+
+import math
+
+import torch
+from torch.utils.data import DataLoader, Dataset, TensorDataset
+
+from mqvae.errors import UserError
+
+# Spreads consecutive epochs of nearby seeds over distinct generator seeds.
+_EPOCH_STRIDE = 100003
+
+
+class BatchStream:
+    def __init__(
+        self,
+        dataset: Dataset,
+        batch_size: int,
+        seed: int,
+        shuffle: bool = True,
+        drop_last: bool = True,
+        num_workers: int = 0,
+    ):
+        if batch_size < 1:
+            raise UserError(f"batch_size must be at least 1, got {batch_size}")
+        if drop_last and batch_size > len(dataset):
+            raise UserError(
+                f"batch_size {batch_size} exceeds the {len(dataset)} items of the data set, so no full batch exists; "
+                "lower batch_size"
+            )
+        self.dataset = dataset
+        self.batch_size = batch_size
+        self.seed = seed
+        self.shuffle = shuffle
+        self.drop_last = drop_last
+        self.num_workers = num_workers
+        self.epoch = 0
+        self.position = 0
+
+    def __len__(self) -> int:
+        n = len(self.dataset)
+        return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
+
+    def _epoch_batches(self) -> list[torch.Tensor]:
+        n = len(self.dataset)
+        if self.shuffle:
+            generator = torch.Generator().manual_seed(self.seed * _EPOCH_STRIDE + self.epoch)
+            order = torch.randperm(n, generator=generator)
+        else:
+            order = torch.arange(n)
+        return list(order.split(self.batch_size))[: len(self)]
+
+    def _load(self, batches: list[torch.Tensor]):
+        if isinstance(self.dataset, TensorDataset):
+            # Fast path: one gather per tensor instead of per-item Python calls.
+            return (tuple(t[idx] for t in self.dataset.tensors) for idx in batches)
+        return DataLoader(
+            self.dataset, batch_sampler=[idx.tolist() for idx in batches], num_workers=self.num_workers
+        )
+
+    def __iter__(self):
+        # A generator: nothing is read until the first next(), so a state loaded
+        # after iter() but before the first batch is still honoured.
+        for batch in self._load(self._epoch_batches()[self.position :]):
+            # Count before handing out: once the consumer holds the batch it is
+            # consumed, whatever DataLoader workers have prefetched beyond it.
+            self.position += 1
+            yield batch
+        self.epoch += 1
+        self.position = 0
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "position": self.position}
+
+    def load_state_dict(self, state: dict) -> None:
+        if not 0 <= state["position"] <= len(self):
+            raise UserError(
+                f"checkpoint's batch position {state['position']} is outside the {len(self)} batches per epoch of "
+                "this run; resume with the data set and batch_size the checkpoint was trained with"
+            )
+        self.epoch = state["epoch"]
+        self.position = state["position"]

@@ -1,0 +1,208 @@
+"""Evaluation metrics of MQ-VAE §5.2: codebook perplexity, gradient estimation gap, FID / IS / LPIPS.
+
+Pretrained networks (Inception for FID/IS, AlexNet for LPIPS) may be missing on a machine. Then the
+metric's value is ``None`` together with a one-line reason; no number is ever substituted.
+"""
+
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchmetrics.functional.image.lpips import _lpips_update, _NoTrainLpips
+from torchmetrics.image.fid import FrechetInceptionDistance
+from torchmetrics.image.inception import InceptionScore
+
+# Factors by which MQ-VAE reports these columns (Table 3, also Tables 1/4/5: "LPIPS (10^-1)",
+# "MSE (10^-3)", "Δgap (10^-5)"): a reported 1.23 in the MSE column means 1.23e-3.
+SCALES = {"mse": 1e-3, "lpips": 1e-1, "gradient_gap": 1e-5}
+
+
+def code_counts(indices: Tensor, num_codes: int) -> Tensor:
+    """How often each of the ``num_codes`` codewords was selected (int64, length ``num_codes``)."""
+    flat = indices.reshape(-1).long()
+    if flat.numel() and (flat.min() < 0 or flat.max() >= num_codes):
+        raise ValueError(f"code indices must lie in [0, {num_codes}), got [{int(flat.min())}, {int(flat.max())}]")
+    return torch.bincount(flat, minlength=num_codes)
+
+
+def perplexity(counts: Tensor) -> float:
+    """Codebook perplexity 2^H(p) (MQ-VAE §5.2), H in bits, p the empirical code distribution.
+
+    Ranges from 1 (one code used) to K (all K codes used equally often).
+    """
+    counts = counts.double()
+    total = counts.sum()
+    if total <= 0:
+        raise ValueError("perplexity of an empty code histogram is undefined")
+    p = counts[counts > 0] / total  # unused codes contribute 0·log 0 = 0
+    entropy_bits = -(p * torch.log2(p)).sum()
+    return float(2.0**entropy_bits)
+
+
+def active_codes(counts: Tensor) -> int:
+    """Number of codewords selected at least once."""
+    return int((counts > 0).sum())
+
+
+def gradient_gap(
+    decode: Callable[[Tensor], Tensor], task_loss: Callable[[Tensor], Tensor], z_e: Tensor, z_q: Tensor
+) -> Tensor:
+    """Gradient estimation gap Δgap of one batch (Huh et al. Eq. 14, MQ-VAE §5.2).
+
+    Δgap = ‖∂L_task(G(z_e))/∂F(x) − ∂L_task(G(z_q))/∂F(x)‖₂, with F(x) = z_e the encoder output. The first
+    term is the gradient of the model without quantization; the second is what the straight-through
+    estimator z_e + (z_q − z_e).detach() hands the encoder, i.e. the loss gradient evaluated at z_q.
+    The norm is taken over the whole batch's gradient tensor; callers average these per-batch values over
+    the test set. Huh et al. App. A.3 instead sums squared per-layer errors over encoder parameters; we
+    follow Eq. 14 as MQ-VAE states it, which is measured at the encoder output.
+
+    The value scales with ``task_loss``'s reduction (a mean-reduced MSE divides by the element count), so
+    pass the training task loss to compare against the papers (MQ-VAE reports it ×1e-5, see ``SCALES``).
+    ``decode`` runs twice; a decoder in train mode would update BatchNorm statistics twice.
+    Parameters' ``.grad`` are left untouched: gradients are taken only w.r.t. the latents.
+    """
+    # Evaluation loops usually run under no_grad; Δgap needs autograd regardless.
+    with torch.enable_grad():
+        z_cont = z_e.detach().requires_grad_(True)
+        (grad_cont,) = torch.autograd.grad(task_loss(decode(z_cont)), z_cont)
+        z_ste = z_q.detach().requires_grad_(True)
+        (grad_ste,) = torch.autograd.grad(task_loss(decode(z_ste)), z_ste)
+    return torch.linalg.vector_norm(grad_cont - grad_ste)
+
+
+# AlexNet's LPIPS slices need about 32 px (stride-4 conv1 plus two 3/2 max-pools); smaller images
+# (MNIST, 8×8 digits) are upsampled to 64 px, the LPIPS input size torch-fidelity uses.
+_LPIPS_MIN_SIDE = 64
+
+
+def _one_line(exc: BaseException) -> str:
+    message = " ".join(str(exc).split())
+    return f"{type(exc).__name__}: {message}"
+
+
+def _build_pretrained(factory: Callable[[], nn.Module], what: str) -> tuple[Optional[nn.Module], Optional[str]]:
+    """Construct a metric whose pretrained network may be unavailable.
+
+    torchmetrics 1.9 loads all weights in the constructor, so only construction is guarded; errors in
+    ``update`` are bugs and propagate. URLError (no network) and hub cache errors are OSError.
+    """
+    try:
+        return factory(), None
+    except ModuleNotFoundError as exc:
+        return None, f"{what} unavailable, optional package missing: {_one_line(exc)}"
+    except (OSError, RuntimeError) as exc:
+        return None, f"{what} weights not cached and not downloadable: {_one_line(exc)}"
+
+
+def _lpips_with_backbone(backbone: nn.Module) -> nn.Module:
+    """LPIPS (AlexNet variant) whose feature backbone is ``backbone``.
+
+    torchmetrics' LearnedPerceptualImagePatchSimilarity accepts no network and downloads AlexNet in its
+    constructor, so the seam is its inner ``_NoTrainLpips``: built with a random AlexNet (no download),
+    its learned linear heads loaded from the file shipped with torchmetrics, then ``.net`` replaced.
+    ``backbone`` must map a scaled N×3×H×W batch to 5 feature maps with AlexNet's channel counts
+    (64, 192, 384, 256, 256), because those heads are sized for AlexNet.
+    """
+    lpips = _NoTrainLpips(net="alex", pnet_rand=True)
+    lpips.net = backbone
+    return lpips.eval()
+
+
+class ImageQuality:
+    """FID, IS and LPIPS between real and reconstructed images, accumulated over a test set.
+
+    Stand-in networks (for tests, or machines without the pretrained weights) replace the pretrained ones:
+    ``fid_feature`` / ``is_feature`` are passed to torchmetrics as ``feature=<module>`` and receive float
+    N×3×H×W images in [0, 1] (FID features N×d, IS logits N×classes); ``lpips_net`` replaces LPIPS's
+    AlexNet backbone (see ``_lpips_with_backbone``). IS is computed on the reconstructions only, as MQ-VAE
+    Table 3 evaluates the quality of reconstructed images.
+    """
+
+    def __init__(
+        self,
+        device,
+        *,
+        fid_feature: Optional[nn.Module] = None,
+        is_feature: Optional[nn.Module] = None,
+        lpips_net: Optional[nn.Module] = None,
+    ) -> None:
+        self.device = torch.device(device)
+        self.reasons: dict[str, Optional[str]] = {}
+
+        # With normalize=True the default Inception takes [0, 1] floats (it casts to uint8 and resizes
+        # to 299 itself); a custom FID module then gets the floats unchanged.
+        if fid_feature is None:
+            self._fid, self.reasons["fid"] = _build_pretrained(
+                lambda: FrechetInceptionDistance(feature=2048, normalize=True), "FID Inception"
+            )
+        else:
+            self._fid, self.reasons["fid"] = FrechetInceptionDistance(feature=fid_feature, normalize=True), None
+
+        # InceptionScore casts to uint8 whenever normalize=True, custom module or not; a stand-in gets
+        # normalize=False so that it sees the same [0, 1] floats as the FID stand-in.
+        if is_feature is None:
+            self._is, self.reasons["is"] = _build_pretrained(lambda: InceptionScore(normalize=True), "IS Inception")
+        else:
+            self._is, self.reasons["is"] = InceptionScore(feature=is_feature, normalize=False), None
+
+        if lpips_net is None:
+            # The same network LearnedPerceptualImagePatchSimilarity(net_type="alex") builds.
+            self._lpips, self.reasons["lpips"] = _build_pretrained(lambda: _NoTrainLpips(net="alex"), "LPIPS AlexNet")
+        else:
+            self._lpips, self.reasons["lpips"] = _lpips_with_backbone(lpips_net), None
+
+        for metric in (self._fid, self._is, self._lpips):
+            if metric is not None:
+                metric.to(self.device)
+        self._lpips_sum = 0.0
+        self._num_pairs = 0
+
+    def _as_rgb(self, images: Tensor) -> Tensor:
+        if images.ndim != 4 or images.shape[1] not in (1, 3):
+            raise ValueError(f"expected N×1×H×W or N×3×H×W images, got shape {tuple(images.shape)}")
+        images = images.to(self.device, torch.float32)
+        return images.expand(-1, 3, -1, -1) if images.shape[1] == 1 else images
+
+    @torch.no_grad()
+    def update(self, real: Tensor, fake: Tensor) -> None:
+        """Add a batch of real images and their reconstructions, N×C×H×W in [0, 1], C ∈ {1, 3}."""
+        if real.min() < 0 or real.max() > 1:
+            raise ValueError(f"real images must lie in [0, 1], got [{float(real.min())}, {float(real.max())}]")
+        real = self._as_rgb(real)
+        # Decoder outputs are unbounded; evaluate the image as it would be displayed. Without the clamp
+        # the uint8 cast inside torchmetrics would wrap 1.01 around to a dark pixel.
+        fake = self._as_rgb(fake).clamp(0, 1)
+        if self._fid is not None:
+            self._fid.update(real, real=True)
+            self._fid.update(fake, real=False)
+        if self._is is not None:
+            self._is.update(fake)
+        if self._lpips is not None:
+            if min(real.shape[-2:]) < _LPIPS_MIN_SIDE:
+                scale = _LPIPS_MIN_SIDE / min(real.shape[-2:])
+                real, fake = (F.interpolate(x, scale_factor=scale, mode="bilinear") for x in (real, fake))
+                # Bilinear weights are convex, but float rounding can leave values a hair outside
+                # [0, 1], which torchmetrics' input check rejects.
+                real, fake = real.clamp(0, 1), fake.clamp(0, 1)
+            scores = _lpips_update(real, fake, net=self._lpips, normalize=True)
+            self._lpips_sum += float(scores.double().sum())
+        self._num_pairs += real.shape[0]
+
+    def compute(self) -> dict:
+        """{"fid", "is", "lpips"}: float or None, each with its "<name>_reason" (None when measured).
+
+        IS splits the images in a random order (torchmetrics), so it varies slightly with the torch seed.
+        """
+        if self._num_pairs == 0:
+            raise ValueError("ImageQuality.compute() called before any update()")
+        values = {
+            "fid": None if self._fid is None else float(self._fid.compute()),
+            "is": None if self._is is None else float(self._is.compute()[0]),  # (mean, std) over splits
+            "lpips": None if self._lpips is None else self._lpips_sum / self._num_pairs,
+        }
+        out = {}
+        for name, value in values.items():
+            out[name] = value
+            out[f"{name}_reason"] = self.reasons[name]
+        return out

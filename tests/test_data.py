@@ -1,0 +1,231 @@
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import TensorDataset
+
+from fake_datasets import (
+    skip_md5_checks,
+    write_celeba,
+    write_cifar10,
+    write_cifar100,
+    write_image_folder,
+    write_mnist,
+    write_svhn,
+)
+import mqvae.data
+from mqvae.data import DATASETS, Datasets, holdout_split, load_datasets, register_dataset
+from mqvae.errors import UserError
+
+
+def _load(name, root):
+    return load_datasets(name, str(root), download=False, seed=0)
+
+
+def test_digits_shapes_range_and_labels():
+    sets = _load("digits", "/nonexistent")
+    assert (sets.channels, sets.image_size, sets.num_classes) == (1, 16, 10)
+    assert isinstance(sets.train, TensorDataset) and isinstance(sets.test, TensorDataset)
+    images, labels = sets.train.tensors
+    assert images.shape == (1500, 1, 16, 16) and images.dtype == torch.float32
+    assert len(sets.test) == 297
+    assert images.min() >= 0 and images.max() <= 1
+    assert images.max() > 0.9  # scaled by 16, not 255
+    assert set(labels.tolist()) == set(range(10))
+
+
+def _bilinear_x2(images: np.ndarray) -> np.ndarray:
+    """Independent reference for 2× bilinear upsampling (half-pixel centres, edges clamped).
+
+    Output pixel 2i sits a quarter pixel before input i and 2i+1 a quarter after,
+    so they weigh input i by 3/4 and its neighbour on that side by 1/4.
+    """
+    n = images.shape[-1]
+    weights = np.zeros((2 * n, n))
+    for i in range(n):
+        weights[2 * i, i] += 0.75
+        weights[2 * i, max(i - 1, 0)] += 0.25
+        weights[2 * i + 1, i] += 0.75
+        weights[2 * i + 1, min(i + 1, n - 1)] += 0.25
+    return weights @ images @ weights.T
+
+
+def test_digits_are_sklearn_digits_split_fixed_and_disjoint():
+    from sklearn.datasets import load_digits
+
+    raw = load_digits()
+    reference = torch.from_numpy(_bilinear_x2(raw.images / 16.0)).float().flatten(1)
+    first = _load("digits", "/nonexistent")
+    images = torch.cat([first.train.tensors[0], first.test.tensors[0]]).flatten(1)
+    labels = torch.cat([first.train.tensors[1], first.test.tensors[1]])
+    distances, source = torch.cdist(images, reference).min(1)
+    assert distances.max() < 1e-5
+    # Every raw image (they are all distinct) lands in exactly one split.
+    assert sorted(source.tolist()) == list(range(len(raw.images)))
+    assert torch.equal(labels, torch.from_numpy(raw.target)[source])
+    # A different run seed must not move the split.
+    second = load_datasets("digits", "/x", download=False, seed=123)
+    for a, b in ((first.train, second.train), (first.test, second.test)):
+        assert all(torch.equal(x, y) for x, y in zip(a.tensors, b.tensors))
+
+
+def test_mnist_and_fashion_mnist_round_trip(tmp_path):
+    for name, kind in (("mnist", "MNIST"), ("fashion_mnist", "FashionMNIST")):
+        written = write_mnist(tmp_path, n_train=5, n_test=3, kind=kind, seed=len(kind))
+        sets = _load(name, tmp_path)
+        assert (sets.channels, sets.image_size, sets.num_classes) == (1, 32, 10)
+        for split, dataset in (("train", sets.train), ("test", sets.test)):
+            images, labels = written[split]
+            assert len(dataset) == len(labels)
+            for i in range(len(labels)):
+                image, label = dataset[i]
+                assert image.shape == (1, 32, 32) and image.dtype == torch.float32
+                assert torch.equal(image[0, 2:30, 2:30], torch.from_numpy(images[i]).float() / 255)
+                assert image[:, :2].abs().sum() == 0 and image[:, :, 30:].abs().sum() == 0  # zero padding
+                assert label == labels[i]
+
+
+def _check_rgb32(dataset, images, labels):
+    assert len(dataset) == len(labels)
+    for i in range(len(labels)):
+        image, label = dataset[i]
+        assert image.shape == (3, 32, 32)
+        expected = torch.from_numpy(images[i]).permute(2, 0, 1).float() / 255
+        assert torch.equal(image, expected)
+        assert label == labels[i]
+
+
+def test_cifar10_round_trip(tmp_path, monkeypatch):
+    skip_md5_checks(monkeypatch)
+    written = write_cifar10(tmp_path, n_per_batch=2)
+    sets = _load("cifar10", tmp_path)
+    assert (sets.channels, sets.image_size, sets.num_classes) == (3, 32, 10)
+    _check_rgb32(sets.train, *written["train"])
+    _check_rgb32(sets.test, *written["test"])
+    assert len(sets.train) == 10
+
+
+def test_cifar100_round_trip(tmp_path, monkeypatch):
+    skip_md5_checks(monkeypatch)
+    written = write_cifar100(tmp_path, n=4)
+    sets = _load("cifar100", tmp_path)
+    assert sets.num_classes == 100
+    _check_rgb32(sets.train, *written["train"])
+    _check_rgb32(sets.test, *written["test"])
+
+
+def test_svhn_round_trip_maps_label_10_to_0(tmp_path, monkeypatch):
+    skip_md5_checks(monkeypatch)
+    written = write_svhn(tmp_path, n=12)
+    sets = _load("svhn", tmp_path)
+    assert (sets.channels, sets.image_size, sets.num_classes) == (3, 32, 10)
+    _check_rgb32(sets.train, *written["train"])
+    _check_rgb32(sets.test, *written["test"])
+    assert sets.train[0][1] == 0 and sets.train[10][1] == 0
+
+
+def test_image_folder_round_trip(tmp_path):
+    written = write_image_folder(tmp_path, n=2, classes=("dog", "cat"))
+    sets = _load("image_folder", tmp_path)
+    assert (sets.channels, sets.image_size, sets.num_classes) == (3, 64, 2)
+    for split, dataset in (("train", sets.train), ("test", sets.test)):
+        assert len(dataset) == len(written[split])
+        for i, (value, class_index) in enumerate(written[split]):
+            image, label = dataset[i]
+            assert image.shape == (3, 64, 64)
+            assert torch.allclose(image, torch.full_like(image, value / 255), atol=1e-6)
+            assert label == class_index
+
+
+def test_image_folder_class_mismatch(tmp_path):
+    write_image_folder(tmp_path, n=1, classes=("cat", "dog"))
+    write_image_folder(tmp_path / "other", n=1, classes=("cow",))
+    (tmp_path / "other" / "test" / "cow").rename(tmp_path / "test" / "cow")
+    with pytest.raises(UserError, match="class folders differ"):
+        _load("image_folder", tmp_path)
+
+
+def test_celeba_round_trip(tmp_path, monkeypatch):
+    skip_md5_checks(monkeypatch)
+    written = write_celeba(tmp_path, n=9)
+    sets = _load("celeba", tmp_path)
+    assert (sets.channels, sets.image_size, sets.num_classes) == (3, 64, 1)
+    for split, dataset in (("train", sets.train), ("test", sets.test)):
+        assert len(dataset) == len(written[split]) == 3
+        for i, value in enumerate(written[split]):
+            image, label = dataset[i]
+            assert image.shape == (3, 64, 64)
+            # A uniform result means the white frame was cropped away; JPEG may
+            # shift a flat grey by a level or two.
+            assert (image - value / 255).abs().max() <= 3 / 255
+            assert label == 0
+
+
+@pytest.mark.parametrize(
+    "name, subfolder",
+    [("mnist", "MNIST/raw"), ("cifar10", "cifar-10-batches-py"), ("image_folder", ""), ("svhn", ""), ("celeba", "celeba")],
+)
+def test_missing_folder_is_one_line_user_error(tmp_path, name, subfolder):
+    root = tmp_path / "absent"
+    with pytest.raises(UserError) as error:
+        _load(name, root)
+    message = str(error.value)
+    assert "\n" not in message
+    assert f"'{(root / subfolder) if subfolder else root}'" in message
+    assert message.startswith("data.root:")
+    assert ("data.download: true" in message) == (name != "image_folder")
+
+
+def test_corrupt_cifar_file_is_user_error(tmp_path, monkeypatch):
+    skip_md5_checks(monkeypatch)
+    write_cifar10(tmp_path, n_per_batch=2)
+    (tmp_path / "cifar-10-batches-py" / "data_batch_3").write_bytes(b"not a pickle")
+    with pytest.raises(UserError, match="data_batch_1..5"):
+        _load("cifar10", tmp_path)
+
+
+def test_unknown_name_lists_registered_names():
+    with pytest.raises(UserError) as error:
+        _load("imagenet", "/x")
+    assert "imagenet" in str(error.value)
+    assert all(name in str(error.value) for name in ("digits", "mnist", "cifar10", "image_folder"))
+
+
+def test_register_dataset_adds_a_name(monkeypatch):
+    # Register into a copy so the name does not leak into other tests.
+    monkeypatch.setattr(mqvae.data, "DATASETS", dict(DATASETS))
+    tiny = TensorDataset(torch.zeros(4, 1, 2, 2), torch.zeros(4, dtype=torch.long))
+
+    @register_dataset("tiny")
+    def _tiny(root, download, seed):
+        return Datasets(tiny, tiny, channels=1, image_size=2, num_classes=1)
+
+    assert load_datasets("tiny", "/x", download=False, seed=0).train is tiny
+    assert "tiny" in mqvae.data.DATASETS and "tiny" not in DATASETS
+    with pytest.raises(UserError, match="twice"):
+        register_dataset("tiny")(_tiny)
+
+
+def test_holdout_split_tensor_dataset():
+    data = TensorDataset(torch.arange(100).float(), torch.arange(100))
+    rest, held = holdout_split(data, 0.2, seed=3)
+    assert isinstance(rest, TensorDataset) and isinstance(held, TensorDataset)
+    assert len(held) == 20 and len(rest) == 80
+    ids = torch.cat([rest.tensors[1], held.tensors[1]])
+    assert sorted(ids.tolist()) == list(range(100))
+    assert torch.equal(rest.tensors[0].long(), rest.tensors[1])  # rows stay aligned
+    assert torch.equal(holdout_split(data, 0.2, seed=3)[1].tensors[1], held.tensors[1])
+    assert not torch.equal(holdout_split(data, 0.2, seed=4)[1].tensors[1], held.tensors[1])
+
+
+def test_holdout_split_generic_dataset():
+    data = list(range(10))
+    rest, held = holdout_split(data, 0.3, seed=0)
+    assert sorted([rest[i] for i in range(len(rest))] + [held[i] for i in range(len(held))]) == data
+    assert len(held) == 3
+
+
+@pytest.mark.parametrize("fraction", [0.0, 1.0, 0.01])
+def test_holdout_split_rejects_empty_part(fraction):
+    with pytest.raises(UserError):
+        holdout_split(list(range(10)), fraction, seed=0)
+

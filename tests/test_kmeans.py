@@ -1,0 +1,118 @@
+"""kmeans_init against float64 references and known ground truth."""
+
+import pytest
+import torch
+
+from mqvae.kmeans import kmeans_init
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def _generator(device, seed):
+    return torch.Generator(device=device).manual_seed(seed)
+
+
+def _quantization_error64(z, codes):
+    """Mean float64 squared distance of every input to its nearest code."""
+    d = torch.cdist(z.double(), codes.double(), compute_mode="donot_use_mm_for_euclid_dist")
+    return d.min(dim=1).values.square().mean().item()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("n", [1, 5, 60])
+def test_fewer_inputs_than_codes_keeps_codebook_size(device, n):
+    z = torch.randn(n, 8, generator=torch.Generator().manual_seed(0)).to(device)
+    noise = 1e-3
+    codes = kmeans_init(z, 64, generator=_generator(device, 1), noise=noise)
+
+    assert codes.shape == (64, 8) and codes.dtype == z.dtype and codes.device == z.device
+    assert torch.isfinite(codes).all()
+    # Each code is an input plus N(0, (noise·std)²) per entry: its distance
+    # to the nearest input is about noise·std·√8; 10× leaves a wide margin.
+    tolerance = 10 * noise * z.std(correction=0).item() * 8**0.5
+    code_to_input = torch.cdist(codes.double(), z.double(), compute_mode="donot_use_mm_for_euclid_dist")
+    assert code_to_input.min(dim=1).values.max().item() < tolerance
+    # Every input is used, and repeated draws are separated by the noise.
+    assert code_to_input.min(dim=0).values.max().item() < tolerance
+    pairwise = torch.cdist(codes.double(), codes.double(), compute_mode="donot_use_mm_for_euclid_dist")
+    assert pairwise.add(torch.eye(64, device=device)).min().item() > 0
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_recovers_well_separated_blob_centres(device):
+    g = torch.Generator().manual_seed(2)
+    num_blobs, per_blob, dim, spread = 16, 200, 8, 0.1
+    centres = torch.randn(num_blobs, dim, generator=g) * 10
+    z = (centres.repeat_interleave(per_blob, dim=0) + spread * torch.randn(num_blobs * per_blob, dim, generator=g)).to(device)
+
+    codes = kmeans_init(z, num_blobs, generator=_generator(device, 3)).cpu()
+
+    # Each code must sit on a different true centre. The blob mean deviates
+    # from its centre by about spread·√(dim/per_blob) ≈ 0.02.
+    distance = torch.cdist(codes.double(), centres.double(), compute_mode="donot_use_mm_for_euclid_dist")
+    nearest_centre = distance.argmin(dim=1)
+    assert sorted(nearest_centre.tolist()) == list(range(num_blobs)), "two codes share a blob"
+    assert distance.min(dim=1).values.max().item() < 0.1
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_lloyd_iterations_never_increase_quantization_error(device):
+    z = torch.randn(3000, 6, generator=torch.Generator().manual_seed(4)).to(device)
+    # The same seed gives the same k-means++ seeding, so iters=t is the t-th
+    # Lloyd iterate of one run.
+    errors = [_quantization_error64(z, kmeans_init(z, 32, iters=t, generator=_generator(device, 5))) for t in range(8)]
+    for before, after in zip(errors, errors[1:]):
+        assert after <= before * (1 + 1e-6), errors
+    assert errors[-1] < 0.9 * errors[0], f"Lloyd barely improved on the seeding: {errors}"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_duplicate_points_do_not_crash_seeding(device):
+    distinct = torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.0, 5.0]])
+    z = distinct.repeat(40, 1).to(device)  # N = 120 >= num_codes, 3 distinct points
+
+    codes = kmeans_init(z, 5, generator=_generator(device, 6)).cpu()
+
+    assert codes.shape == (5, 2)
+    # D² sampling gives already-chosen points zero weight, so the three
+    # distinct points are seeded first; the remaining picks fall back to
+    # uniform sampling among exact duplicates. Lloyd keeps them all.
+    code_set = {tuple(row) for row in codes.tolist()}
+    assert code_set == {tuple(row) for row in distinct.tolist()}
+
+    same = torch.zeros(50, 3, device=device) + 2.0
+    assert torch.equal(kmeans_init(same, 4, generator=_generator(device, 7)).cpu(), torch.full((4, 3), 2.0))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("n", [5, 2000])
+def test_deterministic_given_generator(device, n):
+    z = torch.randn(n, 4, generator=torch.Generator().manual_seed(8)).to(device)
+    first = kmeans_init(z, 16, generator=_generator(device, 9))
+    again = kmeans_init(z, 16, generator=_generator(device, 9))
+    other = kmeans_init(z, 16, generator=_generator(device, 10))
+    assert torch.equal(first, again)
+    assert not torch.equal(first, other)
+
+
+def test_keeps_dtype_and_ignores_autograd():
+    z = torch.randn(500, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(11), requires_grad=True)
+    z_before = z.detach().clone()
+    codes = kmeans_init(z, 8, generator=_generator("cpu", 12))
+    assert codes.dtype == torch.float64 and not codes.requires_grad
+    assert torch.equal(z.detach(), z_before)
+
+    half_codes = kmeans_init(z.detach().bfloat16(), 8, generator=_generator("cpu", 12))
+    assert half_codes.dtype == torch.bfloat16 and torch.isfinite(half_codes.float()).all()
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [({"num_codes": 0}, "num_codes"), ({"iters": -1}, "iters"), ({"noise": -1.0}, "noise")],
+)
+def test_rejects_bad_arguments(kwargs, message):
+    arguments = {"num_codes": 4} | kwargs
+    with pytest.raises(ValueError, match=message):
+        kmeans_init(torch.randn(10, 2), **arguments)
+    with pytest.raises(ValueError, match="N×D"):
+        kmeans_init(torch.randn(0, 2), 4)

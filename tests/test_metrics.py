@@ -1,0 +1,281 @@
+"""Metrics against independent references: float64 formulas over Python floats, explicit autograd, scipy."""
+
+import math
+import os
+import socket
+from collections import Counter
+
+import numpy as np
+import pytest
+import scipy.linalg
+import torch
+import torchmetrics.functional.image.lpips as tm_lpips
+from torch import nn
+
+from mqvae.metrics import SCALES, ImageQuality, active_codes, code_counts, gradient_gap, perplexity
+
+
+# ---------------------------------------------------------------- codebook usage
+
+
+def test_code_counts_match_a_python_counter():
+    g = torch.Generator().manual_seed(0)
+    indices = torch.randint(0, 7, (4, 5, 5), generator=g)
+    counter = Counter(indices.flatten().tolist())
+    counts = code_counts(indices, num_codes=10)
+    assert counts.dtype == torch.int64
+    assert counts.tolist() == [counter.get(k, 0) for k in range(10)]
+    assert active_codes(counts) == len(counter)
+
+
+def test_code_counts_reject_out_of_range_indices():
+    with pytest.raises(ValueError):
+        code_counts(torch.tensor([0, 3]), num_codes=3)
+
+
+def _perplexity_reference(counts):
+    total = float(sum(counts))
+    entropy = -sum((c / total) * math.log2(c / total) for c in counts if c > 0)
+    return 2.0**entropy
+
+
+def test_perplexity_matches_float64_entropy_formula_with_unused_codes():
+    g = torch.Generator().manual_seed(1)
+    for _ in range(5):
+        counts = torch.randint(0, 50, (64,), generator=g)
+        counts[torch.randperm(64, generator=g)[:20]] = 0
+        assert perplexity(counts) == pytest.approx(_perplexity_reference(counts.tolist()), rel=1e-12)
+
+
+def test_perplexity_extremes():
+    assert perplexity(torch.full((37,), 5)) == pytest.approx(37.0, rel=1e-12)
+    one_hot = torch.zeros(37, dtype=torch.int64)
+    one_hot[3] = 11
+    assert perplexity(one_hot) == pytest.approx(1.0, rel=1e-12)
+    with pytest.raises(ValueError):
+        perplexity(torch.zeros(4))
+
+
+def test_scales_are_mqvae_table3_factors():
+    assert SCALES == {"mse": 1e-3, "lpips": 1e-1, "gradient_gap": 1e-5}
+
+
+# ---------------------------------------------------------------- gradient gap
+
+
+def _vq_setup():
+    g = torch.Generator().manual_seed(2)
+    encoder = nn.Conv2d(3, 4, 3, padding=1).double()
+    decoder = nn.Sequential(nn.Conv2d(4, 8, 3, padding=1), nn.Tanh(), nn.Conv2d(8, 3, 3, padding=1)).double()
+    x = torch.rand(2, 3, 6, 6, generator=g, dtype=torch.float64)
+    codebook = torch.randn(5, 4, generator=g, dtype=torch.float64)
+    z_e = encoder(x)
+    flat = z_e.permute(0, 2, 3, 1).reshape(-1, 4)
+    nearest = torch.cdist(flat, codebook).argmin(dim=1)
+    z_q = codebook[nearest].reshape(2, 6, 6, 4).permute(0, 3, 1, 2)
+    return encoder, decoder, x, z_e, z_q
+
+
+def test_gradient_gap_matches_two_explicit_forward_passes():
+    encoder, decoder, x, z_e, z_q = _vq_setup()
+
+    def task_loss(out):
+        return ((out - x) ** 2).mean()
+
+    # Non-quantized model: gradient of L(G(z_e)) w.r.t. the encoder output.
+    leaf = z_e.detach().clone().requires_grad_(True)
+    (g_cont,) = torch.autograd.grad(task_loss(decoder(leaf)), leaf)
+    # Quantized model with the straight-through estimator, differentiated w.r.t. the same encoder output.
+    leaf = z_e.detach().clone().requires_grad_(True)
+    z_q_st = leaf + (z_q - leaf).detach()
+    (g_ste,) = torch.autograd.grad(task_loss(decoder(z_q_st)), leaf)
+    reference = math.sqrt(sum((a - b) ** 2 for a, b in zip(g_cont.flatten().tolist(), g_ste.flatten().tolist())))
+
+    gap = gradient_gap(decoder, task_loss, z_e, z_q)
+    assert reference > 0
+    assert float(gap) == pytest.approx(reference, rel=1e-10)
+    for p in list(encoder.parameters()) + list(decoder.parameters()):
+        assert p.grad is None
+
+
+def test_gradient_gap_is_zero_without_quantization_error_and_works_under_no_grad():
+    _, decoder, x, z_e, z_q = _vq_setup()
+
+    def task_loss(out):
+        return ((out - x) ** 2).mean()
+
+    assert float(gradient_gap(decoder, task_loss, z_e, z_e.clone())) == 0.0
+    with torch.no_grad():
+        gap = gradient_gap(decoder, task_loss, z_e, z_q)
+    assert float(gap) > 0
+
+
+# ---------------------------------------------------------------- image quality, real networks
+
+
+@pytest.fixture
+def short_socket_timeout():
+    # A download attempt must fail fast rather than hang on a firewalled machine.
+    previous = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(10)
+    yield
+    socket.setdefaulttimeout(previous)
+
+
+def _measured_or_explained(out, name):
+    value, reason = out[name], out[f"{name}_reason"]
+    if value is None:
+        assert isinstance(reason, str) and reason.strip() and "\n" not in reason
+    else:
+        assert reason is None and isinstance(value, float) and math.isfinite(value)
+
+
+def test_real_networks_give_a_value_or_a_one_line_reason(short_socket_timeout):
+    quality = ImageQuality("cpu")
+    g = torch.Generator().manual_seed(3)
+    real = torch.rand(4, 1, 32, 32, generator=g)
+    quality.update(real, (real + 0.05).clamp(0, 1))
+    out = quality.compute()
+    assert set(out) == {"fid", "fid_reason", "is", "is_reason", "lpips", "lpips_reason"}
+    for name in ("fid", "is", "lpips"):
+        _measured_or_explained(out, name)
+
+
+# ---------------------------------------------------------------- image quality, stand-in networks
+
+
+class FidFeature(nn.Module):
+    """64-d features: conv, global pooling to 2×2, linear."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 16, 3, padding=1)
+        self.pool = nn.AdaptiveAvgPool2d(2)
+        self.fc = nn.Linear(64, 64)
+
+    def forward(self, x):
+        # Scaled up so that FID values are O(1) rather than O(1e-4).
+        return 10 * self.fc(self.pool(torch.relu(self.conv(x))).flatten(1))
+
+
+class RecordingLogits(nn.Module):
+    """10 IS logits; remembers every batch it was shown."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(3, 10)
+        self.seen = []
+
+    def forward(self, x):
+        self.seen.append(x.detach().clone())
+        return 5 * self.fc(x.mean(dim=(2, 3)))
+
+
+class LpipsBackbone(nn.Module):
+    """Five feature maps with AlexNet's channel counts, at halving resolutions."""
+
+    channels = (64, 192, 384, 256, 256)
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, stride=2, padding=1)
+        self.heads = nn.ModuleList(nn.Conv2d(8, c, 1) for c in self.channels)
+
+    def forward(self, x):
+        h = torch.relu(self.stem(x))
+        outs = []
+        for head in self.heads:
+            outs.append(head(h))
+            h = nn.functional.avg_pool2d(h, 2)
+        return outs
+
+
+def _blobs(n, size, seed):
+    """Smooth, structured images in [0, 1] (unlike uniform noise)."""
+    g = torch.Generator().manual_seed(seed)
+    coarse = torch.rand(n, 3, 4, 4, generator=g)
+    return nn.functional.interpolate(coarse, size=(size, size), mode="bilinear")
+
+
+def _stand_in_quality():
+    torch.manual_seed(4)
+    return ImageQuality("cpu", fid_feature=FidFeature(), is_feature=RecordingLogits(), lpips_net=LpipsBackbone())
+
+
+def _fid_reference(net, real, fake):
+    with torch.no_grad():
+        f_real, f_fake = (net(x).double().numpy() for x in (real, fake))
+    mu_r, mu_f = f_real.mean(0), f_fake.mean(0)
+    cov_r, cov_f = np.cov(f_real, rowvar=False), np.cov(f_fake, rowvar=False)
+    covmean = scipy.linalg.sqrtm(cov_r @ cov_f).real
+    return float(((mu_r - mu_f) ** 2).sum() + np.trace(cov_r + cov_f - 2 * covmean))
+
+
+def _lpips_reference(backbone, real, fake):
+    """Zhang et al. 2018 LPIPS in float64 with the linear weights torchmetrics ships."""
+    path = os.path.join(os.path.dirname(tm_lpips.__file__), "lpips_models", "alex.pth")
+    weights = torch.load(path, map_location="cpu")
+    shift = torch.tensor([-0.030, -0.088, -0.188], dtype=torch.float64).view(1, 3, 1, 1)
+    scale = torch.tensor([0.458, 0.448, 0.450], dtype=torch.float64).view(1, 3, 1, 1)
+    net = LpipsBackbone().double()
+    net.load_state_dict(backbone.state_dict())
+
+    def unit(f):
+        return f / (f.pow(2).sum(dim=1, keepdim=True).sqrt() + 1e-10)
+
+    with torch.no_grad():
+        f0, f1 = (net(((2 * x.double() - 1) - shift) / scale) for x in (real, fake))
+    per_image = 0
+    for k, (a, b) in enumerate(zip(f0, f1)):
+        w = weights[f"lin{k}.model.1.weight"].double().view(1, -1, 1, 1)
+        per_image = per_image + (w * (unit(a) - unit(b)) ** 2).sum(dim=1).mean(dim=(1, 2))
+    return float(per_image.mean())
+
+
+def test_stand_ins_match_independent_fid_and_lpips_references():
+    quality = _stand_in_quality()
+    real = _blobs(200, 64, seed=5)
+    fake = (real + 0.1 * torch.randn(real.shape, generator=torch.Generator().manual_seed(6))).clamp(0, 1)
+    for batch in range(0, 200, 50):  # accumulation over a test set
+        quality.update(real[batch : batch + 50], fake[batch : batch + 50])
+    out = quality.compute()
+
+    assert out["fid_reason"] is None and out["lpips_reason"] is None and out["is_reason"] is None
+    assert out["fid"] == pytest.approx(_fid_reference(quality._fid.inception, real, fake), rel=1e-6)
+    assert out["lpips"] > 0
+    assert out["lpips"] == pytest.approx(_lpips_reference(quality._lpips.net, real, fake), rel=1e-5)
+    assert 1.0 <= out["is"] <= 10.0
+
+
+def test_stand_in_fid_is_zero_against_itself_and_positive_against_noise():
+    quality = _stand_in_quality()
+    real = _blobs(200, 32, seed=7)
+    quality.update(real, real)
+    same = quality.compute()
+    assert abs(same["fid"]) < 1e-6
+    assert same["lpips"] == 0.0
+
+    quality = _stand_in_quality()
+    quality.update(real, torch.rand(real.shape, generator=torch.Generator().manual_seed(8)))
+    noise = quality.compute()
+    assert noise["fid"] > 1e-3
+    assert noise["lpips"] > 0
+
+
+def test_grayscale_images_are_made_rgb_and_is_sees_clamped_reconstructions_only():
+    quality = _stand_in_quality()
+    real = _blobs(20, 28, seed=9)[:, :1]  # MNIST-sized grayscale, below LPIPS's minimum size
+    fake = real * 1.5  # decoder output overshooting [0, 1]
+    quality.update(real, fake)
+    out = quality.compute()
+    assert all(math.isfinite(out[name]) for name in ("fid", "is", "lpips"))
+
+    (seen,) = quality._is.inception.seen
+    assert seen.dtype == torch.float32 and seen.shape == (20, 3, 28, 28)
+    torch.testing.assert_close(seen, fake.clamp(0, 1).expand(-1, 3, -1, -1), rtol=0, atol=0)
+
+
+def test_real_images_outside_unit_range_are_rejected():
+    quality = _stand_in_quality()
+    with pytest.raises(ValueError):
+        quality.update(_blobs(4, 32, seed=10) * 2 - 1, _blobs(4, 32, seed=10))

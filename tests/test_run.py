@@ -1,0 +1,150 @@
+"""run.py end to end: run folders, bad input, determinism, resume, and every shipped digits config."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+import run
+from engines.engine import LevelEngine
+from engines.experiment import RUN_FILES
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["--set", "model.hidden_channels=8", "--set", "model.res_channels=4", "--set", "model.num_res_blocks=1",
+        "--set", "train.log_every=1", "--set", "device=cpu"]
+
+
+def run_cli(*args, cwd=ROOT):
+    return subprocess.run([sys.executable, "run.py", *map(str, args)], cwd=cwd, capture_output=True, text=True, timeout=600)
+
+
+def assert_one_line_error(result, *needles):
+    assert result.returncode != 0
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+
+
+# -- bad input --------------------------------------------------------------------------------------
+
+def test_misspelt_key_names_the_nearest_key(tmp_path):
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text((ROOT / "configs/digits/vqvae.yaml").read_text().replace("num_codes:", "num_cods:"))
+    assert_one_line_error(run_cli(cfg, "--out", tmp_path / "run"), "quantizer.num_cods", "num_codes", str(cfg))
+
+
+def test_bad_value_names_the_allowed_values(tmp_path):
+    result = run_cli("configs/digits/vqvae.yaml", "--set", "levels.0.optimizer=adamm", "--out", tmp_path / "run")
+    assert_one_line_error(result, "levels.0.optimizer", "adamw", "sgd")
+    result = run_cli("configs/digits/vqvae.yaml", "--set", "quantizer.num_codes=0", "--out", tmp_path / "run")
+    assert_one_line_error(result, "quantizer.num_codes", "minimum")
+    result = run_cli("configs/digits/vqvae.yaml", "--set", "train.iters=many", "--out", tmp_path / "run")
+    assert_one_line_error(result, "train.iters", "integer")
+
+
+def test_missing_data_folder(tmp_path):
+    result = run_cli("configs/digits/vqvae.yaml", "--set", "data.name=cifar10", "--set", f"data.root={tmp_path / 'nowhere'}",
+                     "--out", tmp_path / "run")
+    assert_one_line_error(result, str(tmp_path / "nowhere"), "data.download")
+
+
+def test_corrupt_checkpoint_on_resume(tmp_path):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "checkpoint.pt").write_bytes(b"this is not a checkpoint")
+    (run_dir / "log.jsonl").write_text('{"step": 1}\n')
+    result = run_cli("configs/digits/vqvae.yaml", "--resume", run_dir)
+    assert_one_line_error(result, "checkpoint")
+    assert (run_dir / "log.jsonl").read_text() == '{"step": 1}\n'  # nothing already written is lost
+
+
+# -- a tiny run writes the run folder; runs are deterministic and resumable ----------------------------
+
+def tiny_run(out, *extra):
+    return run.main(["configs/digits/vqvae.yaml", *TINY, "--set", "train.iters=6", "--out", str(out), *extra])
+
+
+def test_run_folder_and_determinism(tmp_path):
+    assert tiny_run(tmp_path / "a") == 0
+    for name in RUN_FILES:
+        assert (tmp_path / "a" / name).is_file(), name
+    metrics = json.loads((tmp_path / "a" / "metrics.json").read_text())
+    for key in ("test_mse", "perplexity", "active_codes", "iterations", "wall_time_s"):
+        assert key in metrics
+    assert metrics["iterations"] == 6
+    state = torch.load(tmp_path / "a" / "checkpoint.pt", weights_only=True)
+    assert set(state["levels"]) == {"vqvae"}
+    assert any(k.startswith("quantizer.") for k in state["levels"]["vqvae"])
+    assert yaml.safe_load((tmp_path / "a" / "config.yaml").read_text())["train"]["iters"] == 6
+    assert len((tmp_path / "a" / "log.jsonl").read_text().splitlines()) == 6
+
+    assert tiny_run(tmp_path / "b") == 0
+    other = json.loads((tmp_path / "b" / "metrics.json").read_text())
+    assert {k: v for k, v in metrics.items() if k != "wall_time_s"} == {k: v for k, v in other.items() if k != "wall_time_s"}
+
+
+@pytest.mark.parametrize("config", ["vqvae", "mqvae"])
+def test_resume_after_interruption_ends_like_an_uninterrupted_run(tmp_path, monkeypatch, config):
+    args = [f"configs/digits/{config}.yaml", *TINY, "--set", "train.iters=6", "--set", "train.checkpoint_every=3"]
+    assert run.main([*args, "--out", str(tmp_path / "full")]) == 0
+
+    original = LevelEngine.train_step
+
+    def interrupted(self):
+        if self.global_step == 5:
+            raise KeyboardInterrupt
+        original(self)
+
+    monkeypatch.setattr(LevelEngine, "train_step", interrupted)
+    assert run.main([*args, "--out", str(tmp_path / "cut")]) == 130
+    monkeypatch.setattr(LevelEngine, "train_step", original)
+    assert run.main([*args, "--resume", str(tmp_path / "cut")]) == 0
+
+    full = json.loads((tmp_path / "full" / "metrics.json").read_text())
+    resumed = json.loads((tmp_path / "cut" / "metrics.json").read_text())
+    full.pop("wall_time_s"), resumed.pop("wall_time_s")
+    assert resumed == full
+    steps = [json.loads(line)["step"] for line in (tmp_path / "cut" / "log.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 7))
+
+
+# -- every shipped digits config runs end to end ------------------------------------------------------
+
+DIGITS_CONFIGS = sorted(p.stem for p in (ROOT / "configs" / "digits").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("name", DIGITS_CONFIGS)
+def test_shipped_digits_config_runs(tmp_path, name):
+    out = tmp_path / name
+    assert run.main([f"configs/digits/{name}.yaml", *TINY, "--set", "train.iters=3", "--out", str(out)]) == 0
+    for file in RUN_FILES:
+        assert (out / file).is_file(), file
+    levels = torch.load(out / "checkpoint.pt", weights_only=True)["levels"]
+    cfg = yaml.safe_load((out / "config.yaml").read_text())
+    assert set(levels) == {level["name"] for level in cfg["levels"]}
+    if len(cfg["levels"]) > 1:
+        assert {"codebook", "autoencoder"} <= set(levels)
+
+
+def test_three_levels_moves_beta(tmp_path):
+    out = tmp_path / "three"
+    assert run.main(["configs/digits/three_levels.yaml", *TINY, "--set", "train.iters=5", "--out", str(out)]) == 0
+    rho = torch.load(out / "checkpoint.pt", weights_only=True)["levels"]["commitment_weight"]["rho"]
+    beta = torch.nn.functional.softplus(rho).item()
+    assert abs(beta - 0.25) > 1e-4
+
+
+@pytest.mark.parametrize("kind", ["mqvae", "direct", "darts", "neumann", "cg", "sama"])
+def test_every_hypergradient_type_runs_an_mqvae_iteration(tmp_path, kind):
+    out = tmp_path / kind
+    assert run.main(["configs/digits/mqvae.yaml", *TINY, "--set", "train.iters=1", "--set", f"hypergradient.type={kind}",
+                     "--out", str(out)]) == 0
+    assert json.loads((out / "metrics.json").read_text())["iterations"] == 1
