@@ -60,7 +60,11 @@ class QuantizerConfig:
     kind: str = spec("vq", choices=["vq", "gumbel"])
     num_codes: int = spec(128, min=1)
     dim: int = spec(32, min=1)
-    # MQ-VAE Eq. 6: L = L_task + beta * L_commit + codebook_weight * L_codebook.
+    # MQ-VAE Eq. 6: L = L_task + beta * L_commit + codebook_weight * L_codebook (both terms are MSEs).
+    # Huh et al.'s Eq. 8-10, L_task + alpha * [(1 - b) * d(z_e, sg[z_q]) + b * d(sg[z_e], z_q)] (their b
+    # weights the codebook side), is beta = alpha * (1 - b), codebook_weight = alpha * b; e.g. their
+    # ResNet-18 alpha = 5, b = 0.98 -> beta = 0.1, codebook_weight = 4.9. (With their d = ½‖·‖² summed
+    # over D instead of an MSE, multiply both by D/2.)
     beta: float = spec(0.25, min=0.0)
     codebook_weight: float = spec(1.0, min=0.0)
     # Huh et al.'s synchronized update (Eq. 21): the codebook also receives sync_nu * dL_task/dz_q.
@@ -75,7 +79,10 @@ class QuantizerConfig:
     replace_freq: int = spec(0, min=0)
     kmeans_init: bool = False
     kmeans_iters: int = spec(10, min=0)
+    # l2-normalized inputs and codes, cosine search, losses on the normalized vectors (Yu et al.; Huh Table 3).
     l2: bool = False
+    # Grouped latents: each D-vector is split into `groups` sub-vectors of dim/groups, each quantized against
+    # its own slice of num_codes/groups codes (num_codes counts all codes; indices are global).
     groups: int = spec(1, min=1)
     # Nearest-neighbour search: distance entries per chunk, and the matmul precision (Huh A.1).
     search_chunk: int = spec(1 << 24, min=1)

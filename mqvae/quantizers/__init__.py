@@ -1,0 +1,15 @@
+"""The quantizer family: nearest-code VQ with Huh et al.'s options (``vq``) and Gumbel-VQ (``gumbel``).
+
+``mqvae.quantizer`` re-exports the public names; import from either.
+"""
+
+from .affine import LearnedAffine, RunningAffine
+from .base import Quantizer, QuantizerOutput, batch_perplexity, from_vectors, straight_through, to_vectors
+from .build import build_quantizer, check_quantizer_config
+from .gumbel import GumbelQuantizer
+from .vq import VectorQuantizer
+
+__all__ = [
+    "GumbelQuantizer", "LearnedAffine", "Quantizer", "QuantizerOutput", "RunningAffine", "VectorQuantizer",
+    "batch_perplexity", "build_quantizer", "check_quantizer_config", "from_vectors", "straight_through", "to_vectors",
+]

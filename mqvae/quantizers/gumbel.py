@@ -1,0 +1,70 @@
+"""Gumbel-VQ baseline (Karpathy's deep-vector-quantization, also in Esser et al.'s taming-transformers;
+Huh et al. 2023 A.1 "Baseline").
+
+No nearest-code search: a 1×1 projection (here a Linear on each D-vector, the same map) predicts
+``num_codes`` logits, a Gumbel-softmax sample of the code distribution weights the codebook, and the
+loss adds KL(q(z|x) ‖ uniform). No commitment or codebook terms.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import QuantizerConfig
+from .base import Quantizer, QuantizerOutput, batch_perplexity, from_vectors, to_vectors
+
+
+class GumbelQuantizer(Quantizer):
+    """Training mode: relaxed (soft) Gumbel-softmax sample, z_q = y @ C (Karpathy's default,
+    ``straight_through=False``). Eval mode: the most likely code, z_q = C[argmax] exactly, with the
+    straight-through gradient of softmax(logits / tau) (Karpathy samples ``hard=True`` at eval; we take
+    the argmax of the logits so that evaluation is deterministic and draws no random numbers).
+
+    The Gumbel noise comes from the global RNG (so a checkpointed RNG state reproduces a run); no
+    parameter or buffer changes in forward.
+    """
+
+    def __init__(self, cfg: QuantizerConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.num_codes = cfg.num_codes
+        self.proj = nn.Linear(cfg.dim, cfg.num_codes)
+        # nn.Embedding's default init, as in Karpathy's GumbelQuantize.
+        self.codebook = nn.Parameter(torch.randn(cfg.num_codes, cfg.dim))
+
+    def loss_weights(self) -> dict:
+        return {"kl": self.cfg.gumbel_kl_weight}
+
+    @property
+    def task_reaches_codebook(self) -> bool:
+        return True  # z_q is a weighted sum of code-vectors
+
+    def forward(self, z_e: torch.Tensor) -> QuantizerOutput:
+        flat = to_vectors(z_e)
+        logits = self.proj(flat)
+        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+        log_q = F.log_softmax(logits, dim=-1)
+        # KL(q ‖ uniform) = Σ_k q_k (log q_k + log K), averaged over positions.
+        kl = (log_q.exp() * (log_q + math.log(self.num_codes))).sum(-1).mean()
+        tau = self.cfg.gumbel_temperature
+        codebook = self.codebook.to(logits.dtype)
+        if self.training:
+            y = F.gumbel_softmax(logits, tau=tau, hard=False, dim=-1)
+            indices = y.argmax(-1)
+            z_q = y @ codebook
+        else:
+            indices = logits.argmax(-1)
+            soft = F.softmax(logits / tau, dim=-1)
+            # Forward value exactly C[indices] ((soft - soft) @ C is exactly 0); backward: the codebook
+            # through the one-hot, the logits through the softmax (straight-through, as hard=True).
+            z_q = codebook[indices] + (soft - soft.detach()) @ codebook.detach()
+        counts = torch.bincount(indices, minlength=self.num_codes)
+        return QuantizerOutput(from_vectors(z_q, z_e), indices[:, None], {"kl": kl}, batch_perplexity(counts), counts)
+
+    def indices_to_codes(self, indices: torch.Tensor) -> torch.Tensor:
+        """(N, 1) indices -> N×D code-vectors (the eval-mode forward value of z_q)."""
+        return self.codebook[indices[:, 0]]

@@ -1,0 +1,183 @@
+"""Nearest-code vector quantization with the straight-through estimator and Huh et al.'s remedies.
+
+One class covers every option of the nearest-code family, because they compose:
+- losses (MQ-VAE Eq. 4-6): ``commitment`` d(z_e, sg[z_q]) and ``codebook`` d(sg[z_e], z_q), with d the
+  mean squared error over all N·D entries, weighted by ``beta`` and ``codebook_weight``;
+- synchronized update ``sync_nu`` (Huh §4.3, Eq. 21), see ``straight_through``;
+- affine re-parameterization ``affine`` (Huh §4.1, A.12), see ``affine.py``;
+- l2-normalized codes ``l2`` (Yu et al. 2022, as in Huh Table 3): inputs and effective codes are
+  l2-normalized, the search uses the cosine distance and the losses and z_q are the normalized vectors;
+- grouped latents ``groups`` G: each D-vector is split into G sub-vectors of D/G, and sub-vector g is
+  quantized against its own slice of the codebook. The codebook keeps ``num_codes`` codes in total
+  (G slices of num_codes/G codes; the reference library's ``GroupVectorQuant(share=False)`` layout),
+  so ``num_codes`` means the same thing with and without groups (config key = attribute = length of
+  ``counts`` = what evaluation counts), and indices are global: group g's codes are
+  [g·K/G, (g+1)·K/G);
+- maintenance (explicit, ``maintain``): running statistics of the EMA affine map (Huh Eq. 38-41) and
+  LRU dead-code replacement (Huh §3, lifespan ``replace_freq``);
+- data-dependent initialization (``initialize``): k-means++ then k-means per latent group (Huh §3.2).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import QuantizerConfig
+from ..kmeans import kmeans_init
+from ..search import nearest_codes
+from .affine import LearnedAffine, RunningAffine
+from .base import Quantizer, QuantizerOutput, batch_perplexity, from_vectors, straight_through, to_vectors
+
+# A replaced code is a batch vector v plus Gaussian noise of std REPLACE_NOISE·‖v‖ (the reference
+# library's rho = 0.01), so that codes re-seeded from the same vector differ.
+REPLACE_NOISE = 0.01
+
+
+class VectorQuantizer(Quantizer):
+    """Nearest-neighbour quantizer with the straight-through estimator (MQ-VAE Eq. 3-6)."""
+
+    def __init__(self, cfg: QuantizerConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.num_codes = cfg.num_codes
+        self.groups = cfg.groups
+        self.code_dim = cfg.dim // cfg.groups
+        self.codes_per_group = cfg.num_codes // cfg.groups
+        self.codebook = nn.Parameter(torch.empty(cfg.num_codes, self.code_dim).uniform_(-1 / cfg.num_codes, 1 / cfg.num_codes))
+        if cfg.affine == "learned":
+            self.affine = LearnedAffine(cfg.num_codes, self.code_dim, cfg.affine_groups)
+        elif cfg.affine == "ema":
+            self.affine = RunningAffine(cfg.num_codes, self.code_dim, cfg.affine_groups, cfg.groups, cfg.affine_momentum)
+        else:
+            self.affine = None
+        if cfg.replace_freq:
+            # Iterations since each code was last selected (LRU, Huh §3).
+            self.register_buffer("idle_iters", torch.zeros(cfg.num_codes, dtype=torch.long))
+        # Latent group of each code, for replacement (not state: derived from the config).
+        self.register_buffer("code_group", torch.arange(cfg.num_codes) // self.codes_per_group, persistent=False)
+
+    # -- configuration-derived facts -------------------------------------------------------------
+    def loss_weights(self) -> dict:
+        return {"commitment": self.cfg.beta, "codebook": self.cfg.codebook_weight}
+
+    @property
+    def task_reaches_codebook(self) -> bool:
+        # Only the synchronized update gives the task loss a path to the codes (and affine parameters).
+        return self.cfg.sync_nu > 0
+
+    def param_groups(self) -> list[dict]:
+        """Optimizer groups for the level that trains the quantizer: the learned affine parameters get
+        the level's learning rate times ``affine_lr`` (Huh A.1, Tables 4-6 "affine lr scale")."""
+        groups = [{"params": [self.codebook]}]
+        if isinstance(self.affine, LearnedAffine):
+            groups.append({"params": list(self.affine.parameters()), "lr_scale": self.cfg.affine_lr})
+        return groups
+
+    # -- the pure part ---------------------------------------------------------------------------
+    def effective_codebook(self) -> torch.Tensor:
+        """The K×(D/G) code-vectors the inputs are compared with: affine map, then l2 normalization."""
+        codes = self.codebook if self.affine is None else self.affine(self.codebook)
+        return F.normalize(codes, dim=-1) if self.cfg.l2 else codes
+
+    def _vectors(self, z_e: torch.Tensor) -> torch.Tensor:
+        """B×D×H×W -> N×G×(D/G): the sub-vectors the codes are compared with."""
+        flat = to_vectors(z_e)
+        z = flat.reshape(flat.shape[0], self.groups, self.code_dim)
+        return F.normalize(z, dim=-1) if self.cfg.l2 else z
+
+    def _search(self, z: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+        """Global index (N, G) of the nearest code of each sub-vector within its group's slice."""
+        z = z.detach().to(codes.dtype)
+        metric = "cosine" if self.cfg.l2 else "euclidean"
+        indices = []
+        for g in range(self.groups):
+            start = g * self.codes_per_group
+            idx, _ = nearest_codes(z[:, g], codes[start:start + self.codes_per_group].detach(), metric=metric,
+                                   chunk_elements=self.cfg.search_chunk, precision=self.cfg.search_precision)
+            indices.append(idx + start)
+        return torch.stack(indices, dim=1)
+
+    def forward(self, z_e: torch.Tensor) -> QuantizerOutput:
+        z = self._vectors(z_e)
+        codes = self.effective_codebook()
+        indices = self._search(z, codes)
+        q = codes[indices]  # N×G×(D/G), differentiable in the codes (and affine parameters)
+        losses = {
+            # Eq. 4: moves the encoder output towards its code.
+            "commitment": (z - q.detach()).pow(2).mean(),
+            # Eq. 5: moves the chosen codes towards the encoder outputs.
+            "codebook": (z.detach() - q).pow(2).mean(),
+        }
+        # Eq. 3 (STE), plus Huh Eq. 21 when sync_nu > 0: forward value exactly q.
+        z_q = straight_through(z, q, self.cfg.sync_nu).reshape(z.shape[0], -1)
+        counts = torch.bincount(indices.reshape(-1), minlength=self.num_codes)
+        return QuantizerOutput(from_vectors(z_q, z_e), indices, losses, batch_perplexity(counts), counts)
+
+    def indices_to_codes(self, indices: torch.Tensor) -> torch.Tensor:
+        """(N, G) global indices -> N×D vectors, the forward value of z_q for those indices."""
+        return self.effective_codebook()[indices].reshape(indices.shape[0], -1)
+
+    # -- explicit maintenance --------------------------------------------------------------------
+    @torch.no_grad()
+    def local_statistics(self, z_e: torch.Tensor, out: QuantizerOutput) -> dict:
+        """What maintenance needs from this process's batch, as sums (all-reducible)."""
+        stats = {"counts": out.counts}
+        if isinstance(self.affine, RunningAffine):
+            stats.update(self.affine.local_statistics(self._vectors(z_e)))
+        return stats
+
+    @torch.no_grad()
+    def replacement_candidates(self, z_e: torch.Tensor) -> torch.Tensor:
+        """One candidate effective code per code (K×(D/G)): a random sub-vector of the batch from the
+        code's own latent group, plus noise (Huh §3). Drawn for every code every time (global RNG), so
+        maintenance never waits for the device to learn how many codes are dead."""
+        z = self._vectors(z_e).to(self.codebook.dtype)
+        pick = torch.randint(z.shape[0], (self.num_codes,), device=z.device)
+        v = z[pick, self.code_group]
+        noise = torch.randn(v.shape, dtype=v.dtype, device=v.device)
+        return v + REPLACE_NOISE * v.norm(dim=-1, keepdim=True) * noise
+
+    @torch.no_grad()
+    def maintain(self, z_e: torch.Tensor, out: QuantizerOutput) -> None:
+        """After a training step: EMA affine statistics (Huh Eq. 38-41), then LRU replacement.
+
+        Written to be made identical across processes: ``local_statistics`` holds everything taken
+        from this process's batch; a data-parallel run would all-reduce it and broadcast the
+        replacement candidates from one rank at the two marked places, and change nothing else.
+        """
+        stats = self.local_statistics(z_e, out)
+        # <- data-parallel: all_reduce(SUM) every tensor in `stats` here.
+        if isinstance(self.affine, RunningAffine):
+            self.affine.update(stats, self.codebook)
+        if self.cfg.replace_freq:
+            candidates = self.replacement_candidates(z_e)
+            # <- data-parallel: broadcast `candidates` from rank 0 here.
+            self.apply_replacement(stats["counts"], candidates)
+
+    @torch.no_grad()
+    def apply_replacement(self, counts: torch.Tensor, candidates: torch.Tensor) -> None:
+        """LRU (Huh §3): a code unused for ``replace_freq`` consecutive iterations takes its candidate;
+        used codes are left untouched. Candidates are effective codes; the raw code stored is the one
+        the current affine map sends there."""
+        idle = torch.where(counts > 0, torch.zeros_like(self.idle_iters), self.idle_iters + 1)
+        dead = idle >= self.cfg.replace_freq
+        raw = candidates if self.affine is None else self.affine.invert(candidates)
+        self.codebook.copy_(torch.where(dead[:, None], raw.to(self.codebook.dtype), self.codebook))
+        self.idle_iters.copy_(torch.where(dead, torch.zeros_like(idle), idle))
+
+    @torch.no_grad()
+    def initialize(self, z_e: torch.Tensor) -> None:
+        """k-means++ then ``kmeans_iters`` Lloyd steps per latent group (Huh §3.2, A.7), on z_e's device,
+        with the global RNG. The codebook keeps its ``num_codes`` codes even with fewer input vectors
+        (``kmeans_init`` then re-uses inputs with a little noise). The centres are effective codes; the
+        raw codes stored are the ones the current affine map sends there.
+        """
+        z = self._vectors(z_e).to(self.codebook.dtype)
+        # <- data-parallel: compute on rank 0 and broadcast the centres.
+        centres = torch.cat([kmeans_init(z[:, g], self.codes_per_group, iters=self.cfg.kmeans_iters)
+                             for g in range(self.groups)])
+        self.codebook.copy_(centres if self.affine is None else self.affine.invert(centres))
+        if self.cfg.replace_freq:
+            self.idle_iters.zero_()
