@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mqvae.errors import UserError
+
 from .base import Level
 
 
@@ -54,7 +56,10 @@ class CommitmentWeight(Level):
 
     @classmethod
     def module_of(cls, model):
-        beta = model.quantizer.loss_weights()["commitment"]
+        beta = model.quantizer.loss_weights().get("commitment")
+        if beta is None:
+            raise UserError("levels: CommitmentWeight learns the commitment weight beta, but this quantizer has no "
+                            "commitment term (quantizer.kind: gumbel); use quantizer.kind: vq")
         # Inverse softplus, so the level starts at the configured beta.
         rho = torch.tensor(float(beta)).expm1().log() if beta > 0 else torch.tensor(-10.0)
         module = nn.Module()
