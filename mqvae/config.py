@@ -188,6 +188,12 @@ def _convert(value, tp, where: str, path: str):
             raise UserError(f"{where}: {path}: expected an integer, got {value!r}")
         return value
     if tp is float:
+        if isinstance(value, str):
+            # PyYAML reads 1e-4 (no dot) as a string (YAML 1.1); accept what any reader would call a number.
+            try:
+                value = float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise UserError(f"{where}: {path}: expected a number, got {value!r}")
         return float(value)

@@ -29,7 +29,14 @@ def pure_evaluation(level):
     model = getattr(level, "model", level.module)
     batch_norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training]
     params = level.trainable_parameters()
-    saved = [p.detach().clone() for p in params]
+    # One set of buffers per level, allocated on first use and refilled with copy_ (no per-step allocation).
+    saved = getattr(level, "_purity_buffers", None)
+    if saved is None or len(saved) != len(params) or any(s.shape != p.shape or s.dtype != p.dtype for s, p in zip(saved, params)):
+        saved = [torch.empty_like(p) for p in params]
+        level._purity_buffers = saved
+    with torch.no_grad():
+        for s, p in zip(saved, params):
+            s.copy_(p)
     for m in batch_norms:
         m.eval()
     try:

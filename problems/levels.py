@@ -38,13 +38,6 @@ class Codebook(Level):
     def module_of(cls, model):
         return model.quantizer
 
-    def param_groups(self):
-        groups = getattr(self.module, "param_groups", None)
-        if groups is None:
-            return super().param_groups()
-        lr = self.level_cfg.lr
-        return [{**group, "lr": lr * group.pop("lr_scale", 1.0)} for group in groups()]
-
 
 class CommitmentWeight(Level):
     """A third level that learns the commitment weight beta of the levels below it (Eq. 6).

@@ -1,0 +1,377 @@
+"""Benchmarks: bi-level training-step cost, nearest-neighbour search, time to quality.
+
+``python -m mqvae.bench [--out FILE] [--quick]`` writes one JSON file and prints a markdown summary.
+
+This module is an entry point like ``run.py``, not library code: it drives whole engines, so it imports
+``engines`` lazily inside the functions that need them (the library's import rule is
+``run.py -> engines -> problems -> mqvae``; nothing in ``mqvae`` imports this module).
+
+Wall-clock numbers live here and in the JSON it writes; tests never assert them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = ROOT / "configs" / "digits"
+MODES = ("vqvae", "alt", "mqvae", "mqvae_roll_back")
+PAPER_DATASET = "bench_random32"
+GiB = 1 << 30
+
+
+# ---------------------------------------------------------------------------------------------
+# Configurations
+
+
+def mode_config(mode: str, shape: str, batch_size: int, overrides: list[str] = ()):
+    """The config of one training mode, for the ``digits`` shape (the shipped configs) or the ``paper`` one."""
+    from .config import load_config
+
+    name = {"vqvae": "vqvae", "alt": "alt", "mqvae": "mqvae", "mqvae_roll_back": "mqvae"}[mode]
+    sets = ["device=auto", f"data.batch_size={batch_size}", "train.eval_every=0", "train.checkpoint_every=0"]
+    if mode == "mqvae_roll_back":
+        sets.append("hypergradient.roll_back=true")
+    if shape == "paper":
+        # MQ-VAE App. I: van den Oord et al.'s backbone (256 hidden units, two residual blocks, two stride-2
+        # convolutions), 1024 codes of 512 dimensions, beta 0.1, lower lr 3e-4, codebook lr 6e-2, wd 1e-4.
+        # Adam instead of the paper's AdamW: the toolkit's adamw fails in Betty's optimizer patch on this torch
+        # (AdamW.__init__ got 'decoupled_weight_decay'); the step cost of the two is the same.
+        _register_paper_dataset()
+        sets += [f"data.name={PAPER_DATASET}", "model.hidden_channels=256", "model.res_channels=256",
+                 "model.num_res_blocks=2", "model.downsample=2", "quantizer.num_codes=1024", "quantizer.dim=512",
+                 "quantizer.beta=0.1"]
+        if mode == "vqvae":
+            sets += ["levels.0.optimizer=adam", "levels.0.lr=3.0e-4", "levels.0.weight_decay=1.0e-4"]
+        else:
+            sets += ["levels.0.optimizer=adam", "levels.0.lr=6.0e-2", "levels.0.weight_decay=1.0e-4",
+                     "levels.1.optimizer=adam", "levels.1.lr=3.0e-4", "levels.1.weight_decay=1.0e-4"]
+    return load_config(CONFIGS / f"{name}.yaml", [*sets, *overrides])
+
+
+def _register_paper_dataset() -> None:
+    """Random 32x32x3 images: the paper's input shape (CIFAR/SVHN); step cost does not depend on the pixels."""
+    from .data import DATASETS, Datasets, register_dataset
+
+    if PAPER_DATASET in DATASETS:
+        return
+
+    @register_dataset(PAPER_DATASET)
+    def _random32(root: str, download: bool, seed: int) -> Datasets:
+        from torch.utils.data import TensorDataset
+
+        g = torch.Generator().manual_seed(seed)
+        train = TensorDataset(torch.rand(2048, 3, 32, 32, generator=g), torch.zeros(2048, dtype=torch.long))
+        test = TensorDataset(torch.rand(256, 3, 32, 32, generator=g), torch.zeros(256, dtype=torch.long))
+        return Datasets(train=train, test=test, channels=3, image_size=32, num_classes=10)
+
+
+def _sync(device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. Training-step cost per mode, interleaved
+
+
+def step_times(shape: str, batch_size: int, warmup: int, rounds: int, overrides: list[str] = ()) -> dict:
+    """Median seconds per training iteration (``train_step`` + quantizer maintenance) of each mode.
+
+    All engines are built from the same seed and data set, so they see batches of the same shape and
+    distribution. After ``warmup`` iterations each, they run interleaved (A B C D A B C D ...), so that
+    load from other processes spreads evenly over the modes.
+    """
+    from engines.experiment import build_engine  # entry-point code: see the module docstring
+
+    engines = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for mode in MODES:
+            engine = build_engine(mode_config(mode, shape, batch_size, overrides), Path(tmp) / mode)
+            engine.train()
+            engines[mode] = engine
+        device = next(iter(engines.values())).device
+        times = {mode: [] for mode in MODES}
+        for i in range(warmup + rounds):
+            for mode, engine in engines.items():
+                _sync(device)
+                start = time.perf_counter()
+                engine.global_step += 1
+                engine.train_step()
+                engine.maintain()
+                _sync(device)
+                if i >= warmup:
+                    times[mode].append(time.perf_counter() - start)
+    medians = {mode: statistics.median(t) for mode, t in times.items()}
+    return {
+        "batch_size": batch_size,
+        "input_shape": list(engines["vqvae"].datasets.train[0][0].shape),
+        "warmup": warmup,
+        "rounds": rounds,
+        "median_s": {mode: round(m, 6) for mode, m in medians.items()},
+        "iqr_s": {mode: [round(q, 6) for q in _quartiles(t)] for mode, t in times.items()},
+        "ratio_to_vqvae": {mode: round(medians[mode] / medians["vqvae"], 3) for mode in MODES if mode != "vqvae"},
+    }
+
+
+def _quartiles(values):
+    if len(values) < 2:
+        return [values[0], values[0]]
+    q = statistics.quantiles(values, n=4)
+    return [q[0], q[2]]
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. Nearest-neighbour search: chunked nearest_codes against naive cdist + argmin
+
+
+def _naive(z, codebook):
+    return torch.cdist(z, codebook).argmin(dim=1)
+
+
+def _read_status(key: str) -> int:
+    """A ``/proc/self/status`` entry in bytes (Linux)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1]) * 1024
+    raise KeyError(key)
+
+
+def nn_worker(method: str, n: int, k: int, d: int, device: str, min_time: float) -> dict:
+    """One measurement, meant to run in a fresh process so that its peak memory is its own."""
+    from .search import nearest_codes
+
+    dev = torch.device(device)
+    g = torch.Generator(device=dev).manual_seed(0)
+    z = torch.randn(n, d, device=dev, generator=g)
+    codebook = torch.randn(k, d, device=dev, generator=g)
+    fn = (lambda: nearest_codes(z, codebook)) if method == "chunked" else (lambda: _naive(z, codebook))
+    # Warm the kernels up on a small slice so that the measurement does not include library loading.
+    small = z[: min(n, 256)]
+    nearest_codes(small, codebook) if method == "chunked" else _naive(small, codebook)
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+        torch.cuda.reset_peak_memory_stats(dev)
+        base = torch.cuda.memory_allocated(dev)
+        how = "CUDA caching allocator: max_memory_allocated - memory_allocated before the call (inputs excluded)"
+    else:
+        # tracemalloc does not see torch's allocations; the kernel's resident-set high-water mark does.
+        # Writing 5 to clear_refs resets VmHWM to the current RSS, so the peak is this call's own.
+        try:
+            Path("/proc/self/clear_refs").write_text("5")
+            how = "process VmHWM after resetting it (/proc/self/clear_refs=5) minus VmRSS before the call, fresh subprocess, inputs excluded"
+        except OSError:
+            how = "process VmHWM (ru_maxrss) minus VmRSS before the call, fresh subprocess, inputs excluded (upper bound)"
+        base = _read_status("VmRSS")
+    times = []
+    started = time.perf_counter()
+    while not times or (time.perf_counter() - started < min_time and len(times) < 5):
+        t0 = time.perf_counter()
+        fn()
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+        times.append(time.perf_counter() - t0)
+    if dev.type == "cuda":
+        peak = torch.cuda.max_memory_allocated(dev) - base
+    else:
+        peak = _read_status("VmHWM") - base
+    seconds = statistics.median(times)
+    return {"seconds": round(seconds, 6), "vectors_per_s": round(n / seconds, 1), "peak_extra_bytes": int(peak),
+            "peak_extra_mib": round(peak / (1 << 20), 2), "repeats": len(times), "memory_method": how}
+
+
+def _memory_budget(device: torch.device) -> int:
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return min(8 * GiB, free // 2)
+    try:
+        available = _read_status_meminfo("MemAvailable")
+    except (OSError, KeyError):
+        available = 16 * GiB
+    return min(8 * GiB, available // 2)
+
+
+def _read_status_meminfo(key: str) -> int:
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1]) * 1024
+    raise KeyError(key)
+
+
+def nn_search(grid: list[tuple[int, int, int]], device: torch.device, min_time: float) -> list[dict]:
+    budget = _memory_budget(device)
+    rows = []
+    for n, k, d in grid:
+        inputs = (n + k) * d * 4
+        for method in ("chunked", "naive"):
+            row = {"N": n, "K": k, "D": d, "method": method}
+            # cdist materializes the N x K float32 distance matrix (and temporaries of that size).
+            need = n * k * 4 if method == "naive" else 0
+            if need + inputs > budget:
+                row.update(status="skipped", reason=f"naive N x K float32 distance matrix needs {need / GiB:.1f} GiB, "
+                                                    f"over the {budget / GiB:.1f} GiB budget")
+                rows.append(row)
+                continue
+            cmd = [sys.executable, "-m", "mqvae.bench", "--nn-worker", method, str(n), str(k), str(d), str(device), str(min_time)]
+            result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+            if result.returncode != 0:
+                row.update(status="failed", reason=(result.stderr.strip().splitlines() or ["?"])[-1][:200])
+            else:
+                row.update(status="ok", **json.loads(result.stdout.strip().splitlines()[-1]))
+            rows.append(row)
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. Time to quality (MQ-VAE Fig. 4)
+
+
+def _test_mse_curve(mode: str, iters: int, eval_every: int, batch_size: int, overrides=()) -> list[tuple[float, float]]:
+    from engines.experiment import _initialize_codebook, build_engine  # entry-point code
+
+    cfg = mode_config(mode, "digits", batch_size, [f"train.iters={iters}", f"train.eval_every={eval_every}",
+                                                   f"train.log_every={eval_every}", *overrides])
+    with tempfile.TemporaryDirectory() as tmp:
+        engine = build_engine(cfg, Path(tmp))
+        if cfg.quantizer.kmeans_init:
+            _initialize_codebook(engine)
+        engine.run()
+        records = [json.loads(line) for line in (Path(tmp) / "log.jsonl").read_text().splitlines() if line]
+    return [(r["time_s"], r["test_mse"]) for r in records if "test_mse" in r]
+
+
+def time_to_quality(iters: int, eval_every: int, batch_size: int, overrides=()) -> dict:
+    baseline = _test_mse_curve("vqvae", iters, eval_every, batch_size, overrides)
+    method = _test_mse_curve("mqvae", iters, eval_every, batch_size, overrides)
+    target_time, target = baseline[-1]
+    reached = next(((t, mse) for t, mse in method if mse <= target), None)
+    out = {
+        "config": {"baseline": "configs/digits/vqvae.yaml", "method": "configs/digits/mqvae.yaml",
+                   "iters": iters, "eval_every": eval_every, "batch_size": batch_size},
+        "vqvae_final_test_mse": target,
+        "vqvae_total_time_s": target_time,
+        "mqvae_final_test_mse": method[-1][1],
+        "mqvae_total_time_s": method[-1][0],
+        "curves": {"vqvae": baseline, "mqvae": method},
+        "note": "time_s is training wall-clock (evaluation excluded) at each eval record",
+    }
+    if reached is None:
+        out.update(mqvae_time_to_reach_s=None, fraction_of_vqvae_time=None, status="never reached")
+    else:
+        out.update(mqvae_time_to_reach_s=reached[0], fraction_of_vqvae_time=round(reached[0] / target_time, 4),
+                   status="reached")
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def environment(device: torch.device) -> dict:
+    env = {"device": str(device), "torch": torch.__version__, "python": platform.python_version(),
+           "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(), "platform": platform.platform()}
+    if device.type == "cuda":
+        env["gpu"] = torch.cuda.get_device_name(device)
+    return env
+
+
+def run_bench(quick: bool, sizes: dict | None = None) -> dict:
+    """All three benchmarks. ``sizes`` overrides the settings (used by the smoke test)."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    cuda = device.type == "cuda"
+    s = {
+        "digits_batch": 64,
+        "paper_batch": 512 if cuda else (16 if quick else 32),
+        "warmup": 3 if quick else 10,
+        "rounds": {"digits": 15 if quick else 60, "paper": 3 if quick else 12},
+        "nn_grid": ([(1 << 14, 1024, 64), (1 << 17, 1024, 64), (1 << 14, 16384, 256)] if quick else
+                    [(n, k, d) for n in (1 << 14, 1 << 17, 1 << 20) for k in (1024, 16384) for d in (64, 256)]),
+        "nn_min_time": 0.2 if quick else 1.0,
+        "ttq_iters": 150 if quick else 1500,
+        "ttq_eval_every": 25 if quick else 50,
+        "paper_warmup": 1 if quick else 2,
+        "overrides": [],  # extra config overrides for every engine (the smoke test shrinks the models)
+    }
+    s.update(sizes or {})
+    started = time.perf_counter()
+    steps = {
+        "digits": step_times("digits", s["digits_batch"], s["warmup"], s["rounds"]["digits"], s["overrides"]),
+        "paper": step_times("paper", s["paper_batch"], s["paper_warmup"], s["rounds"]["paper"], s["overrides"]),
+    }
+    steps["digits"]["config"] = "configs/digits/{vqvae,alt,mqvae}.yaml (+ hypergradient.roll_back=true)"
+    steps["paper"]["config"] = ("MQ-VAE App. I: random 32x32x3 inputs, hidden 256, res 256, 2 residual blocks, "
+                                "downsample 2, 1024 codes x 512 dims, beta 0.1, AdamW; batch 512 on GPU, "
+                                f"{s['paper_batch']} here" if not cuda else "MQ-VAE App. I, batch 512")
+    nn_rows = nn_search(s["nn_grid"], device, s["nn_min_time"])
+    ttq = time_to_quality(s["ttq_iters"], s["ttq_eval_every"], s["digits_batch"], s["overrides"])
+    return {
+        "quick": quick,
+        "settings": {k: v for k, v in s.items() if k != "nn_grid"},
+        "grid": "reduced (--quick)" if quick else "full",
+        "environment": environment(device),
+        "step_time_ratio": {shape: steps[shape]["ratio_to_vqvae"] for shape in steps},
+        "step_time": steps,
+        "nn_search": {"memory_budget_bytes": _memory_budget(device), "rows": nn_rows,
+                      "chunked": "mqvae.search.nearest_codes (default chunk_elements=2^24, fp32)",
+                      "naive": "torch.cdist(z, codebook).argmin(dim=1)"},
+        "time_to_quality": ttq,
+        "total_bench_s": round(time.perf_counter() - started, 1),
+    }
+
+
+def summary(result: dict) -> str:
+    lines = [f"## mqvae.bench ({result['grid']}, {result['environment']['device']}, torch {result['environment']['torch']}, "
+             f"{result['environment']['threads']} threads)", "",
+             "| shape | batch | VQ-VAE s/it | alt (xi=0) | MQ-VAE | MQ-VAE roll-back |", "|---|---|---|---|---|---|"]
+    for shape, st in result["step_time"].items():
+        m, r = st["median_s"], st["ratio_to_vqvae"]
+        lines.append(f"| {shape} {tuple(st['input_shape'])} | {st['batch_size']} | {m['vqvae']:.4f} | "
+                     f"{r['alt']:.2f}x | {r['mqvae']:.2f}x | {r['mqvae_roll_back']:.2f}x |")
+    lines += ["", "| N | K | D | chunked vec/s | chunked peak MiB | naive vec/s | naive peak MiB |", "|---|---|---|---|---|---|---|"]
+    rows = result["nn_search"]["rows"]
+    for i in range(0, len(rows), 2):
+        c, n = rows[i], rows[i + 1]
+
+        def cell(row):
+            if row["status"] != "ok":
+                return row["status"], "-"
+            return f"{row['vectors_per_s']:.3g}", f"{row['peak_extra_mib']:.1f}"
+
+        lines.append(f"| 2^{c['N'].bit_length() - 1} | {c['K']} | {c['D']} | {' | '.join(cell(c))} | {' | '.join(cell(n))} |")
+    t = result["time_to_quality"]
+    frac = "never reached" if t["fraction_of_vqvae_time"] is None else f"{t['fraction_of_vqvae_time']:.3f}"
+    lines += ["", f"Time to quality (digits, {t['config']['iters']} it): VQ-VAE final test MSE {t['vqvae_final_test_mse']:.5f} "
+              f"in {t['vqvae_total_time_s']:.1f} s; MQ-VAE reaches it at {frac} of that time "
+              f"(MQ-VAE final {t['mqvae_final_test_mse']:.5f} in {t['mqvae_total_time_s']:.1f} s)."]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "--nn-worker":
+        method, n, k, d, device, min_time = argv[1:7]
+        print(json.dumps(nn_worker(method, int(n), int(k), int(d), device, float(min_time))))
+        return 0
+    parser = argparse.ArgumentParser(prog="python -m mqvae.bench", description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default="bench.json", help="JSON output file (default: bench.json)")
+    parser.add_argument("--quick", action="store_true", help="fewer iterations and a reduced search grid (< 2 min on a CPU)")
+    args = parser.parse_args(argv)
+    result = run_bench(args.quick)
+    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    print(summary(result))
+    print(f"\nwritten {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,56 @@
+"""Speed switches of the ``perf`` config section (CUDA only; documented no-ops on the CPU).
+
+- ``perf.cudnn_benchmark``: let cuDNN pick the fastest convolution algorithms for the (fixed) input shapes.
+- ``perf.bf16``: the encoder and the decoder run under bf16 autocast and return fp32; the nearest-code
+  search scores distances in bf16 and looks the chosen codes up in fp32 (``quantizer.search_precision``,
+  Huh et al. 2023 A.1), so the quantizer's losses, the codebook and its gradients stay fp32.
+- ``perf.compile``: ``torch.compile`` of the encoder and the decoder, in place (``nn.Module.compile``), so
+  parameter names, checkpoints and the in-place parameter edits of the finite-difference passes are unchanged.
+
+On the CPU all three are no-ops: bf16 autocast is slower than fp32 on most CPUs, and compilation there needs
+a C++ toolchain and pays off only for long runs. A run with them set on the CPU trains exactly as without.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import torch
+
+
+def perf_quantizer_config(perf, quantizer_cfg, device: torch.device):
+    """The quantizer config to build with: bf16 distance scores under ``perf.bf16`` on CUDA."""
+    if device.type == "cuda" and perf.bf16 and quantizer_cfg.search_precision == "fp32":
+        return dataclasses.replace(quantizer_cfg, search_precision="bf16")
+    return quantizer_cfg
+
+
+def _bf16_forward(forward):
+    @functools.wraps(forward)
+    def wrapped(*args, **kwargs):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out = forward(*args, **kwargs)
+        return out.float()
+
+    return wrapped
+
+
+def apply_perf(perf, model, device: torch.device) -> dict:
+    """Apply the switches to ``model`` (already on ``device``); returns what was applied, by name."""
+    applied = {"cudnn_benchmark": False, "bf16": False, "compile": False}
+    if device.type != "cuda":
+        return applied
+    torch.backends.cudnn.benchmark = perf.cudnn_benchmark
+    applied["cudnn_benchmark"] = perf.cudnn_benchmark
+    parts = [m for m in (getattr(model, "encoder", None), getattr(model, "decoder", None)) if m is not None]
+    if perf.bf16:
+        for part in parts:
+            # An instance attribute: state_dict keys and checkpoints stay as without the switch.
+            part.forward = _bf16_forward(part.forward)
+        applied["bf16"] = True
+    if perf.compile:
+        for part in parts:
+            part.compile()
+        applied["compile"] = True
+    return applied

@@ -1,0 +1,59 @@
+"""mqvae.bench end to end at tiny sizes: the JSON schema (never wall-clock values), and the perf switches."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+
+from mqvae import bench
+from mqvae.perf import apply_perf
+
+from helpers import tiny_config, tiny_engine
+
+TINY = ["model.hidden_channels=8", "model.res_channels=4", "model.num_res_blocks=1", "quantizer.num_codes=16",
+        "quantizer.dim=4", "device=cpu"]
+SIZES = {"digits_batch": 8, "paper_batch": 2, "warmup": 1, "paper_warmup": 1, "rounds": {"digits": 2, "paper": 1},
+         "nn_grid": [(256, 32, 8)], "nn_min_time": 0.0, "ttq_iters": 4, "ttq_eval_every": 2, "overrides": TINY}
+
+
+def test_bench_writes_the_documented_schema(tmp_path, monkeypatch):
+    # An N x K matrix over the budget is reported as skipped, not dropped.
+    monkeypatch.setattr(bench, "_memory_budget", lambda device: 64 * 1024)
+    result = bench.run_bench(quick=True, sizes={**SIZES, "nn_grid": [(256, 32, 8), (1024, 64, 8)]})
+    result = json.loads(json.dumps(result))  # JSON-serializable
+
+    env = result["environment"]
+    assert {"device", "torch", "threads"} <= env.keys()
+    assert set(result["step_time_ratio"]) == {"digits", "paper"}
+    for shape, ratios in result["step_time_ratio"].items():
+        assert set(ratios) == {"alt", "mqvae", "mqvae_roll_back"}
+        assert all(isinstance(r, float) and r > 0 for r in ratios.values())
+        step = result["step_time"][shape]
+        assert set(step["median_s"]) == set(bench.MODES)
+        assert step["batch_size"] == (8 if shape == "digits" else 2)
+    assert result["step_time"]["paper"]["input_shape"] == [3, 32, 32]
+
+    rows = result["nn_search"]["rows"]
+    assert [(r["N"], r["method"]) for r in rows] == [(256, "chunked"), (256, "naive"), (1024, "chunked"), (1024, "naive")]
+    for row in rows[:2]:
+        assert row["status"] == "ok", row
+        assert {"vectors_per_s", "peak_extra_bytes", "memory_method"} <= row.keys()
+    assert rows[3]["status"] == "skipped" and "GiB" in rows[3]["reason"]
+
+    ttq = result["time_to_quality"]
+    assert ttq["status"] in ("reached", "never reached")
+    assert (ttq["fraction_of_vqvae_time"] is None) == (ttq["status"] == "never reached")
+    assert ttq["vqvae_final_test_mse"] > 0
+    assert "|" in bench.summary(result)
+
+
+def test_perf_switches_are_documented_noops_on_cpu(tmp_path):
+    engine = tiny_engine(tmp_path, perf={"bf16": True, "compile": True})
+    assert engine.perf_applied == {"cudnn_benchmark": False, "bf16": False, "compile": False}
+    reference = tiny_engine(tmp_path / "ref")
+    engine.train_step()
+    reference.train_step()
+    for (name, got), (_, want) in zip(engine.model.state_dict().items(), reference.model.state_dict().items()):
+        assert torch.equal(got, want), name
+    assert apply_perf(tiny_config().perf, engine.model, torch.device("cpu"))["bf16"] is False
