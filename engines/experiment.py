@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -13,14 +14,16 @@ from mqvae.checkpoint import load_checkpoint
 from mqvae.config import Config, to_dict
 from mqvae.data import load_datasets
 from mqvae.errors import UserError
-from mqvae.evaluation import evaluate, reconstructions
+from mqvae.evaluation import encoder_sample, final_metrics, reconstructions
 from mqvae.models import build_model
-from mqvae.reports import save_curves, save_recon_grid
+from mqvae.perf import apply_perf, perf_quantizer_config
+from mqvae.reports import save_codebook, save_curves, save_prediction_grid, save_recon_grid, write_report
 
 from .build import build_problems
 from .engine import LevelEngine
 
-RUN_FILES = ("config.yaml", "log.jsonl", "checkpoint.pt", "metrics.json", "recon.png", "curves.png")
+RUN_FILES = ("config.yaml", "log.jsonl", "checkpoint.pt", "metrics.json", "recon.png", "curves.png", "codebook.png",
+             "report.md")
 
 
 def resolve_device(name: str) -> torch.device:
@@ -33,13 +36,16 @@ def resolve_device(name: str) -> torch.device:
 
 def build_engine(cfg: Config, run_dir: Path) -> LevelEngine:
     device = resolve_device(cfg.device)
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = cfg.perf.cudnn_benchmark
     torch.manual_seed(cfg.seed)
     datasets = load_datasets(cfg.data.name, cfg.data.root, cfg.data.download, cfg.seed)
-    model = build_model(cfg, datasets.channels, datasets.num_classes).to(device)
+    # perf: CUDA-only speed switches (mqvae.perf); on the CPU they are documented no-ops.
+    model_cfg = dataclasses.replace(cfg, quantizer=perf_quantizer_config(cfg.perf, cfg.quantizer, device))
+    model = build_model(model_cfg, datasets.channels, datasets.num_classes).to(device)
+    perf_applied = apply_perf(cfg.perf, model, device)
     problems, dependencies = build_problems(cfg, model, datasets, device)
-    return LevelEngine(cfg, problems, dependencies, model, datasets, device, run_dir)
+    engine = LevelEngine(cfg, problems, dependencies, model, datasets, device, run_dir)
+    engine.perf_applied = perf_applied
+    return engine
 
 
 def _initialize_codebook(engine: LevelEngine) -> None:
@@ -79,14 +85,42 @@ def run_experiment(cfg: Config, run_dir: Path, resume: bool = False) -> dict:
 
 
 def finish(engine: LevelEngine, _elapsed: float) -> dict:
-    """Evaluate on the whole test split and write metrics.json and the pictures."""
+    """Evaluate on the whole test split (with FID / IS / LPIPS for reconstruction) and write metrics.json,
+    the pictures (recon.png, curves.png, codebook.png) and report.md."""
     cfg, run_dir = engine.cfg, engine.run_dir
-    metrics, _counts = evaluate(engine.model, engine.datasets.test, cfg.data.batch_size, engine.device)
+    model, test, device = engine.model, engine.datasets.test, engine.device
+    metrics, counts = final_metrics(model, test, cfg.data.batch_size, device)
     metrics.update(iterations=engine.global_step, wall_time_s=round(engine.train_time, 3))
-    (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-    if engine.model.task == "reconstruction":
-        originals, recons = reconstructions(engine.model, engine.datasets.test, 32, engine.device)
+    if model.task == "reconstruction":
+        originals, recons = reconstructions(model, test, 32, device)
         save_recon_grid(originals, recons, run_dir / "recon.png")
+    else:  # recon.png of a classifier: test images with "predicted (true)" labels
+        with torch.no_grad():
+            was_training = model.training
+            model.eval()
+            images = torch.stack([test[i][0] for i in range(min(32, len(test)))])
+            labels = torch.tensor([int(test[i][1]) for i in range(len(images))])
+            predicted = model(images.to(device)).output.argmax(1).cpu()
+            model.train(was_training)
+        save_prediction_grid(images, predicted, labels, run_dir / "recon.png")
     records = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines() if line]
     save_curves(records, run_dir / "curves.png")
+    save_codebook(counts, *_latents_and_codes(model, test, device), run_dir / "codebook.png")
+    write_report(run_dir, metrics, title=str(run_dir))
+    # metrics.json last: its presence marks a finished run (sweeps skip such runs when restarted).
+    (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     return metrics
+
+
+def _latents_and_codes(model, test, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """A sample of encoder outputs and the code vectors, in the space the nearest-code search uses."""
+    quantizer = model.quantizer
+    with torch.no_grad():
+        codes = quantizer.effective_codebook() if hasattr(quantizer, "effective_codebook") else quantizer.codebook
+        codes = codes.detach().reshape(codes.shape[0], -1).float().cpu()
+        vectors = encoder_sample(model, test, device)
+        if vectors.shape[1] != codes.shape[1] and vectors.numel() % codes.shape[1] == 0:
+            vectors = vectors.reshape(-1, codes.shape[1])  # grouped latents: one sub-vector per group
+        if vectors.shape[1] != codes.shape[1]:  # e.g. Gumbel-VQ compares logits, not vectors: codes only
+            vectors = codes[:0]
+    return vectors, codes

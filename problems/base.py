@@ -50,6 +50,11 @@ class Level(ImplicitProblem):
         rest = [p for p in params if id(p) not in owned]
         return ([{"params": rest}] if rest else []) + [g for g in groups if g["params"]]
 
+    def patch_scheduler(self):
+        # Betty rebuilds LambdaLR with one lr_lambda per group of the optimizer it was first given; a level's
+        # rebuilt optimizer may have more groups (quantizer lr scales), which all follow the level's schedule.
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self.scheduler.lr_lambdas[0])
+
     def patch_optimizer(self):
         # Betty rebuilds the optimizer as ``cls(params, **optimizer.defaults)``; on current torch AdamW's defaults
         # hold keys its constructor does not take (``decoupled_weight_decay``), so keep only accepted ones.

@@ -1,0 +1,70 @@
+"""The classification task end to end: ResNet-18 halves around the quantizer, three training modes."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from sklearn.metrics import f1_score
+
+import run
+from mqvae.classifier import resnet18_halves
+from mqvae.evaluation import macro_f1
+
+@pytest.fixture(autouse=True)
+def few_digits(monkeypatch):
+    """The real digits loader, with the test split cut to 24 images: a full-width ResNet-18 evaluation
+    (plus Δgap's two decoder passes) over all 297 would dominate the test's time on a loaded CPU."""
+    from torch.utils.data import TensorDataset
+
+    from mqvae import data
+
+    original = data.DATASETS["digits"]
+
+    def fewer(root, download, seed):
+        sets = original(root, download, seed)
+        sets.test = TensorDataset(*(t[:24] for t in sets.test.tensors))
+        return sets
+
+    monkeypatch.setitem(data.DATASETS, "digits", fewer)
+
+
+FAST = ["--set", "train.iters=2", "--set", "train.log_every=1", "--set", "train.eval_every=0",
+        "--set", "train.checkpoint_every=0", "--set", "data.batch_size=8", "--set", "device=cpu",
+        "--set", "quantizer.num_codes=16", "--set", "quantizer.dim=8"]
+
+
+def test_resnet18_halves_shapes():
+    encoder, decoder = resnet18_halves(1, 10, dim=8)
+    z = encoder(torch.rand(2, 1, 16, 16))
+    assert z.shape == (2, 8, 8, 8)  # 3x3 stride-1 stem, layer2 halves the side
+    assert decoder(z).shape == (2, 10)
+    encoder, decoder = resnet18_halves(3, 100, dim=4, small_input=False)
+    z = encoder(torch.rand(2, 3, 64, 64))
+    assert z.shape == (2, 4, 8, 8) and decoder(z).shape == (2, 100)
+
+
+@pytest.mark.parametrize("name", ["classify_vqvae", "classify_alt", "classify_mqvae"])
+def test_classification_config_trains_end_to_end(tmp_path, name):
+    out = tmp_path / name
+    assert run.main([f"configs/digits/{name}.yaml", *FAST, "--out", str(out)]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    for key in ("accuracy", "f1", "cross_entropy", "perplexity", "gradient_gap"):
+        assert key in metrics and metrics[key] is not None, key
+    assert 0 <= metrics["accuracy"] <= 1 and metrics["cross_entropy"] > 0 and metrics["gradient_gap"] >= 0
+    assert metrics["iterations"] == 2
+    for file in ("codebook.png", "report.md", "curves.png"):
+        assert (out / file).is_file()
+    state = torch.load(out / "checkpoint.pt", weights_only=True)
+    if name != "classify_vqvae":
+        assert set(state["levels"]) == {"codebook", "autoencoder"}
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_macro_f1_matches_sklearn(seed):
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.randint(0, 7, (200,), generator=g)
+    predictions = torch.where(torch.rand(200, generator=g) < 0.6, labels, torch.randint(0, 9, (200,), generator=g))
+    expected = f1_score(labels.numpy(), predictions.numpy(), average="macro")
+    assert macro_f1(predictions, labels) == pytest.approx(expected, abs=1e-12)

@@ -1,0 +1,142 @@
+"""evaluate(): Δgap and perplexity against independent computations; FID/IS/LPIPS null with a reason or
+finite with stand-in networks, through the run's own final evaluation."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+import run
+from mqvae import evaluation
+from mqvae.metrics import ImageQuality, SCALES
+
+from helpers import tiny_config
+
+TINY = ["--set", "model.hidden_channels=8", "--set", "model.res_channels=4", "--set", "model.num_res_blocks=1",
+        "--set", "train.log_every=1", "--set", "device=cpu", "--set", "train.iters=2"]
+
+
+def tiny_model(task="reconstruction"):
+    from mqvae.models import build_model
+
+    torch.manual_seed(0)
+    cfg = tiny_config(levels=[{"name": "vqvae", "problem": "VQVAE"}])
+    model = build_model(cfg, 1, 10)
+    model.task = task
+    if task == "classification":  # a small head on the decoder output, so the same tiny model classifies
+        model.decoder = nn.Sequential(model.decoder, nn.Flatten(), nn.Linear(16 * 16, 10))
+    return model
+
+
+def data(n=37):
+    g = torch.Generator().manual_seed(1)
+    return TensorDataset(torch.rand(n, 1, 16, 16, generator=g), torch.randint(0, 10, (n,), generator=g))
+
+
+@pytest.mark.parametrize("task", ["reconstruction", "classification"])
+def test_gradient_gap_equals_two_explicit_passes(task):
+    model, dataset = tiny_model(task), data()
+    metrics, _ = evaluation.evaluate(model, dataset, 8, "cpu")
+    model.eval()
+    gaps = []
+    for x, y in DataLoader(dataset, batch_size=8):
+        # independent: the continuous model (decoder on z_e) and the quantized one (decoder on the chosen codes)
+        z_e = model.encoder(x).detach().double().requires_grad_(True)
+        decoder = model.decoder.double()
+        codes = model.quantizer.effective_codebook().detach().double()
+        flat = z_e.detach().movedim(1, -1).reshape(-1, z_e.shape[1])
+        nearest = torch.cdist(flat, codes).argmin(1)
+        z_q = codes[nearest].reshape(z_e.shape[0], z_e.shape[2], z_e.shape[3], -1).movedim(-1, 1)
+        z_q = z_q.clone().requires_grad_(True)
+
+        def loss(out):
+            return F.mse_loss(out, x.double()) if task == "reconstruction" else F.cross_entropy(out, y)
+
+        (g_cont,) = torch.autograd.grad(loss(decoder(z_e)), z_e)
+        (g_quant,) = torch.autograd.grad(loss(decoder(z_q)), z_q)
+        gaps.append(float((g_cont - g_quant).pow(2).sum().sqrt()))
+        model.float()
+    assert len(gaps) == 5
+    assert metrics["gradient_gap"] == pytest.approx(sum(gaps) / len(gaps), rel=1e-4)
+    assert metrics["gradient_gap"] > 0
+
+
+def test_test_set_perplexity_is_float64_entropy_of_counts():
+    model, dataset = tiny_model(), data()
+    metrics, counts = evaluation.evaluate(model, dataset, 8, "cpu")
+    model.eval()
+    with torch.no_grad():
+        indices = torch.cat([model.quantizer(model.encoder(x)).indices.reshape(-1) for x, _ in DataLoader(dataset, batch_size=8)])
+    expected_counts = [int((indices == k).sum()) for k in range(model.quantizer.num_codes)]
+    assert counts.tolist() == expected_counts
+    total = sum(expected_counts)
+    entropy = -sum(c / total * math.log2(c / total) for c in expected_counts if c)
+    assert metrics["perplexity"] == pytest.approx(2.0 ** entropy, rel=1e-12)
+    assert metrics["active_codes"] == sum(1 for c in expected_counts if c)
+
+
+def test_image_quality_null_with_reason_in_the_runs_metrics(tmp_path, monkeypatch):
+    # Force "weights absent" regardless of the machine's cache.
+    def no_weights(device):
+        quality = ImageQuality.__new__(ImageQuality)
+        quality.device = torch.device(device)
+        quality._fid = quality._is = quality._lpips = None
+        quality.reasons = {name: f"{name} weights not cached and not downloadable: test" for name in ("fid", "is", "lpips")}
+        quality._lpips_sum, quality._num_pairs = 0.0, 0
+        return quality
+
+    monkeypatch.setattr(evaluation, "make_image_quality", no_weights)
+    out = tmp_path / "run"
+    assert run.main(["configs/digits/vqvae.yaml", *TINY, "--out", str(out)]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    for name in ("fid", "is", "lpips"):
+        assert metrics[name] is None
+        assert "not cached" in metrics[f"{name}_reason"]
+    assert metrics["scales"] == SCALES
+    assert "gradient_gap" in metrics and math.isfinite(metrics["gradient_gap"])
+    assert "n/a (fid weights not cached" in (out / "report.md").read_text()
+
+
+class AlexShapedFeatures(nn.Module):
+    """Five feature maps with AlexNet's channel counts (what LPIPS's learned heads expect)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.convs = nn.ModuleList(nn.Conv2d(c_in, c_out, 3, stride=2 if i < 2 else 1, padding=1)
+                                   for i, (c_in, c_out) in enumerate([(3, 64), (64, 192), (192, 384), (384, 256), (256, 256)]))
+
+    def forward(self, x):
+        outs = []
+        for conv in self.convs:
+            x = torch.relu(conv(x))
+            outs.append(x)
+        return outs
+
+
+class Pooled(nn.Module):
+    def __init__(self, out_features):
+        super().__init__()
+        torch.manual_seed(1)
+        self.linear = nn.Linear(3 * 4 * 4, out_features)
+
+    def forward(self, x):
+        return self.linear(F.adaptive_avg_pool2d(x.float(), 4).flatten(1))
+
+
+def test_image_quality_finite_with_stand_in_networks_through_the_run(tmp_path, monkeypatch):
+    monkeypatch.setattr(evaluation, "make_image_quality", lambda device: ImageQuality(
+        device, fid_feature=Pooled(8), is_feature=Pooled(10), lpips_net=AlexShapedFeatures()))
+    out = tmp_path / "run"
+    assert run.main(["configs/digits/vqvae.yaml", *TINY, "--out", str(out)]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    for name in ("fid", "is", "lpips"):
+        assert metrics[name] is not None and math.isfinite(metrics[name]), name
+        assert metrics[f"{name}_reason"] is None
+    assert metrics["lpips"] >= 0 and metrics["is"] >= 1.0 - 1e-6
