@@ -106,6 +106,11 @@ class VQModel(nn.Module):
             return F.mse_loss(output, x)
         return F.cross_entropy(output, y)
 
+    def quantization_weighted(self, losses: dict, weights: dict | None = None) -> torch.Tensor:
+        """Sum of the quantizer's loss terms with their weights (Eq. 6), ``weights`` overriding by name."""
+        scale = {**self.quantizer.loss_weights(), **(weights or {})}
+        return sum(scale[name] * value for name, value in losses.items())
+
     def loss(self, batch, weights: dict | None = None) -> dict:
         """MQ-VAE Eq. 6: L_task + beta * L_commit + L_codebook (+ the quantizer's other terms).
 
@@ -113,21 +118,24 @@ class VQModel(nn.Module):
         Returns the total under ``loss`` and every term by name, all tensors (no host sync).
         """
         out = self(batch[0])
-        terms = {"task": self.task_loss(out.output, batch), **out.quant.losses}
-        scale = {**self.quantizer.loss_weights(), **(weights or {})}
-        total = terms["task"]
-        for name, value in out.quant.losses.items():
-            total = total + scale[name] * value
-        return {"loss": total, **terms, "perplexity": out.quant.perplexity, "_out": out}
+        task = self.task_loss(out.output, batch)
+        total = task + self.quantization_weighted(out.quant.losses, weights)
+        return {"loss": total, "task": task, **out.quant.losses, "perplexity": out.quant.perplexity, "_out": out}
 
-    def quantization_loss(self, batch) -> torch.Tensor:
-        """The part of Eq. 6 that can reach the codebook when the task loss cannot (plain straight-through):
-        an encoder forward and the quantizer's losses, no decoder. Used by the hypergradient's
-        finite-difference passes, which need only the codebook gradient."""
-        z_e = self.encoder(batch[0])
+    def quantization_terms(self, batch) -> dict:
+        """The quantizer's part of Eq. 6 (an encoder forward and the quantizer's losses, no decoder), with
+        its terms by name.
+
+        Its gradient with respect to the quantizer's parameters equals that of the full Eq. 6 when the task
+        loss cannot reach the codebook (plain straight-through: z_q's forward value depends on C, its gradient
+        goes to z_e only). The hypergradient's finite-difference passes and the xi = 0 codebook step use it.
+        The encoder runs without recording a graph: no path from the quantizer's parameters goes through z_e,
+        so no encoder activations are kept for a backward that never reaches them.
+        """
+        with torch.no_grad():
+            z_e = self.encoder(batch[0])
         quant = self.quantizer(z_e)
-        scale = self.quantizer.loss_weights()
-        return sum(scale[name] * value for name, value in quant.losses.items())
+        return {"loss": self.quantization_weighted(quant.losses), **quant.losses, "perplexity": quant.perplexity}
 
 
 def build_model(cfg, channels: int, num_classes: int) -> VQModel:

@@ -89,11 +89,11 @@ class Level(ImplicitProblem):
         """This level's loss, restricted to what the gradient with respect to ``upper``'s parameters needs.
 
         With a plain straight-through estimator the task loss cannot reach the codebook, so the
-        codebook's gradient needs only an encoder forward and the quantizer's losses: the decoder
-        forward of the finite-difference passes would be wasted (DESIGN.md, cost model).
+        codebook's gradient needs only ``VQModel.quantization_terms``: the decoder forward of the
+        finite-difference passes would be wasted (DESIGN.md, cost model).
         """
         if upper.module is getattr(self.model, "quantizer", None) and self._codebook_needs_encoder_only():
-            return self.quantization_terms(batch)["loss"]
+            return self.model.quantization_terms(batch)["loss"]
         return self.training_step(batch)
 
     def _codebook_needs_encoder_only(self) -> bool:
@@ -101,28 +101,12 @@ class Level(ImplicitProblem):
         return (quantizer is not None and hasattr(self.model, "encoder") and not quantizer.task_reaches_codebook
                 and not self.loss_weights())
 
-    def quantization_terms(self, batch) -> dict:
-        """The quantizer's part of Eq. 6 (``VQModel.quantization_loss``) with its terms by name.
-
-        Its gradient with respect to the quantizer's parameters equals that of the full Eq. 6 when the task
-        loss cannot reach the codebook (plain straight-through: z_q's forward value depends on C, but its
-        gradient goes to z_e only). The encoder runs without recording a graph: no path from the quantizer's
-        parameters goes through z_e, so the quantizer's gradient is unchanged and no encoder activations are
-        kept for a backward that never reaches them.
-        """
-        with torch.no_grad():
-            z_e = self.model.encoder(batch[0])
-        quant = self.model.quantizer(z_e)
-        scale = self.model.quantizer.loss_weights()
-        total = sum(scale[name] * value for name, value in quant.losses.items())
-        return {"loss": total, **quant.losses, "perplexity": quant.perplexity}
-
     # -- Betty hooks ------------------------------------------------------------------------------
     def get_loss(self, batch):
         # Betty's version calls loss.item() every step, a host sync in the hot loop; keep tensors and
         # let the engine read them at logging steps only.
         if self._steps_on_quantization_loss():
-            stats = self.quantization_terms(batch)
+            stats = self.model.quantization_terms(batch)
         else:
             stats = self.loss_terms(batch)
         out = stats.pop("_out", None)
