@@ -24,6 +24,8 @@ from pathlib import Path
 
 import torch
 
+from .search import DEFAULT_CHUNK_ELEMENTS
+
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs" / "digits"
 MODES = ("vqvae", "alt", "mqvae", "mqvae_roll_back")
@@ -322,7 +324,8 @@ def run_bench(quick: bool, sizes: dict | None = None) -> dict:
         "step_time_ratio": {shape: steps[shape]["ratio_to_vqvae"] for shape in steps},
         "step_time": steps,
         "nn_search": {"memory_budget_bytes": _memory_budget(device), "rows": nn_rows,
-                      "chunked": "mqvae.search.nearest_codes (default chunk_elements=2^24, fp32)",
+                      "chunked": f"mqvae.search.nearest_codes (default chunk_elements for {device.type}: "
+                                 f"{DEFAULT_CHUNK_ELEMENTS.get(device.type)}, fp32)",
                       "naive": "torch.cdist(z, codebook).argmin(dim=1)"},
         "time_to_quality": ttq,
         "total_bench_s": round(time.perf_counter() - started, 1),

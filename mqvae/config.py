@@ -85,7 +85,8 @@ class QuantizerConfig:
     # its own slice of num_codes/groups codes (num_codes counts all codes; indices are global).
     groups: int = spec(1, min=1)
     # Nearest-neighbour search: distance entries per chunk, and the matmul precision (Huh A.1).
-    search_chunk: int = spec(1 << 24, min=1)
+    # Most distance entries the nearest-code search holds at once; null = the device's default (search.py).
+    search_chunk: Optional[int] = spec(None, min=1)
     search_precision: str = spec("fp32", choices=["fp32", "fp16", "bf16"])
     # Gumbel-VQ (Karpathy): softmax temperature and weight of the KL-to-uniform term.
     gumbel_temperature: float = spec(1.0, above=0.0)

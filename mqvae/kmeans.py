@@ -10,6 +10,8 @@ Vassilvitskii, 2007, "k-means++: The Advantages of Careful Seeding").
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 from torch import Tensor
 
@@ -41,9 +43,8 @@ def kmeans_init(
 
     Runs on ``z``'s device, in ``z``'s dtype promoted to at least float32, and
     returns ``z``'s dtype. ``generator`` (which, as torch requires, must live
-    on ``z``'s device) makes the result deterministic; on CUDA bit-exactness
-    additionally needs ``torch.use_deterministic_algorithms(True)``, under
-    which the centre sums (``index_add_``) are accumulated deterministically.
+    on ``z``'s device) makes the result deterministic, on CUDA too: the centre
+    sums are accumulated with torch's deterministic ``index_add_``.
     D² sampling uses ``torch.multinomial``, limited to 2**24 inputs: subsample
     larger ``z`` first.
     """
@@ -95,9 +96,22 @@ def _kmeans_plus_plus(x: Tensor, num_codes: int, generator: torch.Generator | No
     return centres
 
 
+@contextmanager
+def _deterministic():
+    # CUDA's index_add_ accumulates floats with atomics in arbitrary order unless torch's deterministic
+    # mode is on; the mode is a global flag, so it is set for this call and the user's setting restored.
+    enabled, warn_only = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(enabled, warn_only=warn_only)
+
+
 def _lloyd_step(x: Tensor, centres: Tensor) -> Tensor:
     assignment, _ = nearest_codes(x, centres)
-    sums = torch.zeros_like(centres).index_add_(0, assignment, x)
+    with _deterministic():
+        sums = torch.zeros_like(centres).index_add_(0, assignment, x)
     counts = torch.bincount(assignment, minlength=centres.shape[0]).unsqueeze(1)
     means = sums / counts.clamp(min=1).to(x.dtype)
     return torch.where(counts > 0, means, centres)

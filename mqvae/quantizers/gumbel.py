@@ -61,7 +61,7 @@ class GumbelQuantizer(Quantizer):
             soft = F.softmax(logits / tau, dim=-1)
             # Forward value exactly C[indices] ((soft - soft) @ C is exactly 0); backward: the codebook
             # through the one-hot, the logits through the softmax (straight-through, as hard=True).
-            z_q = codebook[indices] + (soft - soft.detach()) @ codebook.detach()
+            z_q = F.embedding(indices, codebook) + (soft - soft.detach()) @ codebook.detach()
         counts = torch.bincount(indices, minlength=self.num_codes)
         return QuantizerOutput(from_vectors(z_q, z_e), indices[:, None], {"kl": kl}, batch_perplexity(counts), counts)
 
