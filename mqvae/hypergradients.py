@@ -27,16 +27,13 @@ from torch import nn
 def pure_evaluation(level):
     """Freeze BatchNorm statistics and restore ``level``'s parameters bit-for-bit afterwards."""
     model = getattr(level, "model", level.module)
-    batch_norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training]
+    if getattr(level, "_batch_norms", None) is None:  # the module tree is fixed: walk it once per level
+        level._batch_norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    batch_norms = [m for m in level._batch_norms if m.training]
     params = level.trainable_parameters()
-    # One set of buffers per level, allocated on first use and refilled with copy_ (no per-step allocation).
-    saved = getattr(level, "_purity_buffers", None)
-    if saved is None or len(saved) != len(params) or any(s.shape != p.shape or s.dtype != p.dtype for s, p in zip(saved, params)):
-        saved = [torch.empty_like(p) for p in params]
-        level._purity_buffers = saved
+    saved = _buffers_like(level, "_purity_buffers", params)
     with torch.no_grad():
-        for s, p in zip(saved, params):
-            s.copy_(p)
+        torch._foreach_copy_(saved, params)
     for m in batch_norms:
         m.eval()
     try:
@@ -45,8 +42,17 @@ def pure_evaluation(level):
         for m in batch_norms:
             m.train()
         with torch.no_grad():
-            for p, s in zip(params, saved):
-                p.copy_(s)
+            torch._foreach_copy_(params, saved)
+
+
+def _buffers_like(level, name: str, params) -> list[torch.Tensor]:
+    """One set of parameter-shaped buffers per level and purpose, allocated on first use and refilled by the
+    caller every step (no per-step allocation)."""
+    buffers = getattr(level, name, None)
+    if buffers is None or len(buffers) != len(params) or any(b.shape != p.shape or b.dtype != p.dtype for b, p in zip(buffers, params)):
+        buffers = [torch.empty_like(p) for p in params]
+        setattr(level, name, buffers)
+    return buffers
 
 
 def _grads_or_zeros(loss, params):
@@ -78,16 +84,20 @@ def mqvae(vector, curr, prev, sync):
     """
     params, pre, uppers = curr.trainable_parameters(), curr.pre_step_parameters, prev.trainable_parameters()
     # The norm stays on the device: no host sync in the hot loop.
-    norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(v) for v in vector]))
+    norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(vector)))
     eps = curr.fd_alpha / (norm + 1e-12)
+    step = _buffers_like(curr, "_fd_step_buffers", params)
+    with torch.no_grad():
+        torch._foreach_copy_(step, vector)
+        torch._foreach_mul_(step, eps)  # eps v
     grads = []
     for sign in (1.0, -1.0):
         with torch.no_grad():
-            for p, p0, v in zip(params, pre, vector):
-                p.copy_(v).mul_(sign * eps).add_(p0)
+            torch._foreach_copy_(params, pre)
+            (torch._foreach_add_ if sign > 0 else torch._foreach_sub_)(params, step)
         grads.append(_grads_or_zeros(curr.hypergradient_loss(curr.cur_batch, prev), uppers))
-    scale = -curr.xi / (2 * eps)
-    implicit = [(g_plus - g_minus).mul_(scale) for g_plus, g_minus in zip(*grads)]
+    implicit = torch._foreach_sub(grads[0], grads[1])
+    torch._foreach_mul_(implicit, -curr.xi / (2 * eps))
     return _deliver(implicit, prev, sync)
 
 

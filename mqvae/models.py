@@ -95,8 +95,9 @@ class VQModel(nn.Module):
         self.encoder, self.quantizer, self.decoder = encoder, quantizer, decoder
         self.task = task
 
-    def forward(self, x) -> ModelOutput:
-        z_e = self.encoder(x)
+    def forward(self, x, z_e: torch.Tensor | None = None) -> ModelOutput:
+        """``z_e``: the encoder's output for ``x`` when the caller already has it (with its graph)."""
+        z_e = self.encoder(x) if z_e is None else z_e
         quant = self.quantizer(z_e)
         return ModelOutput(self.decoder(quant.z_q), z_e, quant)
 
@@ -111,13 +112,14 @@ class VQModel(nn.Module):
         scale = {**self.quantizer.loss_weights(), **(weights or {})}
         return sum(scale[name] * value for name, value in losses.items())
 
-    def loss(self, batch, weights: dict | None = None) -> dict:
+    def loss(self, batch, weights: dict | None = None, z_e: torch.Tensor | None = None) -> dict:
         """MQ-VAE Eq. 6: L_task + beta * L_commit + L_codebook (+ the quantizer's other terms).
 
-        ``weights`` overrides the quantizer's loss weights by name (a level may learn one, e.g. beta).
+        ``weights`` overrides the quantizer's loss weights by name (a level may learn one, e.g. beta);
+        ``z_e`` is the encoder's output for ``batch`` when the caller already has it.
         Returns the total under ``loss`` and every term by name, all tensors (no host sync).
         """
-        out = self(batch[0])
+        out = self(batch[0], z_e)
         task = self.task_loss(out.output, batch)
         total = task + self.quantization_weighted(out.quant.losses, weights)
         return {"loss": total, "task": task, **out.quant.losses, "perplexity": out.quant.perplexity, "_out": out}

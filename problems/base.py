@@ -14,6 +14,36 @@ import torch
 from betty.problems import ImplicitProblem
 
 
+class EncoderForward:
+    """An encoder forward whose graph stays valid while the encoder's parameters are written in place.
+
+    The forward runs on ``.data`` aliases of the parameters: they share the parameters' storage but not their
+    autograd version counters. Between the tentative step and the real step after a roll-back, the optimizer
+    step, the finite-difference passes and ``recover_states`` write the parameters in place; the last of these
+    puts back exactly the values the forward saw, so backpropagating through the kept graph then is exact
+    (the Algorithm 1 roll-back test checks it against recomputation). BatchNorm running statistics are
+    snapshotted after the forward, because the roll-back rewinds them and the real step does not rerun it.
+    """
+
+    def __init__(self, z_e, stand_ins, buffers):
+        self.z_e, self.stand_ins, self.buffers = z_e, stand_ins, buffers
+
+    @classmethod
+    def record(cls, encoder: torch.nn.Module, x: torch.Tensor) -> "EncoderForward":
+        named = dict(encoder.named_parameters())
+        aliases = {name: p.data.requires_grad_(p.requires_grad) for name, p in named.items()}
+        # Buffers too: BatchNorm's backward keeps its running statistics, which later forwards update in place.
+        buffer_aliases = {name: b.data for name, b in encoder.named_buffers()}
+        z_e = torch.func.functional_call(encoder, {**aliases, **buffer_aliases}, (x,))
+        buffers = [b.detach().clone() for b in encoder.buffers()]
+        return cls(z_e, {p: aliases[name] for name, p in named.items()}, buffers)
+
+    def restore_buffers(self, encoder: torch.nn.Module) -> None:
+        with torch.no_grad():
+            for b, saved in zip(encoder.buffers(), self.buffers):
+                b.copy_(saved)
+
+
 class Level(ImplicitProblem):
     def __init__(self, name, config, module, optimizer, scheduler, train_data_loader, *, model, level_cfg, xi=0.0, fd_alpha=0.01):
         super().__init__(name, config, module, optimizer, scheduler, train_data_loader)
@@ -27,10 +57,16 @@ class Level(ImplicitProblem):
         self.last_stats: dict = {}
         self.last_forward = None  # (z_e, quantizer output) of the latest real step, for quantizer maintenance
         self.stream = train_data_loader
+        self._trainable: list[torch.Tensor] | None = None
+        self._trains_cache: dict[int, bool] = {}
+        self._state_list: list[torch.Tensor] | None = None
         self._pre_step: list[torch.Tensor] | None = None
         # Roll-back cache (Algorithm 1, line 5): preallocated once, filled by copy_ every iteration.
         self._state_cache: list[torch.Tensor] | None = None
         self._opt_cache: dict | None = None
+        # The tentative step's encoder forward, kept for the real step after a roll-back (EncoderForward).
+        self._encoder_pass: str | None = None  # "record" (tentative step) or "replay" (real step)
+        self._kept_forward: EncoderForward | None = None
 
     # -- what the level trains --------------------------------------------------------------
     @classmethod
@@ -43,7 +79,7 @@ class Level(ImplicitProblem):
         ``lr_scale`` (e.g. ``affine_lr`` for the affine parameters, Huh et al. A.1)."""
         params = self.trainable_parameters()
         quantizer = getattr(self.model, "quantizer", None)
-        if quantizer is None or not hasattr(quantizer, "param_groups") or not any(m is quantizer for m in self.module.modules()):
+        if quantizer is None or not hasattr(quantizer, "param_groups") or not self._trains(quantizer):
             return [{"params": params}]
         groups = [{"params": list(g["params"]), "lr": self.level_cfg.lr * g.get("lr_scale", 1.0)} for g in quantizer.param_groups()]
         owned = {id(p) for g in groups for p in g["params"]}
@@ -63,7 +99,20 @@ class Level(ImplicitProblem):
         self.optimizer = cls(self.param_groups(), **{k: v for k, v in self.optimizer.defaults.items() if k in accepted})
 
     def trainable_parameters(self):
-        return [p for p in self.module.parameters() if p.requires_grad]
+        # Betty and the hypergradients ask for this list many times per iteration, and walking the module tree
+        # each time cost ~5 % of an MQ-VAE step on the CPU. A level's parameter set is fixed once it is built
+        # (freeze parameters before building the engine); the list is a copy, so callers cannot alter it.
+        if self._trainable is None:
+            self._trainable = [p for p in self.module.parameters() if p.requires_grad]
+        return list(self._trainable)
+
+    def _trains(self, part: torch.nn.Module | None) -> bool:
+        """Whether this level's module contains ``part`` (fixed once built, so computed once)."""
+        if part is None:
+            return False
+        if id(part) not in self._trains_cache:
+            self._trains_cache[id(part)] = any(m is part for m in self.module.modules())
+        return self._trains_cache[id(part)]
 
     # -- the loss -------------------------------------------------------------------------------
     def loss_weights(self) -> dict:
@@ -107,6 +156,11 @@ class Level(ImplicitProblem):
         # let the engine read them at logging steps only.
         if self._steps_on_quantization_loss():
             stats = self.model.quantization_terms(batch)
+        elif self._encoder_pass == "record":
+            self._kept_forward = EncoderForward.record(self.model.encoder, batch[0])
+            stats = self.model.loss(batch, weights=self.loss_weights(), z_e=self._kept_forward.z_e)
+        elif self._encoder_pass == "replay":
+            stats = self.model.loss(batch, weights=self.loss_weights(), z_e=self._kept_forward.z_e)
         else:
             stats = self.loss_terms(batch)
         out = stats.pop("_out", None)
@@ -134,34 +188,68 @@ class Level(ImplicitProblem):
         # (batch is given only for the real step after a roll-back, whose pre-step state is not needed.)
         if batch is None and self._parents and self._training:
             self.remember_pre_step()
-        return super().one_step_descent(batch)
+        if not self._reuses_encoder_forward():
+            return super().one_step_descent(batch)
+        if batch is None:
+            self._encoder_pass = "record"
+        else:
+            self._encoder_pass = "replay"
+            self._kept_forward.restore_buffers(self.model.encoder)  # recover_states rewound them
+        try:
+            return super().one_step_descent(batch)
+        finally:
+            if self._encoder_pass == "replay":
+                self._kept_forward = None
+            self._encoder_pass = None
+
+    def _reuses_encoder_forward(self) -> bool:
+        """Algorithm 1 with roll-back: the real lower step (line 5) runs on the tentative step's batch at the
+        tentative step's starting parameters; only the codebook has moved. The encoder's forward is the same,
+        so the tentative step keeps its graph and the real step runs only the quantizer, the decoder and the
+        backward (DESIGN.md cost model). Only the plain case qualifies: one unrolled step, no gradient
+        accumulation, this level's loss being Eq. 6, and no level below (whose paths differentiate this loss)."""
+        encoder = getattr(self.model, "encoder", None)
+        return (self._roll_back and self._training and encoder is not None and self._unroll_steps == 1
+                and self.gas == 1 and not self._paths and type(self).loss_terms is Level.loss_terms
+                and self._trains(encoder))
+
+    def backward(self, loss, params, paths, create_graph=False, retain_graph=True, allow_unused=True):
+        if self._encoder_pass is None:
+            return super().backward(loss, params, paths, create_graph, retain_graph, allow_unused)
+        # The kept forward ran on stand-ins of the encoder's parameters: differentiate with respect to them
+        # and hand their gradients to the parameters. The tentative step keeps the graph for the real step.
+        stand_ins = self._kept_forward.stand_ins
+        inputs = [stand_ins.get(p, p) for p in params]
+        super().backward(loss, inputs, paths, create_graph, retain_graph or self._encoder_pass == "record", allow_unused)
+        for p, s in zip(params, inputs):
+            if s is not p and s.grad is not None:
+                p.grad = s.grad if p.grad is None else p.grad + s.grad
+                s.grad = None
 
     def remember_pre_step(self) -> None:
         params = self.trainable_parameters()
+        if self._pre_step is None:
+            self._pre_step = [torch.empty_like(p) for p in params]
         with torch.no_grad():
-            if self._pre_step is None:
-                self._pre_step = [torch.empty_like(p) for p in params]
-            for saved, p in zip(self._pre_step, params):
-                saved.copy_(p)
+            torch._foreach_copy_(self._pre_step, params)
 
     # Betty's ImplicitProblem deep-copies the module's and the optimizer's state_dict every iteration when
     # roll-back is on (allocation + pickling-like copies of every tensor). The same states are saved here into
-    # buffers allocated once and refilled with copy_, which restores exactly what load_state_dict would.
+    # buffers allocated once and refilled by one fused copy, which restores exactly what load_state_dict would.
     def _state_tensors(self) -> list[torch.Tensor]:
-        return [*self.module.parameters(), *self.module.buffers()]
+        if self._state_list is None:  # fixed once built, like trainable_parameters
+            self._state_list = [*self.module.parameters(), *self.module.buffers()]
+        return self._state_list
 
     def cache_states(self):
-        with torch.no_grad():
-            tensors = self._state_tensors()
-            if self._state_cache is None or len(self._state_cache) != len(tensors):
-                self._state_cache = [torch.empty_like(t) for t in tensors]
-            for saved, t in zip(self._state_cache, tensors):
-                saved.copy_(t)
-            if self.optimizer is None:
-                return
-            old = self._opt_cache or {"state": {}}
-            cache = {"groups": [{k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups],
-                     "state": {}}
+        tensors = self._state_tensors()
+        if self._state_cache is None or len(self._state_cache) != len(tensors):
+            self._state_cache = [torch.empty_like(t) for t in tensors]
+        saved, live = list(self._state_cache), list(tensors)
+        old = self._opt_cache or {"state": {}}
+        cache = {"groups": [], "state": {}}
+        if self.optimizer is not None:
+            cache["groups"] = [{k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups]
             for group in self.optimizer.param_groups:
                 for p in group["params"]:
                     state = self.optimizer.state.get(p)
@@ -175,20 +263,19 @@ class Level(ImplicitProblem):
                             if not (torch.is_tensor(buf) and buf.shape == value.shape and buf.dtype == value.dtype
                                     and buf.device == value.device):
                                 buf = torch.empty_like(value)
-                            entry[name] = buf.copy_(value)
-                        else:
-                            entry[name] = value
+                            saved.append(buf)
+                            live.append(value)
+                        entry[name] = buf if torch.is_tensor(value) else value
                     cache["state"][p] = entry
-            self._opt_cache = cache
+        with torch.no_grad():
+            torch._foreach_copy_(saved, live)
+        self._opt_cache = cache
 
     def recover_states(self, clean=True):
-        with torch.no_grad():
-            for saved, t in zip(self._state_cache, self._state_tensors()):
-                t.copy_(saved)
-            if self.optimizer is None:
-                return
-            for group, saved in zip(self.optimizer.param_groups, self._opt_cache["groups"]):
-                group.update(saved)
+        live, saved = list(self._state_tensors()), list(self._state_cache)
+        if self.optimizer is not None:
+            for group, groups_saved in zip(self.optimizer.param_groups, self._opt_cache["groups"]):
+                group.update(groups_saved)
             for group in self.optimizer.param_groups:
                 for p in group["params"]:
                     entry = self._opt_cache["state"].get(p)
@@ -200,13 +287,15 @@ class Level(ImplicitProblem):
                         del state[name]
                     for name, value in entry.items():
                         current = state.get(name)
-                        if torch.is_tensor(value):
-                            if torch.is_tensor(current) and current.shape == value.shape and current.dtype == value.dtype:
-                                current.copy_(value)
-                            else:
-                                state[name] = value.clone()
-                        else:
+                        if not torch.is_tensor(value):
                             state[name] = value
+                        elif torch.is_tensor(current) and current.shape == value.shape and current.dtype == value.dtype:
+                            live.append(current)
+                            saved.append(value)
+                        else:
+                            state[name] = value.clone()
+        with torch.no_grad():
+            torch._foreach_copy_(live, saved)
         # (``clean`` is Betty's flag for dropping its deep copies; the buffers here are kept for the next iteration.)
 
     @property

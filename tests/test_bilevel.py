@@ -140,10 +140,11 @@ def set_grads(params, grads):
         p.grad = g.clone()
 
 
-def algorithm_1(model, batch, lr, xi, alpha, roll_back):
-    """MQ-VAE Algorithm 1 / Eq. 10-13 in plain torch, with the toolkit's default order (roll_back=False)."""
+def algorithm_1(model, batch, lr, xi, alpha, roll_back, optimizers=None):
+    """MQ-VAE Algorithm 1 / Eq. 10-13 in plain torch, with the toolkit's default order (roll_back=False).
+    One iteration; pass the returned optimizers back in to continue."""
     lower, codebook = enc_dec_parameters(model), [model.quantizer.codebook]
-    opt_lower, opt_upper = torch.optim.Adam(lower, lr=lr), torch.optim.Adam(codebook, lr=lr)
+    opt_lower, opt_upper = optimizers or (torch.optim.Adam(lower, lr=lr), torch.optim.Adam(codebook, lr=lr))
     pre = [p.detach().clone() for p in lower]
     opt_lower_state = copy.deepcopy(opt_lower.state_dict())
 
@@ -206,6 +207,38 @@ def test_one_iteration_equals_plain_torch_algorithm_1(tmp_path, roll_back):
     assert_optimizer_states_close(engine.codebook.optimizer, opt_upper)
     # The codebook moved, and roll-back on and off give different lower parameters (they are different orders).
     assert not torch.equal(engine.model.quantizer.codebook, tiny_engine(tmp_path / "fresh").model.quantizer.codebook)
+
+
+def test_roll_back_iterations_equal_plain_torch_algorithm_1(tmp_path):
+    # Several iterations, so that the real step's kept encoder forward (recorded in the tentative step, replayed
+    # after the roll-back) meets non-empty optimizer states and parameters that moved in earlier iterations.
+    engine = tiny_engine(tmp_path, hypergradient={"roll_back": True, "alpha": 0.01})
+    reference = copy.deepcopy(engine.model)
+    optimizers = None
+    for _ in range(4):
+        engine.train_step()
+        batch = engine.autoencoder.cur_batch
+        optimizers = algorithm_1(reference, batch, lr=1e-2, xi=1e-2, alpha=0.01, roll_back=True, optimizers=optimizers)
+    assert engine.autoencoder._reuses_encoder_forward()
+    for (name, got), (_, want) in zip(engine.model.state_dict().items(), reference.state_dict().items()):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6, msg=lambda m: f"{name}: {m}")
+    assert_optimizer_states_close(engine.autoencoder.optimizer, optimizers[0])
+    assert_optimizer_states_close(engine.codebook.optimizer, optimizers[1])
+
+
+def test_kept_encoder_forward_equals_recomputing_it_with_batch_norm(tmp_path, monkeypatch):
+    # With BatchNorm the real step must also leave the encoder's running statistics as a recomputed forward
+    # would: rewound by the roll-back, then updated once by the forward at the pre-step parameters.
+    kept = tiny_engine(tmp_path / "kept", model={"norm": "batch"}, hypergradient={"roll_back": True})
+    for _ in range(3):
+        kept.train_step()
+    assert kept.autoencoder._reuses_encoder_forward()
+    monkeypatch.setattr(Level, "_reuses_encoder_forward", lambda self: False)
+    recomputed = tiny_engine(tmp_path / "recomputed", model={"norm": "batch"}, hypergradient={"roll_back": True})
+    for _ in range(3):
+        recomputed.train_step()
+    for (name, got), (_, want) in zip(kept.model.state_dict().items(), recomputed.model.state_dict().items()):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7, msg=lambda m: f"{name}: {m}")
 
 
 # ---------------------------------------------------------------------------------------------
