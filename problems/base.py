@@ -188,7 +188,7 @@ class Level(ImplicitProblem):
         # (batch is given only for the real step after a roll-back, whose pre-step state is not needed.)
         if batch is None and self._parents and self._training:
             self.remember_pre_step()
-        if not self._reuses_encoder_forward():
+        if not self._reuses_encoder_forward() or (batch is not None and self._kept_forward is None):
             return super().one_step_descent(batch)
         if batch is None:
             self._encoder_pass = "record"
