@@ -50,6 +50,10 @@ def apply_perf(perf, model, device: torch.device) -> dict:
             part.forward = _bf16_forward(part.forward)
         applied["bf16"] = True
     if perf.compile:
+        # Compiled backwards "donate" (free early) saved buffers, which forbids retain_graph=True; the upper
+        # level differentiates its loss twice (direct term, then v) and the roll-back's kept encoder forward
+        # is backpropagated twice, so keep them.
+        torch._functorch.config.donated_buffer = False
         for part in parts:
             part.compile()
         applied["compile"] = True

@@ -71,7 +71,9 @@ def from_vectors(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     if like.dim() == 2:
         return v
     b, d, *spatial = like.shape
-    return v.reshape(b, *spatial, d).movedim(-1, 1)
+    # Contiguous in the input's layout: a channels-last view here reached the decoder with strides that
+    # torch.compile's convolution backward (torch 2.11, CUDA) rejected at run time.
+    return v.reshape(b, *spatial, d).movedim(-1, 1).contiguous()
 
 
 def straight_through(z: torch.Tensor, q: torch.Tensor, nu: float = 0.0) -> torch.Tensor:
