@@ -91,10 +91,10 @@ def mqvae(vector, curr, prev, sync):
         torch._foreach_copy_(step, vector)
         torch._foreach_mul_(step, eps)  # eps v
     grads = []
-    for sign in (1.0, -1.0):
+    for move in (torch._foreach_add_, torch._foreach_sub_):  # phi + eps v, then phi - eps v
         with torch.no_grad():
             torch._foreach_copy_(params, pre)
-            (torch._foreach_add_ if sign > 0 else torch._foreach_sub_)(params, step)
+            move(params, step)
         grads.append(_grads_or_zeros(curr.hypergradient_loss(curr.cur_batch, prev), uppers))
     implicit = torch._foreach_sub(grads[0], grads[1])
     torch._foreach_mul_(implicit, -curr.xi / (2 * eps))
