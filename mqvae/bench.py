@@ -142,9 +142,9 @@ def _naive(z, codebook):
     return torch.cdist(z, codebook).argmin(dim=1)
 
 
-def _read_status(key: str) -> int:
-    """A ``/proc/self/status`` entry in bytes (Linux)."""
-    for line in Path("/proc/self/status").read_text().splitlines():
+def _read_proc(key: str, path: str = "/proc/self/status") -> int:
+    """A ``key: <n> kB`` entry of a Linux /proc file (``/proc/self/status``, ``/proc/meminfo``) in bytes."""
+    for line in Path(path).read_text().splitlines():
         if line.startswith(key + ":"):
             return int(line.split()[1]) * 1024
     raise KeyError(key)
@@ -175,7 +175,7 @@ def nn_worker(method: str, n: int, k: int, d: int, device: str, min_time: float)
             how = "process VmHWM after resetting it (/proc/self/clear_refs=5) minus VmRSS before the call, fresh subprocess, inputs excluded"
         except OSError:
             how = "process VmHWM (ru_maxrss) minus VmRSS before the call, fresh subprocess, inputs excluded (upper bound)"
-        base = _read_status("VmRSS")
+        base = _read_proc("VmRSS")
     times = []
     started = time.perf_counter()
     while not times or (time.perf_counter() - started < min_time and len(times) < 5):
@@ -187,7 +187,7 @@ def nn_worker(method: str, n: int, k: int, d: int, device: str, min_time: float)
     if dev.type == "cuda":
         peak = torch.cuda.max_memory_allocated(dev) - base
     else:
-        peak = _read_status("VmHWM") - base
+        peak = _read_proc("VmHWM") - base
     seconds = statistics.median(times)
     return {"seconds": round(seconds, 6), "vectors_per_s": round(n / seconds, 1), "peak_extra_bytes": int(peak),
             "peak_extra_mib": round(peak / (1 << 20), 2), "repeats": len(times), "memory_method": how}
@@ -198,17 +198,10 @@ def _memory_budget(device: torch.device) -> int:
         free, _ = torch.cuda.mem_get_info(device)
         return min(8 * GiB, free // 2)
     try:
-        available = _read_status_meminfo("MemAvailable")
+        available = _read_proc("MemAvailable", "/proc/meminfo")
     except (OSError, KeyError):
         available = 16 * GiB
     return min(8 * GiB, available // 2)
-
-
-def _read_status_meminfo(key: str) -> int:
-    for line in Path("/proc/meminfo").read_text().splitlines():
-        if line.startswith(key + ":"):
-            return int(line.split()[1]) * 1024
-    raise KeyError(key)
 
 
 def nn_search(grid: list[tuple[int, int, int]], device: torch.device, min_time: float) -> list[dict]:

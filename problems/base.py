@@ -156,10 +156,9 @@ class Level(ImplicitProblem):
         # let the engine read them at logging steps only.
         if self._steps_on_quantization_loss():
             stats = self.model.quantization_terms(batch)
-        elif self._encoder_pass == "record":
-            self._kept_forward = EncoderForward.record(self.model.encoder, batch[0])
-            stats = self.model.loss(batch, weights=self.loss_weights(), z_e=self._kept_forward.z_e)
-        elif self._encoder_pass == "replay":
+        elif self._encoder_pass is not None:
+            if self._encoder_pass == "record":
+                self._kept_forward = EncoderForward.record(self.model.encoder, batch[0])
             stats = self.model.loss(batch, weights=self.loss_weights(), z_e=self._kept_forward.z_e)
         else:
             stats = self.loss_terms(batch)
