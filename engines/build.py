@@ -21,7 +21,10 @@ def make_optimizer(level: LevelConfig, params) -> torch.optim.Optimizer:
     if level.optimizer == "sgd":
         return torch.optim.SGD(params, lr=level.lr, momentum=level.momentum, weight_decay=level.weight_decay)
     cls = torch.optim.AdamW if level.optimizer == "adamw" else torch.optim.Adam
-    return cls(params, lr=level.lr, weight_decay=level.weight_decay)
+    # fused: one kernel over all tensors instead of ~10 small ops per tensor (torch's default on the CPU);
+    # 0.37 instead of 1.65 ms for the digits model's 197k parameters on the 2-core CPU. Same update, up to
+    # floating-point rounding.
+    return cls(params, lr=level.lr, weight_decay=level.weight_decay, fused=True)
 
 
 class LRSchedule:

@@ -135,6 +135,7 @@ class TrainConfig:
 
 @dataclass
 class PerfConfig:
+    channels_last: bool = True
     cudnn_benchmark: bool = True
     bf16: bool = False
     compile: bool = False

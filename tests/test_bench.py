@@ -48,12 +48,30 @@ def test_bench_writes_the_documented_schema(tmp_path, monkeypatch):
     assert "|" in bench.summary(result)
 
 
-def test_perf_switches_are_documented_noops_on_cpu(tmp_path):
+def test_cuda_perf_switches_are_documented_noops_on_cpu(tmp_path):
     engine = tiny_engine(tmp_path, perf={"bf16": True, "compile": True})
-    assert engine.perf_applied == {"cudnn_benchmark": False, "bf16": False, "compile": False}
+    assert engine.perf_applied == {"channels_last": True, "cudnn_benchmark": False, "bf16": False, "compile": False}
     reference = tiny_engine(tmp_path / "ref")
     engine.train_step()
     reference.train_step()
     for (name, got), (_, want) in zip(engine.model.state_dict().items(), reference.model.state_dict().items()):
         assert torch.equal(got, want), name
     assert apply_perf(tiny_config().perf, engine.model, torch.device("cpu"))["bf16"] is False
+
+
+def test_channels_last_trains_like_nchw(tmp_path):
+    """perf.channels_last stores the convolution weights NHWC and changes values only by rounding: three
+    MQ-VAE iterations (tentative step, Eq. 13 finite differences, roll-back) against the NCHW run."""
+    hyper = {"roll_back": True}
+    nhwc = tiny_engine(tmp_path / "nhwc", hypergradient=hyper)
+    nchw = tiny_engine(tmp_path / "nchw", hypergradient=hyper, perf={"channels_last": False})
+    second_conv = [m for m in nhwc.model.encoder.modules() if isinstance(m, torch.nn.Conv2d)][1]
+    assert second_conv.weight.is_contiguous(memory_format=torch.channels_last) and not second_conv.weight.is_contiguous()
+    assert all(p.is_contiguous() for p in nchw.model.parameters())
+    for engine in (nhwc, nchw):
+        for step in range(3):
+            engine.global_step = step + 1
+            engine.train_step()
+    got, want = nhwc.model.state_dict(), nchw.model.state_dict()
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-6, msg=name)

@@ -71,9 +71,12 @@ def from_vectors(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     if like.dim() == 2:
         return v
     b, d, *spatial = like.shape
-    # Contiguous in the input's layout: a channels-last view here reached the decoder with strides that
-    # torch.compile's convolution backward (torch 2.11, CUDA) rejected at run time.
-    return v.reshape(b, *spatial, d).movedim(-1, 1).contiguous()
+    # Dense in z_e's own layout (perf.channels_last: NHWC, where this view already is dense, so no copy): a
+    # channels-last view reaching a decoder with NCHW weights had strides that torch.compile's convolution
+    # backward (torch 2.11, CUDA) rejected at run time.
+    out = v.reshape(b, *spatial, d).movedim(-1, 1)
+    nhwc = like.dim() == 4 and not like.is_contiguous() and like.is_contiguous(memory_format=torch.channels_last)
+    return out.contiguous(memory_format=torch.channels_last if nhwc else torch.contiguous_format)
 
 
 def straight_through(z: torch.Tensor, q: torch.Tensor, nu: float = 0.0) -> torch.Tensor:
