@@ -88,12 +88,20 @@ def _sync(device) -> None:
 # 1. Training-step cost per mode, interleaved
 
 
-def step_times(shape: str, batch_size: int, warmup: int, rounds: int, overrides: list[str] = ()) -> dict:
+def _iteration(engine) -> None:
+    engine.global_step += 1
+    engine.train_step()
+    engine.maintain()
+
+
+def step_times(shape: str, batch_size: int, warmup: int, rounds: int, overrides: list[str] = (),
+               profile_rounds: int = 0) -> dict:
     """Median seconds per training iteration (``train_step`` + quantizer maintenance) of each mode.
 
     All engines are built from the same seed and data set, so they see batches of the same shape and
     distribution. After ``warmup`` iterations each, they run interleaved (A B C D A B C D ...), so that
-    load from other processes spreads evenly over the modes.
+    load from other processes spreads evenly over the modes. Then ``profile_rounds`` more iterations of
+    each run under ``torch.profiler`` for the time per phase (``phase_times``); they are not in the medians.
     """
     from engines.experiment import build_engine  # entry-point code: see the module docstring
 
@@ -109,12 +117,11 @@ def step_times(shape: str, batch_size: int, warmup: int, rounds: int, overrides:
             for mode, engine in engines.items():
                 _sync(device)
                 start = time.perf_counter()
-                engine.global_step += 1
-                engine.train_step()
-                engine.maintain()
+                _iteration(engine)
                 _sync(device)
                 if i >= warmup:
                     times[mode].append(time.perf_counter() - start)
+        phases = {mode: phase_times(engine, profile_rounds) for mode, engine in engines.items()} if profile_rounds else {}
     medians = {mode: statistics.median(t) for mode, t in times.items()}
     return {
         "batch_size": batch_size,
@@ -124,7 +131,38 @@ def step_times(shape: str, batch_size: int, warmup: int, rounds: int, overrides:
         "median_s": {mode: round(m, 6) for mode, m in medians.items()},
         "iqr_s": {mode: [round(q, 6) for q in _quartiles(t)] for mode, t in times.items()},
         "ratio_to_vqvae": {mode: round(medians[mode] / medians["vqvae"], 3) for mode in MODES if mode != "vqvae"},
+        "phases_ms": phases,
     }
+
+
+def phase_times(engine, rounds: int) -> dict:
+    """Where an iteration's time goes: milliseconds per iteration in each ``mqvae.perf.phase`` region, from
+    ``torch.profiler`` over ``rounds`` iterations (``<level>.forward`` / ``.backward`` / ``.optimizer_step`` /
+    ``.roll_back``, ``hypergradient.<type>``, which runs inside the upper level's ``backward``).
+
+    Host time (``cpu_time_total``); on CUDA also the kernels' time (``device_ms``). ``iteration`` is the wall
+    time of a profiled iteration: the profiler's own overhead makes it larger than the unprofiled median.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    from .perf import PHASE_PREFIX
+
+    cuda = engine.device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    _sync(engine.device)
+    start = time.perf_counter()
+    with profile(activities=activities) as prof:
+        for _ in range(rounds):
+            _iteration(engine)
+        _sync(engine.device)
+    out = {"iteration": round(1000 * (time.perf_counter() - start) / rounds, 3)}
+    for event in prof.key_averages():
+        if event.key.startswith(PHASE_PREFIX):
+            name = event.key[len(PHASE_PREFIX):]
+            out[name] = round(event.cpu_time_total / 1000 / rounds, 3)
+            if cuda:
+                out[name + ".device_ms"] = round(getattr(event, "device_time_total", 0.0) / 1000 / rounds, 3)
+    return out
 
 
 def _quartiles(values):
@@ -295,13 +333,16 @@ def run_bench(quick: bool, sizes: dict | None = None) -> dict:
         "ttq_iters": 150 if quick else 1500,
         "ttq_eval_every": 25 if quick else 50,
         "paper_warmup": 1 if quick else 2,
+        "profile_rounds": {"digits": 5 if quick else 20, "paper": 1 if quick else 3},
         "overrides": [],  # extra config overrides for every engine (the smoke test shrinks the models)
     }
     s.update(sizes or {})
     started = time.perf_counter()
     steps = {
-        "digits": step_times("digits", s["digits_batch"], s["warmup"], s["rounds"]["digits"], s["overrides"]),
-        "paper": step_times("paper", s["paper_batch"], s["paper_warmup"], s["rounds"]["paper"], s["overrides"]),
+        "digits": step_times("digits", s["digits_batch"], s["warmup"], s["rounds"]["digits"], s["overrides"],
+                             s["profile_rounds"]["digits"]),
+        "paper": step_times("paper", s["paper_batch"], s["paper_warmup"], s["rounds"]["paper"], s["overrides"],
+                            s["profile_rounds"]["paper"]),
     }
     steps["digits"]["config"] = "configs/digits/{vqvae,alt,mqvae}.yaml (+ hypergradient.roll_back=true)"
     steps["paper"]["config"] = ("MQ-VAE App. I: random 32x32x3 inputs, hidden 256, res 256, 2 residual blocks, "
@@ -333,6 +374,15 @@ def summary(result: dict) -> str:
         m, r = st["median_s"], st["ratio_to_vqvae"]
         lines.append(f"| {shape} {tuple(st['input_shape'])} | {st['batch_size']} | {m['vqvae']:.4f} | "
                      f"{r['alt']:.2f}x | {r['mqvae']:.2f}x | {r['mqvae_roll_back']:.2f}x |")
+    phases = result["step_time"]["digits"]["phases_ms"]
+    if phases:
+        names = sorted({name for mode in MODES for name in phases[mode]} - {"iteration"})
+        lines += ["", "Where the time goes (digits, ms per iteration under torch.profiler; an upper level's backward "
+                      "includes its hypergradient):", "",
+                  "| phase | " + " | ".join(MODES) + " |", "|---|" + "---|" * len(MODES)]
+        for name in ["iteration", *names]:
+            cells = [f"{phases[mode][name]:.2f}" if name in phases[mode] else "" for mode in MODES]
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
     lines += ["", "| N | K | D | chunked vec/s | chunked peak MiB | naive vec/s | naive peak MiB |", "|---|---|---|---|---|---|---|"]
     rows = result["nn_search"]["rows"]
     for i in range(0, len(rows), 2):

@@ -22,6 +22,8 @@ import torch
 from betty.hypergradient import jvp_fn_mapping
 from torch import nn
 
+from .perf import phase
+
 
 @contextmanager
 def pure_evaluation(level):
@@ -124,13 +126,13 @@ def _zero_when_unreachable(fn):
     return wrapper
 
 
-def _pure(fn):
+def _pure(name, fn):
     if getattr(fn, "runs_purely", False):
         return fn
 
     @functools.wraps(fn)
     def wrapper(vector, curr, prev, sync):
-        with pure_evaluation(curr):
+        with phase(f"hypergradient.{name}"), pure_evaluation(curr):
             return fn(vector, curr, prev, sync)
 
     wrapper.runs_purely = True
@@ -139,7 +141,7 @@ def _pure(fn):
 
 def register_hypergradient(name: str, fn) -> None:
     """Make ``fn(vector, curr, prev, sync)`` selectable as ``hypergradient.type: name``."""
-    jvp_fn_mapping[name] = _pure(fn)
+    jvp_fn_mapping[name] = _pure(name, fn)
 
 
 # Betty's own methods stay selectable as ablations (``darts`` is SAMA-style: it perturbs the post-step

@@ -13,6 +13,8 @@ import inspect
 import torch
 from betty.problems import ImplicitProblem
 
+from mqvae.perf import phase
+
 
 class EncoderForward:
     """An encoder forward whose graph stays valid while the encoder's parameters are written in place.
@@ -152,6 +154,10 @@ class Level(ImplicitProblem):
 
     # -- Betty hooks ------------------------------------------------------------------------------
     def get_loss(self, batch):
+        with phase(f"{self.name}.forward"):
+            return self._get_loss(batch)
+
+    def _get_loss(self, batch):
         # Betty's version calls loss.item() every step, a host sync in the hot loop; keep tensors and
         # let the engine read them at logging steps only.
         if self._steps_on_quantization_loss():
@@ -213,6 +219,11 @@ class Level(ImplicitProblem):
                 and self._trains(encoder))
 
     def backward(self, loss, params, paths, create_graph=False, retain_graph=True, allow_unused=True):
+        # (an upper level's backward includes its hypergradient, which has its own phase)
+        with phase(f"{self.name}.backward"):
+            self._backward(loss, params, paths, create_graph, retain_graph, allow_unused)
+
+    def _backward(self, loss, params, paths, create_graph, retain_graph, allow_unused):
         if self._encoder_pass is None:
             return super().backward(loss, params, paths, create_graph, retain_graph, allow_unused)
         # The kept forward ran on stand-ins of the encoder's parameters: differentiate with respect to them
@@ -224,6 +235,10 @@ class Level(ImplicitProblem):
             if s is not p and s.grad is not None:
                 p.grad = s.grad if p.grad is None else p.grad + s.grad
                 s.grad = None
+
+    def optimizer_step(self, *args, **kwargs):
+        with phase(f"{self.name}.optimizer_step"):
+            return super().optimizer_step(*args, **kwargs)
 
     def remember_pre_step(self) -> None:
         params = self.trainable_parameters()
@@ -241,6 +256,10 @@ class Level(ImplicitProblem):
         return self._state_list
 
     def cache_states(self):
+        with phase(f"{self.name}.roll_back"):
+            self._cache_states()
+
+    def _cache_states(self):
         tensors = self._state_tensors()
         if self._state_cache is None or len(self._state_cache) != len(tensors):
             self._state_cache = [torch.empty_like(t) for t in tensors]
@@ -271,6 +290,11 @@ class Level(ImplicitProblem):
         self._opt_cache = cache
 
     def recover_states(self, clean=True):
+        # (``clean`` is Betty's flag for dropping its deep copies; the buffers here are kept for the next iteration.)
+        with phase(f"{self.name}.roll_back"):
+            self._recover_states()
+
+    def _recover_states(self):
         live, saved = list(self._state_tensors()), list(self._state_cache)
         if self.optimizer is not None:
             for group, groups_saved in zip(self.optimizer.param_groups, self._opt_cache["groups"]):
@@ -295,7 +319,6 @@ class Level(ImplicitProblem):
                             state[name] = value.clone()
         with torch.no_grad():
             torch._foreach_copy_(live, saved)
-        # (``clean`` is Betty's flag for dropping its deep copies; the buffers here are kept for the next iteration.)
 
     @property
     def pre_step_parameters(self) -> list[torch.Tensor]:

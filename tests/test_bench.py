@@ -14,6 +14,7 @@ from helpers import tiny_config, tiny_engine
 TINY = ["model.hidden_channels=8", "model.res_channels=4", "model.num_res_blocks=1", "quantizer.num_codes=16",
         "quantizer.dim=4", "device=cpu"]
 SIZES = {"digits_batch": 8, "paper_batch": 2, "warmup": 1, "paper_warmup": 1, "rounds": {"digits": 2, "paper": 1},
+         "profile_rounds": {"digits": 1, "paper": 1},
          "nn_grid": [(256, 32, 8)], "nn_min_time": 0.0, "ttq_iters": 4, "ttq_eval_every": 2, "overrides": TINY}
 
 
@@ -40,6 +41,15 @@ def test_bench_writes_the_documented_schema(tmp_path, monkeypatch):
         assert row["status"] == "ok", row
         assert {"vectors_per_s", "peak_extra_bytes", "memory_method"} <= row.keys()
     assert rows[3]["status"] == "skipped" and "GiB" in rows[3]["reason"]
+
+    # Where the time goes: every phase each mode runs, and only those (the phases' names, not their times).
+    phases = result["step_time"]["digits"]["phases_ms"]
+    steps = {name for p in ("forward", "backward", "optimizer_step") for name in (f"codebook.{p}", f"autoencoder.{p}")}
+    assert set(phases["vqvae"]) == {"iteration", "vqvae.forward", "vqvae.backward", "vqvae.optimizer_step"}
+    assert set(phases["alt"]) == {"iteration"} | steps
+    assert set(phases["mqvae"]) == {"iteration", "hypergradient.mqvae"} | steps
+    assert set(phases["mqvae_roll_back"]) == {"iteration", "hypergradient.mqvae", "autoencoder.roll_back"} | steps
+    assert all(v >= 0 for p in phases.values() for v in p.values())
 
     ttq = result["time_to_quality"]
     assert ttq["status"] in ("reached", "never reached")
