@@ -8,12 +8,27 @@ its optimizer. Subclasses say which part of the model they train
 
 from __future__ import annotations
 
+import functools
 import inspect
 
 import torch
 from betty.problems import ImplicitProblem
 
 from mqvae.perf import phase
+
+
+def in_phase(label: str):
+    """Run the decorated Level method inside the profiler region ``<level name>.<label>`` (``mqvae.perf.phase``)."""
+
+    def decorate(method):
+        @functools.wraps(method)
+        def wrapper(self, *args, **kwargs):
+            with phase(f"{self.name}.{label}"):
+                return method(self, *args, **kwargs)
+
+        return wrapper
+
+    return decorate
 
 
 class EncoderForward:
@@ -153,11 +168,8 @@ class Level(ImplicitProblem):
                 and not self.loss_weights())
 
     # -- Betty hooks ------------------------------------------------------------------------------
+    @in_phase("forward")
     def get_loss(self, batch):
-        with phase(f"{self.name}.forward"):
-            return self._get_loss(batch)
-
-    def _get_loss(self, batch):
         # Betty's version calls loss.item() every step, a host sync in the hot loop; keep tensors and
         # let the engine read them at logging steps only.
         if self._steps_on_quantization_loss():
@@ -218,12 +230,8 @@ class Level(ImplicitProblem):
                 and self.gas == 1 and not self._paths and type(self).loss_terms is Level.loss_terms
                 and self._trains(encoder))
 
+    @in_phase("backward")  # an upper level's backward includes its hypergradient, which has its own phase
     def backward(self, loss, params, paths, create_graph=False, retain_graph=True, allow_unused=True):
-        # (an upper level's backward includes its hypergradient, which has its own phase)
-        with phase(f"{self.name}.backward"):
-            self._backward(loss, params, paths, create_graph, retain_graph, allow_unused)
-
-    def _backward(self, loss, params, paths, create_graph, retain_graph, allow_unused):
         if self._encoder_pass is None:
             return super().backward(loss, params, paths, create_graph, retain_graph, allow_unused)
         # The kept forward ran on stand-ins of the encoder's parameters: differentiate with respect to them
@@ -236,9 +244,9 @@ class Level(ImplicitProblem):
                 p.grad = s.grad if p.grad is None else p.grad + s.grad
                 s.grad = None
 
+    @in_phase("optimizer_step")
     def optimizer_step(self, *args, **kwargs):
-        with phase(f"{self.name}.optimizer_step"):
-            return super().optimizer_step(*args, **kwargs)
+        return super().optimizer_step(*args, **kwargs)
 
     def remember_pre_step(self) -> None:
         params = self.trainable_parameters()
@@ -255,11 +263,8 @@ class Level(ImplicitProblem):
             self._state_list = [*self.module.parameters(), *self.module.buffers()]
         return self._state_list
 
+    @in_phase("roll_back")
     def cache_states(self):
-        with phase(f"{self.name}.roll_back"):
-            self._cache_states()
-
-    def _cache_states(self):
         tensors = self._state_tensors()
         if self._state_cache is None or len(self._state_cache) != len(tensors):
             self._state_cache = [torch.empty_like(t) for t in tensors]
@@ -289,12 +294,9 @@ class Level(ImplicitProblem):
             torch._foreach_copy_(saved, live)
         self._opt_cache = cache
 
+    @in_phase("roll_back")
     def recover_states(self, clean=True):
         # (``clean`` is Betty's flag for dropping its deep copies; the buffers here are kept for the next iteration.)
-        with phase(f"{self.name}.roll_back"):
-            self._recover_states()
-
-    def _recover_states(self):
         live, saved = list(self._state_tensors()), list(self._state_cache)
         if self.optimizer is not None:
             for group, groups_saved in zip(self.optimizer.param_groups, self._opt_cache["groups"]):
