@@ -8,8 +8,10 @@ Built-in names:
 * ``digits`` (default) — scikit-learn's 1797 real 8×8 handwritten digits, shipped
   inside scikit-learn so a run needs no download; upsampled to 16×16 so a VQ-VAE
   with two stride-2 downsamplings has a 4×4 latent.
-* ``mnist``, ``fashion_mnist`` — 28×28 padded with zeros to 32×32 so that two or
-  three stride-2 downsamplings divide evenly.
+* ``mnist``, ``fashion_mnist`` — 28×28 as stored, not padded: zeros around the digit would
+  count in the test MSE and FID. Two stride-2 downsamplings give a 7×7 latent and the
+  decoder's transposed convolutions return 28×28; three would return 24×24, which
+  ``VQModel.task_loss`` stops with a one-line error.
 * ``cifar10``, ``cifar100``, ``svhn`` — 32×32 RGB as stored.
 * ``celeba`` — aligned faces, center-cropped to 140×140 then resized to 64×64;
   used unconditionally, so every label is 0.
@@ -134,15 +136,14 @@ def _mnist_like(class_name: str, title: str):
         from torchvision import datasets, transforms
 
         cls = getattr(datasets, class_name)
-        to_tensor = transforms.Compose([transforms.Pad(2), transforms.ToTensor()])
         train, test = _read_pair(
             title,
             os.path.join(root, class_name, "raw"),
             "train-images-idx3-ubyte, train-labels-idx1-ubyte, t10k-images-idx3-ubyte, t10k-labels-idx1-ubyte",
             _fetch_hint(download),
-            lambda is_train: cls(root, train=is_train, transform=to_tensor, download=download),
+            lambda is_train: cls(root, train=is_train, transform=transforms.ToTensor(), download=download),
         )
-        return Datasets(train, test, channels=1, image_size=32, num_classes=10)
+        return Datasets(train, test, channels=1, image_size=28, num_classes=10)
 
     return load
 

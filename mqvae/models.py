@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import ModelConfig
+from .errors import UserError
 from .quantizer import Quantizer, QuantizerOutput
 
 
@@ -104,6 +105,13 @@ class VQModel(nn.Module):
     def task_loss(self, output, batch) -> torch.Tensor:
         x, y = batch
         if self.task == "reconstruction":
+            # A stride-2 stage floors an odd side (7 -> 3), so the decoder returns another size; mse_loss would
+            # broadcast or fail deep inside torch instead of saying why.
+            if output.shape != x.shape:
+                raise UserError(
+                    f"the decoder returns {tuple(output.shape[-2:])} images for {tuple(x.shape[-2:])} inputs: the image "
+                    "side must be divisible by 2^model.downsample (28-px MNIST allows model.downsample <= 2)"
+                )
             return F.mse_loss(output, x)
         return F.cross_entropy(output, y)
 

@@ -6,10 +6,14 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 import fake_datasets
 import run
 from mqvae.config import load_config
+from mqvae.data import load_datasets
+from mqvae.errors import UserError
+from mqvae.models import build_model
 
 ROOT = Path(__file__).resolve().parents[1]
 PAPER = sorted(p.name for p in (ROOT / "configs" / "paper").glob("*.yaml"))
@@ -56,6 +60,32 @@ def test_paper_config_runs_two_iterations_on_stand_in_files(tmp_path, monkeypatc
     assert run.main([f"configs/paper/{name}", *SMALL, *adam, "--set", f"data.root={tmp_path / 'data'}", "--out", str(out)]) == 0
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["iterations"] == 2 and metrics["test_mse"] > 0
+
+
+@pytest.mark.parametrize("name", ["mnist_mqvae.yaml", "mnist_vqvae.yaml", "fashion_mnist_mqvae.yaml",
+                                  "fashion_mnist_vqvae.yaml"])
+def test_paper_model_reconstructs_native_28_px_images(tmp_path, name):
+    # The paper's full-width model: two stride-2 convolutions take 28 -> 14 -> 7, the transposed ones 7 -> 28.
+    cfg = load_config(ROOT / "configs" / "paper" / name)
+    dataset = name.rsplit("_", 1)[0]
+    WRITERS[dataset](tmp_path)
+    sets = load_datasets(dataset, str(tmp_path), download=False, seed=0)
+    x = torch.stack([sets.test[i][0] for i in range(2)])
+    assert sets.image_size == 28 and x.shape == (2, 1, 28, 28)
+    model = build_model(cfg, sets.channels, sets.num_classes).eval()
+    with torch.no_grad():
+        out = model(x)
+        assert out.z_e.shape[-2:] == (7, 7) and out.output.shape == x.shape
+        assert model.task_loss(out.output, (x, None)) > 0
+
+
+def test_a_decoder_that_cannot_return_the_input_size_is_a_one_line_error():
+    cfg = load_config(ROOT / "configs" / "paper" / "mnist_vqvae.yaml",
+                      ["model.downsample=3", "model.hidden_channels=8", "model.res_channels=4"])
+    model = build_model(cfg, 1, 10)
+    x = torch.rand(1, 1, 28, 28)
+    with pytest.raises(UserError, match=r"\(24, 24\) images for \(28, 28\) inputs"):
+        model.task_loss(model(x).output, (x, None))
 
 
 def test_adamw_levels_run(tmp_path, monkeypatch):
