@@ -19,7 +19,8 @@ def make_image_quality(device):
 
     A module-level function so that tests (and users with their own feature networks) can swap in
     stand-in networks: ``ImageQuality(device, fid_feature=..., is_feature=..., lpips_net=...)``.
-    Missing pretrained weights give ``None`` with a reason, never a number (``metrics.ImageQuality``).
+    Missing pretrained weights, and for LPIPS images too small for AlexNet (under ``metrics.LPIPS_MIN_SIDE``:
+    28-px MNIST, 16-px digits), give ``None`` with a reason, never a number (``metrics.ImageQuality``).
     """
     return metric_fns.ImageQuality(device)
 

@@ -1,13 +1,13 @@
 """Evaluation metrics of MQ-VAE §5.2: codebook perplexity, gradient estimation gap, FID / IS / LPIPS.
 
-Pretrained networks (Inception for FID/IS, AlexNet for LPIPS) may be missing on a machine. Then the
-metric's value is ``None`` together with a one-line reason; no number is ever substituted.
+Pretrained networks (Inception for FID/IS, AlexNet for LPIPS) may be missing on a machine, and LPIPS's
+AlexNet cannot take images under ``LPIPS_MIN_SIDE`` px. Then the metric's value is ``None`` together with a
+one-line reason; no number is ever substituted.
 """
 
 from typing import Callable, Optional
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torchmetrics.functional.image.lpips import _lpips_update, _NoTrainLpips
 from torchmetrics.image.fid import FrechetInceptionDistance
@@ -71,9 +71,18 @@ def gradient_gap(
     return torch.linalg.vector_norm(grad_cont - grad_ste)
 
 
-# AlexNet's LPIPS slices need about 32 px (stride-4 conv1 plus two 3/2 max-pools); smaller images
-# (MNIST, 8×8 digits) are upsampled to 64 px, the LPIPS input size torch-fidelity uses.
-_LPIPS_MIN_SIDE = 64
+# LPIPS runs at the images' own size, as torchmetrics' LearnedPerceptualImagePatchSimilarity (which the
+# MQ-VAE paper uses) does: no resizing. Its AlexNet needs a side of at least 31 px: conv1 (11×11, stride 4,
+# padding 2) gives floor((s - 7) / 4) + 1 per side, and the two 3×3 stride-2 max-pools (slices 2 and 3) need
+# 7 -> 3 -> 1. At 28 px conv1 gives 6, the pools 2 and then nothing; at 16 px 3, 1, nothing; at 8 px 1 and
+# the first pool already fails. torch raises "Output size is too small" there.
+LPIPS_MIN_SIDE = 31
+
+
+def _lpips_too_small(height: int, width: int) -> str:
+    return (f"LPIPS AlexNet cannot take {height}x{width} images (torchmetrics runs it at the images' own size; "
+            f"its 11x11/4 conv1 and two 3x3/2 max-pools need a side of at least {LPIPS_MIN_SIDE} px, torch raises "
+            "'Output size is too small'); not resized, so not measured")
 
 
 def _one_line(exc: BaseException) -> str:
@@ -117,6 +126,10 @@ class ImageQuality:
     N×3×H×W images in [0, 1] (FID features N×d, IS logits N×classes); ``lpips_net`` replaces LPIPS's
     AlexNet backbone (see ``_lpips_with_backbone``). IS is computed on the reconstructions only, as MQ-VAE
     Table 3 evaluates the quality of reconstructed images.
+
+    Every metric sees the images at their own size (Inception resizes to 299 px inside torchmetrics). LPIPS
+    is ``None`` for images with a side under ``LPIPS_MIN_SIDE``, with a stand-in backbone too: it stands in
+    for AlexNet, so a test run gives the same nulls as a real one.
     """
 
     def __init__(
@@ -178,13 +191,10 @@ class ImageQuality:
             self._fid.update(fake, real=False)
         if self._is is not None:
             self._is.update(fake)
+        if min(real.shape[-2:]) < LPIPS_MIN_SIDE:
+            # Decisive even where the weights are missing: with them, the value would not exist either.
+            self._lpips, self.reasons["lpips"] = None, _lpips_too_small(*real.shape[-2:])
         if self._lpips is not None:
-            if min(real.shape[-2:]) < _LPIPS_MIN_SIDE:
-                scale = _LPIPS_MIN_SIDE / min(real.shape[-2:])
-                real, fake = (F.interpolate(x, scale_factor=scale, mode="bilinear") for x in (real, fake))
-                # Bilinear weights are convex, but float rounding can leave values a hair outside
-                # [0, 1], which torchmetrics' input check rejects.
-                real, fake = real.clamp(0, 1), fake.clamp(0, 1)
             scores = _lpips_update(real, fake, net=self._lpips, normalize=True)
             self._lpips_sum += float(scores.double().sum())
         self._num_pairs += real.shape[0]

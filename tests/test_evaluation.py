@@ -1,5 +1,5 @@
 """evaluate(): Δgap and perplexity against independent computations; FID/IS/LPIPS null with a reason or
-finite with stand-in networks, through the run's own final evaluation."""
+finite with stand-in networks, through the run's own final evaluation, LPIPS at the data set's own size."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+import fake_datasets
 import run
 from mqvae import evaluation
 from mqvae.metrics import ImageQuality, SCALES
@@ -95,24 +96,29 @@ def test_image_quality_null_with_reason_in_the_runs_metrics(tmp_path, monkeypatc
     out = tmp_path / "run"
     assert run.main(["configs/digits/vqvae.yaml", *TINY, "--out", str(out)]) == 0
     metrics = json.loads((out / "metrics.json").read_text())
-    for name in ("fid", "is", "lpips"):
+    for name in ("fid", "is"):
         assert metrics[name] is None
         assert "not cached" in metrics[f"{name}_reason"]
+    # 16-px digits: LPIPS would be undefined even with the weights, and that is the reason given.
+    assert metrics["lpips"] is None and "cannot take 16x16 images" in metrics["lpips_reason"]
     assert metrics["scales"] == SCALES
     assert "gradient_gap" in metrics and math.isfinite(metrics["gradient_gap"])
     assert "n/a (fid weights not cached" in (out / "report.md").read_text()
 
 
 class AlexShapedFeatures(nn.Module):
-    """Five feature maps with AlexNet's channel counts (what LPIPS's learned heads expect)."""
+    """Five feature maps with AlexNet's channel counts (what LPIPS's learned heads expect); remembers the
+    spatial size of every batch it is shown."""
 
     def __init__(self):
         super().__init__()
         torch.manual_seed(0)
         self.convs = nn.ModuleList(nn.Conv2d(c_in, c_out, 3, stride=2 if i < 2 else 1, padding=1)
                                    for i, (c_in, c_out) in enumerate([(3, 64), (64, 192), (192, 384), (384, 256), (256, 256)]))
+        self.sizes = []
 
     def forward(self, x):
+        self.sizes.append(tuple(x.shape[-2:]))
         outs = []
         for conv in self.convs:
             x = torch.relu(conv(x))
@@ -130,13 +136,40 @@ class Pooled(nn.Module):
         return self.linear(F.adaptive_avg_pool2d(x.float(), 4).flatten(1))
 
 
-def test_image_quality_finite_with_stand_in_networks_through_the_run(tmp_path, monkeypatch):
+def _run_with_stand_ins(tmp_path, monkeypatch, *args) -> tuple[dict, AlexShapedFeatures]:
+    backbone = AlexShapedFeatures()
     monkeypatch.setattr(evaluation, "make_image_quality", lambda device: ImageQuality(
-        device, fid_feature=Pooled(8), is_feature=Pooled(10), lpips_net=AlexShapedFeatures()))
+        device, fid_feature=Pooled(8), is_feature=Pooled(10), lpips_net=backbone))
     out = tmp_path / "run"
-    assert run.main(["configs/digits/vqvae.yaml", *TINY, "--out", str(out)]) == 0
-    metrics = json.loads((out / "metrics.json").read_text())
-    for name in ("fid", "is", "lpips"):
+    assert run.main(["configs/digits/vqvae.yaml", *TINY, *args, "--out", str(out)]) == 0
+    return json.loads((out / "metrics.json").read_text()), backbone
+
+
+def test_image_quality_finite_with_stand_in_networks_through_the_run(tmp_path, monkeypatch):
+    metrics, backbone = _run_with_stand_ins(tmp_path, monkeypatch)
+    for name in ("fid", "is"):
         assert metrics[name] is not None and math.isfinite(metrics[name]), name
         assert metrics[f"{name}_reason"] is None
-    assert metrics["lpips"] >= 0 and metrics["is"] >= 1.0 - 1e-6
+    assert metrics["is"] >= 1.0 - 1e-6
+    # The digits are 16 px, under AlexNet's minimum: LPIPS is null, not measured on resized images.
+    assert metrics["lpips"] is None and "cannot take 16x16 images" in metrics["lpips_reason"]
+    assert backbone.sizes == []
+
+
+# MNIST's native 28 px is under AlexNet's minimum (31), CIFAR-10's 32 px is not.
+@pytest.mark.parametrize("name, side, measured", [("mnist", 28, False), ("cifar10", 32, True)])
+def test_lpips_at_the_data_sets_own_size_through_the_run(tmp_path, monkeypatch, name, side, measured):
+    fake_datasets.skip_md5_checks(monkeypatch)
+    if name == "mnist":
+        fake_datasets.write_mnist(tmp_path / "data", 8, 6)
+    else:
+        fake_datasets.write_cifar10(tmp_path / "data", 2)
+    metrics, backbone = _run_with_stand_ins(tmp_path, monkeypatch, "--set", f"data.name={name}",
+                                            "--set", f"data.root={tmp_path / 'data'}", "--set", "data.batch_size=4")
+    assert metrics["fid"] is not None and math.isfinite(metrics["fid"])
+    if measured:  # at the images' own size, as torchmetrics computes it, never upsampled
+        assert metrics["lpips_reason"] is None and math.isfinite(metrics["lpips"])
+        assert backbone.sizes and set(backbone.sizes) == {(side, side)}
+    else:  # null with the reason, not measured on resized images
+        assert metrics["lpips"] is None and f"cannot take {side}x{side} images" in metrics["lpips_reason"]
+        assert backbone.sizes == []

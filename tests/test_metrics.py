@@ -12,7 +12,7 @@ import torch
 import torchmetrics.functional.image.lpips as tm_lpips
 from torch import nn
 
-from mqvae.metrics import SCALES, ImageQuality, active_codes, code_counts, gradient_gap, perplexity
+from mqvae.metrics import LPIPS_MIN_SIDE, SCALES, ImageQuality, active_codes, code_counts, gradient_gap, perplexity
 
 
 # ---------------------------------------------------------------- codebook usage
@@ -184,9 +184,9 @@ class LpipsBackbone(nn.Module):
     def forward(self, x):
         h = torch.relu(self.stem(x))
         outs = []
-        for head in self.heads:
+        for i, head in enumerate(self.heads):
+            h = nn.functional.avg_pool2d(h, 2) if i else h  # 32 px: 16, 8, 4, 2, 1
             outs.append(head(h))
-            h = nn.functional.avg_pool2d(h, 2)
         return outs
 
 
@@ -264,15 +264,65 @@ def test_stand_in_fid_is_zero_against_itself_and_positive_against_noise():
 
 def test_grayscale_images_are_made_rgb_and_is_sees_clamped_reconstructions_only():
     quality = _stand_in_quality()
-    real = _blobs(20, 28, seed=9)[:, :1]  # MNIST-sized grayscale, below LPIPS's minimum size
+    real = _blobs(20, 32, seed=9)[:, :1]
     fake = real * 1.5  # decoder output overshooting [0, 1]
     quality.update(real, fake)
     out = quality.compute()
     assert all(math.isfinite(out[name]) for name in ("fid", "is", "lpips"))
 
     (seen,) = quality._is.inception.seen
-    assert seen.dtype == torch.float32 and seen.shape == (20, 3, 28, 28)
+    assert seen.dtype == torch.float32 and seen.shape == (20, 3, 32, 32)
     torch.testing.assert_close(seen, fake.clamp(0, 1).expand(-1, 3, -1, -1), rtol=0, atol=0)
+
+
+class RecordingBackbone(LpipsBackbone):
+    """LpipsBackbone that remembers the spatial size of every batch LPIPS hands it."""
+
+    def __init__(self):
+        super().__init__()
+        self.sizes = []
+
+    def forward(self, x):
+        self.sizes.append(tuple(x.shape[-2:]))
+        return super().forward(x)
+
+
+@pytest.mark.parametrize("side", [32, 64])
+def test_lpips_runs_at_the_images_own_size(side):
+    # torchmetrics' LearnedPerceptualImagePatchSimilarity does not resize; neither does ImageQuality.
+    backbone = RecordingBackbone()
+    quality = ImageQuality("cpu", fid_feature=FidFeature(), is_feature=RecordingLogits(), lpips_net=backbone)
+    real = _blobs(6, side, seed=11)
+    fake = (real + 0.1).clamp(0, 1)
+    quality.update(real, fake)
+    out = quality.compute()
+    assert backbone.sizes == [(side, side), (side, side)]  # real and fake, at the data set's size
+    assert out["lpips_reason"] is None
+    assert out["lpips"] == pytest.approx(_lpips_reference(backbone, real, fake), rel=1e-5)
+
+
+@pytest.mark.parametrize("side", [28, 16])
+def test_lpips_is_null_with_the_reason_below_alexnets_minimum_size(side):
+    # 28: MNIST / Fashion-MNIST; 16: the embedded digits. FID and IS are still measured.
+    backbone = RecordingBackbone()
+    quality = ImageQuality("cpu", fid_feature=FidFeature(), is_feature=RecordingLogits(), lpips_net=backbone)
+    real = _blobs(6, side, seed=12)
+    quality.update(real, (real + 0.1).clamp(0, 1))
+    out = quality.compute()
+    assert out["lpips"] is None and backbone.sizes == []
+    assert f"cannot take {side}x{side} images" in out["lpips_reason"] and "\n" not in out["lpips_reason"]
+    assert math.isfinite(out["fid"]) and math.isfinite(out["is"])
+
+
+def test_lpips_minimum_size_is_torchmetrics_alexnets():
+    """The size rule is AlexNet's own (random weights, same layers as torchmetrics' LPIPS backbone): the smallest
+    side it takes is LPIPS_MIN_SIDE; one pixel less and torch's max-pool raises."""
+    alexnet = tm_lpips.Alexnet(pretrained=False)
+    features = alexnet(torch.zeros(1, 3, LPIPS_MIN_SIDE, LPIPS_MIN_SIDE))
+    assert [tuple(f.shape[-2:]) for f in features] == [(7, 7), (3, 3), (1, 1), (1, 1), (1, 1)]
+    for side in (LPIPS_MIN_SIDE - 1, 28, 16, 8):
+        with pytest.raises(RuntimeError, match="Output size is too small"):
+            alexnet(torch.zeros(1, 3, side, side))
 
 
 def test_real_images_outside_unit_range_are_rejected():
