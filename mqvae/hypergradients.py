@@ -8,9 +8,10 @@ the upper level's gradient, or, when ``sync`` is set, adds it to the upper
 parameters' ``.grad`` itself (Betty's distributed path).
 
 Every function here runs its perturbed evaluations purely (``pure_evaluation``):
-BatchNorm uses its running statistics without updating them, no quantizer
-maintenance runs (the quantizer's forward has none), and the lower parameters
-are restored bit-for-bit.
+BatchNorm uses batch statistics as in every other evaluation of L, and its
+running statistics are restored bit-for-bit; no quantizer maintenance runs (the
+quantizer's forward has none), and the lower parameters are restored
+bit-for-bit.
 """
 
 from __future__ import annotations
@@ -27,24 +28,26 @@ from .perf import phase
 
 @contextmanager
 def pure_evaluation(level):
-    """Freeze BatchNorm statistics and restore ``level``'s parameters bit-for-bit afterwards."""
+    """Restore ``level``'s parameters and the model's BatchNorm statistics bit-for-bit afterwards.
+
+    BatchNorm stays in training mode: the perturbed passes must evaluate the same L as v and the direct
+    term (Eq. 13 differentiates one function), and those use batch statistics. Only the running statistics
+    (and ``num_batches_tracked``) that the passes update as a side effect are put back.
+    """
     model = getattr(level, "model", level.module)
-    if getattr(level, "_batch_norms", None) is None:  # the module tree is fixed: walk it once per level
-        level._batch_norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    batch_norms = [m for m in level._batch_norms if m.training]
+    if getattr(level, "_batch_norm_buffers", None) is None:  # the module tree is fixed: walk it once per level
+        level._batch_norm_buffers = [b for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+                                     for b in m.buffers()]
     params = level.trainable_parameters()
-    saved = _buffers_like(level, "_purity_buffers", params)
+    state = params + level._batch_norm_buffers
+    saved = _buffers_like(level, "_purity_buffers", state)
     with torch.no_grad():
-        torch._foreach_copy_(saved, params)
-    for m in batch_norms:
-        m.eval()
+        torch._foreach_copy_(saved, state)
     try:
         yield
     finally:
-        for m in batch_norms:
-            m.train()
         with torch.no_grad():
-            torch._foreach_copy_(params, saved)
+            torch._foreach_copy_(state, saved)
 
 
 def _buffers_like(level, name: str, params) -> list[torch.Tensor]:

@@ -67,8 +67,11 @@ class Level(ImplicitProblem):
         self.model = model
         self.level_cfg = level_cfg
         # Eq. 10's xi and Eq. 13's finite-difference radius, read by the hypergradient of this level's
-        # best response (mqvae.hypergradients) when this level sits below another.
-        self.xi = xi
+        # best response (mqvae.hypergradients) when this level sits below another. xi=None (the config's
+        # ``xi: null``) is the learning rate the tentative step really uses, re-read every iteration so that
+        # it follows warm-up and cosine schedules (remember_pre_step).
+        self.xi_follows_lr = xi is None
+        self.xi = level_cfg.lr if xi is None else xi
         self.fd_alpha = fd_alpha
         self.batch_source = None  # a lower level whose batch this level reuses (data: shared)
         self.last_stats: dict = {}
@@ -249,6 +252,11 @@ class Level(ImplicitProblem):
         return super().optimizer_step(*args, **kwargs)
 
     def remember_pre_step(self) -> None:
+        if self.xi_follows_lr:
+            # The lr the coming optimizer step uses. Betty steps the scheduler right after the tentative step,
+            # before the upper level computes Eq. 13, so it must be read now. The first group holds the
+            # level's own parameters at the level's lr (later groups are quantizer lr scales, param_groups).
+            self.xi = self.optimizer.param_groups[0]["lr"]
         params = self.trainable_parameters()
         if self._pre_step is None:
             self._pre_step = [torch.empty_like(p) for p in params]

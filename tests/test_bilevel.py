@@ -4,6 +4,7 @@ plain-torch Algorithm 1 (with and without roll-back), Huh Eq. 17-18 for xi = 0, 
 from __future__ import annotations
 
 import copy
+import math
 from types import SimpleNamespace
 
 import pytest
@@ -17,7 +18,7 @@ from engines.engine import LevelEngine
 from mqvae.config import config_from_dict
 from problems import Level, register_problem
 
-from helpers import snapshot, tiny_engine
+from helpers import snapshot, tiny_engine, two_levels
 
 # ---------------------------------------------------------------------------------------------
 # 1. A smooth toy two-level problem in float64: the engine's hypergradient equals autograd's
@@ -158,9 +159,11 @@ def algorithm_1(model, batch, lr, xi, alpha, roll_back, optimizers=None):
     # 2. v and the direct term at the post-step parameters
     grads = torch.autograd.grad(loss(), codebook + lower)
     direct, v = grads[0], grads[1:]
-    # 3. Eq. 13 around the pre-step parameters (full loss: no shortcut here)
+    # 3. Eq. 13 around the pre-step parameters (full loss: no shortcut here). The model stays in training mode,
+    # so BatchNorm uses batch statistics here as in steps 1-2; the running statistics the passes touch are put back.
     eps = alpha / torch.cat([t.reshape(-1) for t in v]).norm()
     post = [p.detach().clone() for p in lower]
+    statistics = [b.detach().clone() for b in model.buffers()]
     fd = []
     for sign in (1, -1):
         with torch.no_grad():
@@ -170,6 +173,8 @@ def algorithm_1(model, batch, lr, xi, alpha, roll_back, optimizers=None):
     with torch.no_grad():
         for p, p1 in zip(lower, post):
             p.copy_(p1)
+        for b, saved in zip(model.buffers(), statistics):
+            b.copy_(saved)
     implicit = -xi * (fd[0] - fd[1]) / (2 * eps)
     # 4. codebook step
     codebook[0].grad = direct + implicit
@@ -207,6 +212,54 @@ def test_one_iteration_equals_plain_torch_algorithm_1(tmp_path, roll_back):
     assert_optimizer_states_close(engine.codebook.optimizer, opt_upper)
     # The codebook moved, and roll-back on and off give different lower parameters (they are different orders).
     assert not torch.equal(engine.model.quantizer.codebook, tiny_engine(tmp_path / "fresh").model.quantizer.codebook)
+
+
+def assert_models_close(got, want):
+    for (name, a), (_, b) in zip(got.state_dict().items(), want.state_dict().items()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6, msg=lambda m: f"{name}: {m}")
+
+
+def warmup_cosine(step, total, warmup):
+    """MQ-VAE App. I's schedule by its formula: linear warm-up to the base lr, then cosine to zero."""
+    if step < warmup:
+        return (step + 1) / warmup
+    return 0.5 * (1 + math.cos(math.pi * (step - warmup) / (total - warmup)))
+
+
+def test_xi_is_the_scheduled_learning_rate_of_every_tentative_step(tmp_path):
+    # SGD with warm-up and cosine on both levels: Eq. 10's xi is the lr the tentative step used at that iteration
+    # (here 1/3, 2/3, 1, 1, 0.75, 0.25 of the base lr), not the base lr.
+    iters, lr = 6, 0.05
+    levels = [{**level, "scheduler": "warmup_cosine", "warmup_ratio": 0.5} for level in two_levels(lr, lr, "sgd")]
+    engine = tiny_engine(tmp_path, levels=levels, train={"iters": iters, "log_every": 1})
+    reference = copy.deepcopy(engine.model)
+    optimizers = (torch.optim.SGD(enc_dec_parameters(reference), lr=lr),
+                  torch.optim.SGD([reference.quantizer.codebook], lr=lr))
+    for step in range(iters):
+        scheduled = lr * warmup_cosine(step, iters, warmup=3)
+        for optimizer in optimizers:
+            optimizer.param_groups[0]["lr"] = scheduled
+        engine.train_step()
+        algorithm_1(reference, engine.autoencoder.cur_batch, lr, xi=scheduled, alpha=0.01, roll_back=False,
+                    optimizers=optimizers)
+        assert engine.autoencoder.xi == pytest.approx(scheduled, rel=1e-12)
+    assert_models_close(engine.model, reference)
+
+
+def test_batch_norm_model_equals_algorithm_1_in_training_mode(tmp_path):
+    # Eq. 13 differentiates one function: the perturbed passes use batch statistics as v and the direct term do.
+    # SGD, because a convolution bias right before BatchNorm has a zero gradient up to rounding, which Adam
+    # would scale up to full steps of noise.
+    lr = 0.05
+    engine = tiny_engine(tmp_path, model={"norm": "batch"}, levels=two_levels(lr, lr, "sgd"), hypergradient={"alpha": 0.01})
+    reference = copy.deepcopy(engine.model)
+    assert any(isinstance(m, nn.BatchNorm2d) for m in reference.modules()) and reference.training
+    optimizers = (torch.optim.SGD(enc_dec_parameters(reference), lr=lr),
+                  torch.optim.SGD([reference.quantizer.codebook], lr=lr))
+    for _ in range(3):
+        engine.train_step()
+        algorithm_1(reference, engine.autoencoder.cur_batch, lr, xi=lr, alpha=0.01, roll_back=False, optimizers=optimizers)
+    assert_models_close(engine.model, reference)  # parameters and running statistics
 
 
 def test_roll_back_iterations_equal_plain_torch_algorithm_1(tmp_path):
