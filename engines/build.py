@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import math
 
 import torch
@@ -71,6 +72,14 @@ def level_graph(cfg: Config) -> tuple[dict[str, list[str]], dict[str, list[str]]
     return u2l, l2u
 
 
+def derived_seed(seed: int, level_name: str) -> int:
+    """The seed of a level's own batch stream, other than the run's main training stream.
+
+    A pure function of the run's seed and the level's name (40 bits, so the stream's per-epoch generator
+    seed stays in range): adding, removing or reordering levels shifts no other level's batches."""
+    return int.from_bytes(hashlib.sha256(f"{seed}/{level_name}".encode()).digest()[:5], "big")
+
+
 def build_problems(cfg: Config, model, datasets, device) -> tuple[list, dict]:
     """The configured levels as Betty Problems, and the Betty dependency dict."""
     u2l, l2u = level_graph(cfg)
@@ -80,6 +89,7 @@ def build_problems(cfg: Config, model, datasets, device) -> tuple[list, dict]:
             betty_children.setdefault(upper, []).append(lower)
 
     holdout = None
+    main_stream_taken = False
     problems = {}
     for index, level in enumerate(cfg.levels):
         if level.problem not in PROBLEMS:
@@ -90,7 +100,6 @@ def build_problems(cfg: Config, model, datasets, device) -> tuple[list, dict]:
             raise UserError(f"levels.{index}.name: '{level.name}' is taken by an attribute of the Problem classes; choose another name")
         module = cls.module_of(model).to(device)
         has_upper = level.name in l2u and cfg.hypergradient.xi != 0
-        xi = cfg.hypergradient.xi if cfg.hypergradient.xi is not None else level.lr
         betty_cfg = BettyConfig(
             type=cfg.hypergradient.type,
             darts_alpha=cfg.hypergradient.alpha,
@@ -104,16 +113,22 @@ def build_problems(cfg: Config, model, datasets, device) -> tuple[list, dict]:
             data = "shared" if level.name in betty_children else "train"
         stream = None
         if data == "train":
-            stream = BatchStream(datasets.train, cfg.data.batch_size, seed=cfg.seed + index, num_workers=cfg.data.num_workers)
+            # Same seed, same batches: the first level drawing from the training split (the one that trains
+            # the encoder in every shipped config) uses the run's seed, whatever the number of levels, so
+            # VQ-VAE, alt and MQ-VAE runs at one seed are paired. Any further draw gets a seed of its own.
+            seed = derived_seed(cfg.seed, level.name) if main_stream_taken else cfg.seed
+            main_stream_taken = True
+            stream = BatchStream(datasets.train, cfg.data.batch_size, seed=seed, num_workers=cfg.data.num_workers)
         elif data == "holdout":
             if holdout is None:
                 _, holdout = holdout_split(datasets.train, cfg.data.holdout_fraction, seed=cfg.seed)
-            stream = BatchStream(holdout, min(cfg.data.batch_size, len(holdout)), seed=cfg.seed + index, num_workers=cfg.data.num_workers)
+            stream = BatchStream(holdout, min(cfg.data.batch_size, len(holdout)), seed=derived_seed(cfg.seed, level.name),
+                                 num_workers=cfg.data.num_workers)
         params = [p for p in module.parameters() if p.requires_grad]
         optimizer = make_optimizer(level, params)
         scheduler = make_scheduler(level, optimizer, cfg.train.iters)
         problem = cls(level.name, betty_cfg, module, optimizer, scheduler, stream, model=model, level_cfg=level,
-                      xi=xi if has_upper else 0.0, fd_alpha=cfg.hypergradient.alpha)
+                      xi=cfg.hypergradient.xi if has_upper else 0.0, fd_alpha=cfg.hypergradient.alpha)
         problems[level.name] = (problem, data)
 
     for name, (problem, data) in problems.items():

@@ -48,13 +48,15 @@ def build_engine(cfg: Config, run_dir: Path) -> LevelEngine:
     return engine
 
 
-def _initialize_codebook(engine: LevelEngine) -> None:
-    """k-means initialization from encoder outputs of a few training batches (Huh et al., §3)."""
-    model, stream = engine.model, engine.encoder_level.stream
+def initialize_codebook(engine: LevelEngine) -> None:
+    """k-means initialization from the encoder outputs of the first 2048 training images (Huh et al., §3;
+    MQ-VAE §5.1: "All models were initialized using the K-means clustering algorithm"). Its random draws come
+    from a generator seeded by the run's seed alone, so every method at one seed starts from the same codebook."""
+    model = engine.model
     xs = [x for x, _ in (engine.datasets.train[i] for i in range(min(len(engine.datasets.train), 2048)))]
     with torch.no_grad():
         z_e = model.encoder(torch.stack(xs).to(engine.device))
-    model.quantizer.initialize(z_e)
+    model.quantizer.initialize(z_e, generator=torch.Generator(engine.device).manual_seed(engine.cfg.seed))
 
 
 def _trim_log(path: Path, step: int) -> None:
@@ -75,7 +77,7 @@ def run_experiment(cfg: Config, run_dir: Path, resume: bool = False) -> dict:
     else:
         (run_dir / "log.jsonl").write_text("")
         if cfg.quantizer.kmeans_init:
-            _initialize_codebook(engine)
+            initialize_codebook(engine)
     (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
     started = time.perf_counter()

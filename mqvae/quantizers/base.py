@@ -49,8 +49,8 @@ class Quantizer(nn.Module):
     def maintain(self, z_e: torch.Tensor, out: QuantizerOutput) -> None:
         """Explicit maintenance after a training iteration (dead-code replacement, running statistics)."""
 
-    def initialize(self, z_e: torch.Tensor) -> None:
-        """Data-dependent initialization from encoder outputs (k-means)."""
+    def initialize(self, z_e: torch.Tensor, generator: torch.Generator | None = None) -> None:
+        """Data-dependent initialization from encoder outputs (k-means), drawing from ``generator``."""
 
 
 def batch_perplexity(counts: torch.Tensor) -> torch.Tensor:

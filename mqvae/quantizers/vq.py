@@ -171,15 +171,16 @@ class VectorQuantizer(Quantizer):
         self.idle_iters.copy_(torch.where(dead, torch.zeros_like(idle), idle))
 
     @torch.no_grad()
-    def initialize(self, z_e: torch.Tensor) -> None:
+    def initialize(self, z_e: torch.Tensor, generator: torch.Generator | None = None) -> None:
         """k-means++ then ``kmeans_iters`` Lloyd steps per latent group (Huh §3.2, A.7), on z_e's device,
-        with the global RNG. The codebook keeps its ``num_codes`` codes even with fewer input vectors
+        drawing from ``generator`` (the global RNG when None). The codebook keeps its ``num_codes`` codes even with fewer input vectors
         (``kmeans_init`` then re-uses inputs with a little noise). The centres are effective codes; the
         raw codes stored are the ones the current affine map sends there.
         """
         z = self._vectors(z_e).to(self.codebook.dtype)
         # <- data-parallel: compute on rank 0 and broadcast the centres.
-        centres = torch.cat([kmeans_init(z[:, g], self.codes_per_group, iters=self.cfg.kmeans_iters)
+        centres = torch.cat([kmeans_init(z[:, g], self.codes_per_group, iters=self.cfg.kmeans_iters,
+                                         generator=generator)
                              for g in range(self.groups)])
         self.codebook.copy_(centres if self.affine is None else self.affine.invert(centres))
         if self.cfg.replace_freq:
