@@ -77,6 +77,9 @@ class QuantizerConfig:
     affine_momentum: float = spec(0.1, min=0.0, max=1.0)
     # Dead-code (LRU) replacement: a code idle for replace_freq iterations is re-seeded (0 = off).
     replace_freq: int = spec(0, min=0)
+    # k-means init of the codes from encoder outputs before training (Huh §3.2; MQ-VAE §5.1 uses it for every
+    # model, and every shipped config but Gumbel-VQ's sets it). Off here so that a Gumbel-VQ config, whose
+    # codes are not found by distance, needs no key to turn it off.
     kmeans_init: bool = False
     kmeans_iters: int = spec(10, min=0)
     # l2-normalized inputs and codes, cosine search, losses on the normalized vectors (Yu et al.; Huh Table 3).

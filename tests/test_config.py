@@ -11,6 +11,7 @@ import run
 from engines.experiment import resolve_device
 from mqvae.config import config_from_dict, load_config, read_yaml
 from mqvae.errors import UserError
+from mqvae.sweep import load_sweep
 
 ROOT = Path(__file__).resolve().parents[1]
 LEVEL = [{"name": "vqvae", "problem": "VQVAE"}]
@@ -22,6 +23,29 @@ def test_shipped_configs_load():
             continue
         cfg = load_config(path)
         assert cfg.levels
+
+
+def shipped_experiments():
+    """Every experiment the repository ships: each config file, and each run of each sweep file."""
+    for path in sorted((ROOT / "configs").rglob("*.yaml")):
+        if "sweep" not in read_yaml(path):
+            yield str(path.relative_to(ROOT)), load_config(path)
+            continue
+        sweep = load_sweep(path)
+        for run in sweep.runs:
+            yield f"{path.relative_to(ROOT)}: {run.label}", load_config(ROOT / run.config, sweep.set + run.set)
+
+
+def test_shipped_experiments_use_kmeans_init_and_alternated_ones_beta_zero():
+    # MQ-VAE §5.1: "All models were initialized using the K-means clustering algorithm" (Gumbel-VQ picks codes
+    # from logits, so k-means has nothing to fit there). §4.4: alternated optimization is xi = 0 with beta = 0.
+    experiments = list(shipped_experiments())
+    assert len(experiments) > 30
+    for name, cfg in experiments:
+        assert cfg.quantizer.kmeans_init == (cfg.quantizer.kind != "gumbel"), name
+        if cfg.hypergradient.xi == 0:
+            assert cfg.quantizer.beta == 0, name
+    assert sum(cfg.hypergradient.xi == 0 for _, cfg in experiments) >= 3
 
 
 @pytest.mark.parametrize("data, needles", [
