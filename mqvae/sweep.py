@@ -17,7 +17,13 @@ A sweep file::
 
 Optional keys: ``name`` (the sweep folder under runs/, default the file name), ``datasets`` (a list of
 ``data.name`` values; each run is repeated on each), ``main_metric`` (the bar chart's metric, default
-the first of ``metrics``), ``set`` (overrides applied to every run, before each run's own ``set``).
+the first of ``metrics``), ``set`` (overrides applied to every run, before each run's own ``set``),
+``baseline`` (the label of the run the others are compared with, default the first run).
+
+Below the mean ± std table, results.md and results.json give each other method's paired difference from
+the baseline per metric: method minus baseline seed by seed (and data set by data set), its mean over the
+seeds, the 95% t-interval of that mean, mean ± t(0.975, n - 1) · sd / sqrt(n) (undefined for one seed), and
+in how many seeds the method did better in the metric's direction (``BETTER``).
 """
 
 from __future__ import annotations
@@ -31,6 +37,8 @@ import statistics
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
+
+from scipy.stats import t as student_t
 
 from .config import build, read_yaml, spec
 from .errors import UserError
@@ -54,6 +62,13 @@ COLUMNS = {
     "iterations": ("Iterations", 1.0),
 }
 
+# Which way a metric improves (the ↓ / ↑ of its header); it decides "better in k of n seeds" and whether a
+# significant difference is better or worse. Train time and iterations are costs, not results: no side.
+BETTER = {
+    "fid": "lower", "lpips": "lower", "test_mse": "lower", "cross_entropy": "lower", "gradient_gap": "lower",
+    "is": "higher", "accuracy": "higher", "f1": "higher", "perplexity": "higher", "active_codes": "higher",
+}
+
 
 @dataclass
 class SweepRun:
@@ -74,6 +89,8 @@ class Sweep:
     datasets: list[str] = spec(factory=list)
     # --set style overrides applied to every run (before each run's own ``set``)
     set: list[str] = spec(factory=list)
+    # label of the run every other run's paired difference is taken from; default the first run
+    baseline: str = ""
 
 
 @dataclass
@@ -146,8 +163,15 @@ def load_sweep(path: str | Path) -> Sweep:
         if resolved is None:
             raise UserError(f"{where}: sweep.runs.{i}.config: file '{run.config}' not found")
         run.config = str(resolved)
+    labels = [run.label for run in sweep.runs]
+    if sweep.baseline and sweep.baseline not in labels:
+        close = difflib.get_close_matches(sweep.baseline, labels, n=1)
+        hint = f"did you mean '{close[0]}'? " if close else ""
+        raise UserError(f"{where}: sweep.baseline: '{sweep.baseline}' names no run; {hint}"
+                        f"(runs: {', '.join(repr(label) for label in labels)})")
     sweep.name = sweep.name or path.stem
     sweep.main_metric = sweep.main_metric or sweep.metrics[0]
+    sweep.baseline = sweep.baseline or labels[0]
     return sweep
 
 
@@ -172,17 +196,71 @@ def read_metrics(run: PlannedRun) -> Optional[dict]:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
+def _number(value) -> Optional[float]:
+    """A metric's value as a float; None when the metric is null, missing or not finite."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+        return float(value)
+    return None
+
+
 def summarize(values: list) -> dict:
     """Mean and sample standard deviation (n - 1; 0 for one seed) of the non-null values."""
-    numbers = [float(v) for v in values if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)]
+    numbers = [v for v in map(_number, values) if v is not None]
     if not numbers:
         return {"mean": None, "std": None, "n": 0}
     std = statistics.stdev(numbers) if len(numbers) > 1 else 0.0
     return {"mean": statistics.fmean(numbers), "std": std, "n": len(numbers)}
 
 
+def _gain(difference: float, better: str) -> float:
+    """A method-minus-baseline difference signed so that positive means the method did better."""
+    return difference if better == "higher" else -difference
+
+
+def paired_difference(method: list, baseline: list, better: Optional[str]) -> dict:
+    """Method minus baseline over the seeds where both have a value (``method[i]`` and ``baseline[i]`` are
+    the same seed): mean, 95% t-interval (None below 2 seeds: one difference has no spread), whether the
+    interval excludes 0, and in how many seeds the method did better (None for a metric without a side)."""
+    pairs = [(_number(m), _number(b)) for m, b in zip(method, baseline)]
+    differences = [m - b for m, b in pairs if m is not None and b is not None]
+    n = len(differences)
+    if n == 0:
+        return {"mean": None, "ci95": None, "n": 0, "better_seeds": None, "significant": None}
+    mean = statistics.fmean(differences)
+    ci95 = None
+    if n > 1:
+        half = float(student_t.ppf(0.975, n - 1)) * statistics.stdev(differences) / math.sqrt(n)
+        ci95 = [mean - half, mean + half]
+    better_seeds = sum(_gain(d, better) > 0 for d in differences) if better else None
+    significant = None if ci95 is None else (ci95[0] > 0 or ci95[1] < 0)
+    return {"mean": mean, "ci95": ci95, "n": n, "better_seeds": better_seeds, "significant": significant}
+
+
+def paired_table(sweep: Sweep, runs: list[dict], table: list[dict]) -> list[dict]:
+    """Per (data set, method other than the baseline): every metric's paired_difference from the baseline on
+    the same data set, seed by seed. A metric with no pair keeps the reason it was not measured."""
+    values = {(run["dataset"], run["label"], run["seed"]): run["metrics"] or {} for run in runs}
+    reference = {row["dataset"]: row for row in table if row["label"] == sweep.baseline}
+    paired = []
+    for row in table:
+        if row["label"] == sweep.baseline:
+            continue
+        dataset, cells = row["dataset"], {}
+        for metric in sweep.metrics:
+            method = [values[(dataset, row["label"], seed)].get(metric) for seed in sweep.seeds]
+            baseline = [values[(dataset, sweep.baseline, seed)].get(metric) for seed in sweep.seeds]
+            cell = paired_difference(method, baseline, BETTER.get(metric))
+            reason = row["metrics"][metric].get("reason") or reference[dataset]["metrics"][metric].get("reason")
+            if cell["n"] == 0 and reason:
+                cell["reason"] = reason
+            cells[metric] = cell
+        paired.append({"label": row["label"], "dataset": dataset, "metrics": cells})
+    return paired
+
+
 def aggregate(sweep: Sweep, planned: list[PlannedRun]) -> dict:
-    """results.json's content: every run's metrics, and per (data set, method) mean ± std over seeds."""
+    """results.json's content: every run's metrics, per (data set, method) mean ± std over seeds, and per
+    (data set, method other than the baseline) the paired difference from the baseline."""
     runs, groups = [], {}
     for run in planned:
         metrics = read_metrics(run)
@@ -201,7 +279,8 @@ def aggregate(sweep: Sweep, planned: list[PlannedRun]) -> dict:
         table.append(row)
     return {"title": sweep.title, "name": sweep.name, "seeds": sweep.seeds, "metrics": sweep.metrics,
             "main_metric": sweep.main_metric, "scales": {m: COLUMNS[m][1] for m in sweep.metrics},
-            "aggregate": table, "runs": runs}
+            "better": {m: BETTER.get(m) for m in sweep.metrics}, "baseline": sweep.baseline,
+            "aggregate": table, "paired": paired_table(sweep, runs, table), "runs": runs}
 
 
 def format_cell(summary: dict, scale: float) -> str:
@@ -211,31 +290,113 @@ def format_cell(summary: dict, scale: float) -> str:
     return f"{summary['mean'] / scale:.2f} ± {summary['std'] / scale:.2f}"
 
 
-def results_markdown(results: dict) -> str:
-    """Rows = methods, columns = metrics (the papers' headers and scale factors), mean ± std over seeds."""
+def _na_cell(summary: dict, metric: str, notes: dict) -> str:
+    """'n/a [metric]' and the reason noted below the tables when one is known, else plain 'n/a'."""
+    if not summary.get("reason"):
+        return "n/a"
+    notes.setdefault(metric, summary["reason"])
+    return f"n/a [{metric}]"
+
+
+def format_paired_cell(cell: dict, scale: float) -> str:
+    """'mean [CI low, CI high]; k/n better' in the column's unit, signed; 'CI n/a (1 seed)' where one seed
+    gives no interval."""
+    text = f"{cell['mean'] / scale:+.2f} "
+    if cell["ci95"] is None:
+        text += "CI n/a (1 seed)"
+    else:
+        text += "[" + ", ".join(f"{bound / scale:+.2f}" for bound in cell["ci95"]) + "]"
+    if cell["better_seeds"] is not None:
+        text += f"; {cell['better_seeds']}/{cell['n']} better"
+    return text
+
+
+def _table(header: list[str], rows: list[tuple[str, list[str]]]) -> list[str]:
+    lines = ["| Method | " + " | ".join(header) + " |", "|---|" + "---|" * len(header)]
+    return lines + [f"| {label} | " + " | ".join(cells) + " |" for label, cells in rows]
+
+
+def _mean_table(results: dict, dataset: Optional[str], notes: dict) -> list[str]:
     metrics = results["metrics"]
+    rows = []
+    for row in (r for r in results["aggregate"] if r["dataset"] == dataset):
+        cells = []
+        for m in metrics:
+            cell = format_cell(row["metrics"][m], COLUMNS[m][1])
+            cells.append(_na_cell(row["metrics"][m], m, notes) if cell == "n/a" else cell)
+        rows.append((row["label"], cells))
+    return _table([COLUMNS[m][0] for m in metrics], rows)
+
+
+def _paired_table(results: dict, paired: list[dict], notes: dict) -> list[str]:
+    metrics = results["metrics"]
+    rows = []
+    for row in paired:
+        cells = []
+        for m in metrics:
+            cell = row["metrics"][m]
+            cells.append(_na_cell(cell, m, notes) if cell["mean"] is None else format_paired_cell(cell, COLUMNS[m][1]))
+        rows.append((row["label"], cells))
+    return [f"Paired difference from {results['baseline']} (method − baseline, seed by seed; cells: mean "
+            "[95% interval]; seeds in which the method did better):", "",
+            *_table([COLUMNS[m][0] for m in metrics], rows)]
+
+
+def _verdict(cell: dict, better: Optional[str]) -> str:
+    """How a significant difference reads: better / worse, or higher / lower for a metric without a side."""
+    if better is None:
+        return "higher" if cell["mean"] > 0 else "lower"
+    return "better" if _gain(cell["mean"], better) > 0 else "worse"
+
+
+def _significance(results: dict, paired: list[dict]) -> list[str]:
+    """One sentence per metric: which methods differ from the baseline at 95% (CI excludes 0), or none."""
+    baseline, lines = results["baseline"], []
+    for m in results["metrics"]:
+        cells = [(row["label"], row["metrics"][m]) for row in paired]
+        groups = {}
+        for label, cell in cells:
+            if cell["significant"]:
+                groups.setdefault(_verdict(cell, results["better"][m]), []).append(label)
+        untested = [label for label, cell in cells if cell["significant"] is None]
+        if all(cell["n"] == 0 for _, cell in cells):
+            sentence = "not measured, no difference"
+        elif groups:
+            sentence = "; ".join(f"significantly {verdict} than {baseline}: {', '.join(labels)}"
+                                 for verdict, labels in sorted(groups.items()))
+        elif len(untested) == len(cells):
+            sentence = "no interval (fewer than 2 seeds with a value), so nothing is significant"
+        else:
+            sentence = f"no method differs significantly from {baseline}"
+        if untested and len(untested) < len(cells):
+            sentence += f" (no interval for {', '.join(untested)}: fewer than 2 seeds with a value)"
+        lines.append(f"- {COLUMNS[m][0]}: {sentence}.")
+    return lines
+
+
+def results_markdown(results: dict) -> str:
+    """Per data set: rows = methods, columns = metrics (the papers' headers and scale factors), mean ± std
+    over seeds; below it each other method's paired difference from the baseline and what is significant."""
     lines = [f"# {results['title'] or results['name']}", ""]
     datasets = list(dict.fromkeys(row["dataset"] for row in results["aggregate"]))
     notes = {}
     for dataset in datasets:
         if dataset is not None:
             lines += [f"## {dataset}", ""]
-        lines.append("| Method | " + " | ".join(COLUMNS[m][0] for m in metrics) + " |")
-        lines.append("|---|" + "---|" * len(metrics))
-        for row in (r for r in results["aggregate"] if r["dataset"] == dataset):
-            cells = []
-            for m in metrics:
-                summary = row["metrics"][m]
-                cell = format_cell(summary, COLUMNS[m][1])
-                if cell == "n/a" and summary.get("reason"):
-                    notes.setdefault(m, summary["reason"])
-                    cell = f"n/a [{m}]"
-                cells.append(cell)
-            lines.append(f"| {row['label']} | " + " | ".join(cells) + " |")
-        lines.append("")
+        lines += [*_mean_table(results, dataset, notes), ""]
+        paired = [row for row in results["paired"] if row["dataset"] == dataset]
+        if paired:
+            lines += [*_paired_table(results, paired, notes), "",
+                      "Significant at 95% (the interval excludes 0):", *_significance(results, paired), ""]
     seeds = results["seeds"]
     lines.append(f"Mean ± sample standard deviation over {len(seeds)} seed(s) {seeds}; a column header's "
                  "(10^-k) means the values are shown divided by 10^-k (metrics.json and results.json hold unscaled values).")
+    if results["paired"]:
+        lines += ["", f"Paired difference: per seed{' and data set' if datasets != [None] else ''}, the method's "
+                  f"value minus {results['baseline']}'s, in the column's unit; mean over the seeds, its 95% "
+                  "t-interval [mean ± t(0.975, n−1)·sd/√n] and in how many of the n seeds the method did "
+                  "better (lower for a ↓ column, higher for ↑ and active codes). An interval that excludes 0 is "
+                  "significant at 95%; one seed gives no interval."]
     for metric, reason in notes.items():
         lines += ["", f"[{metric}] not measured: {reason}"]
     return "\n".join(lines) + "\n"

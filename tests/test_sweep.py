@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import statistics
 import subprocess
 import sys
@@ -12,7 +13,8 @@ import pytest
 
 import run
 from engines import experiment
-from mqvae.sweep import load_sweep, slugify
+from mqvae.errors import UserError
+from mqvae.sweep import aggregate, expand, load_sweep, slugify, write_results
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--set", "train.iters=2", "--set", "train.log_every=1", "--set", "train.eval_every=1",
@@ -133,8 +135,11 @@ def test_sweep_error_from_the_command_line_is_one_line(tmp_path):
     (("label:", "lable:"), ["sweep.runs.0.lable", "did you mean 'label'"]),
     (("metrics: [test_mse,", "metrics: [test_mes,"), ["sweep.metrics.0", "test_mse"]),
     (("configs/digits/mqvae.yaml", "configs/digits/nope.yaml"), ["sweep.runs.1.config", "nope.yaml"]),
+    (("  runs:", '  baseline: "VQ-VAE (direct)"\n  runs:'),
+     ["sweep.baseline", "'VQ-VAE (direct)' names no run", "'VQ-VAE', 'MQ-VAE (direct)'"]),
 ])
-def test_misspelt_sweep_key_is_a_one_line_error(tmp_path, capsys, edit, needles):
+def test_misspelt_sweep_key_is_a_one_line_error(tmp_path, capsys, monkeypatch, edit, needles):
+    monkeypatch.setattr(experiment, "run_experiment", lambda *a, **k: pytest.fail("a bad sweep file started a run"))
     text = write_sweep(tmp_path).read_text().replace(*edit)
     path = write_sweep(tmp_path, text)
     assert run.main([str(path), "--out", str(tmp_path / "out")]) == 2
@@ -143,6 +148,126 @@ def test_misspelt_sweep_key_is_a_one_line_error(tmp_path, capsys, edit, needles)
     assert len(lines) == 1 and lines[0].startswith("error: "), stderr
     for needle in [str(path), *needles]:
         assert needle in lines[0], lines[0]
+
+
+def fake_sweep(tmp_path, metrics, per_run: dict, seeds, extra=""):
+    """A sweep whose runs' metrics.json are written by hand (no training): per_run[label] = {key: [value per
+    seed]}, or per_run[label][dataset] = {key: [...]} when ``extra`` sets datasets. Returns results, results.md."""
+    runs = "\n".join(f'    - {{label: "{label}", config: configs/digits/vqvae.yaml}}' for label in per_run)
+    text = f"sweep:\n  seeds: {seeds}\n  metrics: [{', '.join(metrics)}]\n{extra}  runs:\n{runs}\n"
+    sweep = load_sweep(write_sweep(tmp_path, text))
+    planned = expand(sweep, tmp_path / "sweep")
+    for run in planned:
+        values = per_run[run.label][run.dataset] if run.dataset else per_run[run.label]
+        run.run_dir.mkdir(parents=True)
+        (run.run_dir / "metrics.json").write_text(json.dumps({k: v[seeds.index(run.seed)] for k, v in values.items()}))
+    results = aggregate(sweep, planned)
+    write_results(results, tmp_path / "sweep")
+    assert json.loads((tmp_path / "sweep" / "results.json").read_text()) == results
+    return results, (tmp_path / "sweep" / "results.md").read_text()
+
+
+T_975_4 = 2.7764451051977987  # Student t, 0.975 quantile, 4 degrees of freedom (from a table)
+
+
+def test_paired_differences_match_a_hand_computed_t_interval(tmp_path):
+    # Method minus baseline per seed, by hand: MSE -0.5, -0.3, -0.4, +0.1, -0.2 (x1e-3; lower is better, so the
+    # method is better in 4 of 5 seeds), perplexity +2, +1, +3, +2, +2 (higher is better: 5 of 5), Δgap +1, +2,
+    # +1, +2, +1 (x1e-5; lower is better: 0 of 5). FID is null with a reason in every run.
+    base = {"test_mse": [1e-3, 2e-3, 3e-3, 4e-3, 5e-3], "perplexity": [10.0, 12.0, 11.0, 13.0, 10.0],
+            "gradient_gap": [3e-5, 3e-5, 4e-5, 4e-5, 5e-5], "fid": [None] * 5,
+            "fid_reason": ["weights absent (test)"] * 5}
+    method = {"test_mse": [0.5e-3, 1.7e-3, 2.6e-3, 4.1e-3, 4.8e-3], "perplexity": [12.0, 13.0, 14.0, 15.0, 12.0],
+              "gradient_gap": [4e-5, 5e-5, 5e-5, 6e-5, 6e-5], "fid": [None] * 5,
+              "fid_reason": ["weights absent (test)"] * 5}
+    results, md = fake_sweep(tmp_path, ["test_mse", "perplexity", "gradient_gap", "fid"],
+                             {"VQ-VAE": base, "MQ-VAE": method}, [0, 1, 2, 3, 4])
+    assert results["baseline"] == "VQ-VAE"
+    assert [row["label"] for row in results["paired"]] == ["MQ-VAE"]
+    cells = results["paired"][0]["metrics"]
+
+    def by_hand(differences):
+        mean = sum(differences) / 5
+        sd = math.sqrt(sum((d - mean) ** 2 for d in differences) / 4)
+        half = T_975_4 * sd / math.sqrt(5)
+        return mean, [mean - half, mean + half]
+
+    for metric, differences, better, significant in (
+            ("test_mse", [-0.5e-3, -0.3e-3, -0.4e-3, 0.1e-3, -0.2e-3], 4, False),
+            ("perplexity", [2.0, 1.0, 3.0, 2.0, 2.0], 5, True),
+            ("gradient_gap", [1e-5, 2e-5, 1e-5, 2e-5, 1e-5], 0, True)):
+        mean, ci95 = by_hand(differences)
+        cell = cells[metric]
+        assert cell["n"] == 5 and cell["better_seeds"] == better and cell["significant"] is significant, metric
+        assert cell["mean"] == pytest.approx(mean, rel=1e-9)
+        assert cell["ci95"] == pytest.approx(ci95, rel=1e-9), metric
+    assert cells["fid"] == {"mean": None, "ci95": None, "n": 0, "better_seeds": None, "significant": None,
+                            "reason": "weights absent (test)"}
+    assert results["better"] == {"test_mse": "lower", "perplexity": "higher", "gradient_gap": "lower", "fid": "lower"}
+
+    # the md table, in the columns' display factors (MSE x1e-3, Δgap x1e-5), below the mean ± std table
+    mse, mse_ci = by_hand([-0.5, -0.3, -0.4, 0.1, -0.2])
+    ppl, ppl_ci = by_hand([2.0, 1.0, 3.0, 2.0, 2.0])
+    gap, gap_ci = by_hand([1.0, 2.0, 1.0, 2.0, 1.0])
+    row = (f"| MQ-VAE | {mse:+.2f} [{mse_ci[0]:+.2f}, {mse_ci[1]:+.2f}]; 4/5 better | "
+           f"{ppl:+.2f} [{ppl_ci[0]:+.2f}, {ppl_ci[1]:+.2f}]; 5/5 better | "
+           f"{gap:+.2f} [{gap_ci[0]:+.2f}, {gap_ci[1]:+.2f}]; 0/5 better | n/a [fid] |")
+    assert row == "| MQ-VAE | -0.26 [-0.55, +0.03]; 4/5 better | +2.00 [+1.12, +2.88]; 5/5 better | " \
+                  "+1.40 [+0.72, +2.08]; 0/5 better | n/a [fid] |"
+    assert row in md
+    assert md.index("| VQ-VAE | ") < md.index("Paired difference from VQ-VAE") < md.index(row)
+    assert "- MSE (10^-3) ↓: no method differs significantly from VQ-VAE." in md
+    assert "- Perplexity ↑: significantly better than VQ-VAE: MQ-VAE." in md
+    assert "- Δgap (10^-5) ↓: significantly worse than VQ-VAE: MQ-VAE." in md
+    assert "- FID ↓: not measured, no difference." in md
+    assert "[fid] not measured: weights absent (test)" in md
+
+
+def test_named_baseline_and_better_counts_in_each_direction(tmp_path):
+    per_run = {"A": {"accuracy": [0.90, 0.80, 0.85], "cross_entropy": [0.3, 0.5, 0.4]},
+               "B": {"accuracy": [0.80, 0.85, 0.70], "cross_entropy": [0.4, 0.4, 0.5]},
+               "C": {"accuracy": [0.95, 0.90, 0.90], "cross_entropy": [0.2, 0.3, 0.35]}}
+    results, md = fake_sweep(tmp_path, ["accuracy", "cross_entropy"], per_run, [0, 1, 2], extra='  baseline: "B"\n')
+    assert results["baseline"] == "B" and [row["label"] for row in results["paired"]] == ["A", "C"]
+    a, c = (row["metrics"] for row in results["paired"])
+    # A - B: accuracy +0.10, -0.05, +0.15 (higher is better: 2 of 3); cross entropy -0.1, +0.1, -0.1 (lower: 2 of 3)
+    assert a["accuracy"]["mean"] == pytest.approx(0.2 / 3) and a["accuracy"]["better_seeds"] == 2
+    assert a["cross_entropy"]["mean"] == pytest.approx(-0.1 / 3) and a["cross_entropy"]["better_seeds"] == 2
+    # C - B: accuracy +0.15, +0.05, +0.20 (3 of 3); cross entropy -0.2, -0.1, -0.15 (3 of 3)
+    assert c["accuracy"]["better_seeds"] == 3 and c["cross_entropy"]["better_seeds"] == 3
+    assert "| A | +6.67 " in md  # accuracy in percent
+
+
+def test_unknown_baseline_is_one_line_listing_the_runs(tmp_path):
+    text = write_sweep(tmp_path).read_text().replace("  runs:", '  baseline: "VQVAE"\n  runs:')
+    with pytest.raises(UserError) as error:
+        load_sweep(write_sweep(tmp_path, text))
+    message = str(error.value)
+    assert "\n" not in message and message.startswith(f"{tmp_path / 'tiny_sweep.yaml'}: sweep.baseline: 'VQVAE'")
+    assert "did you mean 'VQ-VAE'?" in message and "(runs: 'VQ-VAE', 'MQ-VAE (direct)')" in message, message
+
+
+def test_default_baseline_is_the_first_run(tmp_path):
+    sweep = load_sweep(write_sweep(tmp_path))
+    assert sweep.baseline == "VQ-VAE"
+    per_run = {"B": {"test_mse": [2e-3]}, "A": {"test_mse": [1e-3]}}
+    results, md = fake_sweep(tmp_path, ["test_mse"], per_run, [0])
+    assert results["baseline"] == "B" and [row["label"] for row in results["paired"]] == ["A"]
+    # one seed: a difference, but no interval and nothing called significant
+    assert results["paired"][0]["metrics"]["test_mse"] == {"mean": pytest.approx(-1e-3), "ci95": None, "n": 1,
+                                                         "better_seeds": 1, "significant": None}
+    assert "| A | -1.00 CI n/a (1 seed); 1/1 better |" in md
+    assert "- MSE (10^-3) ↓: no interval (fewer than 2 seeds with a value), so nothing is significant." in md
+
+
+def test_differences_are_paired_within_each_data_set(tmp_path):
+    per_run = {"A": {"d1": {"test_mse": [1e-3, 2e-3]}, "d2": {"test_mse": [5e-3, 6e-3]}},
+               "B": {"d1": {"test_mse": [2e-3, 4e-3]}, "d2": {"test_mse": [5e-3, 5e-3]}}}
+    results, md = fake_sweep(tmp_path, ["test_mse"], per_run, [0, 1], extra="  datasets: [d1, d2]\n")
+    by_dataset = {row["dataset"]: row["metrics"]["test_mse"] for row in results["paired"]}
+    assert by_dataset["d1"]["mean"] == pytest.approx(1.5e-3) and by_dataset["d1"]["better_seeds"] == 0
+    assert by_dataset["d2"]["mean"] == pytest.approx(-0.5e-3) and by_dataset["d2"]["better_seeds"] == 1
+    assert md.index("## d1") < md.index("| B | +1.50 ") < md.index("## d2") < md.index("| B | -0.50 ")
 
 
 def test_bad_override_of_one_run_fails_before_anything_runs(tmp_path, monkeypatch):
