@@ -1,6 +1,6 @@
 """Benchmarks: bi-level training-step cost, nearest-neighbour search, time to quality.
 
-``python -m mqvae.bench [--out FILE] [--quick]`` writes one JSON file and prints a markdown summary.
+``python -m mqvae.bench [--out FILE] [--quick] [--seeds S ...]`` writes one JSON file and prints a markdown summary.
 
 This module is an entry point like ``run.py``, not library code: it drives whole engines, so it imports
 ``engines`` lazily inside the functions that need them (the library's import rule is
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import statistics
@@ -267,44 +268,84 @@ def nn_search(grid: list[tuple[int, int, int]], device: torch.device, min_time: 
 
 
 # ---------------------------------------------------------------------------------------------
-# 3. Time to quality (MQ-VAE Fig. 4)
+# 3. Time to quality (MQ-VAE Fig. 4), over seeds
 
 
-def _test_mse_curve(mode: str, iters: int, eval_every: int, batch_size: int, overrides=()) -> list[tuple[float, float]]:
-    from engines.experiment import _initialize_codebook, build_engine  # entry-point code
+def _test_mse_curve(mode: str, iters: int, eval_every: int, batch_size: int, seed: int,
+                    overrides=()) -> list[tuple[float, float]]:
+    from engines.experiment import build_engine, initialize_codebook  # entry-point code
 
-    cfg = mode_config(mode, "digits", batch_size, [f"train.iters={iters}", f"train.eval_every={eval_every}",
-                                                   f"train.log_every={eval_every}", *overrides])
+    cfg = mode_config(mode, "digits", batch_size, [f"seed={seed}", f"train.iters={iters}",
+                                                   f"train.eval_every={eval_every}", f"train.log_every={eval_every}",
+                                                   *overrides])
     with tempfile.TemporaryDirectory() as tmp:
         engine = build_engine(cfg, Path(tmp))
         if cfg.quantizer.kmeans_init:
-            _initialize_codebook(engine)
+            initialize_codebook(engine)
         engine.run()
         records = [json.loads(line) for line in (Path(tmp) / "log.jsonl").read_text().splitlines() if line]
     return [(r["time_s"], r["test_mse"]) for r in records if "test_mse" in r]
 
 
-def time_to_quality(iters: int, eval_every: int, batch_size: int, overrides=()) -> dict:
-    baseline = _test_mse_curve("vqvae", iters, eval_every, batch_size, overrides)
-    method = _test_mse_curve("mqvae", iters, eval_every, batch_size, overrides)
+def seed_time_to_quality(seed: int, iters: int, eval_every: int, batch_size: int, overrides=()) -> dict:
+    """One seed: the training time MQ-VAE needs to reach VQ-VAE's final test MSE, relative to VQ-VAE's time."""
+    baseline = _test_mse_curve("vqvae", iters, eval_every, batch_size, seed, overrides)
+    method = _test_mse_curve("mqvae", iters, eval_every, batch_size, seed, overrides)
     target_time, target = baseline[-1]
-    reached = next(((t, mse) for t, mse in method if mse <= target), None)
-    out = {
-        "config": {"baseline": "configs/digits/vqvae.yaml", "method": "configs/digits/mqvae.yaml",
-                   "iters": iters, "eval_every": eval_every, "batch_size": batch_size},
+    reached = next((t for t, mse in method if mse <= target), None)
+    reason = None if reached is not None else (
+        f"never reached: MQ-VAE's best test MSE {min(mse for _, mse in method):.5g} in {iters} iterations "
+        f"({method[-1][0]:.1f} s) stayed above VQ-VAE's final {target:.5g}")
+    return {
+        "seed": seed,
         "vqvae_final_test_mse": target,
         "vqvae_total_time_s": target_time,
         "mqvae_final_test_mse": method[-1][1],
         "mqvae_total_time_s": method[-1][0],
+        "mqvae_time_to_reach_s": reached,
+        "mqvae_time_to_reach_s_reason": reason,
+        "ratio_to_vqvae_time": None if reached is None else round(reached / target_time, 4),
         "curves": {"vqvae": baseline, "mqvae": method},
-        "note": "time_s is training wall-clock (evaluation excluded) at each eval record",
     }
-    if reached is None:
-        out.update(mqvae_time_to_reach_s=None, fraction_of_vqvae_time=None, status="never reached")
-    else:
-        out.update(mqvae_time_to_reach_s=reached[0], fraction_of_vqvae_time=round(reached[0] / target_time, 4),
-                   status="reached")
-    return out
+
+
+def median_ratio(per_seed: list[dict]) -> tuple[float | None, str | None]:
+    """Median over all seeds of ``ratio_to_vqvae_time``, or None with the reason.
+
+    A seed that never reached VQ-VAE's MSE stays in: its ratio is unknown but above its own run's
+    mqvae_total_time_s / vqvae_total_time_s (MQ-VAE would have needed longer than it ran). Dropping it would
+    flatter MQ-VAE. So the median is a number only where any such value leaves it the same, i.e. where it
+    is the same with those seeds at their lower bounds and at infinity; with half of the seeds or fewer
+    reaching the MSE it is infinite, "not reached".
+    """
+    reached = [row["ratio_to_vqvae_time"] for row in per_seed if row["ratio_to_vqvae_time"] is not None]
+    bounds = [row["mqvae_total_time_s"] / row["vqvae_total_time_s"] for row in per_seed
+              if row["ratio_to_vqvae_time"] is None]
+    if 2 * len(reached) <= len(per_seed):
+        return None, (f"not reached: {len(reached)} of {len(per_seed)} seeds reached VQ-VAE's final test MSE, "
+                      "the median over seeds needs more than half")
+    low, high = statistics.median(reached + bounds), statistics.median(reached + [math.inf] * len(bounds))
+    if low != high:
+        return None, (f"undetermined: a seed that never reached VQ-VAE's final test MSE ran only {min(bounds):.3g}x "
+                      f"VQ-VAE's time, so the median over seeds lies between {low:.3g} and {high:.3g}")
+    return round(high, 4), None
+
+
+def time_to_quality(iters: int, eval_every: int, batch_size: int, seeds, overrides=()) -> dict:
+    """``seed_time_to_quality`` for every seed and their ``median_ratio``; both modes of a seed run back to back,
+    so that load from other processes drifts over the seeds rather than between the modes."""
+    per_seed = [seed_time_to_quality(seed, iters, eval_every, batch_size, overrides) for seed in seeds]
+    median, reason = median_ratio(per_seed)
+    return {
+        "config": {"baseline": "configs/digits/vqvae.yaml", "method": "configs/digits/mqvae.yaml",
+                   "iters": iters, "eval_every": eval_every, "batch_size": batch_size, "seeds": list(seeds)},
+        "seeds_reached": sum(row["ratio_to_vqvae_time"] is not None for row in per_seed),
+        "median_ratio_to_vqvae_time": median,
+        "median_ratio_to_vqvae_time_reason": reason,
+        "per_seed": per_seed,
+        "note": "time_s is training wall-clock (evaluation excluded) at each eval record; the median is over all "
+                "seeds, a seed that never reached the MSE counting as slower than its own run (see median_ratio)",
+    }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -332,6 +373,7 @@ def run_bench(quick: bool, sizes: dict | None = None) -> dict:
         "nn_min_time": 0.2 if quick else 1.0,
         "ttq_iters": 150 if quick else 1500,
         "ttq_eval_every": 25 if quick else 50,
+        "ttq_seeds": [0, 1, 2],  # --quick too: fewer iterations, never fewer seeds
         "paper_warmup": 1 if quick else 2,
         "profile_rounds": {"digits": 5 if quick else 20, "paper": 1 if quick else 3},
         "overrides": [],  # extra config overrides for every engine (the smoke test shrinks the models)
@@ -349,7 +391,7 @@ def run_bench(quick: bool, sizes: dict | None = None) -> dict:
                                 "downsample 2, 1024 codes x 512 dims, beta 0.1, AdamW; batch 512 on GPU, "
                                 f"{s['paper_batch']} here" if not cuda else "MQ-VAE App. I, batch 512")
     nn_rows = nn_search(s["nn_grid"], device, s["nn_min_time"])
-    ttq = time_to_quality(s["ttq_iters"], s["ttq_eval_every"], s["digits_batch"], s["overrides"])
+    ttq = time_to_quality(s["ttq_iters"], s["ttq_eval_every"], s["digits_batch"], s["ttq_seeds"], s["overrides"])
     return {
         "quick": quick,
         "settings": {k: v for k, v in s.items() if k != "nn_grid"},
@@ -395,10 +437,12 @@ def summary(result: dict) -> str:
 
         lines.append(f"| 2^{c['N'].bit_length() - 1} | {c['K']} | {c['D']} | {' | '.join(cell(c))} | {' | '.join(cell(n))} |")
     t = result["time_to_quality"]
-    frac = "never reached" if t["fraction_of_vqvae_time"] is None else f"{t['fraction_of_vqvae_time']:.3f}"
-    lines += ["", f"Time to quality (digits, {t['config']['iters']} it): VQ-VAE final test MSE {t['vqvae_final_test_mse']:.5f} "
-              f"in {t['vqvae_total_time_s']:.1f} s; MQ-VAE reaches it at {frac} of that time "
-              f"(MQ-VAE final {t['mqvae_final_test_mse']:.5f} in {t['mqvae_total_time_s']:.1f} s)."]
+    median = t["median_ratio_to_vqvae_time"]
+    cells = ", ".join(f"seed {row['seed']} " + ("never reached" if row["ratio_to_vqvae_time"] is None
+                                                else f"{row['ratio_to_vqvae_time']:.2f}x") for row in t["per_seed"])
+    lines += ["", f"Time to quality (digits, {t['config']['iters']} it, {len(t['per_seed'])} seeds): MQ-VAE reached "
+              f"VQ-VAE's final test MSE in {t['seeds_reached']} of {len(t['per_seed'])} seeds; median time relative to "
+              f"VQ-VAE's: {t['median_ratio_to_vqvae_time_reason'] if median is None else f'{median:.2f}x'} ({cells})."]
     return "\n".join(lines)
 
 
@@ -410,11 +454,12 @@ def main(argv=None) -> int:
         return 0
     parser = argparse.ArgumentParser(prog="python -m mqvae.bench", description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="bench.json", help="JSON output file (default: bench.json)")
-    parser.add_argument("--quick", action="store_true", help="fewer iterations and a reduced search grid (< 2 min on a CPU)")
+    parser.add_argument("--quick", action="store_true", help="fewer iterations and a reduced search grid (time to quality: 150 iterations, still every seed)")
+    parser.add_argument("--seeds", type=int, nargs="+", help="seeds of the time-to-quality runs (default: 0 1 2)")
     args = parser.parse_args(argv)
     # The profiler's C++ side (Kineto) otherwise logs "gpuGetDeviceCount failed" as an ERROR on CPU-only machines.
     os.environ.setdefault("KINETO_LOG_LEVEL", "5")
-    result = run_bench(args.quick)
+    result = run_bench(args.quick, None if args.seeds is None else {"ttq_seeds": args.seeds})
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     print(summary(result))
     print(f"\nwritten {args.out}")

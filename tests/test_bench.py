@@ -51,11 +51,43 @@ def test_bench_writes_the_documented_schema(tmp_path, monkeypatch):
     assert set(phases["mqvae_roll_back"]) == {"iteration", "hypergradient.mqvae", "autoencoder.roll_back"} | steps
     assert all(v >= 0 for p in phases.values() for v in p.values())
 
+    # Time to quality: three seeds by default, --quick too; every seed's own figures; nulls with their reason.
     ttq = result["time_to_quality"]
-    assert ttq["status"] in ("reached", "never reached")
-    assert (ttq["fraction_of_vqvae_time"] is None) == (ttq["status"] == "never reached")
-    assert ttq["vqvae_final_test_mse"] > 0
+    assert ttq["config"]["seeds"] == [0, 1, 2] and [row["seed"] for row in ttq["per_seed"]] == [0, 1, 2]
+    for row in ttq["per_seed"]:
+        assert row["vqvae_final_test_mse"] > 0 and row["mqvae_final_test_mse"] > 0
+        assert row["vqvae_total_time_s"] > 0 and row["mqvae_total_time_s"] > 0
+        assert row["curves"]["vqvae"][-1] == [row["vqvae_total_time_s"], row["vqvae_final_test_mse"]]
+        if row["mqvae_time_to_reach_s"] is None:
+            assert row["ratio_to_vqvae_time"] is None and row["mqvae_time_to_reach_s_reason"].startswith("never reached")
+        else:
+            assert row["ratio_to_vqvae_time"] > 0 and row["mqvae_time_to_reach_s_reason"] is None
+    assert ttq["seeds_reached"] == sum(row["ratio_to_vqvae_time"] is not None for row in ttq["per_seed"])
+    assert (ttq["median_ratio_to_vqvae_time"] is None) != (ttq["median_ratio_to_vqvae_time_reason"] is None)
+    if 2 * ttq["seeds_reached"] <= len(ttq["per_seed"]):
+        assert ttq["median_ratio_to_vqvae_time_reason"].startswith("not reached")
     assert "|" in bench.summary(result)
+
+
+def _seed(ratio, mqvae_time=2.0, vqvae_time=1.0):
+    """A per-seed row as seed_time_to_quality writes it (only the fields the median reads)."""
+    return {"ratio_to_vqvae_time": ratio, "mqvae_total_time_s": mqvae_time, "vqvae_total_time_s": vqvae_time}
+
+
+def test_median_over_seeds_counts_seeds_that_never_reached_the_quality():
+    assert bench.median_ratio([_seed(1.2), _seed(1.9), _seed(1.5)]) == (1.5, None)
+    # One seed of three never reached it in 2.0x VQ-VAE's time, above both others: the median is the slower one,
+    # not 1.35, the median of the two that reached it.
+    assert bench.median_ratio([_seed(1.2), _seed(None), _seed(1.5)]) == (1.5, None)
+    # Two of three never reached it: no median, however fast the third.
+    value, reason = bench.median_ratio([_seed(1.2), _seed(None), _seed(None)])
+    assert value is None and reason.startswith("not reached: 1 of 3 seeds")
+    # Half of four is not more than half: the upper middle value is a never-reached seed.
+    value, reason = bench.median_ratio([_seed(1.2), _seed(1.3), _seed(None), _seed(None)])
+    assert value is None and reason.startswith("not reached: 2 of 4 seeds")
+    # A seed that ran only 1.4x VQ-VAE's time without reaching it may lie below 1.5: the median is not known.
+    value, reason = bench.median_ratio([_seed(1.2), _seed(None, mqvae_time=1.4), _seed(1.5)])
+    assert value is None and reason.startswith("undetermined") and "between 1.4 and 1.5" in reason
 
 
 def test_cuda_perf_switches_are_documented_noops_on_cpu(tmp_path):
