@@ -15,7 +15,7 @@ from betty.logging.logger_base import get_logger
 from tqdm import tqdm
 
 from mqvae.checkpoint import rng_state, save_checkpoint, set_rng_state
-from mqvae.errors import UserError
+from mqvae.errors import Diverged, UserError
 from mqvae.evaluation import evaluate
 
 # Betty logs set-up chatter at INFO; the progress bar and log.jsonl are this toolkit's interface.
@@ -123,6 +123,6 @@ class LevelEngine(Engine):
                     record[f"{p.name}.{key}"] = value.item()
         for key, value in record.items():
             if key.endswith(".loss") and not math.isfinite(value):
-                raise UserError(f"train: {key} is {value} at iteration {step}; stopped (the last checkpoint, if any, "
+                raise Diverged(f"train: {key} is {value} at iteration {step}; stopped (the last checkpoint, if any, "
                                 f"is kept in {self.run_dir})")
         return record

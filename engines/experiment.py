@@ -114,6 +114,12 @@ def finish(engine: LevelEngine, _elapsed: float) -> dict:
     return metrics
 
 
+def write_diverged(run_dir: Path, reason: str) -> None:
+    """metrics.json of a run whose loss diverged: no metric was measured, and ``diverged`` says where it
+    stopped. The file marks the run as finished, so a restarted sweep does not train it again."""
+    (run_dir / "metrics.json").write_text(json.dumps({"diverged": reason}, indent=2) + "\n")
+
+
 def _latents_and_codes(model, test, device) -> tuple[torch.Tensor, torch.Tensor]:
     """A sample of encoder outputs and the code vectors, in the space the nearest-code search uses."""
     quantizer = model.quantizer

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from mqvae.checkpoint import load_checkpoint
 from mqvae.config import load_config
-from mqvae.errors import UserError
+from mqvae.errors import Diverged, UserError
 from mqvae.sweep import aggregate, expand, load_sweep, write_results
 
 from . import experiment
@@ -33,13 +33,18 @@ def run_sweep(path: str | Path, overrides: list[str] = (), out: str | Path | Non
         resume = _resumable(run.run_dir)
         print(f"{tag}: {'resuming' if resume else 'running'} in {run.run_dir}", file=sys.stderr)
         try:
-            experiment.run_experiment(cfg, run.run_dir, resume=resume)
-        except UserError as exc:
-            if not (resume and str(exc).startswith("--resume")):
-                raise
-            # The checkpoint belongs to another version of this run's config: start the run afresh.
-            print(f"{run.run_dir}: {exc}; restarting the run", file=sys.stderr)
-            experiment.run_experiment(cfg, run.run_dir, resume=False)
+            try:
+                experiment.run_experiment(cfg, run.run_dir, resume=resume)
+            except UserError as exc:
+                if isinstance(exc, Diverged) or not (resume and str(exc).startswith("--resume")):
+                    raise
+                # The checkpoint belongs to another version of this run's config: start the run afresh.
+                print(f"{run.run_dir}: {exc}; restarting the run", file=sys.stderr)
+                experiment.run_experiment(cfg, run.run_dir, resume=False)
+        except Diverged as exc:
+            # A diverged seed is a result of the method: the table counts it, and the sweep goes on.
+            print(f"{tag}: diverged ({exc})", file=sys.stderr)
+            experiment.write_diverged(run.run_dir, str(exc))
     results = aggregate(sweep, planned)
     write_results(results, sweep_dir)
     return results

@@ -8,3 +8,8 @@ keeps its traceback.
 
 class UserError(Exception):
     """An error caused by the user's input; its message is one self-contained line."""
+
+
+class Diverged(UserError):
+    """Training stopped because a loss became NaN or infinite: a result of the configuration, not a typo.
+    A single run exits with its one line; a sweep records the run as diverged and goes on."""

@@ -269,7 +269,9 @@ def aggregate(sweep: Sweep, planned: list[PlannedRun]) -> dict:
         groups.setdefault((run.dataset, run.label), []).append(metrics or {})
     table = []
     for (dataset, label), per_seed in groups.items():
-        row = {"label": label, "dataset": dataset, "seeds": len(per_seed), "metrics": {}}
+        # A diverged seed has no metrics: the means are over the other seeds, and the row says how many diverged.
+        row = {"label": label, "dataset": dataset, "seeds": len(per_seed),
+               "diverged": sum("diverged" in m for m in per_seed), "metrics": {}}
         for metric in sweep.metrics:
             summary = summarize([m.get(metric) for m in per_seed])
             reasons = sorted({m[f"{metric}_reason"] for m in per_seed if m.get(f"{metric}_reason")})
@@ -324,8 +326,14 @@ def _mean_table(results: dict, dataset: Optional[str], notes: dict) -> list[str]
         for m in metrics:
             cell = format_cell(row["metrics"][m], COLUMNS[m][1])
             cells.append(_na_cell(row["metrics"][m], m, notes) if cell == "n/a" else cell)
-        rows.append((row["label"], cells))
+        rows.append((_row_label(row), cells))
     return _table([COLUMNS[m][0] for m in metrics], rows)
+
+
+def _row_label(row: dict) -> str:
+    if not row["diverged"]:
+        return row["label"]
+    return f"{row['label']} ({row['diverged']} of {row['seeds']} seeds diverged)"
 
 
 def _paired_table(results: dict, paired: list[dict], notes: dict) -> list[str]:

@@ -123,6 +123,27 @@ def test_killed_sweep_finishes_only_the_missing_runs(tmp_path, monkeypatch):
     assert len(json.loads((out / "results.json").read_text())["runs"]) == 4
 
 
+def test_a_diverged_seed_is_counted_and_the_sweep_goes_on(tmp_path):
+    # lr 1e38: Adam's first step moves every weight by ~1e38, so the second iteration's loss is not finite.
+    path = write_sweep(tmp_path, f"""
+sweep:
+  seeds: [0, 1]
+  metrics: [test_mse]
+  runs:
+    - {{label: "VQ-VAE", config: {ROOT}/configs/digits/vqvae.yaml}}
+    - {{label: "Blow-up", config: {ROOT}/configs/digits/vqvae.yaml, set: ["levels.0.lr=1.0e38"]}}
+""")
+    out = tmp_path / "sweep"
+    assert run.main([str(path), *TINY, "--out", str(out)]) == 0
+    diverged = json.loads((out / "blow-up" / "seed1" / "metrics.json").read_text())
+    assert "is nan" in diverged["diverged"] or "is inf" in diverged["diverged"]
+    results = json.loads((out / "results.json").read_text())
+    row = next(r for r in results["aggregate"] if r["label"] == "Blow-up")
+    assert row["diverged"] == 2 and row["metrics"]["test_mse"]["n"] == 0
+    assert next(r for r in results["aggregate"] if r["label"] == "VQ-VAE")["diverged"] == 0
+    assert "| Blow-up (2 of 2 seeds diverged) | n/a |" in (out / "results.md").read_text()
+
+
 def test_sweep_error_from_the_command_line_is_one_line(tmp_path):
     path = write_sweep(tmp_path, write_sweep(tmp_path).read_text().replace("runs:", "rnus:"))
     result = subprocess.run([sys.executable, "run.py", str(path)], cwd=ROOT, capture_output=True, text=True, timeout=300)
