@@ -350,6 +350,22 @@ def _paired_table(results: dict, paired: list[dict], notes: dict) -> list[str]:
             *_table([COLUMNS[m][0] for m in metrics], rows)]
 
 
+def _per_seed_table(results: dict, dataset: Optional[str]) -> list[str]:
+    """The main metric of every run, seed by seed: the spread and the outliers the means summarize."""
+    metric, seeds = results["main_metric"], results["seeds"]
+    scale = COLUMNS[metric][1]
+    values = {(run["label"], run["seed"]): run["metrics"] or {} for run in results["runs"] if run["dataset"] == dataset}
+    rows = []
+    for label in dict.fromkeys(label for label, _ in values):
+        cells = []
+        for seed in seeds:
+            metrics = values[(label, seed)]
+            number = _number(metrics.get(metric))
+            cells.append("diverged" if "diverged" in metrics else "n/a" if number is None else f"{number / scale:.2f}")
+        rows.append((label, cells))
+    return [f"{COLUMNS[metric][0]} per seed:", "", *_table([f"seed {seed}" for seed in seeds], rows)]
+
+
 def _verdict(cell: dict, better: Optional[str]) -> str:
     """How a significant difference reads: better / worse, or higher / lower for a metric without a side."""
     if better is None:
@@ -392,6 +408,7 @@ def results_markdown(results: dict) -> str:
         if dataset is not None:
             lines += [f"## {dataset}", ""]
         lines += [*_mean_table(results, dataset, notes), ""]
+        lines += [*_per_seed_table(results, dataset), ""]
         paired = [row for row in results["paired"] if row["dataset"] == dataset]
         if paired:
             lines += [*_paired_table(results, paired, notes), "",

@@ -141,7 +141,13 @@ sweep:
     row = next(r for r in results["aggregate"] if r["label"] == "Blow-up")
     assert row["diverged"] == 2 and row["metrics"]["test_mse"]["n"] == 0
     assert next(r for r in results["aggregate"] if r["label"] == "VQ-VAE")["diverged"] == 0
-    assert "| Blow-up (2 of 2 seeds diverged) | n/a |" in (out / "results.md").read_text()
+    md = (out / "results.md").read_text()
+    assert "| Blow-up (2 of 2 seeds diverged) | n/a |" in md
+    # The per-seed table of the main metric shows each run, a diverged one as such.
+    finished = [json.loads((out / "vq-vae" / f"seed{s}" / "metrics.json").read_text())["test_mse"] for s in (0, 1)]
+    assert "| Method | seed 0 | seed 1 |" in md
+    assert f"| VQ-VAE | {finished[0] * 1e3:.2f} | {finished[1] * 1e3:.2f} |" in md
+    assert "| Blow-up | diverged | diverged |" in md
 
 
 def test_sweep_error_from_the_command_line_is_one_line(tmp_path):
