@@ -289,7 +289,13 @@ def format_cell(summary: dict, scale: float) -> str:
     """'mean ± std' in the column's unit (two decimals), 'n/a' when no seed has the metric."""
     if summary.get("mean") is None:
         return "n/a"
-    return f"{summary['mean'] / scale:.2f} ± {summary['std'] / scale:.2f}"
+    return f"{_shown(summary['mean'] / scale)} ± {_shown(summary['std'] / scale)}"
+
+
+def _shown(value: float, sign: str = "") -> str:
+    """Two decimals in the column's unit; a magnitude of a million or more (a collapsed run's Δgap) in
+    scientific notation, so that it reads as what it is."""
+    return f"{value:{sign}.2e}" if abs(value) >= 1e6 else f"{value:{sign}.2f}"
 
 
 def _na_cell(summary: dict, metric: str, notes: dict) -> str:
@@ -303,11 +309,11 @@ def _na_cell(summary: dict, metric: str, notes: dict) -> str:
 def format_paired_cell(cell: dict, scale: float) -> str:
     """'mean [CI low, CI high]; k/n better' in the column's unit, signed; 'CI n/a (1 seed)' where one seed
     gives no interval."""
-    text = f"{cell['mean'] / scale:+.2f} "
+    text = f"{_shown(cell['mean'] / scale, '+')} "
     if cell["ci95"] is None:
         text += "CI n/a (1 seed)"
     else:
-        text += "[" + ", ".join(f"{bound / scale:+.2f}" for bound in cell["ci95"]) + "]"
+        text += "[" + ", ".join(_shown(bound / scale, "+") for bound in cell["ci95"]) + "]"
     if cell["better_seeds"] is not None:
         text += f"; {cell['better_seeds']}/{cell['n']} better"
     return text

@@ -309,3 +309,13 @@ def test_shipped_sweeps_load():
     for path in sorted((ROOT / "configs" / "tables").glob("*.yaml")):
         sweep = load_sweep(path)
         assert sweep.runs and sweep.seeds and sweep.metrics
+
+
+def test_huge_values_read_in_scientific_notation():
+    # A collapsed run's gradient gap reaches 1e18 in the column's unit: 20 digits of fixed-point say nothing.
+    from mqvae.sweep import format_cell, format_paired_cell
+
+    assert format_cell({"mean": 1.7e13, "std": 1.2e13}, 1e-5) == "1.70e+18 ± 1.20e+18"
+    assert format_cell({"mean": 1.5e-3, "std": 4e-4}, 1e-3) == "1.50 ± 0.40"
+    cell = {"mean": 2.0e13, "ci95": [-1.0e14, 1.4e14], "better_seeds": 0, "n": 2}
+    assert format_paired_cell(cell, 1e-5) == "+2.00e+18 [-1.00e+19, +1.40e+19]; 0/2 better"
