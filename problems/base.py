@@ -159,7 +159,7 @@ class Level(ImplicitProblem):
 
         With a plain straight-through estimator the task loss cannot reach the codebook, so the
         codebook's gradient needs only ``VQModel.quantization_terms``: the decoder forward of the
-        finite-difference passes would be wasted (DESIGN.md, cost model).
+        finite-difference passes would be wasted (README, Performance: the passes an iteration needs).
         """
         if upper.module is getattr(self.model, "quantizer", None) and self._codebook_needs_encoder_only():
             return self.model.quantization_terms(batch)["loss"]
@@ -193,7 +193,7 @@ class Level(ImplicitProblem):
         """Alternated optimization (xi = 0, Huh §4.2): the codebook level steps first, on its direct gradient,
         and no level differentiates through it. With a plain straight-through estimator that gradient is the
         gradient of the quantizer's part of Eq. 6 alone, so the level runs the encoder and the quantizer and
-        skips the decoder (DESIGN.md cost model: ~1.1x instead of ~1.33x). Its logged ``loss`` is then that
+        skips the decoder (README, Performance: ~1.1x instead of ~1.33x). Its logged ``loss`` is then that
         part of Eq. 6 (commitment and codebook terms), not the task loss."""
         return (self.module is getattr(self.model, "quantizer", None) and not self._children
                 and self._training and type(self).loss_terms is Level.loss_terms and self._codebook_needs_encoder_only())
@@ -226,7 +226,7 @@ class Level(ImplicitProblem):
         """Algorithm 1 with roll-back: the real lower step (line 5) runs on the tentative step's batch at the
         tentative step's starting parameters; only the codebook has moved. The encoder's forward is the same,
         so the tentative step keeps its graph and the real step runs only the quantizer, the decoder and the
-        backward (DESIGN.md cost model). Only the plain case qualifies: one unrolled step, no gradient
+        backward (README, Performance). Only the plain case qualifies: one unrolled step, no gradient
         accumulation, this level's loss being Eq. 6, and no level below (whose paths differentiate this loss)."""
         encoder = getattr(self.model, "encoder", None)
         return (self._roll_back and self._training and encoder is not None and self._unroll_steps == 1

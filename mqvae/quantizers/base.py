@@ -4,7 +4,7 @@ A quantizer's forward is pure: it returns a ``QuantizerOutput`` and changes
 nothing (no parameter, no buffer). Codebook maintenance (data-dependent init,
 dead-code replacement, running statistics) is an explicit call the training
 loop makes, so that the hypergradient's perturbed evaluations can run the
-quantizer with nothing updated (DESIGN.md, "Conventions").
+quantizer with nothing updated.
 """
 
 from __future__ import annotations
