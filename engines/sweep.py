@@ -33,14 +33,7 @@ def run_sweep(path: str | Path, overrides: list[str] = (), out: str | Path | Non
         resume = _resumable(run.run_dir)
         print(f"{tag}: {'resuming' if resume else 'running'} in {run.run_dir}", file=sys.stderr)
         try:
-            try:
-                experiment.run_experiment(cfg, run.run_dir, resume=resume)
-            except UserError as exc:
-                if isinstance(exc, Diverged) or not (resume and str(exc).startswith("--resume")):
-                    raise
-                # The checkpoint belongs to another version of this run's config: start the run afresh.
-                print(f"{run.run_dir}: {exc}; restarting the run", file=sys.stderr)
-                experiment.run_experiment(cfg, run.run_dir, resume=False)
+            _run(cfg, run.run_dir, resume)
         except Diverged as exc:
             # A diverged seed is a result of the method: the table counts it, and the sweep goes on.
             print(f"{tag}: diverged ({exc})", file=sys.stderr)
@@ -48,6 +41,17 @@ def run_sweep(path: str | Path, overrides: list[str] = (), out: str | Path | Non
     results = aggregate(sweep, planned)
     write_results(results, sweep_dir)
     return results
+
+
+def _run(cfg, run_dir: Path, resume: bool) -> None:
+    try:
+        experiment.run_experiment(cfg, run_dir, resume=resume)
+    except UserError as exc:
+        if isinstance(exc, Diverged) or not (resume and str(exc).startswith("--resume")):
+            raise
+        # The checkpoint belongs to another version of this run's config: start the run afresh.
+        print(f"{run_dir}: {exc}; restarting the run", file=sys.stderr)
+        experiment.run_experiment(cfg, run_dir, resume=False)
 
 
 def _resumable(run_dir: Path) -> bool:

@@ -367,7 +367,7 @@ def _per_seed_table(results: dict, dataset: Optional[str]) -> list[str]:
         for seed in seeds:
             metrics = values[(label, seed)]
             number = _number(metrics.get(metric))
-            cells.append("diverged" if "diverged" in metrics else "n/a" if number is None else f"{number / scale:.2f}")
+            cells.append("diverged" if "diverged" in metrics else "n/a" if number is None else _shown(number / scale))
         rows.append((label, cells))
     return [f"{COLUMNS[metric][0]} per seed:", "", *_table([f"seed {seed}" for seed in seeds], rows)]
 
