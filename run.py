@@ -1,8 +1,12 @@
-"""Run an experiment: ``python run.py CONFIG [--set key=value ...] [--out DIR] [--resume RUN_DIR]``.
+"""Run an experiment: ``python run.py CONFIG [--set key=value ...] [--out DIR] [--overwrite]``.
+
+Continue a run: ``python run.py --resume RUN_DIR [--set train.iters=N ...]``. It reads RUN_DIR/config.yaml;
+``--set`` may change only the number of iterations, the logging, evaluation and checkpoint intervals and
+the device.
 
 CONFIG may also be a sweep file (a top-level ``sweep:`` key, see mqvae/sweep.py): every run it lists is
 run into runs/<sweep name>/ (or --out), ``--set`` applies to all of them, and rerunning the same
-command finishes only the runs that are missing.
+command finishes only the runs that are missing or whose config changed.
 """
 
 from __future__ import annotations
@@ -24,35 +28,45 @@ def default_run_dir(config_path: Path) -> Path:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("config", type=Path, help="YAML experiment file")
+    parser.add_argument("config", type=Path, nargs="?", help="YAML experiment or sweep file (optional with --resume)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config key, e.g. --set train.iters=100 --set levels.codebook.lr=0.01")
     parser.add_argument("--out", type=Path, help="run folder (default: runs/<config name>)")
     parser.add_argument("--resume", type=Path, metavar="RUN_DIR", help="continue the run in RUN_DIR from its checkpoint")
+    parser.add_argument("--overwrite", action="store_true", help="replace the run that the run folder holds")
     args = parser.parse_args(argv)
+    if args.config is None and args.resume is None:
+        parser.error("name a CONFIG file, or a run folder with --resume RUN_DIR")
 
     try:
         from engines.experiment import run_experiment
-        from mqvae.config import load_config
+        from engines.run_folder import resume_config
+        from mqvae.config import load_config, read_yaml
         from mqvae.errors import UserError
+        from mqvae.sweep import is_sweep_file
     except ImportError as exc:  # e.g. the Betty version check in mqvae/__init__.py
         print(f"error: {exc}", file=sys.stderr)
         return 1
 
+    run_dir = "RUN_DIR"
     try:
-        from mqvae.config import read_yaml
-        from mqvae.sweep import is_sweep_file
-
-        if args.config.is_file() and is_sweep_file(read_yaml(args.config)):
+        if args.config is not None and args.config.is_file() and is_sweep_file(read_yaml(args.config)):
             return _run_sweep(args)
-        cfg = load_config(args.config, args.overrides)
-        run_dir = args.resume or args.out or default_run_dir(args.config)
-        metrics = run_experiment(cfg, run_dir, resume=args.resume is not None)
+        if args.resume is not None:
+            if args.out is not None or args.overwrite:
+                raise UserError("--resume: continues the run in its own folder; --out and --overwrite start a new run")
+            run_dir = args.resume
+            cfg = resume_config(run_dir, args.overrides, args.config)
+        else:
+            run_dir = args.out or default_run_dir(args.config)
+            cfg = load_config(args.config, args.overrides)
+        metrics = run_experiment(cfg, run_dir, resume=args.resume is not None, overwrite=args.overwrite)
     except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return _error(exc)
+    except OSError as exc:  # the machine's faults (disk full, read-only folder) outside the run files' own writers
+        return _error(f"{exc.filename or 'file system'}: {exc.strerror or exc}")
     except KeyboardInterrupt:
-        print("interrupted; continue with --resume from the last checkpoint", file=sys.stderr)
+        print(f"interrupted; continue with --resume {run_dir} (from the last checkpoint)", file=sys.stderr)
         return 130
     shown = {k: v for k, v in metrics.items() if not k.endswith("_reason") and k != "scales"}  # both are in metrics.json
     print(f"{run_dir}: " + ", ".join(f"{k} {v:.5g}" if isinstance(v, float) else f"{k} {v}" for k, v in shown.items()))
@@ -65,13 +79,14 @@ def _run_sweep(args) -> int:
     from mqvae.sweep import load_sweep
 
     try:
-        if args.resume is not None:
-            raise UserError(f"--resume: not used with a sweep file ({args.config}); rerun the same command to finish "
-                            "the missing runs")
+        if args.resume is not None or args.overwrite:
+            raise UserError(f"--resume, --overwrite: not used with a sweep file ({args.config}); rerun the same command "
+                            "to finish the missing runs (runs whose config changed are run again)")
         results = run_sweep(args.config, args.overrides, args.out)
     except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return _error(exc)
+    except OSError as exc:
+        return _error(f"{exc.filename or 'file system'}: {exc.strerror or exc}")
     except KeyboardInterrupt:
         print("interrupted; rerun the same command to finish the sweep (finished runs are kept, a cut run "
               "resumes from its checkpoint)", file=sys.stderr)
@@ -80,6 +95,14 @@ def _run_sweep(args) -> int:
     print((sweep_dir / "results.md").read_text(), end="")
     print(f"{sweep_dir}: results.md, results.json, results.png ({len(results['runs'])} runs)")
     return 0
+
+
+def _error(exc) -> int:
+    """The one line of a user's error. Messages are one line by contract; a multi-line one (e.g. re-raised by a
+    library) is cut to its first line, so the contract holds on stderr."""
+    lines = str(exc).strip().splitlines() or [type(exc).__name__]
+    print(f"error: {lines[0][:2000]}", file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import time
 from pathlib import Path
 
@@ -14,9 +13,10 @@ from betty.engine import Engine
 from betty.logging.logger_base import get_logger
 from tqdm import tqdm
 
-from mqvae.checkpoint import rng_state, save_checkpoint, set_rng_state
+from mqvae.checkpoint import non_finite_entries, rng_state, save_checkpoint, set_rng_state
 from mqvae.errors import Diverged, UserError
 from mqvae.evaluation import evaluate
+from mqvae.files import append_line, os_error
 
 # Betty logs set-up chatter at INFO; the progress bar and log.jsonl are this toolkit's interface.
 get_logger().setLevel(logging.WARNING)
@@ -27,6 +27,7 @@ class LevelEngine(Engine):
         self.cfg, self.model, self.datasets, self.run_dir = cfg, model, datasets, Path(run_dir)
         self.target_device = device
         self.train_time = 0.0  # seconds spent in training iterations, excluding evaluation and saving
+        self.checkpoint_step = None  # iteration of the last checkpoint written or resumed from
         engine_cfg = EngineConfig(train_iters=cfg.train.iters, roll_back=cfg.hypergradient.roll_back, logger_type="none")
         super().__init__(problems=problems, config=engine_cfg, dependencies=dependencies)
         # Quantizer maintenance follows the real forward of the level that trains the encoder.
@@ -67,39 +68,76 @@ class LevelEngine(Engine):
                 p._count = state["step"]
         except (KeyError, RuntimeError, ValueError) as exc:
             raise UserError(f"--resume: {where} does not match this config ({str(exc).splitlines()[0][:150]})") from None
-        self.global_step = state["step"]
+        self.global_step = self.checkpoint_step = state["step"]
         self.train_time = state.get("train_time", 0.0)
         set_rng_state(state["rng"])
 
     def save(self) -> None:
-        save_checkpoint(self.run_dir / "checkpoint.pt", self.state_dict())
+        """Write the checkpoint, unless a loss since the last check or the state itself is not finite: a
+        checkpoint never holds NaN, so the last good one survives a divergence."""
+        self.check_finite()
+        state = self.state_dict()
+        bad = non_finite_entries(state)
+        if bad:
+            raise Diverged(self._stopped(f"{bad[0]} holds non-finite values"))
+        save_checkpoint(self.run_dir / "checkpoint.pt", state)
+        self.checkpoint_step = self.global_step
+
+    # -- finiteness -------------------------------------------------------------------------------
+    def note_finite(self) -> None:
+        """Fold this iteration's losses into one flag on the device: no host synchronisation per step."""
+        for p in self.problems:
+            loss = p.last_stats.get("loss")
+            if loss is not None:
+                self._finite = torch.logical_and(self._finite, torch.isfinite(loss))
+
+    def check_finite(self) -> None:
+        """The flag's one host sync, at logging steps and before every checkpoint."""
+        if not bool(self._finite):
+            losses = ", ".join(f"{p.name}.loss {p.last_stats['loss'].item():.4g}" for p in self.problems
+                               if "loss" in p.last_stats)
+            raise Diverged(self._stopped(f"a loss became NaN or infinite (now {losses})"))
+
+    def _stopped(self, what: str) -> str:
+        checkpoint = self.run_dir / "checkpoint.pt"
+        kept = (f"the last good checkpoint, iteration {self.checkpoint_step}, is kept in {checkpoint}"
+                if self.checkpoint_step is not None else "no checkpoint was written")
+        return f"train: {what} by iteration {self.global_step}; stopped ({kept})"
 
     # -- the loop ---------------------------------------------------------------------------------
     def run(self):
         cfg = self.cfg.train
         self.train()
-        log = open(self.run_dir / "log.jsonl", "a")
-        bar = tqdm(total=cfg.iters, initial=self.global_step, desc=self.run_dir.name, dynamic_ncols=True, mininterval=0.5)
+        self._finite = torch.ones((), dtype=torch.bool, device=self.device)
+        log_path = self.run_dir / "log.jsonl"
+        try:
+            log = open(log_path, "a")
+        except OSError as exc:
+            raise os_error(log_path, exc) from None
+        # disable=None: a bar only on a terminal, so a redirected stderr holds nothing but an error's one line
+        # (log.jsonl records the progress either way).
+        bar = tqdm(total=cfg.iters, initial=self.global_step, desc=self.run_dir.name, dynamic_ncols=True, mininterval=0.5,
+                   disable=None)
         try:
             for step in range(self.global_step + 1, cfg.iters + 1):
                 start = time.perf_counter()
                 self.global_step = step
                 self.train_step()
+                self.note_finite()
                 self.maintain()
                 if step % cfg.log_every == 0 or step == cfg.iters:
+                    self.check_finite()
                     record = self.training_record(step)
                     self.train_time += time.perf_counter() - start
                     record["time_s"] = round(self.train_time, 4)
-                    log.write(json.dumps(record) + "\n")
-                    log.flush()
+                    append_line(log, log_path, json.dumps(record))
                     bar.set_postfix({k.split(".")[-1] if len(self.problems) == 1 else k: f"{v:.4g}"
                                      for k, v in record.items() if k.endswith((".loss", ".perplexity"))}, refresh=False)
                 else:
                     self.train_time += time.perf_counter() - start
                 if cfg.eval_every and step % cfg.eval_every == 0:
                     metrics, _ = evaluate(self.model, self.datasets.test, self.cfg.data.batch_size, self.device)
-                    log.write(json.dumps({"step": step, "time_s": round(self.train_time, 4), **metrics}) + "\n")
-                    log.flush()
+                    append_line(log, log_path, json.dumps({"step": step, "time_s": round(self.train_time, 4), **metrics}))
                 if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
                     self.save()
                 bar.update(1)
@@ -115,14 +153,10 @@ class LevelEngine(Engine):
             self.model.quantizer.maintain(*forward)
 
     def training_record(self, step: int) -> dict:
-        """The levels' latest loss terms as numbers (the only host sync of an iteration, at logging steps)."""
+        """The levels' latest loss terms as numbers (a host sync, only at logging steps)."""
         record = {"step": step}
         for p in self.problems:
             for key, value in p.last_stats.items():
                 if torch.is_tensor(value) and value.numel() == 1:
                     record[f"{p.name}.{key}"] = value.item()
-        for key, value in record.items():
-            if key.endswith(".loss") and not math.isfinite(value):
-                raise Diverged(f"train: {key} is {value} at iteration {step}; stopped (the last checkpoint, if any, "
-                                f"is kept in {self.run_dir})")
         return record

@@ -8,22 +8,20 @@ import time
 from pathlib import Path
 
 import torch
-import yaml
 
 from mqvae.checkpoint import load_checkpoint
-from mqvae.config import Config, to_dict
+from mqvae.config import Config
 from mqvae.data import load_datasets
 from mqvae.errors import UserError
 from mqvae.evaluation import encoder_sample, final_metrics, reconstructions
+from mqvae.files import FolderLock, os_error, read_lines, remove_stale_temps, write_json, write_text
 from mqvae.models import build_model
 from mqvae.perf import apply_perf, perf_quantizer_config
 from mqvae.reports import save_codebook, save_curves, save_prediction_grid, save_recon_grid, write_report
 
 from .build import build_problems
 from .engine import LevelEngine
-
-RUN_FILES = ("config.yaml", "log.jsonl", "checkpoint.pt", "metrics.json", "recon.png", "curves.png", "codebook.png",
-             "report.md")
+from .run_folder import check_folder, claim, config_sha256, write_config
 
 
 def resolve_device(name: str) -> torch.device:
@@ -60,30 +58,40 @@ def initialize_codebook(engine: LevelEngine) -> None:
 
 
 def _trim_log(path: Path, step: int) -> None:
-    """Drop log lines written after the checkpoint a run resumes from, so the log reads as one run."""
+    """Drop log lines written after the checkpoint a run resumes from (and a line torn by a kill), so the log
+    reads as one run."""
     if path.exists():
-        lines = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
-        path.write_text("".join(line + "\n" for line in lines))
+        records = [record for record in read_lines(path) if record["step"] <= step]
+        write_text(path, "".join(json.dumps(record) + "\n" for record in records))
 
 
-def run_experiment(cfg: Config, run_dir: Path, resume: bool = False) -> dict:
+def run_experiment(cfg: Config, run_dir: Path, resume: bool = False, overwrite: bool = False) -> dict:
+    """Train ``cfg`` into ``run_dir`` and evaluate it. A new run needs a folder that holds no other run (or
+    ``overwrite``); ``resume`` continues from the folder's checkpoint. The folder is locked meanwhile."""
     run_dir = Path(run_dir)
-    checkpoint = load_checkpoint(run_dir / "checkpoint.pt") if resume else None
-    run_dir.mkdir(parents=True, exist_ok=True)
-    engine = build_engine(cfg, run_dir)
-    if checkpoint is not None:
-        engine.load_state_dict(checkpoint, str(run_dir / "checkpoint.pt"))
-        _trim_log(run_dir / "log.jsonl", engine.global_step)
-    else:
-        (run_dir / "log.jsonl").write_text("")
-        if cfg.quantizer.kmeans_init:
-            initialize_codebook(engine)
-    (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-
-    started = time.perf_counter()
-    engine.run()
-    engine.save()
-    return finish(engine, time.perf_counter() - started)
+    check_folder(run_dir)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise os_error(run_dir, exc) from None
+    with FolderLock(run_dir):
+        remove_stale_temps(run_dir)
+        checkpoint = load_checkpoint(run_dir / "checkpoint.pt") if resume else None
+        engine = build_engine(cfg, run_dir)
+        if checkpoint is not None:
+            engine.load_state_dict(checkpoint, str(run_dir / "checkpoint.pt"))
+            _trim_log(run_dir / "log.jsonl", engine.global_step)
+        else:
+            # Only now, with data and model built, does the new run take the folder over.
+            claim(run_dir, overwrite)
+            write_text(run_dir / "log.jsonl", "")
+            if cfg.quantizer.kmeans_init:
+                initialize_codebook(engine)
+        write_config(run_dir, cfg)
+        started = time.perf_counter()
+        engine.run()
+        engine.save()
+        return finish(engine, time.perf_counter() - started)
 
 
 def finish(engine: LevelEngine, _elapsed: float) -> dict:
@@ -92,7 +100,8 @@ def finish(engine: LevelEngine, _elapsed: float) -> dict:
     cfg, run_dir = engine.cfg, engine.run_dir
     model, test, device = engine.model, engine.datasets.test, engine.device
     metrics, counts = final_metrics(model, test, cfg.data.batch_size, device)
-    metrics.update(iterations=engine.global_step, wall_time_s=round(engine.train_time, 3))
+    metrics.update(iterations=engine.global_step, wall_time_s=round(engine.train_time, 3),
+                   config_sha256=config_sha256(cfg))
     if model.task == "reconstruction":
         originals, recons = reconstructions(model, test, 32, device)
         save_recon_grid(originals, recons, run_dir / "recon.png")
@@ -105,19 +114,19 @@ def finish(engine: LevelEngine, _elapsed: float) -> dict:
             predicted = model(images.to(device)).output.argmax(1).cpu()
             model.train(was_training)
         save_prediction_grid(images, predicted, labels, run_dir / "recon.png")
-    records = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines() if line]
+    records = read_lines(run_dir / "log.jsonl")
     save_curves(records, run_dir / "curves.png")
     save_codebook(counts, *_latents_and_codes(model, test, device), run_dir / "codebook.png")
     write_report(run_dir, metrics, title=str(run_dir))
     # metrics.json last: its presence marks a finished run (sweeps skip such runs when restarted).
-    (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    write_json(run_dir / "metrics.json", metrics)
     return metrics
 
 
 def write_diverged(run_dir: Path, reason: str) -> None:
     """metrics.json of a run whose loss diverged: no metric was measured, and ``diverged`` says where it
     stopped. The file marks the run as finished, so a restarted sweep does not train it again."""
-    (run_dir / "metrics.json").write_text(json.dumps({"diverged": reason}, indent=2) + "\n")
+    write_json(run_dir / "metrics.json", {"diverged": reason})
 
 
 def _latents_and_codes(model, test, device) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,20 +1,23 @@
 """Run a sweep file: every (method, data set, seed) through ``run_experiment``, then the results table.
 
-Restartable: a run whose metrics.json exists is finished and not run again; a run with a checkpoint but
-no metrics.json was cut short and is resumed from that checkpoint; any other run starts from scratch.
+Restartable, and only with the planned config: a run folder is reused only when its config.yaml equals the
+run's resolved config. Such a run with a metrics.json is finished and not run again; one with a checkpoint
+but no metrics.json was cut short and resumes from that checkpoint. Any other run starts from scratch,
+replacing what its folder held (and saying why), so a stale result never reaches results.*.
 """
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 from mqvae.checkpoint import load_checkpoint
-from mqvae.config import load_config
+from mqvae.config import load_config, to_dict
 from mqvae.errors import Diverged, UserError
-from mqvae.sweep import aggregate, expand, load_sweep, write_results
+from mqvae.files import FolderLock
+from mqvae.sweep import aggregate, expand, load_sweep, read_metrics, write_results
 
 from . import experiment
+from .run_folder import differing_keys, run_files, saved_config
 
 
 def run_sweep(path: str | Path, overrides: list[str] = (), out: str | Path | None = None) -> dict:
@@ -25,33 +28,53 @@ def run_sweep(path: str | Path, overrides: list[str] = (), out: str | Path | Non
     planned = expand(sweep, sweep_dir, list(overrides))
     # Validate every run's config before training anything, so a typo fails in a second, not after an hour.
     configs = [load_config(run.config, run.overrides) for run in planned]
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    with FolderLock(sweep_dir):
+        _run_all(planned, configs)
+        results = aggregate(sweep, planned)
+        write_results(results, sweep_dir)
+    return results
+
+
+def _run_all(planned, configs) -> None:
     for index, (run, cfg) in enumerate(zip(planned, configs), 1):
         tag = f"[{index}/{len(planned)}] {run.label} seed {run.seed}" + (f" on {run.dataset}" if run.dataset else "")
-        if (run.run_dir / "metrics.json").is_file():
-            print(f"{tag}: finished earlier, kept ({run.run_dir})", file=sys.stderr)
+        stale = _stale(run.run_dir, to_dict(cfg))
+        if stale is None and read_metrics(run) is not None:
+            print(f"{tag}: finished earlier with this config, kept ({run.run_dir})", flush=True)
             continue
-        resume = _resumable(run.run_dir)
-        print(f"{tag}: {'resuming' if resume else 'running'} in {run.run_dir}", file=sys.stderr)
+        resume = stale is None and _resumable(run.run_dir)
+        if stale is not None and run_files(run.run_dir):
+            print(f"{tag}: {run.run_dir} {stale}; running it again", flush=True)
+        print(f"{tag}: {'resuming' if resume else 'running'} in {run.run_dir}", flush=True)
         try:
             _run(cfg, run.run_dir, resume)
         except Diverged as exc:
             # A diverged seed is a result of the method: the table counts it, and the sweep goes on.
-            print(f"{tag}: diverged ({exc})", file=sys.stderr)
+            print(f"{tag}: diverged ({exc})", flush=True)
             experiment.write_diverged(run.run_dir, str(exc))
-    results = aggregate(sweep, planned)
-    write_results(results, sweep_dir)
-    return results
+
+
+def _stale(run_dir: Path, planned: dict) -> str | None:
+    """Why the folder's run is not the planned one (None when its config.yaml is the planned config)."""
+    saved = saved_config(run_dir)
+    if saved is None:
+        return "holds no readable config.yaml"
+    changed = differing_keys(saved, planned)
+    if changed:
+        return f"was run with other values of {', '.join(changed[:6])}" + (" and more" if len(changed) > 6 else "")
+    return None
 
 
 def _run(cfg, run_dir: Path, resume: bool) -> None:
     try:
-        experiment.run_experiment(cfg, run_dir, resume=resume)
+        experiment.run_experiment(cfg, run_dir, resume=resume, overwrite=not resume)
     except UserError as exc:
         if isinstance(exc, Diverged) or not (resume and str(exc).startswith("--resume")):
             raise
-        # The checkpoint belongs to another version of this run's config: start the run afresh.
-        print(f"{run_dir}: {exc}; restarting the run", file=sys.stderr)
-        experiment.run_experiment(cfg, run_dir, resume=False)
+        # The checkpoint does not fit this run's config: start the run afresh.
+        print(f"{run_dir}: {exc}; restarting the run", flush=True)
+        experiment.run_experiment(cfg, run_dir, resume=False, overwrite=True)
 
 
 def _resumable(run_dir: Path) -> bool:
@@ -62,6 +85,6 @@ def _resumable(run_dir: Path) -> bool:
     try:
         load_checkpoint(path)
     except UserError as exc:
-        print(f"{run_dir}: checkpoint unusable ({exc}); restarting the run", file=sys.stderr)
+        print(f"{run_dir}: checkpoint unusable ({exc}); restarting the run", flush=True)
         return False
     return True

@@ -166,6 +166,38 @@ def phase_times(engine, rounds: int) -> dict:
     return out
 
 
+def finite_check_cost(batch_size: int, rounds: int, overrides: list[str] = (), calls: int = 2000) -> dict:
+    """What the per-step finiteness flag (``LevelEngine.note_finite``) costs on a digits VQ-VAE step: median
+    seconds of one training iteration without it, and of one flag update (timed over ``calls`` updates,
+    since one is far below the clock's resolution); plus the flag's host sync (``check_finite``), which
+    runs only at logging steps and before checkpoints."""
+    from engines.experiment import build_engine  # entry-point code: see the module docstring
+
+    with tempfile.TemporaryDirectory() as tmp:
+        engine = build_engine(mode_config("vqvae", "digits", batch_size, overrides), Path(tmp) / "vqvae")
+        engine.train()
+        engine._finite = torch.ones((), dtype=torch.bool, device=engine.device)
+        steps, updates, syncs = [], [], []
+        for i in range(3 + rounds):
+            _sync(engine.device)
+            start = time.perf_counter()
+            _iteration(engine)
+            _sync(engine.device)
+            middle = time.perf_counter()
+            for _ in range(calls):
+                engine.note_finite()
+            _sync(engine.device)
+            end = time.perf_counter()
+            engine.check_finite()
+            if i >= 3:
+                steps.append(middle - start)
+                updates.append((end - middle) / calls)
+                syncs.append(time.perf_counter() - end)
+    step, update, sync = (statistics.median(t) for t in (steps, updates, syncs))
+    return {"step_s": round(step, 6), "flag_update_s": round(update, 9), "check_s": round(sync, 9),
+            "flag_update_fraction_of_step": round(update / step, 5), "batch_size": batch_size, "rounds": rounds}
+
+
 def _quartiles(values):
     if len(values) < 2:
         return [values[0], values[0]]
@@ -390,6 +422,7 @@ def run_bench(quick: bool, sizes: dict | None = None) -> dict:
     steps["paper"]["config"] = ("MQ-VAE App. I: random 32x32x3 inputs, hidden 256, res 256, 2 residual blocks, "
                                 "downsample 2, 1024 codes x 512 dims, beta 0.1, AdamW; batch 512 on GPU, "
                                 f"{s['paper_batch']} here" if not cuda else "MQ-VAE App. I, batch 512")
+    finite = finite_check_cost(s["digits_batch"], s["rounds"]["digits"], s["overrides"])
     nn_rows = nn_search(s["nn_grid"], device, s["nn_min_time"])
     ttq = time_to_quality(s["ttq_iters"], s["ttq_eval_every"], s["digits_batch"], s["ttq_seeds"], s["overrides"])
     return {
@@ -403,6 +436,7 @@ def run_bench(quick: bool, sizes: dict | None = None) -> dict:
                       "chunked": f"mqvae.search.nearest_codes (default chunk_elements for {device.type}: "
                                  f"{DEFAULT_CHUNK_ELEMENTS.get(device.type)}, fp32)",
                       "naive": "torch.cdist(z, codebook).argmin(dim=1)"},
+        "finite_check": finite,
         "time_to_quality": ttq,
         "total_bench_s": round(time.perf_counter() - started, 1),
     }
@@ -436,6 +470,10 @@ def summary(result: dict) -> str:
             return f"{row['vectors_per_s']:.3g}", f"{row['peak_extra_mib']:.1f}"
 
         lines.append(f"| 2^{c['N'].bit_length() - 1} | {c['K']} | {c['D']} | {' | '.join(cell(c))} | {' | '.join(cell(n))} |")
+    f = result["finite_check"]
+    lines += ["", f"Finiteness flag (digits VQ-VAE, batch {f['batch_size']}): {1e6 * f['flag_update_s']:.1f} µs per step, "
+              f"{100 * f['flag_update_fraction_of_step']:.3f}% of a {1e3 * f['step_s']:.2f} ms step; its host sync "
+              f"({1e6 * f['check_s']:.1f} µs) runs only at logging steps and before checkpoints."]
     t = result["time_to_quality"]
     median = t["median_ratio_to_vqvae_time"]
     cells = ", ".join(f"seed {row['seed']} " + ("never reached" if row["ratio_to_vqvae_time"] is None

@@ -2,24 +2,35 @@
 
 from __future__ import annotations
 
-import os
+import math
 from pathlib import Path
 
 import torch
 
 from .errors import UserError
+from .files import atomic_write
 
 REQUIRED_KEYS = ("levels", "optimizers", "schedulers", "streams", "step", "rng")
 
 
 def save_checkpoint(path: Path, state: dict) -> None:
-    # Write then rename, so an interrupted save never destroys the previous checkpoint.
-    tmp = Path(path).with_suffix(".pt.tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    # Atomic (mqvae.files), so an interrupted or failed save never destroys the previous checkpoint.
+    atomic_write(Path(path), lambda f: torch.save(state, f))
+
+
+def non_finite_entries(state, prefix: str = "") -> list[str]:
+    """Dotted names of the floating-point tensors in a nested state that hold NaN or inf."""
+    if torch.is_tensor(state):
+        return [prefix.rstrip(".")] if state.is_floating_point() and not torch.isfinite(state).all() else []
+    if isinstance(state, dict):
+        return [name for key, value in state.items() for name in non_finite_entries(value, f"{prefix}{key}.")]
+    if isinstance(state, (list, tuple)):
+        return [name for i, value in enumerate(state) for name in non_finite_entries(value, f"{prefix}{i}.")]
+    return []
 
 
 def load_checkpoint(path: Path) -> dict:
+    """The checkpoint at ``path``, with every entry ``LevelEngine.load_state_dict`` reads checked first."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"--resume: no checkpoint at {path}")
@@ -28,9 +39,98 @@ def load_checkpoint(path: Path) -> dict:
     except Exception as exc:  # torch raises many kinds (pickle, zip, runtime) for a damaged file
         summary = str(exc).strip().splitlines()[0][:120] if str(exc).strip() else type(exc).__name__
         raise UserError(f"--resume: {path} is not a readable checkpoint ({summary})") from None
-    if not isinstance(state, dict) or any(key not in state for key in REQUIRED_KEYS):
-        raise UserError(f"--resume: {path} is not an MQ-VAE toolkit checkpoint (expected keys: {', '.join(REQUIRED_KEYS)})")
+    try:
+        _check_schema(state)
+        _check_finite(state)
+    except _Invalid as exc:
+        raise UserError(f"--resume: {path} is not a valid checkpoint: {exc}") from None
     return state
+
+
+class _Invalid(Exception):
+    """What is wrong with a loaded checkpoint, worded to follow 'is not a valid checkpoint: '."""
+
+
+def _expect(condition: bool, what: str) -> None:
+    if not condition:
+        raise _Invalid(what)
+
+
+def _shown(value) -> str:
+    # Never the repr of a container or tensor: it may be huge and span lines.
+    if torch.is_tensor(value):
+        return f"a {value.dtype} tensor"
+    if value is None or isinstance(value, (bool, int, float, str)):
+        text = repr(value)
+        return text if len(text) <= 40 else text[:37] + "..."
+    return f"a {type(value).__name__}"
+
+
+def _named_dicts(value, name: str) -> dict:
+    """``value`` checked to map names (str) to dicts, as every per-level section does."""
+    _expect(isinstance(value, dict), f"'{name}' is {_shown(value)}, not a dict")
+    for key, entry in value.items():
+        _expect(isinstance(key, str), f"'{name}' has key {_shown(key)}, not a level name")
+        _expect(isinstance(entry, dict), f"'{name}.{key}' is {_shown(entry)}, not a dict")
+    return value
+
+
+def _count(value, name: str) -> None:
+    # bool is an int subclass, but True is no iteration count.
+    ok = isinstance(value, int) and not isinstance(value, bool) and value >= 0
+    _expect(ok, f"'{name}' is {_shown(value)}, not a non-negative integer")
+
+
+def _check_schema(state) -> None:
+    _expect(isinstance(state, dict), f"it holds {_shown(state)}, not a dict")
+    for key in REQUIRED_KEYS:
+        _expect(key in state, f"'{key}' is missing")
+    for name, tensors in _named_dicts(state["levels"], "levels").items():
+        for key, value in tensors.items():
+            _expect(isinstance(key, str), f"'levels.{name}' has key {_shown(key)}, not a parameter name")
+            _expect(torch.is_tensor(value), f"'levels.{name}.{key}' is {_shown(value)}, not a tensor")
+    for name, optimizer in _named_dicts(state["optimizers"], "optimizers").items():
+        for key, kind in (("state", dict), ("param_groups", list)):
+            _expect(key in optimizer, f"'optimizers.{name}.{key}' is missing")
+            _expect(isinstance(optimizer[key], kind),
+                    f"'optimizers.{name}.{key}' is {_shown(optimizer[key])}, not a {kind.__name__}")
+    _named_dicts(state["schedulers"], "schedulers")
+    for name, stream in _named_dicts(state["streams"], "streams").items():
+        for key in ("epoch", "position"):
+            _expect(key in stream, f"'streams.{name}.{key}' is missing")
+            _count(stream[key], f"streams.{name}.{key}")
+    _count(state["step"], "step")
+    if "train_time" in state:
+        seconds = state["train_time"]
+        ok = isinstance(seconds, (int, float)) and not isinstance(seconds, bool) and math.isfinite(seconds)
+        _expect(ok, f"'train_time' is {_shown(seconds)}, not a finite number of seconds")
+    _check_rng(state["rng"])
+
+
+def _check_rng(rng) -> None:
+    _expect(isinstance(rng, dict), f"'rng' is {_shown(rng)}, not a dict")
+    _expect("torch" in rng, "'rng.torch' is missing")
+    _expect(torch.is_tensor(rng["torch"]) and rng["torch"].dtype == torch.uint8,
+            f"'rng.torch' is {_shown(rng['torch'])}, not a torch.uint8 tensor")
+    try:
+        # A scratch generator: the check must not move the global RNG.
+        torch.Generator().set_state(rng["torch"])
+    except RuntimeError as exc:
+        raise _Invalid(f"'rng.torch' is not a CPU generator state ({str(exc).splitlines()[0][:120]})") from None
+    if "cuda" in rng:
+        cuda = rng["cuda"]
+        _expect(isinstance(cuda, list), f"'rng.cuda' is {_shown(cuda)}, not a list")
+        for i, device_state in enumerate(cuda):
+            _expect(torch.is_tensor(device_state) and device_state.dtype == torch.uint8,
+                    f"'rng.cuda.{i}' is {_shown(device_state)}, not a torch.uint8 tensor")
+
+
+def _check_finite(state: dict) -> None:
+    # Training from NaN weights or moments only yields NaN; save() never writes such a state.
+    bad = non_finite_entries(state)
+    if bad:
+        more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
+        raise _Invalid(f"'{bad[0]}' holds NaN or infinite values{more}; it cannot be resumed")
 
 
 def rng_state() -> dict:

@@ -12,8 +12,11 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import math
+import reprlib
 import types
 import typing
+from collections.abc import Hashable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -146,7 +149,10 @@ class PerfConfig:
 
 @dataclass
 class Config:
-    seed: int = spec(0, min=0)
+    # 32 bits: what a NumPy seed may hold. Torch takes 64, but a level's batch stream seeds torch with
+    # seed * 100003 + epoch (loader.BatchStream), which must stay below 2^64; other streams get a 40-bit hash of
+    # the seed (engines/build.py derived_seed), whatever its size.
+    seed: int = spec(0, min=0, max=2**32 - 1)
     device: str = spec("auto", choices=["auto", "cpu", "cuda"])
     data: DataConfig = spec(factory=DataConfig)
     model: ModelConfig = spec(factory=ModelConfig)
@@ -161,7 +167,49 @@ class Config:
 
 
 # ---------------------------------------------------------------------------------------------
+# User values in one-line messages.
+
+# Most characters of one value quoted in an error message.
+QUOTE_LIMIT = 200
+
+
+class _ShortRepr(reprlib.Repr):
+    """reprlib's bounded repr, which never builds the whole text (that of a YAML alias bomb would not fit in
+    memory). An integer too large for repr() (over 4300 digits) is told by its size."""
+
+    def __init__(self):
+        super().__init__()
+        self.maxlevel, self.maxstring, self.maxother, self.maxlong = 3, 100, 100, 60
+        self.maxlist = self.maxtuple = self.maxdict = self.maxset = self.maxfrozenset = 6
+
+    def repr_int(self, x, level):
+        if x.bit_length() > 256:
+            return f"<an integer of {x.bit_length()} bits>"
+        return super().repr_int(x, level)
+
+
+_SHORT_REPR = _ShortRepr()
+
+
+def _cut(text: str) -> str:
+    return text if len(text) <= QUOTE_LIMIT else text[: QUOTE_LIMIT - 3] + "..."
+
+
+def quote(value) -> str:
+    """``repr(value)`` for an error message: one line of at most QUOTE_LIMIT characters, however large the value."""
+    return _cut(_SHORT_REPR.repr(value))
+
+
+def _name(key) -> str:
+    """A key (or a dotted path of keys) as a message shows it: as written, unless it is no plain one-line string."""
+    return _cut(key) if isinstance(key, str) and key.isprintable() else quote(key)
+
+
+# ---------------------------------------------------------------------------------------------
 # Building dataclasses from plain data, with one-line errors.
+
+# Torch keeps sizes, counts and seeds in 64 bits; a larger integer overflows deep inside it.
+INT_LIMIT = 2**63
 
 
 def _type_name(tp) -> str:
@@ -178,35 +226,50 @@ def _convert(value, tp, where: str, path: str):
     if origin is list:
         (item_tp,) = typing.get_args(tp)
         if not isinstance(value, list):
-            raise UserError(f"{where}: {path}: expected a list, got {value!r}")
+            raise UserError(f"{where}: {path}: expected a list, got {quote(value)}")
         return [_convert(v, item_tp, where, f"{path}.{i}") for i, v in enumerate(value)]
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
-            raise UserError(f"{where}: {path}: expected a mapping of {_type_name(tp)} keys, got {value!r}")
+            raise UserError(f"{where}: {path}: expected a mapping of {_type_name(tp)} keys, got {quote(value)}")
         return build(tp, value, where, path)
     if tp is bool:
         if not isinstance(value, bool):
-            raise UserError(f"{where}: {path}: expected true or false, got {value!r}")
+            raise UserError(f"{where}: {path}: expected true or false, got {quote(value)}")
         return value
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise UserError(f"{where}: {path}: expected an integer, got {value!r}")
+            raise UserError(f"{where}: {path}: expected an integer, got {quote(value)}")
+        if not -INT_LIMIT < value < INT_LIMIT:
+            raise UserError(f"{where}: {path}: {quote(value)} is out of range; an integer must lie strictly between "
+                            f"-2^63 and 2^63")
         return value
     if tp is float:
-        if isinstance(value, str):
-            # PyYAML reads 1e-4 (no dot) as a string (YAML 1.1); accept what any reader would call a number.
-            try:
-                value = float(value)
-            except ValueError:
-                pass
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise UserError(f"{where}: {path}: expected a number, got {value!r}")
-        return float(value)
+        return _finite_float(value, where, path)
     if tp is str:
         if not isinstance(value, str):
-            raise UserError(f"{where}: {path}: expected a string, got {value!r}")
+            raise UserError(f"{where}: {path}: expected a string, got {quote(value)}")
         return value
     raise TypeError(f"unsupported config field type {tp!r} at {path}")
+
+
+def _finite_float(value, where: str, path: str) -> float:
+    number = value
+    if isinstance(value, str):
+        # PyYAML reads 1e-4 (no dot) as a string (YAML 1.1); accept what any reader would call a number.
+        try:
+            number = float(value)
+        except ValueError:
+            pass
+    if isinstance(number, bool) or not isinstance(number, (int, float)):
+        raise UserError(f"{where}: {path}: expected a number, got {quote(value)}")
+    try:
+        number = float(number)
+    except OverflowError:  # an integer beyond the float range
+        number = math.inf
+    # NaN would pass every range check below (all its comparisons are false), and inf is no setting either.
+    if not math.isfinite(number):
+        raise UserError(f"{where}: {path}: {quote(value)} is not a finite number")
+    return number
 
 
 def _check_range(value, meta: dict, where: str, path: str) -> None:
@@ -214,14 +277,14 @@ def _check_range(value, meta: dict, where: str, path: str) -> None:
         return
     choices = meta.get("choices")
     if choices is not None and value not in choices:
-        raise UserError(f"{where}: {path}: {value!r} is not allowed; choose one of {', '.join(map(str, choices))}")
+        raise UserError(f"{where}: {path}: {quote(value)} is not allowed; choose one of {', '.join(map(str, choices))}")
     low, high, above = meta.get("min"), meta.get("max"), meta.get("above")
     if low is not None and value < low:
-        raise UserError(f"{where}: {path}: {value!r} is below the minimum {low}")
+        raise UserError(f"{where}: {path}: {quote(value)} is below the minimum {low}")
     if high is not None and value > high:
-        raise UserError(f"{where}: {path}: {value!r} is above the maximum {high}")
+        raise UserError(f"{where}: {path}: {quote(value)} is above the maximum {high}")
     if above is not None and value <= above:
-        raise UserError(f"{where}: {path}: {value!r} must be greater than {above}")
+        raise UserError(f"{where}: {path}: {quote(value)} must be greater than {above}")
 
 
 def build(cls, data: dict, where: str, prefix: str = ""):
@@ -230,8 +293,8 @@ def build(cls, data: dict, where: str, prefix: str = ""):
     hints = typing.get_type_hints(cls)
     for key in data:
         if key not in fields:
-            path = f"{prefix}.{key}" if prefix else str(key)
-            close = difflib.get_close_matches(str(key), list(fields), n=1)
+            path = f"{prefix}.{_name(key)}" if prefix else _name(key)
+            close = difflib.get_close_matches(_name(key), list(fields), n=1)
             hint = f"did you mean '{close[0]}'? " if close else ""
             raise UserError(f"{where}: {path}: unknown key; {hint}(valid keys: {', '.join(fields)})")
     kwargs = {}
@@ -257,54 +320,167 @@ def _validate(cfg: Config, where: str) -> None:
     if not names:
         raise UserError(f"{where}: levels: at least one level is required")
     if len(set(names)) != len(names):
-        raise UserError(f"{where}: levels: level names must be unique, got {names}")
+        raise UserError(f"{where}: levels: level names must be unique, got {quote(names)}")
     for i, level in enumerate(cfg.levels):
         for lower in level.lower:
             if lower not in names or lower == level.name:
-                raise UserError(f"{where}: levels.{i}.lower: '{lower}' is not another level (levels: {', '.join(names)})")
+                raise UserError(f"{where}: levels.{i}.lower: {quote(lower)} is not another level "
+                                f"(levels: {_cut(', '.join(map(quote, names)))})")
+    cycle = _lower_cycle(cfg.levels)
+    if cycle:
+        # Betty would wait on each level of the cycle for the one below it: nothing trains and the run "succeeds".
+        raise UserError(f"{where}: levels.{names.index(cycle[0])}.lower: the lower edges form a cycle "
+                        f"{_cut(' -> '.join(map(quote, cycle)))}; a level cannot be below itself")
     if cfg.hypergradient.roll_back and cfg.hypergradient.xi == 0:
         raise UserError(f"{where}: hypergradient.roll_back: needs xi > 0 (with xi = 0 there is no tentative lower step to roll back)")
     if cfg.quantizer.dim % cfg.quantizer.groups:
         raise UserError(f"{where}: quantizer.groups: {cfg.quantizer.groups} does not divide quantizer.dim = {cfg.quantizer.dim}")
 
 
+def _lower_cycle(levels: list[LevelConfig]) -> list[str]:
+    """A cycle of the upper -> lower edges as ``[a, b, ..., a]``, or ``[]`` when the graph has none.
+
+    Levels whose lower levels are all gone are removed until none is left to remove (Kahn's algorithm on the
+    reversed edges). Each level still there has a lower level still there, so walking down from any of them
+    comes back to a level already on the walk."""
+    lowers = {level.name: list(dict.fromkeys(level.lower)) for level in levels}
+    uppers: dict[str, list[str]] = {name: [] for name in lowers}
+    for upper, below in lowers.items():
+        for lower in below:
+            uppers[lower].append(upper)
+    lowers_left = {name: len(below) for name, below in lowers.items()}
+    removable = [name for name, count in lowers_left.items() if count == 0]
+    while removable:
+        name = removable.pop()
+        del lowers_left[name]
+        for upper in uppers[name]:
+            lowers_left[upper] -= 1
+            if lowers_left[upper] == 0:
+                removable.append(upper)
+    if not lowers_left:
+        return []
+    walk, position = [next(iter(lowers_left))], {}
+    while walk[-1] not in position:
+        position[walk[-1]] = len(walk) - 1
+        walk.append(next(lower for lower in lowers[walk[-1]] if lower in lowers_left))
+    return walk[position[walk[-1]]:]
+
+
+# ---------------------------------------------------------------------------------------------
+# YAML text and --set overrides.
+
+# More values than this once a YAML text's aliases are expanded is an alias bomb (the "billion laughs", 326 bytes
+# that stand for 10^9 strings), not a config: the largest shipped file has under 100.
+MAX_YAML_VALUES = 10_000
+
+# What PyYAML raises on a text it cannot read: YAMLError, and what its constructors hit on a malformed scalar
+# (`!!bool x`: KeyError, `!!timestamp 1`: AttributeError, the date 2020-13-45 or a 5000-digit integer: ValueError).
+_YAML_FAILURES = (yaml.YAMLError, ValueError, LookupError, TypeError, AttributeError)
+
+
+class _Loader(yaml.SafeLoader):
+    """PyYAML's safe loader (plain data, no Python tags) refusing a key given twice in one mapping, where
+    PyYAML would silently keep the last value."""
+
+    def construct_mapping(self, node, deep=False):
+        first_at = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue  # keys merged in with `<<: *base` are there to be overridden
+            key = self.construct_object(key_node, deep=deep)
+            if not isinstance(key, Hashable):
+                continue  # PyYAML's own construct_mapping reports it
+            if key in first_at:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {quote(key)} is given twice (first at line {first_at[key].line + 1})",
+                    key_node.start_mark)
+            first_at[key] = key_node.start_mark
+        return super().construct_mapping(node, deep=deep)
+
+
+def _expanded_size(node: yaml.Node, sizes: dict) -> float:
+    """How many values ``node`` stands for with every alias expanded. Each distinct node is visited once
+    (``sizes`` by node id), so this is fast however large the expansion; a node inside itself is infinite."""
+    if id(node) in sizes:
+        return sizes[id(node)]
+    sizes[id(node)] = math.inf  # reaching the node again before it is counted means that it contains itself
+    if isinstance(node, yaml.MappingNode):
+        children = [child for pair in node.value for child in pair]
+    elif isinstance(node, yaml.SequenceNode):
+        children = node.value
+    else:
+        children = []
+    sizes[id(node)] = 1 + sum(_expanded_size(child, sizes) for child in children)
+    return sizes[id(node)]
+
+
+def _load(text: str, where: str):
+    loader = _Loader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        if _expanded_size(node, {}) > MAX_YAML_VALUES:
+            raise UserError(f"{where}: YAML aliases expand this text to more than {MAX_YAML_VALUES} values; "
+                            "write the values out")
+        return loader.construct_document(node)
+    finally:
+        loader.dispose()
+
+
+def parse_yaml(text: str, where: str):
+    """The data of a YAML text; any problem is a one-line UserError starting with ``where``."""
+    try:
+        return _load(text, where)
+    except RecursionError:
+        raise UserError(f"{where}: YAML nested too deeply to read") from None
+    except _YAML_FAILURES as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line = f" at line {mark.line + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise UserError(f"{where}: not valid YAML{line}: {_cut(' '.join(problem.split()))}") from None
+
+
 def parse_override(text: str) -> tuple[list[str], Any]:
     """``a.b=value`` -> (["a", "b"], value parsed as YAML)."""
     if "=" not in text:
-        raise UserError(f"--set {text}: expected KEY=VALUE, e.g. --set train.iters=100")
+        raise UserError(f"--set {_name(text)}: expected KEY=VALUE, e.g. --set train.iters=100")
     key, raw = text.split("=", 1)
-    return key.strip().split("."), yaml.safe_load(raw)
+    keys = key.strip().split(".")
+    if not all(keys):
+        raise UserError(f"--set {_name(text)}: the key is empty or has an empty part; expected KEY=VALUE, "
+                        "e.g. --set train.iters=100")
+    return keys, parse_yaml(raw, f"--set {_name(key.strip())}")
 
 
 def _apply_override(data: dict, keys: list[str], value, where: str) -> None:
     node = data
-    for i, key in enumerate(keys[:-1]):
-        if isinstance(node, list):
-            node = _list_item(node, key, where, keys[: i + 1])
-        else:
-            node = node.setdefault(key, {})
-    last = keys[-1]
+    for depth, key in enumerate(keys[:-1]):
+        node = node[_list_index(node, key, where, keys)] if isinstance(node, list) else node.setdefault(key, {})
+        _check_section(node, keys, depth + 1, where)
     if isinstance(node, list):
-        index = _list_index(node, last, where, keys)
-        node[index] = value
-    elif isinstance(node, dict):
-        node[last] = value
+        node[_list_index(node, keys[-1], where, keys)] = value
     else:
-        raise UserError(f"{where}: --set {'.'.join(keys)}: '{'.'.join(keys[:-1])}' is not a section")
+        node[keys[-1]] = value
+
+
+def _check_section(node, keys: list[str], depth: int, where: str) -> None:
+    """``node``, reached by ``keys[:depth]``, must hold keys (a mapping) or items (a list) for the rest of the path."""
+    if not isinstance(node, (dict, list)):
+        raise UserError(f"{where}: --set {_name('.'.join(keys))}: '{_name('.'.join(keys[:depth]))}' is "
+                        f"{quote(node)}, not a section")
 
 
 def _list_index(items: list, key: str, where: str, keys: list[str]) -> int:
     """Levels are addressed by position (``levels.0.lr``) or by name (``levels.codebook.lr``)."""
-    if key.isdigit() and int(key) < len(items):
+    # isdecimal: digits only (int() also reads " 1", "+1" and "1_0"); under 19 of them, as int() refuses very long ones.
+    if key.isdecimal() and len(key) < 19 and int(key) < len(items):
         return int(key)
     for i, item in enumerate(items):
         if isinstance(item, dict) and item.get("name") == key:
             return i
-    raise UserError(f"{where}: --set {'.'.join(keys)}: no list item '{key}'")
-
-
-def _list_item(items: list, key: str, where: str, keys: list[str]):
-    return items[_list_index(items, key, where, keys)]
+    raise UserError(f"{where}: --set {_name('.'.join(keys))}: no list item {quote(key)} (by position below "
+                    f"{len(items)} or by name)")
 
 
 def read_yaml(path: str | Path) -> dict:
@@ -312,11 +488,12 @@ def read_yaml(path: str | Path) -> dict:
     if not path.is_file():
         raise UserError(f"{path}: config file not found")
     try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        line = f" at line {mark.line + 1}" if mark else ""
-        raise UserError(f"{path}: not valid YAML{line}") from None
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise UserError(f"{path}: not a UTF-8 text file (byte {exc.start} is not UTF-8)") from None
+    except OSError as exc:
+        raise UserError(f"{path}: cannot read the file: {exc.strerror}") from None
+    data = parse_yaml(text, str(path))
     if data is None:
         data = {}
     if not isinstance(data, dict):

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
+from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset, Subset, TensorDataset
 
 from mqvae.errors import UserError
@@ -41,6 +42,14 @@ _DIGITS_TRAIN_SIZE = 1500
 # What torchvision's readers raise for missing, truncated or foreign files
 # (and for failed downloads); anything else is a bug and keeps its traceback.
 _READ_ERRORS = (RuntimeError, OSError, EOFError, ValueError, KeyError, AssertionError, pickle.UnpicklingError)
+
+# What PIL raises for a file it cannot decode: unknown format, truncated or damaged data, or (the bomb
+# error) more pixels than PIL agrees to decode.
+_DECODE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
+
+
+def _one_line(err: Exception) -> str:
+    return " ".join(str(err).split()) or type(err).__name__
 
 
 def _fetch_hint(download: bool) -> str:
@@ -125,10 +134,31 @@ def _read_pair(title: str, folder: str, expected: str, remedy: str, make: Callab
     try:
         return make(True), make(False)
     except _READ_ERRORS as err:
-        reason = " ".join(str(err).split()) or type(err).__name__
         raise UserError(
-            f"data.root: no readable {title} files in '{folder}' (expected {expected}; torchvision: {reason}); {remedy}"
+            f"data.root: no readable {title} files in '{folder}' (expected {expected}; torchvision: {_one_line(err)}); "
+            f"{remedy}"
         ) from err
+
+
+def _check_idx_pair(dataset, title: str) -> None:
+    """Stop on IDX files that disagree, which torchvision reads without comparing.
+
+    Too few labels would end a run with an IndexError at some later batch, too many would be
+    dropped silently, and images of another size would reach the model.
+    """
+    prefix = "train" if dataset.train else "t10k"
+    images = os.path.join(dataset.raw_folder, f"{prefix}-images-idx3-ubyte")
+    labels = os.path.join(dataset.raw_folder, f"{prefix}-labels-idx1-ubyte")
+    count, height, width = dataset.data.shape
+    if (height, width) != (28, 28):
+        raise UserError(f"data.root: '{images}' holds {height}×{width} images; {title} images are 28×28")
+    if len(dataset.targets) != count:
+        raise UserError(
+            f"data.root: '{images}' holds {count} images but '{labels}' holds {len(dataset.targets)} labels; "
+            "use image and label files of the same release"
+        )
+    if count and dataset.targets.max() > 9:
+        raise UserError(f"data.root: '{labels}' holds label {dataset.targets.max().item()}; {title} labels are 0..9")
 
 
 def _mnist_like(class_name: str, title: str):
@@ -143,6 +173,8 @@ def _mnist_like(class_name: str, title: str):
             _fetch_hint(download),
             lambda is_train: cls(root, train=is_train, transform=transforms.ToTensor(), download=download),
         )
+        _check_idx_pair(train, title)
+        _check_idx_pair(test, title)
         return Datasets(train, test, channels=1, image_size=28, num_classes=10)
 
     return load
@@ -219,6 +251,17 @@ def _celeba(root: str, download: bool, seed: int) -> Datasets:
     return Datasets(train, test, channels=3, image_size=64, num_classes=1)
 
 
+def _open_rgb(path: str) -> Image.Image:
+    """ImageFolder's loader: the image at ``path`` as RGB, or one UserError line naming a file PIL cannot decode."""
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")  # decodes every pixel, so truncated data fails here, not later
+    except _DECODE_ERRORS as err:
+        # PIL's own message for an unknown format repeats the path.
+        reason = "not a known image format" if isinstance(err, UnidentifiedImageError) else _one_line(err)
+        raise UserError(f"data.root: '{path}' is not a readable image ({reason}); replace or remove the file") from err
+
+
 @register_dataset("image_folder")
 def _image_folder(root: str, download: bool, seed: int) -> Datasets:
     from torchvision import datasets, transforms
@@ -231,7 +274,9 @@ def _image_folder(root: str, download: bool, seed: int) -> Datasets:
         root,
         "train/<class>/*.png|jpg and test/<class>/*.png|jpg",
         "create those class subfolders of images (image_folder is never downloaded)",
-        lambda is_train: datasets.ImageFolder(os.path.join(root, "train" if is_train else "test"), transform=square),
+        lambda is_train: datasets.ImageFolder(
+            os.path.join(root, "train" if is_train else "test"), transform=square, loader=_open_rgb
+        ),
     )
     # ImageFolder numbers classes by sorted folder name, separately per split.
     if train.classes != test.classes:

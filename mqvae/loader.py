@@ -9,12 +9,38 @@ global RNG) and the stream counts how many batches it has handed out.
 import math
 
 import torch
-from torch.utils.data import DataLoader, Dataset, TensorDataset
+from torch.utils.data import DataLoader, Dataset, TensorDataset, default_collate
 
 from mqvae.errors import UserError
 
 # Spreads consecutive epochs of nearby seeds over distinct generator seeds.
 _EPOCH_STRIDE = 100003
+
+
+class _Failed:
+    """A UserError raised while reading an item, carried back from a DataLoader worker as data: torch
+    re-raises a worker's exception with the worker's traceback in its message, no longer one line."""
+
+    def __init__(self, message: str):
+        self.message = message
+
+
+class _Guarded(Dataset):
+    def __init__(self, dataset: Dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index):
+        try:
+            return self.dataset[index]
+        except UserError as exc:
+            return _Failed(str(exc))
+
+
+def _collate(items: list):
+    return next((item for item in items if isinstance(item, _Failed)), None) or default_collate(items)
 
 
 class BatchStream:
@@ -61,13 +87,18 @@ class BatchStream:
             # Fast path: one gather per tensor instead of per-item Python calls.
             return (tuple(t[idx] for t in self.dataset.tensors) for idx in batches)
         return DataLoader(
-            self.dataset, batch_sampler=[idx.tolist() for idx in batches], num_workers=self.num_workers
+            _Guarded(self.dataset),
+            batch_sampler=[idx.tolist() for idx in batches],
+            num_workers=self.num_workers,
+            collate_fn=_collate,
         )
 
     def __iter__(self):
         # A generator: nothing is read until the first next(), so a state loaded
         # after iter() but before the first batch is still honoured.
         for batch in self._load(self._epoch_batches()[self.position :]):
+            if isinstance(batch, _Failed):
+                raise UserError(batch.message)
             # Count before handing out: once the consumer holds the batch it is
             # consumed, whatever DataLoader workers have prefetched beyond it.
             self.position += 1

@@ -5,6 +5,7 @@ AlexNet cannot take images under ``LPIPS_MIN_SIDE`` px. Then the metric's value 
 one-line reason; no number is ever substituted.
 """
 
+import warnings
 from typing import Callable, Optional
 
 import torch
@@ -12,6 +13,10 @@ from torch import Tensor, nn
 from torchmetrics.functional.image.lpips import _lpips_update, _NoTrainLpips
 from torchmetrics.image.fid import FrechetInceptionDistance
 from torchmetrics.image.inception import InceptionScore
+
+# IS must keep every test feature to compute its splits, which is what this warning is about; it would also put
+# lines on stderr, which holds only an error's one line.
+warnings.filterwarnings("ignore", message="Metric `InceptionScore` will save all extracted features", category=UserWarning)
 
 # Factors by which MQ-VAE reports these columns (Table 3, also Tables 1/4/5: "LPIPS (10^-1)",
 # "MSE (10^-3)", "Δgap (10^-5)"): a reported 1.23 in the MSE column means 1.23e-3.

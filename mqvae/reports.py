@@ -11,12 +11,14 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 from torchvision.utils import make_grid, save_image  # noqa: E402
 
+from .files import atomic_write, save_figure, write_text  # noqa: E402
+
 
 def save_recon_grid(originals: torch.Tensor, recons: torch.Tensor, path: Path, per_row: int = 16) -> None:
     """Test originals in the upper rows, their reconstructions in the rows below."""
     n = originals.shape[0] - originals.shape[0] % per_row or originals.shape[0]
     grid = make_grid(torch.cat([originals[:n], recons[:n]]), nrow=min(per_row, n), padding=1, pad_value=1.0)
-    save_image(grid, path)
+    atomic_write(path, lambda f: save_image(grid, f, format="png"))
 
 
 def save_curves(records: list[dict], path: Path) -> None:
@@ -38,7 +40,7 @@ def save_curves(records: list[dict], path: Path) -> None:
             ax.legend(fontsize=7)
     axes[0].set_yscale("log")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path, dpi=110)
     plt.close(fig)
 
 
@@ -78,7 +80,7 @@ def save_codebook(counts: torch.Tensor, vectors: torch.Tensor, codes: torch.Tens
     axes[1].set_title("PCA of encoder outputs and codebook")
     axes[1].legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path, dpi=110)
     plt.close(fig)
 
 
@@ -110,7 +112,7 @@ def write_report(run_dir: Path, metrics: dict, pictures=("recon.png", "curves.pn
     for name in pictures:
         if (run_dir / name).is_file():
             lines += [f"![{name}]({name})", ""]
-    (run_dir / "report.md").write_text("\n".join(lines))
+    write_text(run_dir / "report.md", "\n".join(lines))
 
 
 def save_prediction_grid(images: torch.Tensor, predicted: torch.Tensor, labels: torch.Tensor, path: Path, per_row: int = 8) -> None:
@@ -126,5 +128,5 @@ def save_prediction_grid(images: torch.Tensor, predicted: torch.Tensor, labels: 
             ok = int(predicted[i]) == int(labels[i])
             ax.set_title(f"{int(predicted[i])} ({int(labels[i])})", fontsize=8, color="black" if ok else "red")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    save_figure(fig, path, dpi=100)
     plt.close(fig)

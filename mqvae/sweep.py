@@ -42,6 +42,7 @@ from scipy.stats import t as student_t
 
 from .config import build, read_yaml, spec
 from .errors import UserError
+from .files import read_lines, save_figure, write_json, write_text
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -192,8 +193,14 @@ def expand(sweep: Sweep, sweep_dir: Path, overrides: list[str] = ()) -> list[Pla
 # -- results --------------------------------------------------------------------------------------
 
 def read_metrics(run: PlannedRun) -> Optional[dict]:
+    """The run's metrics.json, or None when it has none that reads back as a mapping (a torn file from a
+    foreign writer counts as missing: the sweep then trains the run again)."""
     path = run.run_dir / "metrics.json"
-    return json.loads(path.read_text()) if path.is_file() else None
+    try:
+        metrics = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return metrics if isinstance(metrics, dict) else None
 
 
 def _number(value) -> Optional[float]:
@@ -439,11 +446,9 @@ def _curve_points(run: dict, key: str) -> list[tuple[float, float]]:
     points = []
     log = Path(run["run_dir"]) / "log.jsonl"
     if log.is_file():
-        for line in log.read_text().splitlines():
-            if line.strip():
-                record = json.loads(line)
-                if key in record and "time_s" in record:
-                    points.append((record["time_s"], record[key]))
+        for record in read_lines(log):
+            if key in record and "time_s" in record:
+                points.append((record["time_s"], record[key]))
     final = run.get("metrics") or {}
     if final.get(key) is not None and final.get("wall_time_s") is not None:
         if not points or final["wall_time_s"] > points[-1][0]:
@@ -490,13 +495,13 @@ def save_results_plot(results: dict, path: Path) -> None:
     if axes[1].lines:
         axes[1].legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path, dpi=110)
     plt.close(fig)
 
 
 def write_results(results: dict, sweep_dir: Path) -> None:
     sweep_dir = Path(sweep_dir)
     sweep_dir.mkdir(parents=True, exist_ok=True)
-    (sweep_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    (sweep_dir / "results.md").write_text(results_markdown(results))
+    write_json(sweep_dir / "results.json", results)
+    write_text(sweep_dir / "results.md", results_markdown(results))
     save_results_plot(results, sweep_dir / "results.png")

@@ -33,10 +33,13 @@ def skip_md5_checks(monkeypatch) -> None:
         monkeypatch.setattr(module, "check_integrity", exists_only)
 
 
-def _write_idx(path: str, array: np.ndarray, magic: int) -> None:
-    # IDX: big-endian int32 magic and dimensions, then the raw uint8 values.
+def write_idx(path: str, array: np.ndarray) -> None:
+    """IDX: big-endian int32 magic and dimensions, then the raw uint8 values.
+
+    The magic's third byte 0x08 says uint8, its last byte the number of dimensions.
+    """
     with open(path, "wb") as f:
-        f.write(struct.pack(f">{1 + array.ndim}i", magic, *array.shape))
+        f.write(struct.pack(f">{1 + array.ndim}i", 0x0800 + array.ndim, *array.shape))
         f.write(array.astype(np.uint8).tobytes())
 
 
@@ -48,8 +51,8 @@ def write_mnist(root, n_train: int, n_test: int, kind: str = "MNIST", seed: int 
     written = {}
     for prefix, split, n in (("train", "train", n_train), ("t10k", "test", n_test)):
         images, labels = _pixels(rng, (n, 28, 28)), rng.integers(0, 10, size=n, dtype=np.uint8)
-        _write_idx(os.path.join(raw, f"{prefix}-images-idx3-ubyte"), images, 2051)
-        _write_idx(os.path.join(raw, f"{prefix}-labels-idx1-ubyte"), labels, 2049)
+        write_idx(os.path.join(raw, f"{prefix}-images-idx3-ubyte"), images)
+        write_idx(os.path.join(raw, f"{prefix}-labels-idx1-ubyte"), labels)
         written[split] = (images, labels)
     return written
 

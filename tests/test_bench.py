@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import pytest
 
 import torch
 
@@ -50,6 +51,10 @@ def test_bench_writes_the_documented_schema(tmp_path, monkeypatch):
     assert set(phases["mqvae"]) == {"iteration", "hypergradient.mqvae"} | steps
     assert set(phases["mqvae_roll_back"]) == {"iteration", "hypergradient.mqvae", "autoencoder.roll_back"} | steps
     assert all(v >= 0 for p in phases.values() for v in p.values())
+
+    finite = result["finite_check"]
+    assert finite["step_s"] > 0 and finite["flag_update_s"] > 0 and finite["check_s"] >= 0
+    assert finite["flag_update_fraction_of_step"] == pytest.approx(finite["flag_update_s"] / finite["step_s"], rel=0.01, abs=1e-5)
 
     # Time to quality: three seeds by default, --quick too; every seed's own figures; nulls with their reason.
     ttq = result["time_to_quality"]

@@ -10,15 +10,25 @@ from fake_datasets import (
     write_cifar100,
     write_image_folder,
     write_mnist,
+    write_idx,
     write_svhn,
 )
 import mqvae.data
 from mqvae.data import DATASETS, Datasets, holdout_split, load_datasets, register_dataset
 from mqvae.errors import UserError
+from mqvae.loader import BatchStream
 
 
 def _load(name, root):
     return load_datasets(name, str(root), download=False, seed=0)
+
+
+def _one_line_error(error, *needles) -> str:
+    message = str(error.value)
+    assert "\n" not in message
+    for needle in needles:
+        assert str(needle) in message, message
+    return message
 
 
 def test_digits_shapes_range_and_labels():
@@ -142,6 +152,74 @@ def test_image_folder_class_mismatch(tmp_path):
     (tmp_path / "other" / "test" / "cow").rename(tmp_path / "test" / "cow")
     with pytest.raises(UserError, match="class folders differ"):
         _load("image_folder", tmp_path)
+
+
+def _truncated_png(path):
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+@pytest.mark.parametrize(
+    "damage, reason",
+    [(lambda path: path.write_bytes(np.random.default_rng(0).bytes(300)), "not a known image format"),
+     (_truncated_png, "truncated")],
+    ids=["random_bytes", "truncated_png"],
+)
+def test_undecodable_image_is_one_line_naming_the_file(tmp_path, damage, reason):
+    write_image_folder(tmp_path, n=3)
+    bad = tmp_path / "train" / "dog" / "001.png"
+    damage(bad)
+    sets = _load("image_folder", tmp_path)  # ImageFolder lists files; it decodes them only when read
+    with pytest.raises(UserError) as error:
+        for _ in BatchStream(sets.train, batch_size=2, seed=0):
+            pass
+    message = _one_line_error(error, f"'{bad}'", reason)
+    assert message.startswith("data.root:")
+
+
+def _mnist_raw(root):
+    return root / "MNIST" / "raw"
+
+
+def test_mnist_label_count_differs_from_image_count(tmp_path):
+    write_mnist(tmp_path, n_train=5, n_test=3)
+    labels = _mnist_raw(tmp_path) / "train-labels-idx1-ubyte"
+    write_idx(str(labels), np.zeros(4, dtype=np.uint8))
+    with pytest.raises(UserError) as error:
+        _load("mnist", tmp_path)
+    _one_line_error(error, f"'{_mnist_raw(tmp_path) / 'train-images-idx3-ubyte'}' holds 5 images", f"'{labels}' holds 4 labels")
+
+
+def test_fashion_mnist_images_of_another_size(tmp_path):
+    write_mnist(tmp_path, n_train=5, n_test=3, kind="FashionMNIST")
+    images = tmp_path / "FashionMNIST" / "raw" / "t10k-images-idx3-ubyte"
+    write_idx(str(images), np.zeros((3, 32, 32), dtype=np.uint8))
+    with pytest.raises(UserError) as error:
+        _load("fashion_mnist", tmp_path)
+    _one_line_error(error, f"'{images}' holds 32×32 images", "Fashion-MNIST images are 28×28")
+
+
+def test_mnist_label_out_of_range(tmp_path):
+    write_mnist(tmp_path, n_train=5, n_test=3)
+    labels = _mnist_raw(tmp_path) / "t10k-labels-idx1-ubyte"
+    write_idx(str(labels), np.array([1, 10, 2], dtype=np.uint8))
+    with pytest.raises(UserError) as error:
+        _load("mnist", tmp_path)
+    _one_line_error(error, f"'{labels}' holds label 10", "0..9")
+
+
+def test_cifar_and_svhn_files_other_than_the_release_are_refused(tmp_path):
+    # torchvision compares every CIFAR and SVHN file with the release's md5 (these stand-ins differ), so a
+    # batch of the wrong shape or a .mat file whose counts disagree never reaches training; data.py checks
+    # neither, and this test fails first should that guard ever go.
+    write_cifar10(tmp_path, n_per_batch=2)
+    with pytest.raises(UserError) as error:
+        _load("cifar10", tmp_path)
+    _one_line_error(error, f"'{tmp_path / 'cifar-10-batches-py'}'", "corrupted")
+    write_svhn(tmp_path, n=4)
+    with pytest.raises(UserError) as error:
+        _load("svhn", tmp_path)
+    _one_line_error(error, f"'{tmp_path}'", "corrupted")
 
 
 def test_celeba_round_trip(tmp_path, monkeypatch):

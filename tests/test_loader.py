@@ -124,3 +124,18 @@ def test_position_beyond_epoch_is_user_error():
     stream = BatchStream(tensor_items(), batch_size=5, seed=0)
     with pytest.raises(UserError, match="position 5"):
         stream.load_state_dict({"epoch": 0, "position": 5})
+
+
+class Unreadable(Dataset):
+    def __len__(self):
+        return 4
+
+    def __getitem__(self, index):
+        raise UserError(f"data.root: 'item{index}.png' is not a readable image")
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_user_error_while_reading_stays_one_line(num_workers):
+    with pytest.raises(UserError) as error:
+        next(iter(BatchStream(Unreadable(), batch_size=2, seed=0, shuffle=False, num_workers=num_workers)))
+    assert str(error.value) == "data.root: 'item0.png' is not a readable image"

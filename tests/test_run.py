@@ -13,7 +13,7 @@ import yaml
 
 import run
 from engines.engine import LevelEngine
-from engines.experiment import RUN_FILES
+from engines.run_folder import RUN_FILES
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--set", "model.hidden_channels=8", "--set", "model.res_channels=4", "--set", "model.num_res_blocks=1",

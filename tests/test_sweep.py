@@ -84,7 +84,7 @@ def test_killed_sweep_finishes_only_the_missing_runs(tmp_path, monkeypatch):
     original = experiment.run_experiment
     calls = []
 
-    def killed_in_third(cfg, run_dir, resume=False):
+    def killed_in_third(cfg, run_dir, resume=False, overwrite=False):
         calls.append((Path(run_dir), resume))
         if len(calls) == 3:
             from engines.engine import LevelEngine
@@ -98,10 +98,10 @@ def test_killed_sweep_finishes_only_the_missing_runs(tmp_path, monkeypatch):
 
             monkeypatch.setattr(LevelEngine, "train_step", interrupt)
             try:
-                return original(cfg, run_dir, resume)
+                return original(cfg, run_dir, resume, overwrite)
             finally:
                 monkeypatch.setattr(LevelEngine, "train_step", step)
-        return original(cfg, run_dir, resume)
+        return original(cfg, run_dir, resume, overwrite)
 
     monkeypatch.setattr(experiment, "run_experiment", killed_in_third)
     assert run.main([str(path), *TINY, "--out", str(out)]) == 130
@@ -136,7 +136,7 @@ sweep:
     out = tmp_path / "sweep"
     assert run.main([str(path), *TINY, "--out", str(out)]) == 0
     diverged = json.loads((out / "blow-up" / "seed1" / "metrics.json").read_text())
-    assert "is nan" in diverged["diverged"] or "is inf" in diverged["diverged"]
+    assert "non-finite" in diverged["diverged"] or "NaN or infinite" in diverged["diverged"]
     results = json.loads((out / "results.json").read_text())
     row = next(r for r in results["aggregate"] if r["label"] == "Blow-up")
     assert row["diverged"] == 2 and row["metrics"]["test_mse"]["n"] == 0
