@@ -14,6 +14,7 @@ from mqvae.config import Config
 from mqvae.data import load_datasets
 from mqvae.errors import UserError
 from mqvae.evaluation import encoder_sample, final_metrics, reconstructions
+from mqvae.feasibility import check_feasible
 from mqvae.files import FolderLock, os_error, read_lines, remove_stale_temps, write_json, write_text
 from mqvae.models import build_model
 from mqvae.perf import apply_perf, perf_quantizer_config
@@ -36,6 +37,7 @@ def build_engine(cfg: Config, run_dir: Path) -> LevelEngine:
     device = resolve_device(cfg.device)
     torch.manual_seed(cfg.seed)
     datasets = load_datasets(cfg.data.name, cfg.data.root, cfg.data.download, cfg.seed)
+    check_feasible(cfg, datasets.channels, datasets.image_size, datasets.num_classes, device)
     # perf: CUDA-only speed switches (mqvae.perf); on the CPU they are documented no-ops.
     model_cfg = dataclasses.replace(cfg, quantizer=perf_quantizer_config(cfg.perf, cfg.quantizer, device))
     model = build_model(model_cfg, datasets.channels, datasets.num_classes).to(device)
@@ -65,6 +67,11 @@ def _trim_log(path: Path, step: int) -> None:
         write_text(path, "".join(json.dumps(record) + "\n" for record in records))
 
 
+def _before_first_checkpoint(run_dir: Path) -> bool:
+    """A started run (config.yaml written) with neither a checkpoint nor a finished result."""
+    return (run_dir / "config.yaml").is_file() and not any((run_dir / name).exists() for name in ("checkpoint.pt", "metrics.json"))
+
+
 def run_experiment(cfg: Config, run_dir: Path, resume: bool = False, overwrite: bool = False) -> dict:
     """Train ``cfg`` into ``run_dir`` and evaluate it. A new run needs a folder that holds no other run (or
     ``overwrite``); ``resume`` continues from the folder's checkpoint. The folder is locked meanwhile."""
@@ -76,18 +83,26 @@ def run_experiment(cfg: Config, run_dir: Path, resume: bool = False, overwrite: 
         raise os_error(run_dir, exc) from None
     with FolderLock(run_dir):
         remove_stale_temps(run_dir)
+        if resume and _before_first_checkpoint(run_dir):
+            # Stopped before its first checkpoint: nothing trained survives, so the run starts again from
+            # iteration 0 (same seed, same config), which is what an uninterrupted run did.
+            print(f"{run_dir}: no checkpoint yet; starting the run from iteration 0", flush=True)
+            resume = False
+            overwrite = True
         checkpoint = load_checkpoint(run_dir / "checkpoint.pt") if resume else None
         engine = build_engine(cfg, run_dir)
         if checkpoint is not None:
             engine.load_state_dict(checkpoint, str(run_dir / "checkpoint.pt"))
             _trim_log(run_dir / "log.jsonl", engine.global_step)
+            write_config(run_dir, cfg)  # with the extended iterations or intervals, if any
         else:
-            # Only now, with data and model built, does the new run take the folder over.
+            # Only now, with data and model built, does the new run take the folder over: config.yaml first, so
+            # that any later kill leaves a folder that --resume recognises.
             claim(run_dir, overwrite)
+            write_config(run_dir, cfg)
             write_text(run_dir / "log.jsonl", "")
             if cfg.quantizer.kmeans_init:
                 initialize_codebook(engine)
-        write_config(run_dir, cfg)
         started = time.perf_counter()
         engine.run()
         engine.save()

@@ -13,7 +13,7 @@ from pathlib import Path
 from mqvae.checkpoint import load_checkpoint
 from mqvae.config import load_config, to_dict
 from mqvae.errors import Diverged, UserError
-from mqvae.files import FolderLock
+from mqvae.files import FolderLock, remove_stale_temps
 from mqvae.sweep import aggregate, expand, load_sweep, read_metrics, write_results
 
 from . import experiment
@@ -30,6 +30,7 @@ def run_sweep(path: str | Path, overrides: list[str] = (), out: str | Path | Non
     configs = [load_config(run.config, run.overrides) for run in planned]
     sweep_dir.mkdir(parents=True, exist_ok=True)
     with FolderLock(sweep_dir):
+        remove_stale_temps(sweep_dir)
         _run_all(planned, configs)
         results = aggregate(sweep, planned)
         write_results(results, sweep_dir)

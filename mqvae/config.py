@@ -200,7 +200,7 @@ def quote(value) -> str:
     return _cut(_SHORT_REPR.repr(value))
 
 
-def _name(key) -> str:
+def quote_key(key) -> str:
     """A key (or a dotted path of keys) as a message shows it: as written, unless it is no plain one-line string."""
     return _cut(key) if isinstance(key, str) and key.isprintable() else quote(key)
 
@@ -293,8 +293,8 @@ def build(cls, data: dict, where: str, prefix: str = ""):
     hints = typing.get_type_hints(cls)
     for key in data:
         if key not in fields:
-            path = f"{prefix}.{_name(key)}" if prefix else _name(key)
-            close = difflib.get_close_matches(_name(key), list(fields), n=1)
+            path = f"{prefix}.{quote_key(key)}" if prefix else quote_key(key)
+            close = difflib.get_close_matches(quote_key(key), list(fields), n=1)
             hint = f"did you mean '{close[0]}'? " if close else ""
             raise UserError(f"{where}: {path}: unknown key; {hint}(valid keys: {', '.join(fields)})")
     kwargs = {}
@@ -444,13 +444,13 @@ def parse_yaml(text: str, where: str):
 def parse_override(text: str) -> tuple[list[str], Any]:
     """``a.b=value`` -> (["a", "b"], value parsed as YAML)."""
     if "=" not in text:
-        raise UserError(f"--set {_name(text)}: expected KEY=VALUE, e.g. --set train.iters=100")
+        raise UserError(f"--set {quote_key(text)}: expected KEY=VALUE, e.g. --set train.iters=100")
     key, raw = text.split("=", 1)
     keys = key.strip().split(".")
     if not all(keys):
-        raise UserError(f"--set {_name(text)}: the key is empty or has an empty part; expected KEY=VALUE, "
+        raise UserError(f"--set {quote_key(text)}: the key is empty or has an empty part; expected KEY=VALUE, "
                         "e.g. --set train.iters=100")
-    return keys, parse_yaml(raw, f"--set {_name(key.strip())}")
+    return keys, parse_yaml(raw, f"--set {quote_key(key.strip())}")
 
 
 def _apply_override(data: dict, keys: list[str], value, where: str) -> None:
@@ -467,7 +467,7 @@ def _apply_override(data: dict, keys: list[str], value, where: str) -> None:
 def _check_section(node, keys: list[str], depth: int, where: str) -> None:
     """``node``, reached by ``keys[:depth]``, must hold keys (a mapping) or items (a list) for the rest of the path."""
     if not isinstance(node, (dict, list)):
-        raise UserError(f"{where}: --set {_name('.'.join(keys))}: '{_name('.'.join(keys[:depth]))}' is "
+        raise UserError(f"{where}: --set {quote_key('.'.join(keys))}: '{quote_key('.'.join(keys[:depth]))}' is "
                         f"{quote(node)}, not a section")
 
 
@@ -479,7 +479,7 @@ def _list_index(items: list, key: str, where: str, keys: list[str]) -> int:
     for i, item in enumerate(items):
         if isinstance(item, dict) and item.get("name") == key:
             return i
-    raise UserError(f"{where}: --set {_name('.'.join(keys))}: no list item {quote(key)} (by position below "
+    raise UserError(f"{where}: --set {quote_key('.'.join(keys))}: no list item {quote(key)} (by position below "
                     f"{len(items)} or by name)")
 
 

@@ -137,7 +137,8 @@ def network_size(cfg: Config, channels: int, image_size: int, num_classes: int) 
     and activations: the network is measured with 0 and 1 block and extrapolated (a billion blocks would take
     hours to build, even on the meta device)."""
     try:
-        without, with_one = (_measure(cfg, channels, image_size, num_classes, blocks) for blocks in (0, 1))
+        without = _measure(cfg, channels, image_size, num_classes, num_res_blocks=0)
+        with_one = _measure(cfg, channels, image_size, num_classes, num_res_blocks=1)
     except RuntimeError:  # a tensor of 2^63 bytes or more, which torch cannot even describe
         key = _largest_key(cfg, _network_keys(cfg))
         raise UserError(f"{key}: {_value(cfg, key)} makes a layer of 2^63 bytes or more, far beyond any memory; "

@@ -40,7 +40,7 @@ from typing import Optional
 
 from scipy.stats import t as student_t
 
-from .config import build, read_yaml, spec
+from .config import build, quote, quote_key, read_yaml, spec
 from .errors import UserError
 from .files import read_lines, save_figure, write_json, write_text
 
@@ -134,42 +134,42 @@ def load_sweep(path: str | Path) -> Sweep:
         if key != "sweep":
             close = difflib.get_close_matches(str(key), ["sweep"], n=1)
             hint = "did you mean 'sweep'? " if close else ""
-            raise UserError(f"{where}: {key}: unknown top-level key in a sweep file; {hint}(a sweep file holds only 'sweep')")
+            raise UserError(f"{where}: {quote_key(key)}: unknown top-level key in a sweep file; {hint}(a sweep file holds only 'sweep')")
     body = data["sweep"]
     if not isinstance(body, dict):
-        raise UserError(f"{where}: sweep: expected a mapping of sweep keys (title, seeds, metrics, runs, ...), got {body!r}")
+        raise UserError(f"{where}: sweep: expected a mapping of sweep keys (title, seeds, metrics, runs, ...), got {quote(body)}")
     sweep = build(Sweep, body, where, "sweep")
     if not sweep.runs:
         raise UserError(f"{where}: sweep.runs: at least one run is required")
     if not sweep.seeds:
         raise UserError(f"{where}: sweep.seeds: at least one seed is required")
     if len(set(sweep.seeds)) != len(sweep.seeds) or any(s < 0 for s in sweep.seeds):
-        raise UserError(f"{where}: sweep.seeds: seeds must be distinct non-negative integers, got {sweep.seeds}")
+        raise UserError(f"{where}: sweep.seeds: seeds must be distinct non-negative integers, got {quote(sweep.seeds)}")
     for i, metric in enumerate(sweep.metrics + ([sweep.main_metric] if sweep.main_metric else [])):
         if metric not in COLUMNS:
             close = difflib.get_close_matches(metric, list(COLUMNS), n=1)
             hint = f"did you mean '{close[0]}'? " if close else ""
             key = f"sweep.metrics.{i}" if i < len(sweep.metrics) else "sweep.main_metric"
-            raise UserError(f"{where}: {key}: unknown metric '{metric}'; {hint}(known: {', '.join(COLUMNS)})")
+            raise UserError(f"{where}: {key}: unknown metric {quote(metric)}; {hint}(known: {', '.join(COLUMNS)})")
     if not sweep.metrics:
         raise UserError(f"{where}: sweep.metrics: at least one metric is required")
     slugs = {}
     for i, run in enumerate(sweep.runs):
         slug = slugify(run.label)
         if slug in slugs:
-            raise UserError(f"{where}: sweep.runs.{i}.label: '{run.label}' gives the same folder name '{slug}' as "
-                            f"'{slugs[slug]}'; labels must differ")
+            raise UserError(f"{where}: sweep.runs.{i}.label: {quote(run.label)} gives the same folder name {quote(slug)} as "
+                            f"{quote(slugs[slug])}; labels must differ")
         slugs[slug] = run.label
         resolved = _resolve_config(run.config, path)
         if resolved is None:
-            raise UserError(f"{where}: sweep.runs.{i}.config: file '{run.config}' not found")
+            raise UserError(f"{where}: sweep.runs.{i}.config: file {quote(run.config)} not found")
         run.config = str(resolved)
     labels = [run.label for run in sweep.runs]
     if sweep.baseline and sweep.baseline not in labels:
         close = difflib.get_close_matches(sweep.baseline, labels, n=1)
         hint = f"did you mean '{close[0]}'? " if close else ""
-        raise UserError(f"{where}: sweep.baseline: '{sweep.baseline}' names no run; {hint}"
-                        f"(runs: {', '.join(repr(label) for label in labels)})")
+        raise UserError(f"{where}: sweep.baseline: {quote(sweep.baseline)} names no run; {hint}"
+                        f"(runs: {', '.join(quote(label) for label in labels[:20])})")
     sweep.name = sweep.name or path.stem
     sweep.main_metric = sweep.main_metric or sweep.metrics[0]
     sweep.baseline = sweep.baseline or labels[0]

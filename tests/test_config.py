@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pytest
@@ -88,3 +89,151 @@ def test_device_auto_picks_cuda_when_present(monkeypatch):
 def test_default_run_folder_follows_the_config_name():
     assert run.default_run_dir(Path("configs/digits/mqvae.yaml")) == Path("runs/digits/mqvae")
     assert run.default_run_dir(Path("/elsewhere/my_exp.yaml")) == Path("runs/my_exp")
+
+
+# -- hardening: every bad config is one short UserError line ------------------------------------------------------
+
+DIGITS = ROOT / "configs/digits/mqvae.yaml"
+# The "billion laughs" alias bomb: nine aliases of nine aliases ... of nine strings, 10^9 strings in 342 bytes.
+BILLION_LAUGHS = 'a: &a ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]\n' + "".join(
+    f"{name}: &{name} [{','.join(['*' + below] * 9)}]\n" for below, name in zip("abcdefgh", "bcdefghi"))
+
+
+def one_line_error(load, *needles) -> str:
+    """The message of the UserError ``load()`` raises: one line of reasonable length holding every needle."""
+    with pytest.raises(UserError) as info:
+        load()
+    message = str(info.value)
+    assert "\n" not in message and len(message) < 600, message
+    for needle in needles:
+        assert needle in message, message
+    return message
+
+
+def write(tmp_path, text, name="x.yaml") -> Path:
+    path = tmp_path / name
+    (path.write_bytes if isinstance(text, bytes) else path.write_text)(text)
+    return path
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf"), "nan", "inf", "-Infinity", 10**400],
+                         ids=["nan", "inf", "-inf", "'nan'", "'inf'", "'-Infinity'", "10^400"])
+@pytest.mark.parametrize("key", ["quantizer.beta", "hypergradient.xi", "levels.0.lr"])
+def test_float_keys_reject_nan_and_inf(key, value):
+    # NaN passed every range check (its comparisons are all false); inf passed the minimum.
+    section, name = key.rsplit(".", 1)
+    data = {"levels": [{"name": "vqvae", "problem": "VQVAE"}]}
+    target = data["levels"][0] if section == "levels.0" else data.setdefault(section, {})
+    target[name] = value
+    one_line_error(lambda: config_from_dict(data, "x.yaml"), f"x.yaml: {key}: ", "not a finite number")
+
+
+def test_yaml_nan_and_inf_are_rejected_in_files(tmp_path):
+    for text in (".nan", ".inf", "-.inf", ".NaN"):
+        path = write(tmp_path, f"levels: [{{name: vqvae, problem: VQVAE}}]\nquantizer: {{beta: {text}}}\n")
+        one_line_error(lambda: load_config(path), "quantizer.beta", "not a finite number")
+
+
+@pytest.mark.parametrize("key, value", [("train.iters", 2**63), ("data.num_workers", -2**63), ("quantizer.num_codes", 2**64),
+                                        ("train.iters", 10**5000)], ids=["2^63", "-2^63", "2^64", "10^5000"])
+def test_integer_keys_stay_within_64_bits(key, value):
+    section, name = key.split(".")
+    data = {"levels": LEVEL, section: {name: value}}
+    message = one_line_error(lambda: config_from_dict(data, "x.yaml"), f"x.yaml: {key}: ", "2^63")
+    assert len(message) < 200  # a 5000-digit integer is told by its size (repr() would refuse it)
+    assert config_from_dict({"levels": LEVEL, "train": {"iters": 2**63 - 1}}, "x.yaml").train.iters == 2**63 - 1
+
+
+def test_seed_is_a_32_bit_number_and_every_stream_seed_derived_from_it_fits_torch():
+    from engines.build import derived_seed
+    from mqvae.loader import _EPOCH_STRIDE, BatchStream
+
+    largest = 2**32 - 1
+    assert config_from_dict({"levels": LEVEL, "seed": largest}, "x.yaml").seed == largest
+    one_line_error(lambda: config_from_dict({"levels": LEVEL, "seed": largest + 1}, "x.yaml"), "seed", str(largest))
+    # A batch stream seeds torch with seed * _EPOCH_STRIDE + epoch (below 2^64); other streams with a 40-bit hash.
+    assert derived_seed(largest, "codebook") < 2**40
+    assert max(largest, 2**40 - 1) * _EPOCH_STRIDE + 10**6 < 2**64
+    stream = BatchStream(torch.utils.data.TensorDataset(torch.arange(4.0)), 2, seed=2**40 - 1)
+    assert len(list(stream)) == 2
+
+
+def test_a_key_given_twice_names_the_key_and_its_lines(tmp_path):
+    path = write(tmp_path, "levels: [{name: vqvae, problem: VQVAE}]\ntrain:\n  iters: 5\n  log_every: 1\n  iters: 6\n")
+    one_line_error(lambda: load_config(path), str(path), "line 5", "'iters'", "first at line 3")
+    # Keys merged in with `<<` are there to be overridden.
+    merged = write(tmp_path, "levels: [{name: vqvae, problem: VQVAE}]\ndata: {<<: {batch_size: 3}, batch_size: 4}\n",
+                   "merged.yaml")
+    assert load_config(merged).data.batch_size == 4
+
+
+def test_a_file_that_is_not_utf8_is_one_line_naming_it(tmp_path):
+    path = write(tmp_path, b"seed: 0\ndata: {name: \xff\xfe}\n")
+    one_line_error(lambda: load_config(path), str(path), "UTF-8")
+
+
+@pytest.mark.parametrize("depth", [50, 300, 600, 10000])
+def test_deeply_nested_yaml_is_one_line(tmp_path, depth):
+    # 10000 nested '[' made PyYAML's composer hit RecursionError; shallower ones must not make later code hit it.
+    path = write(tmp_path, "levels: " + "[" * depth + "]" * depth + "\n")
+    one_line_error(lambda: load_config(path), str(path))
+
+
+def test_an_alias_bomb_is_refused_quickly_with_a_short_line(tmp_path):
+    path = write(tmp_path, BILLION_LAUGHS)
+    assert len(BILLION_LAUGHS) < 400
+    started = time.perf_counter()
+    one_line_error(lambda: read_yaml(path), str(path), "aliases")
+    one_line_error(lambda: load_config(path), str(path), "aliases")
+    assert time.perf_counter() - started < 2
+
+
+def test_quoted_values_are_cut_without_building_their_whole_repr():
+    bomb = ["lol"] * 9
+    for _ in range(6):  # 9^7 strings: a 40 MB repr
+        bomb = [bomb] * 9
+    for data in ({"levels": bomb}, {"levels": LEVEL, "data": {"name": bomb}}, {"levels": LEVEL, "device": "x" * 10**6},
+                 {"levels": LEVEL, "data": {"x" * 10**6: 1}}, {"levels": LEVEL, 10**5000: 1}):
+        started = time.perf_counter()
+        message = one_line_error(lambda: config_from_dict(data, "x.yaml"), "x.yaml: ")
+        assert len(message) < 400 and time.perf_counter() - started < 1
+
+
+@pytest.mark.parametrize("override, needles", [
+    ("train.iters=[1", ["--set train.iters", "not valid YAML"]),
+    ('seed=!!python/object/apply:os.system ["echo hi"]', ["--set seed", "python/object/apply"]),
+    ("seed.a.b=1", ["--set seed.a.b", "'seed' is 0, not a section"]),
+    ("levels.0.lr.x=1", ["--set levels.0.lr.x", "not a section"]),
+    ("=1", ["--set =1", "key is empty"]),
+    ("train..iters=1", ["key is empty"]),
+    (".seed=1", ["key is empty"]),
+    ("levels.7.lr=1", ["--set levels.7.lr", "no list item '7'"]),
+    ("levels.nosuch.lr=1", ["no list item 'nosuch'"]),
+    ("levels.²=1", ["no list item '²'"]),
+    ("levels." + "9" * 5000 + ".lr=1", ["no list item"]),
+], ids=lambda value: value[:40] if isinstance(value, str) else None)
+def test_bad_overrides_are_one_line(monkeypatch, override, needles):
+    import os
+
+    ran = []
+    monkeypatch.setattr(os, "system", lambda command: ran.append(command))
+    one_line_error(lambda: load_config(DIGITS, [override]), *needles)
+    assert not ran  # safe loading: a YAML tag never runs anything
+
+
+@pytest.mark.parametrize("lowers, cycle", [
+    ({"a": ["b"], "b": ["a"]}, "'a' -> 'b' -> 'a'"),
+    ({"a": ["b"], "b": ["c"], "c": ["a"]}, "'a' -> 'b' -> 'c' -> 'a'"),
+    ({"top": ["a"], "a": ["b"], "b": ["a"]}, "'a' -> 'b' -> 'a'"),
+])
+def test_a_cycle_of_levels_is_an_error_naming_it(lowers, cycle):
+    # A cycle used to train nothing and exit 0.
+    levels = [{"name": name, "problem": "VQVAE", "lower": below} for name, below in lowers.items()]
+    one_line_error(lambda: config_from_dict({"levels": levels}, "x.yaml"), "x.yaml: levels.", ".lower: ", cycle)
+
+
+def test_acyclic_level_graphs_load():
+    # A diamond shares a lower level and has no cycle.
+    levels = [{"name": name, "problem": "VQVAE", "lower": below}
+              for name, below in {"top": ["left", "right"], "left": ["bottom"], "right": ["bottom"], "bottom": []}.items()]
+    assert [level.name for level in config_from_dict({"levels": levels}, "x.yaml").levels] == ["top", "left", "right", "bottom"]

@@ -114,7 +114,7 @@ def test_stale_temp_files_are_removed_at_start(tmp_path, finished):
 
 # -- kills: resume stays exact ----------------------------------------------------------------------------
 
-@pytest.mark.parametrize("kill_after_s", [5.0, 7.5])
+@pytest.mark.parametrize("kill_after_s", [4.0, 6.0, 8.0])
 def test_kill_9_at_any_point_then_resume_ends_like_an_uninterrupted_run(tmp_path, finished, kill_after_s):
     out = tmp_path / "run"
     # Slow each iteration down a little so the kill lands inside training, not after it.
@@ -123,16 +123,26 @@ def test_kill_9_at_any_point_then_resume_ends_like_an_uninterrupted_run(tmp_path
     time.sleep(kill_after_s)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    if not (out / "checkpoint.pt").exists():  # killed before the first checkpoint: nothing to resume, start anew
-        result = run_cli(*ARGS, "--set", "train.iters=40", "--out", out, "--overwrite")
-    else:
+    if (out / "config.yaml").exists():  # before its first checkpoint, a resumed run starts again from iteration 0
         result = run_cli("--resume", out)
+    else:  # killed before the run took the folder: nothing was written
+        assert not (out / "log.jsonl").exists()
+        result = run_cli(*ARGS, "--set", "train.iters=40", "--out", out)
     assert result.returncode == 0, result.stderr
     reference = tmp_path / "reference"
     assert run_cli(*ARGS, "--set", "train.iters=40", "--out", reference).returncode == 0
     assert final_metrics(out) == final_metrics(reference)
     steps = [r["step"] for r in map(json.loads, (out / "log.jsonl").read_text().splitlines()) if "vqvae.loss" in r]
     assert steps == list(range(1, 41))
+
+
+def test_resuming_a_run_stopped_before_its_first_checkpoint_starts_it_again(tmp_path, finished):
+    out = tmp_path / "run"
+    result = run_cli(*ARGS, "--set", "train.checkpoint_every=0", "--set", "levels.0.lr=1.0e38", "--out", out)
+    assert result.returncode == 2 and not (out / "checkpoint.pt").exists() and (out / "config.yaml").exists()
+    (out / "config.yaml").write_text((finished / "config.yaml").read_text())  # as if killed before a checkpoint
+    assert run_cli("--resume", out).returncode == 0
+    assert final_metrics(out) == final_metrics(finished)
 
 
 def test_a_log_line_torn_by_a_kill_is_dropped_on_resume(tmp_path, finished, monkeypatch):
