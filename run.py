@@ -26,8 +26,14 @@ def default_run_dir(config_path: Path) -> Path:
     return Path("runs", *parts)
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):
+        # argparse prints its usage block first; stderr holds an error's one line only.
+        self.exit(2, f"error: {message} (python run.py -h shows the usage)\n")
+
+
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = _Parser(description=__doc__)
     parser.add_argument("config", type=Path, nargs="?", help="YAML experiment or sweep file (optional with --resume)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config key, e.g. --set train.iters=100 --set levels.codebook.lr=0.01")
@@ -63,8 +69,8 @@ def main(argv=None) -> int:
         metrics = run_experiment(cfg, run_dir, resume=args.resume is not None, overwrite=args.overwrite)
     except UserError as exc:
         return _error(exc)
-    except OSError as exc:  # the machine's faults (disk full, read-only folder) outside the run files' own writers
-        return _error(f"{exc.filename or 'file system'}: {exc.strerror or exc}")
+    except (OSError, MemoryError, RuntimeError) as exc:
+        return _error(_fault_line(exc))
     except KeyboardInterrupt:
         print(f"interrupted; continue with --resume {run_dir} (from the last checkpoint)", file=sys.stderr)
         return 130
@@ -85,8 +91,8 @@ def _run_sweep(args) -> int:
         results = run_sweep(args.config, args.overrides, args.out)
     except UserError as exc:
         return _error(exc)
-    except OSError as exc:
-        return _error(f"{exc.filename or 'file system'}: {exc.strerror or exc}")
+    except (OSError, MemoryError, RuntimeError) as exc:
+        return _error(_fault_line(exc))
     except KeyboardInterrupt:
         print("interrupted; rerun the same command to finish the sweep (finished runs are kept, a cut run "
               "resumes from its checkpoint)", file=sys.stderr)
@@ -95,6 +101,17 @@ def _run_sweep(args) -> int:
     print((sweep_dir / "results.md").read_text(), end="")
     print(f"{sweep_dir}: results.md, results.json, results.png ({len(results['runs'])} runs)")
     return 0
+
+
+def _fault_line(exc: BaseException) -> str:
+    """The one line of a fault of the machine: a full disk or read-only folder outside the run files' own writers
+    (which name their file themselves), or exhausted memory. Any other RuntimeError is a bug: its traceback stays."""
+    if isinstance(exc, MemoryError) or "OutOfMemoryError" in type(exc).__name__ or "can't allocate memory" in str(exc):
+        return ("out of memory during the run; lower data.batch_size or the model's size (model.hidden_channels, "
+                "quantizer.num_codes)")
+    if isinstance(exc, OSError):
+        return f"{exc.filename or 'file system'}: {exc.strerror or exc}"
+    raise exc
 
 
 def _error(exc) -> int:

@@ -13,7 +13,13 @@ from mqvae.config import Config, LevelConfig
 from mqvae.data import holdout_split
 from mqvae.errors import UserError
 from mqvae.loader import BatchStream
-from problems import PROBLEMS
+from problems import PROBLEMS, FastRollBack
+
+
+# Attributes every level has (problems.Level) that a level's name would overwrite: Betty makes every level an
+# attribute of the others under its name. Class attributes are checked on the class itself.
+RESERVED_NAMES = ("model", "module", "stream", "level_cfg", "xi", "xi_follows_lr", "alpha", "data", "fast_roll_back",
+                  "last_stats", "last_forward")
 
 
 def make_optimizer(level: LevelConfig, params) -> torch.optim.Optimizer:
@@ -95,13 +101,14 @@ def build_problems(cfg: Config, model, datasets, device) -> tuple[list, dict]:
         if level.problem not in PROBLEMS:
             raise UserError(f"levels.{index}.problem: unknown problem '{level.problem}' (registered: {', '.join(sorted(PROBLEMS))})")
         cls = PROBLEMS[level.problem]
-        if hasattr(cls, level.name) or level.name in ("model", "module", "stream"):
+        if hasattr(cls, level.name) or level.name in RESERVED_NAMES:
             # Betty makes every level an attribute of the others under its name.
             raise UserError(f"levels.{index}.name: '{level.name}' is taken by an attribute of the Problem classes; choose another name")
         module = cls.module_of(model).to(device)
         has_upper = level.name in l2u and cfg.hypergradient.xi != 0
         betty_cfg = BettyConfig(
             type=cfg.hypergradient.type,
+            # Betty's name for hypergradient.alpha, read by its own methods (darts, sama); ours read Level.alpha.
             darts_alpha=cfg.hypergradient.alpha,
             # The upper loss is differentiated twice (its own parameters, then the lower ones).
             retain_graph=level.name in u2l,
@@ -127,20 +134,18 @@ def build_problems(cfg: Config, model, datasets, device) -> tuple[list, dict]:
         params = [p for p in module.parameters() if p.requires_grad]
         optimizer = make_optimizer(level, params)
         scheduler = make_scheduler(level, optimizer, cfg.train.iters)
-        problem = cls(level.name, betty_cfg, module, optimizer, scheduler, stream, model=model, level_cfg=level,
-                      xi=cfg.hypergradient.xi if has_upper else 0.0, fd_alpha=cfg.hypergradient.alpha)
-        problems[level.name] = (problem, data)
+        # Algorithm 1's roll-back applies to a level with a level above it (Betty's configure_roll_back).
+        fast_roll_back = FastRollBack() if cfg.hypergradient.roll_back and level.name in l2u else None
+        problems[level.name] = cls(level.name, betty_cfg, module, optimizer, scheduler, stream, model=model,
+                                   level_cfg=level, xi=cfg.hypergradient.xi if has_upper else 0.0,
+                                   alpha=cfg.hypergradient.alpha, data=data, fast_roll_back=fast_roll_back)
 
-    for name, (problem, data) in problems.items():
-        if data == "shared":
-            children = betty_children.get(name, [])
-            if not children:
-                raise UserError(f"levels: level '{name}' has data: shared but no level below it to share a batch with")
-            problem.batch_source = problems[children[0]][0]
+    for name, problem in problems.items():
+        if problem.data == "shared" and not betty_children.get(name):
+            raise UserError(f"levels: level '{name}' has data: shared but no level below it to share a batch with")
 
-    by_name = {name: problem for name, (problem, _) in problems.items()}
     dependencies = {
-        "u2l": {by_name[u]: [by_name[l] for l in lowers] for u, lowers in u2l.items()},
-        "l2u": {by_name[l]: [by_name[u] for u in uppers] for l, uppers in l2u.items()},
+        "u2l": {problems[u]: [problems[l] for l in lowers] for u, lowers in u2l.items()},
+        "l2u": {problems[l]: [problems[u] for u in uppers] for l, uppers in l2u.items()},
     }
-    return list(by_name.values()), dependencies
+    return list(problems.values()), dependencies

@@ -13,10 +13,12 @@ from betty.engine import Engine
 from betty.logging.logger_base import get_logger
 from tqdm import tqdm
 
-from mqvae.checkpoint import non_finite_entries, rng_state, save_checkpoint, set_rng_state
+from mqvae.checkpoint import check_hyperparameters, non_finite_entries, rng_state, save_checkpoint, set_rng_state
 from mqvae.errors import Diverged, UserError
 from mqvae.evaluation import evaluate
 from mqvae.files import append_line, os_error
+
+from .run_folder import write_config
 
 # Betty logs set-up chatter at INFO; the progress bar and log.jsonl are this toolkit's interface.
 get_logger().setLevel(logging.WARNING)
@@ -28,6 +30,7 @@ class LevelEngine(Engine):
         self.target_device = device
         self.train_time = 0.0  # seconds spent in training iterations, excluding evaluation and saving
         self.checkpoint_step = None  # iteration of the last checkpoint written or resumed from
+        self.config_written = False  # whether run_dir/config.yaml is this engine's cfg
         engine_cfg = EngineConfig(train_iters=cfg.train.iters, roll_back=cfg.hypergradient.roll_back, logger_type="none")
         super().__init__(problems=problems, config=engine_cfg, dependencies=dependencies)
         # Quantizer maintenance follows the real forward of the level that trains the encoder.
@@ -59,7 +62,9 @@ class LevelEngine(Engine):
         try:
             for p in self.problems:
                 p.module.load_state_dict(state["levels"][p.name])
+                built = [dict(group) for group in p.optimizer.param_groups]
                 p.optimizer.load_state_dict(state["optimizers"][p.name])
+                check_hyperparameters(p.optimizer.param_groups, built, where)
                 if p.scheduler is not None:
                     p.scheduler.load_state_dict(state["schedulers"][p.name])
                 if p.stream is not None:
@@ -80,6 +85,11 @@ class LevelEngine(Engine):
         bad = non_finite_entries(state)
         if bad:
             raise Diverged(self._stopped(f"{bad[0]} holds non-finite values"))
+        if not self.config_written:
+            # A resumed run's config.yaml (extended iterations, new intervals) is written with its first new
+            # checkpoint, so a resume that fails before one leaves the folder as it was.
+            write_config(self.run_dir, self.cfg)
+            self.config_written = True
         save_checkpoint(self.run_dir / "checkpoint.pt", state)
         self.checkpoint_step = self.global_step
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import time
 from pathlib import Path
 
 import torch
@@ -13,12 +12,12 @@ from mqvae.checkpoint import load_checkpoint
 from mqvae.config import Config
 from mqvae.data import load_datasets
 from mqvae.errors import UserError
-from mqvae.evaluation import encoder_sample, final_metrics, reconstructions
+from mqvae.evaluation import encoder_sample, final_metrics, first_images
 from mqvae.feasibility import check_feasible
 from mqvae.files import FolderLock, os_error, read_lines, remove_stale_temps, write_json, write_text
 from mqvae.models import build_model
 from mqvae.perf import apply_perf, perf_quantizer_config
-from mqvae.reports import save_codebook, save_curves, save_prediction_grid, save_recon_grid, write_report
+from mqvae.reports import save_codebook, save_curves, write_report
 
 from .build import build_problems
 from .engine import LevelEngine
@@ -53,9 +52,8 @@ def initialize_codebook(engine: LevelEngine) -> None:
     MQ-VAE §5.1: "All models were initialized using the K-means clustering algorithm"). Its random draws come
     from a generator seeded by the run's seed alone, so every method at one seed starts from the same codebook."""
     model = engine.model
-    xs = [x for x, _ in (engine.datasets.train[i] for i in range(min(len(engine.datasets.train), 2048)))]
     with torch.no_grad():
-        z_e = model.encoder(torch.stack(xs).to(engine.device))
+        z_e = model.encoder(first_images(engine.datasets.train, 2048).to(engine.device))
     model.quantizer.initialize(z_e, generator=torch.Generator(engine.device).manual_seed(engine.cfg.seed))
 
 
@@ -94,43 +92,30 @@ def run_experiment(cfg: Config, run_dir: Path, resume: bool = False, overwrite: 
         if checkpoint is not None:
             engine.load_state_dict(checkpoint, str(run_dir / "checkpoint.pt"))
             _trim_log(run_dir / "log.jsonl", engine.global_step)
-            write_config(run_dir, cfg)  # with the extended iterations or intervals, if any
         else:
             # Only now, with data and model built, does the new run take the folder over: config.yaml first, so
             # that any later kill leaves a folder that --resume recognises.
             claim(run_dir, overwrite)
             write_config(run_dir, cfg)
+            engine.config_written = True
             write_text(run_dir / "log.jsonl", "")
             if cfg.quantizer.kmeans_init:
                 initialize_codebook(engine)
-        started = time.perf_counter()
         engine.run()
         engine.save()
-        return finish(engine, time.perf_counter() - started)
+        return finish(engine)
 
 
-def finish(engine: LevelEngine, _elapsed: float) -> dict:
-    """Evaluate on the whole test split (with FID / IS / LPIPS for reconstruction) and write metrics.json,
-    the pictures (recon.png, curves.png, codebook.png) and report.md."""
+def finish(engine: LevelEngine) -> dict:
+    """Evaluate on the whole test split (with FID / IS / LPIPS where the outputs are images) and write metrics.json,
+    the pictures (recon.png: the task's picture, curves.png, codebook.png) and report.md."""
     cfg, run_dir = engine.cfg, engine.run_dir
     model, test, device = engine.model, engine.datasets.test, engine.device
     metrics, counts = final_metrics(model, test, cfg.data.batch_size, device)
     metrics.update(iterations=engine.global_step, wall_time_s=round(engine.train_time, 3),
                    config_sha256=config_sha256(cfg))
-    if model.task == "reconstruction":
-        originals, recons = reconstructions(model, test, 32, device)
-        save_recon_grid(originals, recons, run_dir / "recon.png")
-    else:  # recon.png of a classifier: test images with "predicted (true)" labels
-        with torch.no_grad():
-            was_training = model.training
-            model.eval()
-            images = torch.stack([test[i][0] for i in range(min(32, len(test)))])
-            labels = torch.tensor([int(test[i][1]) for i in range(len(images))])
-            predicted = model(images.to(device)).output.argmax(1).cpu()
-            model.train(was_training)
-        save_prediction_grid(images, predicted, labels, run_dir / "recon.png")
-    records = read_lines(run_dir / "log.jsonl")
-    save_curves(records, run_dir / "curves.png")
+    model.task.save_picture(model, test, device, run_dir / "recon.png")
+    save_curves(read_lines(run_dir / "log.jsonl"), run_dir / "curves.png", model.task.curve_key)
     save_codebook(counts, *_latents_and_codes(model, test, device), run_dir / "codebook.png")
     write_report(run_dir, metrics, title=str(run_dir))
     # metrics.json last: its presence marks a finished run (sweeps skip such runs when restarted).
@@ -145,14 +130,9 @@ def write_diverged(run_dir: Path, reason: str) -> None:
 
 
 def _latents_and_codes(model, test, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """A sample of encoder outputs and the code vectors, in the space the nearest-code search uses."""
-    quantizer = model.quantizer
+    """A sample of encoder outputs and the code vectors, (N, d) and (K, d): grouped latents give one
+    sub-vector of width d per group."""
     with torch.no_grad():
-        codes = quantizer.effective_codebook() if hasattr(quantizer, "effective_codebook") else quantizer.codebook
-        codes = codes.detach().reshape(codes.shape[0], -1).float().cpu()
-        vectors = encoder_sample(model, test, device)
-        if vectors.shape[1] != codes.shape[1] and vectors.numel() % codes.shape[1] == 0:
-            vectors = vectors.reshape(-1, codes.shape[1])  # grouped latents: one sub-vector per group
-        if vectors.shape[1] != codes.shape[1]:  # e.g. Gumbel-VQ compares logits, not vectors: codes only
-            vectors = codes[:0]
+        codes = model.quantizer.effective_codebook().detach().float().cpu()
+        vectors = encoder_sample(model, test, device).reshape(-1, codes.shape[1])
     return vectors, codes

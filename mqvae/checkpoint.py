@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import io
+import zipfile
 from pathlib import Path
 
 import torch
@@ -14,8 +16,11 @@ REQUIRED_KEYS = ("levels", "optimizers", "schedulers", "streams", "step", "rng")
 
 
 def save_checkpoint(path: Path, state: dict) -> None:
-    # Atomic (mqvae.files), so an interrupted or failed save never destroys the previous checkpoint.
-    atomic_write(Path(path), lambda f: torch.save(state, f))
+    # Atomic (mqvae.files), so an interrupted or failed save never destroys the previous checkpoint. Serialized in
+    # memory first: torch's zip writer turns a failed write (a full disk) into an unrelated RuntimeError.
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    atomic_write(Path(path), lambda f: f.write(buffer.getbuffer()))
 
 
 def non_finite_entries(state, prefix: str = "") -> list[str]:
@@ -34,6 +39,9 @@ def load_checkpoint(path: Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"--resume: no checkpoint at {path}")
+    damaged = _damaged_record(path)
+    if damaged:
+        raise UserError(f"--resume: {path} is damaged ({damaged} fails its checksum); it cannot be resumed")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many kinds (pickle, zip, runtime) for a damaged file
@@ -45,6 +53,16 @@ def load_checkpoint(path: Path) -> dict:
     except _Invalid as exc:
         raise UserError(f"--resume: {path} is not a valid checkpoint: {exc}") from None
     return state
+
+
+def _damaged_record(path: Path) -> str | None:
+    """The first record of the checkpoint's zip archive whose CRC-32 does not match (torch.load checks none, so a
+    flipped bit in a weight would load silently); None when all match or the file is no zip (torch.load says so)."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return archive.testzip()
+    except (zipfile.BadZipFile, OSError, ValueError):
+        return None
 
 
 class _Invalid(Exception):
@@ -75,10 +93,14 @@ def _named_dicts(value, name: str) -> dict:
     return value
 
 
+# Counters beyond 2^40 are no real run's (a stream's epoch also seeds a 64-bit generator with seed * 100003 + epoch).
+COUNT_LIMIT = 2**40
+
+
 def _count(value, name: str) -> None:
     # bool is an int subclass, but True is no iteration count.
-    ok = isinstance(value, int) and not isinstance(value, bool) and value >= 0
-    _expect(ok, f"'{name}' is {_shown(value)}, not a non-negative integer")
+    ok = isinstance(value, int) and not isinstance(value, bool) and 0 <= value < COUNT_LIMIT
+    _expect(ok, f"'{name}' is {_shown(value)}, not a non-negative integer below 2^40")
 
 
 def _check_schema(state) -> None:
@@ -94,6 +116,13 @@ def _check_schema(state) -> None:
             _expect(key in optimizer, f"'optimizers.{name}.{key}' is missing")
             _expect(isinstance(optimizer[key], kind),
                     f"'optimizers.{name}.{key}' is {_shown(optimizer[key])}, not a {kind.__name__}")
+        for index, entry in optimizer["state"].items():
+            # Adam's bias correction divides by 1 - beta^step: a negative or fractional step makes every update NaN.
+            step = entry.get("step") if isinstance(entry, dict) else None
+            value = step.item() if torch.is_tensor(step) and step.numel() == 1 else step
+            _expect(step is None or (isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0
+                                     and float(value).is_integer()),
+                    f"'optimizers.{name}.state.{index}.step' is {_shown(step)}, not a non-negative count")
     _named_dicts(state["schedulers"], "schedulers")
     for name, stream in _named_dicts(state["streams"], "streams").items():
         for key in ("epoch", "position"):
@@ -131,6 +160,30 @@ def _check_finite(state: dict) -> None:
     if bad:
         more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
         raise _Invalid(f"'{bad[0]}' holds NaN or infinite values{more}; it cannot be resumed")
+
+
+def check_hyperparameters(loaded: list[dict], built: list[dict], where: str) -> None:
+    """A loaded optimizer's param_groups against those the config built: each hyperparameter is of the same kind
+    (a finite number, a tuple of as many, a flag), so a damaged value stops here and not inside a later step."""
+    if len(loaded) != len(built):
+        raise UserError(f"--resume: {where} holds {len(loaded)} optimizer parameter groups, the config builds {len(built)}")
+    for group, fresh in zip(loaded, built):
+        for key, value in fresh.items():
+            if key != "params" and not _same_kind(group.get(key), value):
+                raise UserError(f"--resume: {where} is not a valid checkpoint: optimizer hyperparameter '{key}' is "
+                                f"{_shown(group.get(key))}, expected one like {_shown(value)}")
+
+
+def _same_kind(value, like) -> bool:
+    if isinstance(like, bool) or like is None:
+        return type(value) is type(like)
+    if isinstance(like, (int, float)):
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if isinstance(like, (tuple, list)):
+        return isinstance(value, (tuple, list)) and len(value) == len(like) and all(map(_same_kind, value, like))
+    if torch.is_tensor(like):
+        return torch.is_tensor(value) and value.shape == like.shape
+    return type(value) is type(like)
 
 
 def rng_state() -> dict:

@@ -121,7 +121,8 @@ class LevelConfig:
 @dataclass
 class HypergradientConfig:
     # mqvae: Eq. 13 as written; direct: no implicit term; the rest are Betty's own methods.
-    type: str = spec("mqvae", choices=["mqvae", "direct", "darts", "neumann", "cg", "sama"])
+    # Any name registered with mqvae.hypergradients.register_hypergradient (checked in _validate).
+    type: str = "mqvae"
     # Eq. 10's xi; null means the lower level's learning rate (the paper's choice). 0 = alternated optimization.
     xi: Optional[float] = spec(None, min=0.0)
     # Finite-difference radius: eps = alpha / ||v|| (Eq. 13, as in DARTS).
@@ -161,9 +162,6 @@ class Config:
     hypergradient: HypergradientConfig = spec(factory=HypergradientConfig)
     train: TrainConfig = spec(factory=TrainConfig)
     perf: PerfConfig = spec(factory=PerfConfig)
-
-    def level(self, name: str) -> LevelConfig:
-        return next(level for level in self.levels if level.name == name)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -331,6 +329,11 @@ def _validate(cfg: Config, where: str) -> None:
         # Betty would wait on each level of the cycle for the one below it: nothing trains and the run "succeeds".
         raise UserError(f"{where}: levels.{names.index(cycle[0])}.lower: the lower edges form a cycle "
                         f"{_cut(' -> '.join(map(quote, cycle)))}; a level cannot be below itself")
+    from .hypergradients import TYPES  # here: config loading should not pay for torch until a config is read
+
+    if cfg.hypergradient.type not in TYPES:
+        raise UserError(f"{where}: hypergradient.type: {quote(cfg.hypergradient.type)} is not allowed; choose one of "
+                        f"{', '.join(TYPES)} (or register a method with mqvae.hypergradients.register_hypergradient)")
     if cfg.hypergradient.roll_back and cfg.hypergradient.xi == 0:
         raise UserError(f"{where}: hypergradient.roll_back: needs xi > 0 (with xi = 0 there is no tentative lower step to roll back)")
     if cfg.quantizer.dim % cfg.quantizer.groups:

@@ -11,7 +11,7 @@ Built-in names:
 * ``mnist``, ``fashion_mnist`` — 28×28 as stored, not padded: zeros around the digit would
   count in the test MSE and FID. Two stride-2 downsamplings give a 7×7 latent and the
   decoder's transposed convolutions return 28×28; three would return 24×24, which
-  ``VQModel.task_loss`` stops with a one-line error.
+  ``QuantizedNetwork.task_loss`` stops with a one-line error.
 * ``cifar10``, ``cifar100``, ``svhn`` — 32×32 RGB as stored.
 * ``celeba`` — aligned faces, center-cropped to 140×140 then resized to 64×64;
   used unconditionally, so every label is 0.

@@ -1,4 +1,4 @@
-"""Test-set evaluation of a ``VQModel``: task metrics, code usage, the gradient gap and image quality.
+"""Test-set evaluation of a ``QuantizedNetwork``: task metrics, code usage, the gradient gap and image quality.
 
 ``evaluate`` runs at every ``train.eval_every`` and at the end of a run; the image-quality metrics
 (FID / IS / LPIPS, MQ-VAE Table 3) need pretrained networks and a pass over the whole test set, so they
@@ -7,11 +7,13 @@ are computed only when an ``ImageQuality`` is passed in, which ``final_metrics``
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
-import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from . import metrics as metric_fns
+from .quantizers import to_vectors
 
 
 def make_image_quality(device):
@@ -25,94 +27,81 @@ def make_image_quality(device):
     return metric_fns.ImageQuality(device)
 
 
+@contextmanager
+def evaluating(model):
+    """``model`` in eval mode (BatchNorm uses its running statistics) inside the block, back in the mode it
+    was in afterwards."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
+
+
+def first_images(dataset, count: int) -> torch.Tensor:
+    """The first ``count`` images of ``dataset`` (all of them if it holds fewer), as one batch."""
+    return torch.stack([dataset[i][0] for i in range(min(count, len(dataset)))])
+
+
 @torch.no_grad()
 def evaluate(model, dataset, batch_size: int, device, image_quality=None) -> tuple[dict, torch.Tensor]:
     """Metrics over the whole test split, and the code counts behind them.
 
     Both tasks: ``perplexity`` (2^H of code usage over the whole test set in float64, MQ-VAE §5.2),
     ``active_codes`` and ``gradient_gap`` (Δgap of Huh Eq. 14 / MQ-VAE §5.2 per test batch, with the
-    training task loss, averaged over batches; see ``metrics.gradient_gap``).
-    Reconstruction: ``test_mse`` (per pixel); with ``image_quality``: ``fid``, ``is``, ``lpips`` and
-    their ``*_reason``. Classification: ``accuracy``, ``f1`` (macro), ``cross_entropy`` (mean per image).
+    training task loss, averaged over batches; see ``metrics.gradient_gap``); then the task's own
+    (``tasks.Reconstruction``, ``tasks.Classification``), FID / IS / LPIPS with ``image_quality``.
     """
-    was_training = model.training
-    model.eval()  # BatchNorm uses running statistics; Δgap's two decoder passes update nothing
     counts = torch.zeros(model.quantizer.num_codes, dtype=torch.long, device=device)
-    total, squared_error, nll, predictions, labels, gaps = 0, 0.0, 0.0, [], [], []
-    try:
+    scores, gaps = model.task.scores(image_quality), []
+    with evaluating(model):  # Δgap's two decoder passes update nothing
         for x, y in DataLoader(dataset, batch_size=batch_size, shuffle=False):
-            x, y = x.to(device), y.to(device)
-            out = model(x)
+            batch = (x.to(device), y.to(device))
+            out = model(batch[0])
             counts += out.quant.counts
-            total += x.shape[0]
-            batch = (x, y)
             gaps.append(metric_fns.gradient_gap(model.decoder, lambda o, b=batch: model.task_loss(o, b),
                                                 out.z_e, out.quant.z_q).item())
-            if model.task == "reconstruction":
-                squared_error += F.mse_loss(out.output, x, reduction="sum").item()
-                if image_quality is not None:
-                    image_quality.update(x, out.output)
-            else:
-                nll += F.cross_entropy(out.output, y, reduction="sum").item()
-                predictions.append(out.output.argmax(1).cpu())
-                labels.append(y.cpu())
-    finally:
-        model.train(was_training)
+            scores.update(batch, out.output)
     counts = counts.cpu()
     metrics = {"perplexity": metric_fns.perplexity(counts), "active_codes": metric_fns.active_codes(counts),
                "gradient_gap": sum(gaps) / len(gaps)}
-    if model.task == "reconstruction":
-        metrics["test_mse"] = squared_error / (total * dataset[0][0].numel())
-        if image_quality is not None:
-            metrics.update(image_quality.compute())
-    else:
-        predictions, labels = torch.cat(predictions), torch.cat(labels)
-        metrics.update(accuracy=float((predictions == labels).float().mean()), f1=macro_f1(predictions, labels),
-                       cross_entropy=nll / total)
+    metrics.update(scores.compute())
     return metrics, counts
 
 
 def final_metrics(model, dataset, batch_size: int, device) -> tuple[dict, torch.Tensor]:
-    """The end-of-run evaluation: ``evaluate`` with FID / IS / LPIPS for reconstruction, and the papers'
-    scale factors under ``scales`` (MQ-VAE reports MSE ×1e-3, LPIPS ×1e-1, Δgap ×1e-5; ``metrics.SCALES``)."""
-    quality = make_image_quality(device) if model.task == "reconstruction" else None
+    """The end-of-run evaluation: ``evaluate`` with FID / IS / LPIPS where the task's outputs are images, and
+    the papers' scale factors under ``scales`` (MQ-VAE reports MSE ×1e-3, LPIPS ×1e-1, Δgap ×1e-5;
+    ``metrics.SCALES``)."""
+    quality = make_image_quality(device) if model.task.outputs_images else None
     metrics, counts = evaluate(model, dataset, batch_size, device, image_quality=quality)
     metrics["scales"] = dict(metric_fns.SCALES)
     return metrics, counts
 
 
-def macro_f1(predictions: torch.Tensor, labels: torch.Tensor) -> float:
-    """Unweighted mean over classes present in labels or predictions of 2PR/(P+R)
-    (sklearn's ``f1_score(average="macro")``)."""
-    scores = []
-    for c in torch.unique(torch.cat([predictions, labels])):
-        tp = ((predictions == c) & (labels == c)).sum().item()
-        fp = ((predictions == c) & (labels != c)).sum().item()
-        fn = ((predictions != c) & (labels == c)).sum().item()
-        scores.append(2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 0.0)
-    return sum(scores) / len(scores)
-
-
 @torch.no_grad()
 def encoder_sample(model, dataset, device, max_images: int = 256, max_vectors: int = 2000) -> torch.Tensor:
     """Encoder outputs of the first test images as (N, dim) vectors (for the codebook PCA picture)."""
-    from .quantizer import to_vectors
-
-    was_training = model.training
-    model.eval()
-    x = torch.stack([dataset[i][0] for i in range(min(max_images, len(dataset)))]).to(device)
-    z_e = model.encoder(x)
-    model.train(was_training)
-    vectors = to_vectors(z_e) if z_e.ndim == 4 else z_e.reshape(z_e.shape[0], -1)
-    return vectors[:max_vectors].float().cpu()
+    with evaluating(model):
+        z_e = model.encoder(first_images(dataset, max_images).to(device))
+    return to_vectors(z_e)[:max_vectors].float().cpu()
 
 
 @torch.no_grad()
 def reconstructions(model, dataset, count: int, device) -> tuple[torch.Tensor, torch.Tensor]:
     """The first ``count`` test images and their reconstructions, on the CPU."""
-    was_training = model.training
-    model.eval()
-    x = torch.stack([dataset[i][0] for i in range(min(count, len(dataset)))]).to(device)
-    recon = model(x).output.clamp(0, 1)
-    model.train(was_training)
+    x = first_images(dataset, count).to(device)
+    with evaluating(model):
+        recon = model(x).output.clamp(0, 1)
     return x.cpu(), recon.cpu()
+
+
+@torch.no_grad()
+def predictions(model, dataset, count: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The first ``count`` test images, the classes predicted for them and their true classes, on the CPU."""
+    images = first_images(dataset, count)
+    labels = torch.tensor([int(dataset[i][1]) for i in range(len(images))])
+    with evaluating(model):
+        predicted = model(images.to(device)).output.argmax(1).cpu()
+    return images, predicted, labels

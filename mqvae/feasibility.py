@@ -45,6 +45,7 @@ def check_feasible(cfg: Config, channels: int, image_size: int, num_classes: int
     """Raise a one-line UserError when the model does not fit ``image_size``-pixel images, or when it plainly
     needs more memory than ``device`` has."""
     _check_geometry(cfg, channels, image_size, num_classes)
+    _check_batch_statistics(cfg, image_size)
     estimate = estimate_memory(cfg, channels, image_size, num_classes)
     available = available_memory(device)
     if estimate.total > available:
@@ -53,6 +54,18 @@ def check_feasible(cfg: Config, channels: int, image_size: int, num_classes: int
         raise UserError(f"{key}: the run needs an estimated {_gib(estimate.total)} (parameters, gradients and "
                         f"optimizer state {_gib(estimate.codebook + estimate.network)}, one batch's activations "
                         f"{_gib(estimate.activations)}), more than the {_gib(available)} of {owner}; lower {key}")
+
+
+def _check_batch_statistics(cfg: Config, image_size: int) -> None:
+    """Training-mode BatchNorm needs at least two values per channel; the fewest are at the latent, batch_size
+    vectors of (image_size / 2^downsample)^2 positions."""
+    if cfg.model.kind != "vqvae" or cfg.model.norm != "batch":
+        return
+    values = cfg.data.batch_size * (image_size // 2**cfg.model.downsample) ** 2
+    if values < 2:
+        raise UserError(f"data.batch_size: model.norm: batch needs at least 2 values per channel, and a batch of "
+                        f"{cfg.data.batch_size} with a {image_size // 2**cfg.model.downsample}-px latent has {values}; "
+                        "raise data.batch_size or lower model.downsample")
 
 
 def available_memory(device: torch.device) -> int:
@@ -118,7 +131,7 @@ def _check_geometry(cfg: Config, channels: int, image_size: int, num_classes: in
         quantizer=QuantizerConfig(num_codes=1, dim=1))
     with torch.device("meta"):
         model = build_model(narrow, channels, num_classes).eval()
-        if model.task != "reconstruction":
+        if not model.task.outputs_images:
             return  # the classifier pools its features to 1 x 1, whatever the image size
         images = torch.empty(1, channels, image_size, image_size)
         try:

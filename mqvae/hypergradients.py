@@ -1,23 +1,29 @@
 """Hypergradients of an upper level through a lower level's one-step best response.
 
-Betty looks these up in ``betty.hypergradient.jvp_fn_mapping`` by the lower
-level's ``Config.type`` and calls ``fn(vector, curr, prev, sync)``: ``vector``
-is the upper loss's gradient with respect to the lower (``curr``) parameters,
-``prev`` is the upper level. The function returns the implicit term to add to
-the upper level's gradient, or, when ``sync`` is set, adds it to the upper
-parameters' ``.grad`` itself (Betty's distributed path).
+A method is a function ``fn(vector, context)`` that returns the implicit term: one tensor per upper parameter,
+added to the direct term by the caller. ``vector`` is v, the gradient of the upper loss with respect to the
+lower parameters at their post-step values; ``context`` (``HypergradientContext``) is everything else a method
+may use: the pre-step lower parameters, xi, alpha, the loss closures and the purity guard. A method needs to
+know nothing of the levels (``problems``) that build the context. ``register_hypergradient(name, fn)`` makes it
+selectable as ``hypergradient.type: name``.
 
-Every function here runs its perturbed evaluations purely (``pure_evaluation``):
-BatchNorm uses batch statistics as in every other evaluation of L, and its
-running statistics are restored bit-for-bit; no quantizer maintenance runs (the
-quantizer's forward has none), and the lower parameters are restored
-bit-for-bit.
+Every method runs inside ``context.pure_evaluation()``: BatchNorm uses batch statistics as in every other
+evaluation of L, and its running statistics are restored bit-for-bit afterwards; no quantizer maintenance runs
+(the quantizer's forward has none), and the lower parameters are restored bit-for-bit.
+
+Betty looks methods up in ``betty.hypergradient.jvp_fn_mapping`` by the lower level's ``Config.type`` and calls
+``(vector, curr, prev, sync)``, ``curr`` being the lower level and ``prev`` the upper one; the registry adapts
+that call: it asks the lower level for the context (``curr.hypergradient_context(prev)``), runs the method, and
+in sync mode (Betty's distributed path) adds the result to the upper parameters' ``.grad`` itself. Betty's own
+methods (darts, neumann, cg, sama) keep Betty's signature; they are wrapped only to run purely.
 """
 
 from __future__ import annotations
 
 import functools
 from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Callable, ContextManager, Optional
 
 import torch
 from betty.hypergradient import jvp_fn_mapping
@@ -25,39 +31,79 @@ from torch import nn
 
 from .perf import phase
 
+Tensors = tuple[torch.Tensor, ...]
 
-@contextmanager
-def pure_evaluation(level):
-    """Restore ``level``'s parameters and the model's BatchNorm statistics bit-for-bit afterwards.
 
-    BatchNorm stays in training mode: the perturbed passes must evaluate the same L as v and the direct
-    term (Eq. 13 differentiates one function), and those use batch statistics. Only the running statistics
-    (and ``num_batches_tracked``) that the passes update as a side effect are put back.
+@dataclass(frozen=True)
+class HypergradientContext:
+    """What a hypergradient method sees of one lower level below one upper level, for one step.
+
+    ``lower`` are the live lower parameters (φ, θ), at their post-step values (φ', θ'): a method may write them in
+    place, ``pure_evaluation`` puts them back. ``pre_step`` are their values before the tentative step (φ, θ), the
+    point Eq. 13 perturbs; ``None`` before the first tentative step. The two closures evaluate L on this iteration's
+    batch at the lower parameters' current values: ``loss`` is the lower level's own loss, ``upper_loss`` the same L
+    restricted to the terms whose gradient with respect to ``upper`` can be nonzero (cheaper, e.g. no decoder when
+    the task loss cannot reach the codebook).
     """
-    model = getattr(level, "model", level.module)
-    if getattr(level, "_batch_norm_buffers", None) is None:  # the module tree is fixed: walk it once per level
-        level._batch_norm_buffers = [b for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
-                                     for b in m.buffers()]
-    params = level.trainable_parameters()
-    state = params + level._batch_norm_buffers
-    saved = _buffers_like(level, "_purity_buffers", state)
-    with torch.no_grad():
-        torch._foreach_copy_(saved, state)
-    try:
-        yield
-    finally:
+
+    lower: Tensors
+    pre_step: Optional[Tensors]
+    upper: Tensors
+    xi: float  # Eq. 10's xi for this step (the tentative step's learning rate unless set)
+    alpha: float  # Eq. 13's finite-difference radius: eps = alpha / ||v||
+    loss: Callable[[], torch.Tensor]
+    upper_loss: Callable[[], torch.Tensor]
+    pure_evaluation: Callable[[], ContextManager[None]]
+
+
+def batch_norm_buffers(model: nn.Module) -> list[torch.Tensor]:
+    """The running statistics (and ``num_batches_tracked``) of every BatchNorm in ``model``."""
+    return [b for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) for b in m.buffers()]
+
+
+class PureEvaluation:
+    """A context manager factory that restores ``tensors`` bit-for-bit after the block.
+
+    For a hypergradient the tensors are the lower parameters and the model's BatchNorm buffers. BatchNorm stays in
+    training mode: the perturbed passes must evaluate the same L as v and the direct term (Eq. 13 differentiates one
+    function), and those use batch statistics; only the running statistics that the passes update as a side effect
+    are put back. The saved copies are allocated once and refilled on every entry. Entering it again inside the
+    block is a no-op (the outer block restores everything).
+    """
+
+    def __init__(self, tensors):
+        self.tensors = list(tensors)
+        self._saved = [torch.empty_like(t) for t in self.tensors]
+        self._active = False
+
+    @contextmanager
+    def __call__(self):
+        if self._active:
+            yield
+            return
         with torch.no_grad():
-            torch._foreach_copy_(state, saved)
+            torch._foreach_copy_(self._saved, self.tensors)
+        self._active = True
+        try:
+            yield
+        finally:
+            self._active = False
+            with torch.no_grad():
+                torch._foreach_copy_(self.tensors, self._saved)
 
 
-def _buffers_like(level, name: str, params) -> list[torch.Tensor]:
-    """One set of parameter-shaped buffers per level and purpose, allocated on first use and refilled by the
-    caller every step (no per-step allocation)."""
-    buffers = getattr(level, name, None)
-    if buffers is None or len(buffers) != len(params) or any(b.shape != p.shape or b.dtype != p.dtype for b, p in zip(buffers, params)):
-        buffers = [torch.empty_like(p) for p in params]
-        setattr(level, name, buffers)
-    return buffers
+class Scratch:
+    """Tensors shaped like a given list, owned by one method: allocated on first use (and again only when the
+    shapes change) and refilled by the method every step, so that the hot loop allocates nothing."""
+
+    def __init__(self):
+        self._tensors: list[torch.Tensor] = []
+
+    def like(self, tensors) -> list[torch.Tensor]:
+        if len(self._tensors) != len(tensors) or any(
+                b.shape != t.shape or b.dtype != t.dtype or b.device != t.device for b, t in zip(self._tensors, tensors)):
+            self._tensors = [torch.empty_like(t) for t in tensors]
+        return self._tensors
 
 
 def _grads_or_zeros(loss, params):
@@ -65,14 +111,10 @@ def _grads_or_zeros(loss, params):
     return [torch.zeros_like(p) if g is None else g for g, p in zip(grads, params)]
 
 
-def _deliver(implicit, prev, sync):
-    if sync:
-        prev.set_grads(prev.trainable_parameters(), implicit)
-        return None
-    return implicit
+_MQVAE_STEP = Scratch()  # eps v, the perturbation of Eq. 13
 
 
-def mqvae(vector, curr, prev, sync):
+def mqvae(vector, context: HypergradientContext) -> list[torch.Tensor]:
     """MQ-VAE Eq. 13: the implicit term of the one-step-unrolled hypergradient (Eq. 10-12).
 
     The tentative step that produced the post-step parameters (phi', theta') is the lower level's own
@@ -87,11 +129,14 @@ def mqvae(vector, curr, prev, sync):
     phi moves, although autograd's mixed derivative through sg[z_e] is zero. That is the intended
     behaviour of Eq. 13 (it is how L_task reaches the codebook, MQ-VAE §4.3).
     """
-    params, pre, uppers = curr.trainable_parameters(), curr.pre_step_parameters, prev.trainable_parameters()
+    if context.pre_step is None:
+        raise RuntimeError("hypergradient mqvae: Eq. 13 perturbs the pre-step parameters, but the lower level has "
+                           "not taken a tentative step yet")
+    params, pre, uppers = context.lower, context.pre_step, context.upper
     # The norm stays on the device: no host sync in the hot loop.
     norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(vector)))
-    eps = curr.fd_alpha / (norm + 1e-12)
-    step = _buffers_like(curr, "_fd_step_buffers", params)
+    eps = context.alpha / (norm + 1e-12)
+    step = _MQVAE_STEP.like(params)
     with torch.no_grad():
         torch._foreach_copy_(step, vector)
         torch._foreach_mul_(step, eps)  # eps v
@@ -100,15 +145,55 @@ def mqvae(vector, curr, prev, sync):
         with torch.no_grad():
             torch._foreach_copy_(params, pre)
             move(params, step)
-        grads.append(_grads_or_zeros(curr.hypergradient_loss(curr.cur_batch, prev), uppers))
+        grads.append(_grads_or_zeros(context.upper_loss(), uppers))
     implicit = torch._foreach_sub(grads[0], grads[1])
-    torch._foreach_mul_(implicit, -curr.xi / (2 * eps))
-    return _deliver(implicit, prev, sync)
+    torch._foreach_mul_(implicit, -context.xi / (2 * eps))
+    return implicit
 
 
-def direct(vector, curr, prev, sync):
+def direct(vector, context: HypergradientContext) -> list[torch.Tensor]:
     """Ablation: no implicit term; the upper level steps on grad_C L(phi', theta', C) alone (look-ahead only)."""
-    return _deliver([torch.zeros_like(p) for p in prev.trainable_parameters()], prev, sync)
+    return [torch.zeros_like(p) for p in context.upper]
+
+
+# What ``hypergradient.type`` may name: the methods registered here (Betty's own registry also holds methods this
+# toolkit does not wire, e.g. ``reinforce``).
+TYPES: dict[str, object] = {}
+
+
+def register_hypergradient(name: str, fn) -> None:
+    """Make ``fn(vector, context) -> implicit term`` selectable as ``hypergradient.type: name``.
+
+    ``fn`` receives v and a ``HypergradientContext`` and returns one tensor per ``context.upper`` tensor; it runs
+    inside ``context.pure_evaluation()``, so whatever it writes into ``context.lower`` is put back afterwards.
+    """
+
+    @functools.wraps(fn)
+    def jvp(vector, curr, prev, sync):
+        context = curr.hypergradient_context(prev)
+        with phase(f"hypergradient.{name}"), context.pure_evaluation():
+            implicit = fn(vector, context)
+        if sync:  # Betty's sync mode: the method adds its term to the upper parameters' .grad itself
+            prev.set_grads(prev.trainable_parameters(), implicit)
+            return None
+        return implicit
+
+    jvp_fn_mapping[name] = jvp
+    TYPES[name] = fn
+
+
+# -- Betty's own methods -----------------------------------------------------------------------------------------
+# They stay selectable as ablations (``darts`` is SAMA-style: it perturbs the post-step parameters and has no xi), with
+# Betty's signature ``(vector, curr, prev, sync)`` and Betty's ``Config.darts_alpha``; they are wrapped so that their
+# perturbed evaluations are pure as well.
+
+
+def _zeros_for(prev, sync):
+    zeros = [torch.zeros_like(p) for p in prev.trainable_parameters()]
+    if sync:
+        prev.set_grads(prev.trainable_parameters(), zeros)
+        return None
+    return zeros
 
 
 def _zero_when_unreachable(fn):
@@ -124,34 +209,27 @@ def _zero_when_unreachable(fn):
         except RuntimeError as exc:
             if "not have been used in the graph" not in str(exc) and "does not require grad" not in str(exc):
                 raise
-            return _deliver([torch.zeros_like(p) for p in prev.trainable_parameters()], prev, sync)
+            return _zeros_for(prev, sync)
 
     return wrapper
 
 
-def _pure(name, fn):
-    if getattr(fn, "runs_purely", False):
-        return fn
+def _register_betty_method(name: str) -> None:
+    original = getattr(jvp_fn_mapping[name], "betty_method", jvp_fn_mapping[name])  # (a module reload wraps once)
+    fn = original if name in ("darts", "sama") else _zero_when_unreachable(original)
 
     @functools.wraps(fn)
-    def wrapper(vector, curr, prev, sync):
-        with phase(f"hypergradient.{name}"), pure_evaluation(curr):
+    def jvp(vector, curr, prev, sync):
+        with phase(f"hypergradient.{name}"), curr.hypergradient_context(prev).pure_evaluation():
             return fn(vector, curr, prev, sync)
 
-    wrapper.runs_purely = True
-    return wrapper
+    jvp.betty_method = original
+    jvp_fn_mapping[name] = jvp
+    TYPES[name] = original
 
 
-def register_hypergradient(name: str, fn) -> None:
-    """Make ``fn(vector, curr, prev, sync)`` selectable as ``hypergradient.type: name``."""
-    jvp_fn_mapping[name] = _pure(name, fn)
-
-
-# Betty's own methods stay selectable as ablations (``darts`` is SAMA-style: it perturbs the post-step
-# parameters and has no xi); they are wrapped so that their perturbed evaluations are pure as well.
 BETTY_TYPES = ("darts", "neumann", "cg", "sama")
 for _name in BETTY_TYPES:
-    _fn = jvp_fn_mapping[_name]
-    register_hypergradient(_name, _fn if _name in ("darts", "sama") else _zero_when_unreachable(_fn))
+    _register_betty_method(_name)
 register_hypergradient("mqvae", mqvae)
 register_hypergradient("direct", direct)

@@ -1,4 +1,5 @@
-"""Evaluation metrics of MQ-VAE §5.2: codebook perplexity, gradient estimation gap, FID / IS / LPIPS.
+"""Evaluation metrics of MQ-VAE §5.2: codebook perplexity, gradient estimation gap, FID / IS / LPIPS, and
+classification's macro F1.
 
 Pretrained networks (Inception for FID/IS, AlexNet for LPIPS) may be missing on a machine, and LPIPS's
 AlexNet cannot take images under ``LPIPS_MIN_SIDE`` px. Then the metric's value is ``None`` together with a
@@ -10,7 +11,8 @@ from typing import Callable, Optional
 
 import torch
 from torch import Tensor, nn
-from torchmetrics.functional.image.lpips import _lpips_update, _NoTrainLpips
+from torchmetrics.functional.image.lpips import _lpips_update
+from torchmetrics.functional.image.lpips import _NoTrainLpips as LpipsNetwork  # LPIPS's AlexNet with its linear heads
 from torchmetrics.image.fid import FrechetInceptionDistance
 from torchmetrics.image.inception import InceptionScore
 
@@ -23,18 +25,11 @@ warnings.filterwarnings("ignore", message="Metric `InceptionScore` will save all
 SCALES = {"mse": 1e-3, "lpips": 1e-1, "gradient_gap": 1e-5}
 
 
-def code_counts(indices: Tensor, num_codes: int) -> Tensor:
-    """How often each of the ``num_codes`` codewords was selected (int64, length ``num_codes``)."""
-    flat = indices.reshape(-1).long()
-    if flat.numel() and (flat.min() < 0 or flat.max() >= num_codes):
-        raise ValueError(f"code indices must lie in [0, {num_codes}), got [{int(flat.min())}, {int(flat.max())}]")
-    return torch.bincount(flat, minlength=num_codes)
-
-
 def perplexity(counts: Tensor) -> float:
     """Codebook perplexity 2^H(p) (MQ-VAE §5.2), H in bits, p the empirical code distribution.
 
-    Ranges from 1 (one code used) to K (all K codes used equally often).
+    Ranges from 1 (one code used) to K (all K codes used equally often). The float64 value over the exact
+    histogram; training logs a batch's, a float32 tensor on the device (``quantizers.batch_perplexity``).
     """
     counts = counts.double()
     total = counts.sum()
@@ -48,6 +43,18 @@ def perplexity(counts: Tensor) -> float:
 def active_codes(counts: Tensor) -> int:
     """Number of codewords selected at least once."""
     return int((counts > 0).sum())
+
+
+def macro_f1(predictions: Tensor, labels: Tensor) -> float:
+    """Unweighted mean over classes present in labels or predictions of 2PR/(P+R)
+    (sklearn's ``f1_score(average="macro")``)."""
+    scores = []
+    for c in torch.unique(torch.cat([predictions, labels])):
+        tp = ((predictions == c) & (labels == c)).sum().item()
+        fp = ((predictions == c) & (labels != c)).sum().item()
+        fn = ((predictions != c) & (labels == c)).sum().item()
+        scores.append(2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 0.0)
+    return sum(scores) / len(scores)
 
 
 def gradient_gap(
@@ -113,12 +120,13 @@ def _lpips_with_backbone(backbone: nn.Module) -> nn.Module:
     """LPIPS (AlexNet variant) whose feature backbone is ``backbone``.
 
     torchmetrics' LearnedPerceptualImagePatchSimilarity accepts no network and downloads AlexNet in its
-    constructor, so the seam is its inner ``_NoTrainLpips``: built with a random AlexNet (no download),
-    its learned linear heads loaded from the file shipped with torchmetrics, then ``.net`` replaced.
+    constructor, so the seam is its inner ``_NoTrainLpips`` (``LpipsNetwork`` here): built with a random
+    AlexNet (no download), its learned linear heads loaded from the file shipped with torchmetrics, then
+    ``.net`` replaced.
     ``backbone`` must map a scaled N×3×H×W batch to 5 feature maps with AlexNet's channel counts
     (64, 192, 384, 256, 256), because those heads are sized for AlexNet.
     """
-    lpips = _NoTrainLpips(net="alex", pnet_rand=True)
+    lpips = LpipsNetwork(net="alex", pnet_rand=True)
     lpips.net = backbone
     return lpips.eval()
 
@@ -166,7 +174,7 @@ class ImageQuality:
 
         if lpips_net is None:
             # The same network LearnedPerceptualImagePatchSimilarity(net_type="alex") builds.
-            self._lpips, self.reasons["lpips"] = _build_pretrained(lambda: _NoTrainLpips(net="alex"), "LPIPS AlexNet")
+            self._lpips, self.reasons["lpips"] = _build_pretrained(lambda: LpipsNetwork(net="alex"), "LPIPS AlexNet")
         else:
             self._lpips, self.reasons["lpips"] = _lpips_with_backbone(lpips_net), None
 

@@ -1,7 +1,8 @@
-"""Networks around the quantizer: the VQ-VAE backbone and the ResNet-18 classifier.
+"""Networks around the quantizer: the VQ-VAE backbone, and ``build_model`` (the ResNet-18 classifier's
+halves come from ``mqvae.resnet``).
 
-``VQModel`` is the whole network x -> encoder -> quantizer -> decoder -> task loss.
-Every level's Betty Problem evaluates the same ``VQModel.loss`` (MQ-VAE Eq. 6);
+``QuantizedNetwork`` is the whole network x -> encoder -> quantizer -> decoder -> task loss (its ``Task``,
+``mqvae.tasks``). Every level's Betty Problem evaluates the same ``QuantizedNetwork.loss`` (MQ-VAE Eq. 6);
 the levels differ only in which of its parameters they train.
 """
 
@@ -10,12 +11,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .config import ModelConfig
-from .errors import UserError
-from .quantizer import Quantizer, QuantizerOutput
+from .quantizers import Quantizer, QuantizerOutput
+from .tasks import CLASSIFICATION, RECONSTRUCTION, Task
 
 
 def _norm(kind: str, channels: int) -> nn.Module:
@@ -88,10 +88,11 @@ class ModelOutput:
     quant: QuantizerOutput
 
 
-class VQModel(nn.Module):
-    """encoder -> quantizer -> decoder, with the task loss of MQ-VAE Eq. 6 (MSE for reconstruction, CE for classification)."""
+class QuantizedNetwork(nn.Module):
+    """encoder -> quantizer -> decoder, with the task loss of MQ-VAE Eq. 6 (``task``: MSE for reconstruction,
+    CE for classification)."""
 
-    def __init__(self, encoder: nn.Module, quantizer: Quantizer, decoder: nn.Module, task: str):
+    def __init__(self, encoder: nn.Module, quantizer: Quantizer, decoder: nn.Module, task: Task):
         super().__init__()
         self.encoder, self.quantizer, self.decoder = encoder, quantizer, decoder
         self.task = task
@@ -103,17 +104,7 @@ class VQModel(nn.Module):
         return ModelOutput(self.decoder(quant.z_q), z_e, quant)
 
     def task_loss(self, output, batch) -> torch.Tensor:
-        x, y = batch
-        if self.task == "reconstruction":
-            # A stride-2 stage floors an odd side (7 -> 3), so the decoder returns another size; mse_loss would
-            # broadcast or fail deep inside torch instead of saying why.
-            if output.shape != x.shape:
-                raise UserError(
-                    f"the decoder returns {tuple(output.shape[-2:])} images for {tuple(x.shape[-2:])} inputs: the image "
-                    "side must be divisible by 2^model.downsample (28-px MNIST allows model.downsample <= 2)"
-                )
-            return F.mse_loss(output, x)
-        return F.cross_entropy(output, y)
+        return self.task.loss(output, batch)
 
     def quantization_weighted(self, losses: dict, weights: dict | None = None) -> torch.Tensor:
         """Sum of the quantizer's loss terms with their weights (Eq. 6), ``weights`` overriding by name."""
@@ -148,16 +139,16 @@ class VQModel(nn.Module):
         return {"loss": self.quantization_weighted(quant.losses), **quant.losses, "perplexity": quant.perplexity}
 
 
-def build_model(cfg, channels: int, num_classes: int) -> VQModel:
-    """The network a config describes, on the CPU (the engine moves it)."""
-    from .quantizer import build_quantizer
+def build_model(cfg, channels: int, num_classes: int) -> QuantizedNetwork:
+    """The network a config describes, on the CPU (the engine moves it); ``model.kind`` decides the task."""
+    from .quantizers import build_quantizer
 
     quantizer = build_quantizer(cfg.quantizer)
     if cfg.model.kind == "vqvae":
         encoder = Encoder(channels, cfg.model, cfg.quantizer.dim)
         decoder = Decoder(channels, cfg.model, cfg.quantizer.dim)
-        return VQModel(encoder, quantizer, decoder, task="reconstruction")
-    from .classifier import resnet18_halves
+        return QuantizedNetwork(encoder, quantizer, decoder, RECONSTRUCTION)
+    from .resnet import resnet18_halves
 
     encoder, decoder = resnet18_halves(channels, num_classes, cfg.quantizer.dim)
-    return VQModel(encoder, quantizer, decoder, task="classification")
+    return QuantizedNetwork(encoder, quantizer, decoder, CLASSIFICATION)

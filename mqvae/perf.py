@@ -26,7 +26,7 @@ import functools
 
 import torch
 
-# Labels of the regions ``phase`` marks; ``python -m mqvae.bench`` reports the time spent in each.
+# Labels of the regions ``phase`` marks; ``python -m engines.bench`` reports the time spent in each.
 PHASE_PREFIX = "phase:"
 
 
@@ -34,7 +34,7 @@ def phase(name: str):
     """A region of a training iteration, labelled for ``torch.profiler`` (``PHASE_PREFIX + name``).
 
     Free when no profiler runs (a check instead of ``record_function``'s ~7 µs enter/exit), so the hot loop
-    carries the labels always and ``mqvae.bench`` (or a user's own profiler session) can say where the time
+    carries the labels always and ``engines.bench`` (or a user's own profiler session) can say where the time
     goes.
     """
     if not torch._C._autograd._profiler_enabled():

@@ -1,4 +1,4 @@
-"""Pictures of a run: reconstructions and training curves."""
+"""Pictures of a run: reconstructions or predictions, training curves, code usage; and report.md."""
 
 from __future__ import annotations
 
@@ -21,16 +21,16 @@ def save_recon_grid(originals: torch.Tensor, recons: torch.Tensor, path: Path, p
     atomic_write(path, lambda f: save_image(grid, f, format="png"))
 
 
-def save_curves(records: list[dict], path: Path) -> None:
-    """Training loss and perplexity per level against the step, and test metrics where evaluated."""
-    train = [r for r in records if "test_mse" not in r and "accuracy" not in r]
-    tests = [r for r in records if "test_mse" in r or "accuracy" in r]
+def save_curves(records: list[dict], path: Path, metric: str) -> None:
+    """Training loss and perplexity per level against the step, and the test ``metric`` (the task's
+    ``curve_key``) where evaluated: the records that hold it are the evaluations."""
+    train = [r for r in records if metric not in r]
+    tests = [r for r in records if metric in r]
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
     for key in sorted({k for r in train for k in r if k.endswith(".loss")}):
         axes[0].plot([r["step"] for r in train if key in r], [r[key] for r in train if key in r], label=key)
     for key in sorted({k for r in train for k in r if k.endswith(".perplexity")}):
         axes[1].plot([r["step"] for r in train if key in r], [r[key] for r in train if key in r], label=key)
-    metric = "test_mse" if any("test_mse" in r for r in tests) else "accuracy"
     if tests:
         axes[2].plot([r["step"] for r in tests], [r[metric] for r in tests], marker="o")
     for ax, title in zip(axes, ["training loss (Eq. 6)", "batch perplexity", f"test {metric}"]):

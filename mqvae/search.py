@@ -21,7 +21,7 @@ from torch import Tensor
 
 _HALF_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
-# Tile sizes (distance entries) measured by ``python -m mqvae.bench``: on a CPU a 4 MiB tile stays in cache,
+# Tile sizes (distance entries) measured by ``python -m engines.bench``: on a CPU a 4 MiB tile stays in cache,
 # so the min-reduction reads it from there (2-3x the throughput of one N x K matrix); a GPU wants large tiles.
 DEFAULT_CHUNK_ELEMENTS = {"cpu": 1 << 20, "cuda": 1 << 24}
 

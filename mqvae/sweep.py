@@ -43,8 +43,7 @@ from scipy.stats import t as student_t
 from .config import build, quote, quote_key, read_yaml, spec
 from .errors import UserError
 from .files import read_lines, save_figure, write_json, write_text
-
-ROOT = Path(__file__).resolve().parents[1]
+from .tasks import task_of_metrics
 
 # metric key -> (column header in the papers' layout, factor the column is reported in). MQ-VAE Tables 1/3:
 # "LPIPS (10^-1)", "MSE (10^-3)", "Δgap (10^-5)"; Table 2: accuracy and F1 in percent.
@@ -117,9 +116,10 @@ def is_sweep_file(data: dict) -> bool:
 
 
 def _resolve_config(text: str, sweep_path: Path) -> Optional[Path]:
-    """A run's config path: as given (relative to the working folder), else relative to the sweep file,
-    else relative to the project root."""
-    for candidate in (Path(text), sweep_path.parent / text, ROOT / text):
+    """A run's config path: relative to the sweep file's folder, else to the working folder (the shipped sweeps
+    name their configs from the repository root, ``configs/digits/...``, so they run from there). An absolute
+    path is itself."""
+    for candidate in (sweep_path.parent / text, Path(text)):
         if candidate.is_file():
             return candidate
     return None
@@ -475,8 +475,7 @@ def save_results_plot(results: dict, path: Path) -> None:
     axes[0].set_xticks(range(len(rows)), names, rotation=30, ha="right", fontsize=8)
     axes[0].set_title(f"{header} (mean ± std over seeds)")
 
-    any_run = next((r for r in results["runs"] if r["metrics"]), {})
-    curve_key = "test_mse" if "test_mse" in (any_run.get("metrics") or {}) else "accuracy"
+    curve_key = task_of_metrics([run["metrics"] or {} for run in results["runs"]]).curve_key
     curve_header, curve_scale = COLUMNS[curve_key]
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for i, row in enumerate(rows):

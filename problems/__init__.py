@@ -1,6 +1,7 @@
 """Betty Problems: one class per level kind, and the registry configs name them by."""
 
-from .base import Level
+from .base import FastRollBack, Level
 from .levels import PROBLEMS, AutoEncoder, Classifier, Codebook, CommitmentWeight, VQVAE, register_problem
 
-__all__ = ["Level", "PROBLEMS", "register_problem", "VQVAE", "AutoEncoder", "Classifier", "Codebook", "CommitmentWeight"]
+__all__ = ["Level", "FastRollBack", "PROBLEMS", "register_problem", "VQVAE", "AutoEncoder", "Classifier", "Codebook",
+           "CommitmentWeight"]

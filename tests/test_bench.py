@@ -1,4 +1,4 @@
-"""mqvae.bench end to end at tiny sizes: the JSON schema (never wall-clock values), and the perf switches."""
+"""engines.bench end to end at tiny sizes: the JSON schema (never wall-clock values), and the perf switches."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from mqvae import bench
+from engines import bench
 from mqvae.perf import apply_perf
 
 from helpers import tiny_config, tiny_engine

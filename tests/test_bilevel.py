@@ -4,6 +4,7 @@ plain-torch Algorithm 1 (with and without roll-back), Huh Eq. 17-18 for xi = 0, 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 from types import SimpleNamespace
 
@@ -15,7 +16,9 @@ from torch.utils.data import TensorDataset
 
 from engines.build import build_problems
 from engines.engine import LevelEngine
+from mqvae import hypergradients
 from mqvae.config import config_from_dict
+from mqvae.hypergradients import HypergradientContext, register_hypergradient
 from problems import Level, register_problem
 
 from helpers import snapshot, tiny_engine, two_levels
@@ -262,36 +265,61 @@ def test_batch_norm_model_equals_algorithm_1_in_training_mode(tmp_path):
     assert_models_close(engine.model, reference)  # parameters and running statistics
 
 
+# Algorithm 1 with roll-back runs the encoder in the tentative step, at the post-step parameters (v and the direct
+# term), in Eq. 13's two finite-difference passes and in the real step.
+ROLL_BACK_FORWARDS = 5
+
+
+def encoder_forwards(engine, iterations=1) -> list[int]:
+    """The encoder forwards of each of ``iterations`` training iterations, counted by a forward hook."""
+    counts = []
+    handle = engine.model.encoder.register_forward_hook(lambda *_: counts.__setitem__(-1, counts[-1] + 1))
+    try:
+        for _ in range(iterations):
+            counts.append(0)
+            engine.train_step()
+    finally:
+        handle.remove()
+    return counts
+
+
 def test_roll_back_iterations_equal_plain_torch_algorithm_1(tmp_path):
     # Several iterations, so that the real step's kept encoder forward (recorded in the tentative step, replayed
     # after the roll-back) meets non-empty optimizer states and parameters that moved in earlier iterations.
     engine = tiny_engine(tmp_path, hypergradient={"roll_back": True, "alpha": 0.01})
     reference = copy.deepcopy(engine.model)
-    optimizers = None
+    optimizers, forwards = None, []
     for _ in range(4):
-        engine.train_step()
+        forwards += encoder_forwards(engine)
         batch = engine.autoencoder.cur_batch
         optimizers = algorithm_1(reference, batch, lr=1e-2, xi=1e-2, alpha=0.01, roll_back=True, optimizers=optimizers)
-    assert engine.autoencoder._reuses_encoder_forward()
+    assert forwards == [ROLL_BACK_FORWARDS - 1] * 4  # each real step ran on the kept encoder forward
     for (name, got), (_, want) in zip(engine.model.state_dict().items(), reference.state_dict().items()):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6, msg=lambda m: f"{name}: {m}")
     assert_optimizer_states_close(engine.autoencoder.optimizer, optimizers[0])
     assert_optimizer_states_close(engine.codebook.optimizer, optimizers[1])
 
 
-def test_kept_encoder_forward_equals_recomputing_it_with_batch_norm(tmp_path, monkeypatch):
-    # With BatchNorm the real step must also leave the encoder's running statistics as a recomputed forward
-    # would: rewound by the roll-back, then updated once by the forward at the pre-step parameters.
-    kept = tiny_engine(tmp_path / "kept", model={"norm": "batch"}, hypergradient={"roll_back": True})
-    for _ in range(3):
-        kept.train_step()
-    assert kept.autoencoder._reuses_encoder_forward()
-    monkeypatch.setattr(Level, "_reuses_encoder_forward", lambda self: False)
-    recomputed = tiny_engine(tmp_path / "recomputed", model={"norm": "batch"}, hypergradient={"roll_back": True})
-    for _ in range(3):
-        recomputed.train_step()
-    for (name, got), (_, want) in zip(kept.model.state_dict().items(), recomputed.model.state_dict().items()):
-        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7, msg=lambda m: f"{name}: {m}")
+@pytest.mark.parametrize("norm", ["none", "batch"])
+def test_fast_roll_back_is_bit_identical_to_betty_roll_back(tmp_path, norm):
+    # FastRollBack's state cache and kept encoder forward against Betty's own roll-back (deep-copied states and a
+    # real step with a forward of its own). With BatchNorm the real step must also leave the encoder's running
+    # statistics as a recomputed forward would: rewound by the roll-back, then updated once by the forward at the
+    # pre-step parameters.
+    fast = tiny_engine(tmp_path / "fast", model={"norm": norm}, hypergradient={"roll_back": True})
+    plain = tiny_engine(tmp_path / "plain", model={"norm": norm}, hypergradient={"roll_back": True})
+    assert fast.autoencoder.fast_roll_back is not None
+    plain.autoencoder.fast_roll_back = None
+    assert encoder_forwards(fast, 3) == [ROLL_BACK_FORWARDS - 1] * 3
+    assert encoder_forwards(plain, 3) == [ROLL_BACK_FORWARDS] * 3
+    for (name, got), (_, want) in zip(fast.model.state_dict().items(), plain.model.state_dict().items()):
+        assert torch.equal(got, want), name
+    for level in ("autoencoder", "codebook"):
+        got, want = (getattr(engine, level).optimizer.state_dict() for engine in (fast, plain))
+        assert got["param_groups"] == want["param_groups"]
+        for key, state in want["state"].items():
+            for name, value in state.items():
+                assert torch.equal(torch.as_tensor(got["state"][key][name]), torch.as_tensor(value)), (level, key, name)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -315,13 +343,17 @@ def test_xi_zero_is_huh_alternated_optimization(tmp_path, monkeypatch):
     counter = CallCounter(monkeypatch)
     engine = tiny_engine(tmp_path, hypergradient={"xi": 0.0})
     lower_steps = []
-    original = engine.autoencoder.one_step_descent
-    monkeypatch.setattr(engine.autoencoder, "one_step_descent", lambda batch=None: lower_steps.append(1) or original(batch))
+    step = engine.autoencoder.optimizer.step
+    monkeypatch.setattr(engine.autoencoder.optimizer, "step", lambda *a, **k: lower_steps.append(1) or step(*a, **k))
+    decoder_forwards = []
+    engine.model.decoder.register_forward_hook(lambda *_: decoder_forwards.append(1))
     reference = copy.deepcopy(engine.model)
     engine.train_step()
 
     assert counter.calls == 0  # no finite-difference (or any hypergradient) evaluation
-    assert len(lower_steps) == 1 and engine.autoencoder._pre_step is None  # no tentative lower step
+    # No tentative lower step: one step of the encoder-decoder, and one decoder forward, its own (the codebook's
+    # step needs only the encoder and the quantizer).
+    assert len(lower_steps) == 1 and len(decoder_forwards) == 1
 
     # Huh Eq. 17-18: a codebook step at the current encoder, then a lower step with the updated codebook.
     batch = engine.codebook.cur_batch
@@ -338,8 +370,9 @@ def test_xi_zero_is_huh_alternated_optimization(tmp_path, monkeypatch):
 def implicit_term(engine, xi):
     ae, cb = engine.autoencoder, engine.codebook
     vector = [torch.ones_like(p) * 1e-2 for p in ae.trainable_parameters()]
-    ae.xi = xi
-    return jvp_fn_mapping["mqvae"](vector, ae, cb, False)
+    context = dataclasses.replace(ae.hypergradient_context(cb), xi=xi)
+    with context.pure_evaluation():
+        return hypergradients.mqvae(vector, context)
 
 
 def test_implicit_term_scales_linearly_with_xi(tmp_path):
@@ -348,6 +381,40 @@ def test_implicit_term_scales_linearly_with_xi(tmp_path):
     once, twice = implicit_term(engine, 0.01), implicit_term(engine, 0.02)
     assert once[0].abs().sum() > 0
     torch.testing.assert_close(twice[0], 2 * once[0], rtol=1e-5, atol=1e-9)
+
+
+def test_a_registered_method_sees_the_context_and_its_term_is_added_to_the_direct_term(tmp_path, monkeypatch):
+    seen = []
+
+    def constant(vector, context):
+        seen.append((context, [v.clone() for v in vector]))
+        return [torch.full_like(u, 0.5) for u in context.upper]
+
+    monkeypatch.setitem(jvp_fn_mapping, "mqvae", jvp_fn_mapping["mqvae"])  # put back after the test
+    register_hypergradient("mqvae", constant)
+    xi = 0.05
+    engine, model = toy_engine(tmp_path, xi)
+    phi0, c0 = model.lower.w.detach().clone(), model.upper.w.detach().clone()
+    engine.train_step()
+    x = engine.lower.cur_batch[0]
+
+    phi = phi0.clone().requires_grad_()
+    post = (phi0 - xi * torch.autograd.grad(toy_loss(phi, c0, x), phi)[0]).requires_grad_()
+    c = c0.clone().requires_grad_()
+    v, direct = torch.autograd.grad(toy_loss(post, c, x), (post, c))
+    torch.testing.assert_close(engine.upper.recorded[0], direct + 0.5, rtol=1e-12, atol=1e-12)
+
+    ((context, vector),) = seen
+    assert isinstance(context, HypergradientContext)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        context.xi = 1.0
+    assert context.xi == pytest.approx(xi, rel=1e-12) and context.alpha == 0.01
+    torch.testing.assert_close(vector[0], v, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(context.pre_step[0], phi0, rtol=0, atol=0)
+    assert context.lower[0] is model.lower.w and context.upper[0] is model.upper.w
+    # The closures evaluate L on the iteration's batch at the parameters as they are when called.
+    torch.testing.assert_close(context.upper_loss(), toy_loss(model.lower.w, model.upper.w, x), rtol=1e-12, atol=0)
+    torch.testing.assert_close(context.loss(), toy_loss(model.lower.w, model.upper.w, x), rtol=1e-12, atol=0)
 
 
 # ---------------------------------------------------------------------------------------------

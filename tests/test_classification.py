@@ -3,14 +3,21 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from sklearn.metrics import f1_score
 
 import run
-from mqvae.classifier import resnet18_halves
-from mqvae.evaluation import macro_f1
+from mqvae.config import load_config
+from mqvae.metrics import macro_f1
+from mqvae.models import build_model
+from mqvae.resnet import resnet18_halves
+
+ROOT = Path(__file__).resolve().parents[1]
+
 
 @pytest.fixture(autouse=True)
 def few_digits(monkeypatch):
@@ -40,9 +47,21 @@ def test_resnet18_halves_shapes():
     z = encoder(torch.rand(2, 1, 16, 16))
     assert z.shape == (2, 8, 8, 8)  # 3x3 stride-1 stem, layer2 halves the side
     assert decoder(z).shape == (2, 10)
-    encoder, decoder = resnet18_halves(3, 100, dim=4, small_input=False)
-    z = encoder(torch.rand(2, 3, 64, 64))
-    assert z.shape == (2, 4, 8, 8) and decoder(z).shape == (2, 100)
+    encoder, decoder = resnet18_halves(3, 100, dim=4)
+    z = encoder(torch.rand(2, 3, 32, 32))
+    assert z.shape == (2, 4, 16, 16) and decoder(z).shape == (2, 100)
+
+
+@pytest.mark.parametrize("config, loss", [("vqvae", "mse"), ("classify_vqvae", "cross_entropy")])
+def test_the_model_kind_decides_the_task_loss(config, loss):
+    cfg = load_config(ROOT / f"configs/digits/{config}.yaml", ["quantizer.num_codes=16", "quantizer.dim=8"])
+    model = build_model(cfg, 1, 10).eval()
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.rand(4, 1, 16, 16, generator=g), torch.randint(0, 10, (4,), generator=g)
+    with torch.no_grad():
+        output = model(x).output
+        expected = F.mse_loss(output, x) if loss == "mse" else F.cross_entropy(output, y)
+        assert torch.equal(model.task_loss(output, (x, y)), expected)
 
 
 @pytest.mark.parametrize("name", ["classify_vqvae", "classify_alt", "classify_mqvae"])
@@ -54,7 +73,7 @@ def test_classification_config_trains_end_to_end(tmp_path, name):
         assert key in metrics and metrics[key] is not None, key
     assert 0 <= metrics["accuracy"] <= 1 and metrics["cross_entropy"] > 0 and metrics["gradient_gap"] >= 0
     assert metrics["iterations"] == 2
-    for file in ("codebook.png", "report.md", "curves.png"):
+    for file in ("recon.png", "codebook.png", "report.md", "curves.png"):
         assert (out / file).is_file()
     state = torch.load(out / "checkpoint.pt", weights_only=True)
     if name != "classify_vqvae":

@@ -71,8 +71,9 @@ def test_errors_are_one_line_and_name_the_key(data, needles):
 def test_overrides_reach_any_key_and_levels_by_name():
     cfg = load_config(ROOT / "configs/digits/mqvae.yaml",
                       ["train.iters=7", "levels.codebook.lr=0.5", "levels.1.optimizer=sgd", "hypergradient.xi=0.01"])
-    assert cfg.train.iters == 7 and cfg.level("codebook").lr == 0.5
-    assert cfg.level("autoencoder").optimizer == "sgd" and cfg.hypergradient.xi == 0.01
+    levels = {level.name: level for level in cfg.levels}
+    assert cfg.train.iters == 7 and levels["codebook"].lr == 0.5
+    assert levels["autoencoder"].optimizer == "sgd" and cfg.hypergradient.xi == 0.01
     with pytest.raises(UserError, match="unknown key"):
         load_config(ROOT / "configs/digits/mqvae.yaml", ["train.iterz=7"])
 

@@ -14,8 +14,10 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import fake_datasets
 import run
-from mqvae import evaluation
+from mqvae import evaluation, metrics as metric_fns
 from mqvae.metrics import ImageQuality, SCALES
+from mqvae.models import QuantizedNetwork, build_model
+from mqvae.tasks import CLASSIFICATION, RECONSTRUCTION
 
 from helpers import tiny_config
 
@@ -23,15 +25,13 @@ TINY = ["--set", "model.hidden_channels=8", "--set", "model.res_channels=4", "--
         "--set", "train.log_every=1", "--set", "device=cpu", "--set", "train.iters=2"]
 
 
-def tiny_model(task="reconstruction"):
-    from mqvae.models import build_model
-
+def tiny_model(task=RECONSTRUCTION):
     torch.manual_seed(0)
     cfg = tiny_config(levels=[{"name": "vqvae", "problem": "VQVAE"}])
     model = build_model(cfg, 1, 10)
-    model.task = task
-    if task == "classification":  # a small head on the decoder output, so the same tiny model classifies
-        model.decoder = nn.Sequential(model.decoder, nn.Flatten(), nn.Linear(16 * 16, 10))
+    if task is CLASSIFICATION:  # a small head on the decoder output, so the same tiny model classifies
+        return QuantizedNetwork(model.encoder, model.quantizer,
+                                nn.Sequential(model.decoder, nn.Flatten(), nn.Linear(16 * 16, 10)), CLASSIFICATION)
     return model
 
 
@@ -40,7 +40,7 @@ def data(n=37):
     return TensorDataset(torch.rand(n, 1, 16, 16, generator=g), torch.randint(0, 10, (n,), generator=g))
 
 
-@pytest.mark.parametrize("task", ["reconstruction", "classification"])
+@pytest.mark.parametrize("task", [RECONSTRUCTION, CLASSIFICATION], ids=lambda task: task.name)
 def test_gradient_gap_equals_two_explicit_passes(task):
     model, dataset = tiny_model(task), data()
     metrics, _ = evaluation.evaluate(model, dataset, 8, "cpu")
@@ -57,7 +57,7 @@ def test_gradient_gap_equals_two_explicit_passes(task):
         z_q = z_q.clone().requires_grad_(True)
 
         def loss(out):
-            return F.mse_loss(out, x.double()) if task == "reconstruction" else F.cross_entropy(out, y)
+            return F.mse_loss(out, x.double()) if task is RECONSTRUCTION else F.cross_entropy(out, y)
 
         (g_cont,) = torch.autograd.grad(loss(decoder(z_e)), z_e)
         (g_quant,) = torch.autograd.grad(loss(decoder(z_q)), z_q)
@@ -66,6 +66,42 @@ def test_gradient_gap_equals_two_explicit_passes(task):
     assert len(gaps) == 5
     assert metrics["gradient_gap"] == pytest.approx(sum(gaps) / len(gaps), rel=1e-4)
     assert metrics["gradient_gap"] > 0
+
+
+@pytest.mark.parametrize("task", [RECONSTRUCTION, CLASSIFICATION], ids=lambda task: task.name)
+def test_task_metrics_equal_an_independent_pass_and_training_mode_comes_back(task):
+    from sklearn.metrics import f1_score
+
+    model, dataset = tiny_model(task), data()
+    model.train()
+    metrics, _ = evaluation.evaluate(model, dataset, 8, "cpu")
+    assert model.training
+    model.eval()
+    with torch.no_grad():
+        outputs = torch.cat([model(x).output for x, _ in DataLoader(dataset, batch_size=8)]).double()
+    x, y = dataset.tensors
+    if task is RECONSTRUCTION:
+        assert set(metrics) == {"perplexity", "active_codes", "gradient_gap", "test_mse"}
+        assert metrics["test_mse"] == pytest.approx(float(((outputs - x.double()) ** 2).mean()), rel=1e-6)
+    else:
+        assert set(metrics) == {"perplexity", "active_codes", "gradient_gap", "accuracy", "f1", "cross_entropy"}
+        predicted = outputs.argmax(1)
+        assert metrics["accuracy"] == pytest.approx(float((predicted == y).double().mean()), rel=1e-6)  # a float32 mean
+        assert metrics["f1"] == pytest.approx(f1_score(y.numpy(), predicted.numpy(), average="macro"), abs=1e-12)
+        assert metrics["cross_entropy"] == pytest.approx(float(F.cross_entropy(outputs, y)), rel=1e-6)
+
+
+def test_evaluating_gives_back_the_mode_it_found_even_after_an_error():
+    model = nn.BatchNorm1d(2)
+    with pytest.raises(ZeroDivisionError):
+        with evaluation.evaluating(model):
+            assert not model.training
+            1 / 0
+    assert model.training
+    model.eval()
+    with evaluation.evaluating(model):
+        assert not model.training
+    assert not model.training
 
 
 def test_test_set_perplexity_is_float64_entropy_of_counts():
@@ -83,16 +119,13 @@ def test_test_set_perplexity_is_float64_entropy_of_counts():
 
 
 def test_image_quality_null_with_reason_in_the_runs_metrics(tmp_path, monkeypatch):
-    # Force "weights absent" regardless of the machine's cache.
-    def no_weights(device):
-        quality = ImageQuality.__new__(ImageQuality)
-        quality.device = torch.device(device)
-        quality._fid = quality._is = quality._lpips = None
-        quality.reasons = {name: f"{name} weights not cached and not downloadable: test" for name in ("fid", "is", "lpips")}
-        quality._lpips_sum, quality._num_pairs = 0.0, 0
-        return quality
+    # Force "weights absent" regardless of the machine's cache: the pretrained networks fail to load, as
+    # without network access and cache.
+    def absent(*args, **kwargs):
+        raise OSError("no weights (test)")
 
-    monkeypatch.setattr(evaluation, "make_image_quality", no_weights)
+    for network in ("FrechetInceptionDistance", "InceptionScore", "LpipsNetwork"):
+        monkeypatch.setattr(metric_fns, network, absent)
     out = tmp_path / "run"
     assert run.main(["configs/digits/vqvae.yaml", *TINY, "--out", str(out)]) == 0
     metrics = json.loads((out / "metrics.json").read_text())
@@ -103,7 +136,8 @@ def test_image_quality_null_with_reason_in_the_runs_metrics(tmp_path, monkeypatc
     assert metrics["lpips"] is None and "cannot take 16x16 images" in metrics["lpips_reason"]
     assert metrics["scales"] == SCALES
     assert "gradient_gap" in metrics and math.isfinite(metrics["gradient_gap"])
-    assert "n/a (fid weights not cached" in (out / "report.md").read_text()
+    report = (out / "report.md").read_text()
+    assert "n/a (FID Inception weights not cached and not downloadable: OSError: no weights (test))" in report
 
 
 class AlexShapedFeatures(nn.Module):

@@ -14,9 +14,9 @@ import torch
 from mqvae import feasibility
 from mqvae.config import QuantizerConfig, config_from_dict, load_config, read_yaml
 from mqvae.errors import UserError
-from mqvae.feasibility import MemoryEstimate, check_feasible, estimate_memory, network_size, quantizer_size
+from mqvae.feasibility import MemoryEstimate, NetworkSize, check_feasible, estimate_memory, network_size, quantizer_size
 from mqvae.models import build_model
-from mqvae.quantizer import build_quantizer
+from mqvae.quantizers import build_quantizer
 
 ROOT = Path(__file__).resolve().parents[1]
 CPU = torch.device("cpu")
@@ -76,8 +76,26 @@ def test_network_size_is_that_of_the_real_model(sets):
 
 
 def test_residual_blocks_are_extrapolated_exactly():
+    # Against the real 7-block network on the CPU: every leaf module's output that is not its input counts.
     cfg = load_config(DIGITS, ["model.num_res_blocks=7"])
-    assert network_size(cfg, 1, 16, 10) == feasibility._measure(cfg, 1, 16, 10, 7)
+    real = real_network(cfg, 1, 10).eval()
+    outputs = []
+
+    def count(module, inputs, output):
+        if not any(output is x for x in inputs):
+            outputs.append(output.numel())
+
+    for leaf in real.modules():
+        if next(leaf.children(), None) is None:
+            leaf.register_forward_hook(count)
+    encoder, decoder = real
+    with torch.no_grad():
+        z_e = encoder(torch.rand(1, 1, 16, 16))
+        decoder(z_e)
+    assert network_size(cfg, 1, 16, 10) == NetworkSize(
+        parameters=sum(p.numel() for p in real.parameters()),
+        buffer_bytes=sum(b.numel() * b.element_size() for b in real.buffers()),
+        activations=sum(outputs), positions=16 // 2**cfg.model.downsample * (16 // 2**cfg.model.downsample))
 
 
 @pytest.mark.parametrize("keys", [{}, {"groups": 2}, {"affine": "learned", "affine_groups": 4}, {"affine": "ema", "affine_groups": 2},

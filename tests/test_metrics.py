@@ -12,25 +12,19 @@ import torch
 import torchmetrics.functional.image.lpips as tm_lpips
 from torch import nn
 
-from mqvae.metrics import LPIPS_MIN_SIDE, SCALES, ImageQuality, active_codes, code_counts, gradient_gap, perplexity
+from mqvae import metrics
+from mqvae.metrics import LPIPS_MIN_SIDE, SCALES, ImageQuality, active_codes, gradient_gap, perplexity
 
 
 # ---------------------------------------------------------------- codebook usage
 
 
-def test_code_counts_match_a_python_counter():
+def test_active_codes_are_the_codes_a_python_counter_sees():
     g = torch.Generator().manual_seed(0)
     indices = torch.randint(0, 7, (4, 5, 5), generator=g)
     counter = Counter(indices.flatten().tolist())
-    counts = code_counts(indices, num_codes=10)
-    assert counts.dtype == torch.int64
-    assert counts.tolist() == [counter.get(k, 0) for k in range(10)]
+    counts = torch.bincount(indices.flatten(), minlength=10)
     assert active_codes(counts) == len(counter)
-
-
-def test_code_counts_reject_out_of_range_indices():
-    with pytest.raises(ValueError):
-        code_counts(torch.tensor([0, 3]), num_codes=3)
 
 
 def _perplexity_reference(counts):
@@ -141,6 +135,23 @@ def test_real_networks_give_a_value_or_a_one_line_reason(short_socket_timeout):
         _measured_or_explained(out, name)
 
 
+@pytest.mark.parametrize("error", [OSError("no route to host"), RuntimeError("bad checkpoint"),
+                                   ModuleNotFoundError("No module named 'scipy'")])
+def test_networks_that_cannot_load_give_null_with_a_one_line_reason(monkeypatch, error):
+    def fails(*args, **kwargs):
+        raise error
+
+    for network in ("FrechetInceptionDistance", "InceptionScore", "LpipsNetwork"):
+        monkeypatch.setattr(metrics, network, fails)
+    quality = ImageQuality("cpu")
+    real = _blobs(4, 32, seed=3)
+    quality.update(real, real)
+    out = quality.compute()
+    for name in ("fid", "is", "lpips"):
+        assert out[name] is None
+        assert str(error) in out[f"{name}_reason"] and "\n" not in out[f"{name}_reason"]
+
+
 # ---------------------------------------------------------------- image quality, stand-in networks
 
 
@@ -198,8 +209,11 @@ def _blobs(n, size, seed):
 
 
 def _stand_in_quality():
+    """An ImageQuality with stand-in networks, and the networks (FID features, IS logits, LPIPS backbone)."""
     torch.manual_seed(4)
-    return ImageQuality("cpu", fid_feature=FidFeature(), is_feature=RecordingLogits(), lpips_net=LpipsBackbone())
+    networks = FidFeature(), RecordingLogits(), LpipsBackbone()
+    fid, is_, lpips = networks
+    return ImageQuality("cpu", fid_feature=fid, is_feature=is_, lpips_net=lpips), networks
 
 
 def _fid_reference(net, real, fake):
@@ -233,7 +247,7 @@ def _lpips_reference(backbone, real, fake):
 
 
 def test_stand_ins_match_independent_fid_and_lpips_references():
-    quality = _stand_in_quality()
+    quality, (fid, _, lpips) = _stand_in_quality()
     real = _blobs(200, 64, seed=5)
     fake = (real + 0.1 * torch.randn(real.shape, generator=torch.Generator().manual_seed(6))).clamp(0, 1)
     for batch in range(0, 200, 50):  # accumulation over a test set
@@ -241,21 +255,21 @@ def test_stand_ins_match_independent_fid_and_lpips_references():
     out = quality.compute()
 
     assert out["fid_reason"] is None and out["lpips_reason"] is None and out["is_reason"] is None
-    assert out["fid"] == pytest.approx(_fid_reference(quality._fid.inception, real, fake), rel=1e-6)
+    assert out["fid"] == pytest.approx(_fid_reference(fid, real, fake), rel=1e-6)
     assert out["lpips"] > 0
-    assert out["lpips"] == pytest.approx(_lpips_reference(quality._lpips.net, real, fake), rel=1e-5)
+    assert out["lpips"] == pytest.approx(_lpips_reference(lpips, real, fake), rel=1e-5)
     assert 1.0 <= out["is"] <= 10.0
 
 
 def test_stand_in_fid_is_zero_against_itself_and_positive_against_noise():
-    quality = _stand_in_quality()
+    quality, _ = _stand_in_quality()
     real = _blobs(200, 32, seed=7)
     quality.update(real, real)
     same = quality.compute()
     assert abs(same["fid"]) < 1e-6
     assert same["lpips"] == 0.0
 
-    quality = _stand_in_quality()
+    quality, _ = _stand_in_quality()
     quality.update(real, torch.rand(real.shape, generator=torch.Generator().manual_seed(8)))
     noise = quality.compute()
     assert noise["fid"] > 1e-3
@@ -263,14 +277,14 @@ def test_stand_in_fid_is_zero_against_itself_and_positive_against_noise():
 
 
 def test_grayscale_images_are_made_rgb_and_is_sees_clamped_reconstructions_only():
-    quality = _stand_in_quality()
+    quality, (_, is_logits, _) = _stand_in_quality()
     real = _blobs(20, 32, seed=9)[:, :1]
     fake = real * 1.5  # decoder output overshooting [0, 1]
     quality.update(real, fake)
     out = quality.compute()
     assert all(math.isfinite(out[name]) for name in ("fid", "is", "lpips"))
 
-    (seen,) = quality._is.inception.seen
+    (seen,) = is_logits.seen
     assert seen.dtype == torch.float32 and seen.shape == (20, 3, 32, 32)
     torch.testing.assert_close(seen, fake.clamp(0, 1).expand(-1, 3, -1, -1), rtol=0, atol=0)
 
@@ -326,6 +340,6 @@ def test_lpips_minimum_size_is_torchmetrics_alexnets():
 
 
 def test_real_images_outside_unit_range_are_rejected():
-    quality = _stand_in_quality()
+    quality, _ = _stand_in_quality()
     with pytest.raises(ValueError):
         quality.update(_blobs(4, 32, seed=10) * 2 - 1, _blobs(4, 32, seed=10))

@@ -283,3 +283,60 @@ def test_a_sweep_reuses_a_run_only_with_the_planned_config(tmp_path):
     assert {r["metrics"]["iterations"] for r in results["runs"]} == {3}
     for r in results["runs"]:
         assert yaml.safe_load((Path(r["run_dir"]) / "config.yaml").read_text())["train"]["iters"] == 3
+
+
+# -- what the independent fuzz found ----------------------------------------------------------------------
+
+@pytest.mark.parametrize("args", [[], ["configs/digits/vqvae.yaml", "--bogus"], ["configs/digits/vqvae.yaml", "--set"]])
+def test_command_line_mistakes_are_one_line(args):
+    assert_one_line_error(run_cli(*args), "error:", "python run.py -h")
+
+
+def test_a_bit_flipped_inside_a_checkpoint_weight_is_refused(tmp_path, finished):
+    import zipfile
+
+    out = copy_run(finished, tmp_path / "run")
+    with zipfile.ZipFile(out / "checkpoint.pt") as archive:
+        record = max(archive.infolist(), key=lambda info: info.file_size)
+    data = bytearray((out / "checkpoint.pt").read_bytes())
+    # A stored record's data follows its 30-byte local header, file name and extra field.
+    name_length, extra_length = (int.from_bytes(data[record.header_offset + i:record.header_offset + i + 2], "little")
+                                 for i in (26, 28))
+    start = record.header_offset + 30 + name_length + extra_length
+    data[start + record.file_size // 2] ^= 0x10
+    (out / "checkpoint.pt").write_bytes(bytes(data))
+    before = snapshot(out)
+    assert_one_line_error(run_cli("--resume", out, "--set", "train.iters=8"), "checkpoint.pt", "checksum")
+    assert snapshot(out) == before
+
+
+@pytest.mark.parametrize("key, value", [("lr", "x"), ("lr", float("nan")), ("betas", "ab"), ("step", -5)])
+def test_a_damaged_optimizer_entry_is_refused_and_the_folder_kept(tmp_path, finished, key, value):
+    out = copy_run(finished, tmp_path / "run")
+    state = torch.load(out / "checkpoint.pt", weights_only=True)
+    optimizer = state["optimizers"]["vqvae"]
+    if key == "step":  # Adam's per-parameter step count
+        optimizer["state"][0]["step"] = torch.tensor(float(value))
+    else:
+        optimizer["param_groups"][0][key] = value
+    torch.save(state, out / "checkpoint.pt")
+    before = snapshot(out)
+    assert_one_line_error(run_cli("--resume", out, "--set", "train.iters=8"), "checkpoint", key)
+    assert snapshot(out) == before  # config.yaml too: a resume that fails leaves the folder as it was
+
+
+def test_exhausted_memory_is_one_line(tmp_path):
+    def small_memory():
+        resource.setrlimit(resource.RLIMIT_AS, (4 << 30, 4 << 30))
+
+    result = subprocess.run([sys.executable, "run.py", *ARGS, "--set", "model.hidden_channels=256",
+                             "--set", "model.res_channels=128", "--set", "data.batch_size=1500", "--out",
+                             str(tmp_path / "run")], cwd=ROOT, capture_output=True, text=True, timeout=600,
+                            preexec_fn=small_memory)
+    assert_one_line_error(result, "out of memory", "data.batch_size")
+
+
+def test_batch_norm_with_one_value_per_channel_is_one_line(tmp_path):
+    result = run_cli(*ARGS, "--set", "model.norm=batch", "--set", "model.downsample=4", "--set", "data.batch_size=1",
+                     "--out", tmp_path / "run")
+    assert_one_line_error(result, "data.batch_size", "2 values per channel")

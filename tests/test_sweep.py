@@ -14,6 +14,7 @@ import pytest
 import run
 from engines import experiment
 from mqvae.errors import UserError
+from mqvae.files import read_lines
 from mqvae.sweep import aggregate, expand, load_sweep, slugify, write_results
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -24,18 +25,15 @@ TINY = ["--set", "train.iters=2", "--set", "train.log_every=1", "--set", "train.
 
 @pytest.fixture(autouse=True)
 def plain_image_quality(monkeypatch):
-    """No pretrained-weight lookup per run (it costs seconds); FID/IS/LPIPS are null with a reason."""
-    from mqvae import evaluation
-    from mqvae.metrics import ImageQuality
+    """No pretrained-weight lookup per run (it costs seconds): the networks fail to load, as without network
+    access and cache, so FID/IS/LPIPS are null with a reason."""
+    from mqvae import metrics
 
-    def absent(device):
-        quality = ImageQuality.__new__(ImageQuality)
-        quality.device, quality._fid, quality._is, quality._lpips = device, None, None, None
-        quality.reasons = {name: "weights absent (test)" for name in ("fid", "is", "lpips")}
-        quality._lpips_sum, quality._num_pairs = 0.0, 0
-        return quality
+    def absent(*args, **kwargs):
+        raise OSError("weights absent (test)")
 
-    monkeypatch.setattr(evaluation, "make_image_quality", absent)
+    for network in ("FrechetInceptionDistance", "InceptionScore", "LpipsNetwork"):
+        monkeypatch.setattr(metrics, network, absent)
 
 
 def write_sweep(tmp_path, text=None):
@@ -75,7 +73,8 @@ def test_tiny_sweep_writes_results_matching_the_runs(tmp_path):
     seed0, seed1 = ((out / "vq-vae" / f"seed{s}" / "config.yaml").read_text() for s in (0, 1))
     assert "seed: 0" in seed0 and "seed: 1" in seed1
     assert "type: direct" in (out / "mq-vae-direct" / "seed0" / "config.yaml").read_text()
-    assert "[fid] not measured: weights absent (test)" in md
+    assert ("[fid] not measured: FID Inception weights not cached and not downloadable: OSError: weights absent (test)"
+            in md)
 
 
 def test_killed_sweep_finishes_only_the_missing_runs(tmp_path, monkeypatch):
@@ -113,7 +112,7 @@ def test_killed_sweep_finishes_only_the_missing_runs(tmp_path, monkeypatch):
     calls.clear()
     assert run.main([str(path), *TINY, "--out", str(out)]) == 0
     assert calls == [(third, True), (out / "mq-vae-direct" / "seed1", False)]
-    steps = [json.loads(line)["step"] for line in (third / "log.jsonl").read_text().splitlines()]
+    steps = [record["step"] for record in read_lines(third / "log.jsonl")]
     assert steps == [1, 1, 2, 2]  # training + eval record per step, nothing duplicated by the resume
     assert json.loads((third / "metrics.json").read_text())["iterations"] == 2
 

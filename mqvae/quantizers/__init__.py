@@ -1,6 +1,6 @@
 """The quantizer family: nearest-code VQ with Huh et al.'s options (``vq``) and Gumbel-VQ (``gumbel``).
 
-``mqvae.quantizer`` re-exports the public names; import from either.
+Import the public names from here (``from mqvae.quantizers import build_quantizer``).
 """
 
 from .affine import LearnedAffine, RunningAffine

@@ -43,6 +43,10 @@ class GumbelQuantizer(Quantizer):
     def task_reaches_codebook(self) -> bool:
         return True  # z_q is a weighted sum of code-vectors
 
+    def effective_codebook(self) -> torch.Tensor:
+        """The K×D code-vectors z_q is made of (the codebook itself: no affine map, no normalization)."""
+        return self.codebook
+
     def forward(self, z_e: torch.Tensor) -> QuantizerOutput:
         flat = to_vectors(z_e)
         logits = self.proj(flat)
@@ -64,7 +68,3 @@ class GumbelQuantizer(Quantizer):
             z_q = F.embedding(indices, codebook) + (soft - soft.detach()) @ codebook.detach()
         counts = torch.bincount(indices, minlength=self.num_codes)
         return QuantizerOutput(from_vectors(z_q, z_e), indices[:, None], {"kl": kl}, batch_perplexity(counts), counts)
-
-    def indices_to_codes(self, indices: torch.Tensor) -> torch.Tensor:
-        """(N, 1) indices -> N×D code-vectors (the eval-mode forward value of z_q)."""
-        return self.codebook[indices[:, 0]]

@@ -118,10 +118,6 @@ class VectorQuantizer(Quantizer):
         counts = torch.bincount(indices.reshape(-1), minlength=self.num_codes)
         return QuantizerOutput(from_vectors(z_q, z_e), indices, losses, batch_perplexity(counts), counts)
 
-    def indices_to_codes(self, indices: torch.Tensor) -> torch.Tensor:
-        """(N, G) global indices -> N×D vectors, the forward value of z_q for those indices."""
-        return self.effective_codebook()[indices].reshape(indices.shape[0], -1)
-
     # -- explicit maintenance --------------------------------------------------------------------
     @torch.no_grad()
     def local_statistics(self, z_e: torch.Tensor, out: QuantizerOutput) -> dict:

@@ -1,10 +1,11 @@
 """Benchmarks: bi-level training-step cost, nearest-neighbour search, time to quality.
 
-``python -m mqvae.bench [--out FILE] [--quick] [--seeds S ...]`` writes one JSON file and prints a markdown summary.
+``python -m engines.bench [--out FILE] [--quick] [--seeds S ...] [--configs DIR]`` writes one JSON file and
+prints a markdown summary. The training modes' configs are ``vqvae.yaml``, ``alt.yaml`` and ``mqvae.yaml`` in
+``--configs`` (default ``configs/digits``, relative to the working folder: run it from the repository root).
 
-This module is an entry point like ``run.py``, not library code: it drives whole engines, so it imports
-``engines`` lazily inside the functions that need them (the library's import rule is
-``run.py -> engines -> problems -> mqvae``; nothing in ``mqvae`` imports this module).
+The functions that build engines import ``.experiment`` when they run, not at the top: the nearest-neighbour
+measurements run in fresh processes (``--nn-worker``), which then load only torch and ``mqvae.search``.
 
 Wall-clock numbers live here and in the JSON it writes; tests never assert them.
 """
@@ -25,10 +26,10 @@ from pathlib import Path
 
 import torch
 
-from .search import DEFAULT_CHUNK_ELEMENTS
+from mqvae.files import read_lines, write_json
+from mqvae.search import DEFAULT_CHUNK_ELEMENTS
 
-ROOT = Path(__file__).resolve().parents[1]
-CONFIGS = ROOT / "configs" / "digits"
+CONFIGS = Path("configs") / "digits"  # relative to the working folder; --configs names another
 MODES = ("vqvae", "alt", "mqvae", "mqvae_roll_back")
 PAPER_DATASET = "bench_random32"
 GiB = 1 << 30
@@ -38,9 +39,9 @@ GiB = 1 << 30
 # Configurations
 
 
-def mode_config(mode: str, shape: str, batch_size: int, overrides: list[str] = ()):
-    """The config of one training mode, for the ``digits`` shape (the shipped configs) or the ``paper`` one."""
-    from .config import load_config
+def mode_config(mode: str, shape: str, batch_size: int, overrides: list[str] = (), configs: Path = CONFIGS):
+    """The config of one training mode, for the ``digits`` shape (the configs in ``configs``) or the ``paper`` one."""
+    from mqvae.config import load_config
 
     name = {"vqvae": "vqvae", "alt": "alt", "mqvae": "mqvae", "mqvae_roll_back": "mqvae"}[mode]
     sets = ["device=auto", f"data.batch_size={batch_size}", "train.eval_every=0", "train.checkpoint_every=0"]
@@ -49,8 +50,8 @@ def mode_config(mode: str, shape: str, batch_size: int, overrides: list[str] = (
     if shape == "paper":
         # MQ-VAE App. I: van den Oord et al.'s backbone (256 hidden units, two residual blocks, two stride-2
         # convolutions), 1024 codes of 512 dimensions, beta 0.1, lower lr 3e-4, codebook lr 6e-2, wd 1e-4.
-        # Adam instead of the paper's AdamW: the toolkit's adamw fails in Betty's optimizer patch on this torch
-        # (AdamW.__init__ got 'decoupled_weight_decay'); the step cost of the two is the same.
+        # Adam where the paper has AdamW, as in the measurements kept in bench_results/; both run fused
+        # (engines.build.make_optimizer) and cost the same per step.
         _register_paper_dataset()
         sets += [f"data.name={PAPER_DATASET}", "model.hidden_channels=256", "model.res_channels=256",
                  "model.num_res_blocks=2", "model.downsample=2", "quantizer.num_codes=1024", "quantizer.dim=512",
@@ -60,12 +61,12 @@ def mode_config(mode: str, shape: str, batch_size: int, overrides: list[str] = (
         else:
             sets += ["levels.0.optimizer=adam", "levels.0.lr=6.0e-2", "levels.0.weight_decay=1.0e-4",
                      "levels.1.optimizer=adam", "levels.1.lr=3.0e-4", "levels.1.weight_decay=1.0e-4"]
-    return load_config(CONFIGS / f"{name}.yaml", [*sets, *overrides])
+    return load_config(Path(configs) / f"{name}.yaml", [*sets, *overrides])
 
 
 def _register_paper_dataset() -> None:
     """Random 32x32x3 images: the paper's input shape (CIFAR/SVHN); step cost does not depend on the pixels."""
-    from .data import DATASETS, Datasets, register_dataset
+    from mqvae.data import DATASETS, Datasets, register_dataset
 
     if PAPER_DATASET in DATASETS:
         return
@@ -96,7 +97,7 @@ def _iteration(engine) -> None:
 
 
 def step_times(shape: str, batch_size: int, warmup: int, rounds: int, overrides: list[str] = (),
-               profile_rounds: int = 0) -> dict:
+               profile_rounds: int = 0, configs: Path = CONFIGS) -> dict:
     """Median seconds per training iteration (``train_step`` + quantizer maintenance) of each mode.
 
     All engines are built from the same seed and data set, so they see batches of the same shape and
@@ -104,12 +105,12 @@ def step_times(shape: str, batch_size: int, warmup: int, rounds: int, overrides:
     load from other processes spreads evenly over the modes. Then ``profile_rounds`` more iterations of
     each run under ``torch.profiler`` for the time per phase (``phase_times``); they are not in the medians.
     """
-    from engines.experiment import build_engine  # entry-point code: see the module docstring
+    from .experiment import build_engine  # here, not at the top: see the module docstring
 
     engines = {}
     with tempfile.TemporaryDirectory() as tmp:
         for mode in MODES:
-            engine = build_engine(mode_config(mode, shape, batch_size, overrides), Path(tmp) / mode)
+            engine = build_engine(mode_config(mode, shape, batch_size, overrides, configs), Path(tmp) / mode)
             engine.train()
             engines[mode] = engine
         device = next(iter(engines.values())).device
@@ -146,7 +147,7 @@ def phase_times(engine, rounds: int) -> dict:
     """
     from torch.profiler import ProfilerActivity, profile
 
-    from .perf import PHASE_PREFIX
+    from mqvae.perf import PHASE_PREFIX
 
     cuda = engine.device.type == "cuda"
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
@@ -166,15 +167,16 @@ def phase_times(engine, rounds: int) -> dict:
     return out
 
 
-def finite_check_cost(batch_size: int, rounds: int, overrides: list[str] = (), calls: int = 2000) -> dict:
+def finite_check_cost(batch_size: int, rounds: int, overrides: list[str] = (), calls: int = 2000,
+                      configs: Path = CONFIGS) -> dict:
     """What the per-step finiteness flag (``LevelEngine.note_finite``) costs on a digits VQ-VAE step: median
     seconds of one training iteration without it, and of one flag update (timed over ``calls`` updates,
     since one is far below the clock's resolution); plus the flag's host sync (``check_finite``), which
     runs only at logging steps and before checkpoints."""
-    from engines.experiment import build_engine  # entry-point code: see the module docstring
+    from .experiment import build_engine  # here, not at the top: see the module docstring
 
     with tempfile.TemporaryDirectory() as tmp:
-        engine = build_engine(mode_config("vqvae", "digits", batch_size, overrides), Path(tmp) / "vqvae")
+        engine = build_engine(mode_config("vqvae", "digits", batch_size, overrides, configs), Path(tmp) / "vqvae")
         engine.train()
         engine._finite = torch.ones((), dtype=torch.bool, device=engine.device)
         steps, updates, syncs = [], [], []
@@ -223,7 +225,7 @@ def _read_proc(key: str, path: str = "/proc/self/status") -> int:
 
 def nn_worker(method: str, n: int, k: int, d: int, device: str, min_time: float) -> dict:
     """One measurement, meant to run in a fresh process so that its peak memory is its own."""
-    from .search import nearest_codes
+    from mqvae.search import nearest_codes
 
     dev = torch.device(device)
     g = torch.Generator(device=dev).manual_seed(0)
@@ -289,8 +291,8 @@ def nn_search(grid: list[tuple[int, int, int]], device: torch.device, min_time: 
                                                     f"over the {budget / GiB:.1f} GiB budget")
                 rows.append(row)
                 continue
-            cmd = [sys.executable, "-m", "mqvae.bench", "--nn-worker", method, str(n), str(k), str(d), str(device), str(min_time)]
-            result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+            cmd = [sys.executable, "-m", "engines.bench", "--nn-worker", method, str(n), str(k), str(d), str(device), str(min_time)]
+            result = subprocess.run(cmd, capture_output=True, text=True)
             if result.returncode != 0:
                 row.update(status="failed", reason=(result.stderr.strip().splitlines() or ["?"])[-1][:200])
             else:
@@ -304,25 +306,26 @@ def nn_search(grid: list[tuple[int, int, int]], device: torch.device, min_time: 
 
 
 def _test_mse_curve(mode: str, iters: int, eval_every: int, batch_size: int, seed: int,
-                    overrides=()) -> list[tuple[float, float]]:
-    from engines.experiment import build_engine, initialize_codebook  # entry-point code
+                    overrides=(), configs: Path = CONFIGS) -> list[tuple[float, float]]:
+    from .experiment import build_engine, initialize_codebook  # here, not at the top: see the module docstring
 
     cfg = mode_config(mode, "digits", batch_size, [f"seed={seed}", f"train.iters={iters}",
                                                    f"train.eval_every={eval_every}", f"train.log_every={eval_every}",
-                                                   *overrides])
+                                                   *overrides], configs)
     with tempfile.TemporaryDirectory() as tmp:
         engine = build_engine(cfg, Path(tmp))
         if cfg.quantizer.kmeans_init:
             initialize_codebook(engine)
         engine.run()
-        records = [json.loads(line) for line in (Path(tmp) / "log.jsonl").read_text().splitlines() if line]
+        records = read_lines(Path(tmp) / "log.jsonl")
     return [(r["time_s"], r["test_mse"]) for r in records if "test_mse" in r]
 
 
-def seed_time_to_quality(seed: int, iters: int, eval_every: int, batch_size: int, overrides=()) -> dict:
+def seed_time_to_quality(seed: int, iters: int, eval_every: int, batch_size: int, overrides=(),
+                         configs: Path = CONFIGS) -> dict:
     """One seed: the training time MQ-VAE needs to reach VQ-VAE's final test MSE, relative to VQ-VAE's time."""
-    baseline = _test_mse_curve("vqvae", iters, eval_every, batch_size, seed, overrides)
-    method = _test_mse_curve("mqvae", iters, eval_every, batch_size, seed, overrides)
+    baseline = _test_mse_curve("vqvae", iters, eval_every, batch_size, seed, overrides, configs)
+    method = _test_mse_curve("mqvae", iters, eval_every, batch_size, seed, overrides, configs)
     target_time, target = baseline[-1]
     reached = next((t for t, mse in method if mse <= target), None)
     reason = None if reached is not None else (
@@ -363,13 +366,14 @@ def median_ratio(per_seed: list[dict]) -> tuple[float | None, str | None]:
     return round(high, 4), None
 
 
-def time_to_quality(iters: int, eval_every: int, batch_size: int, seeds, overrides=()) -> dict:
+def time_to_quality(iters: int, eval_every: int, batch_size: int, seeds, overrides=(), configs: Path = CONFIGS) -> dict:
     """``seed_time_to_quality`` for every seed and their ``median_ratio``; both modes of a seed run back to back,
     so that load from other processes drifts over the seeds rather than between the modes."""
-    per_seed = [seed_time_to_quality(seed, iters, eval_every, batch_size, overrides) for seed in seeds]
+    per_seed = [seed_time_to_quality(seed, iters, eval_every, batch_size, overrides, configs) for seed in seeds]
     median, reason = median_ratio(per_seed)
     return {
-        "config": {"baseline": "configs/digits/vqvae.yaml", "method": "configs/digits/mqvae.yaml",
+        "config": {"baseline": (Path(configs) / "vqvae.yaml").as_posix(),
+                   "method": (Path(configs) / "mqvae.yaml").as_posix(),
                    "iters": iters, "eval_every": eval_every, "batch_size": batch_size, "seeds": list(seeds)},
         "seeds_reached": sum(row["ratio_to_vqvae_time"] is not None for row in per_seed),
         "median_ratio_to_vqvae_time": median,
@@ -391,8 +395,9 @@ def environment(device: torch.device) -> dict:
     return env
 
 
-def run_bench(quick: bool, sizes: dict | None = None) -> dict:
-    """All three benchmarks. ``sizes`` overrides the settings (used by the smoke test)."""
+def run_bench(quick: bool, sizes: dict | None = None, configs: Path = CONFIGS) -> dict:
+    """All three benchmarks. ``sizes`` overrides the settings (used by the smoke test); ``configs`` is the folder
+    of the training modes' configs."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     cuda = device.type == "cuda"
     s = {
@@ -414,17 +419,18 @@ def run_bench(quick: bool, sizes: dict | None = None) -> dict:
     started = time.perf_counter()
     steps = {
         "digits": step_times("digits", s["digits_batch"], s["warmup"], s["rounds"]["digits"], s["overrides"],
-                             s["profile_rounds"]["digits"]),
+                             s["profile_rounds"]["digits"], configs),
         "paper": step_times("paper", s["paper_batch"], s["paper_warmup"], s["rounds"]["paper"], s["overrides"],
-                            s["profile_rounds"]["paper"]),
+                            s["profile_rounds"]["paper"], configs),
     }
-    steps["digits"]["config"] = "configs/digits/{vqvae,alt,mqvae}.yaml (+ hypergradient.roll_back=true)"
+    steps["digits"]["config"] = f"{Path(configs).as_posix()}/{{vqvae,alt,mqvae}}.yaml (+ hypergradient.roll_back=true)"
     steps["paper"]["config"] = ("MQ-VAE App. I: random 32x32x3 inputs, hidden 256, res 256, 2 residual blocks, "
                                 "downsample 2, 1024 codes x 512 dims, beta 0.1, AdamW; batch 512 on GPU, "
                                 f"{s['paper_batch']} here" if not cuda else "MQ-VAE App. I, batch 512")
-    finite = finite_check_cost(s["digits_batch"], s["rounds"]["digits"], s["overrides"])
+    finite = finite_check_cost(s["digits_batch"], s["rounds"]["digits"], s["overrides"], configs=configs)
     nn_rows = nn_search(s["nn_grid"], device, s["nn_min_time"])
-    ttq = time_to_quality(s["ttq_iters"], s["ttq_eval_every"], s["digits_batch"], s["ttq_seeds"], s["overrides"])
+    ttq = time_to_quality(s["ttq_iters"], s["ttq_eval_every"], s["digits_batch"], s["ttq_seeds"], s["overrides"],
+                          configs)
     return {
         "quick": quick,
         "settings": {k: v for k, v in s.items() if k != "nn_grid"},
@@ -443,7 +449,7 @@ def run_bench(quick: bool, sizes: dict | None = None) -> dict:
 
 
 def summary(result: dict) -> str:
-    lines = [f"## mqvae.bench ({result['grid']}, {result['environment']['device']}, torch {result['environment']['torch']}, "
+    lines = [f"## engines.bench ({result['grid']}, {result['environment']['device']}, torch {result['environment']['torch']}, "
              f"{result['environment']['threads']} threads)", "",
              "| shape | batch | VQ-VAE s/it | alt (xi=0) | MQ-VAE | MQ-VAE roll-back |", "|---|---|---|---|---|---|"]
     for shape, st in result["step_time"].items():
@@ -490,15 +496,22 @@ def main(argv=None) -> int:
         method, n, k, d, device, min_time = argv[1:7]
         print(json.dumps(nn_worker(method, int(n), int(k), int(d), device, float(min_time))))
         return 0
-    parser = argparse.ArgumentParser(prog="python -m mqvae.bench", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m engines.bench", description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="bench.json", help="JSON output file (default: bench.json)")
     parser.add_argument("--quick", action="store_true", help="fewer iterations and a reduced search grid (time to quality: 150 iterations, still every seed)")
     parser.add_argument("--seeds", type=int, nargs="+", help="seeds of the time-to-quality runs (default: 0 1 2)")
+    parser.add_argument("--configs", type=Path, default=CONFIGS,
+                        help=f"folder of the modes' vqvae.yaml, alt.yaml and mqvae.yaml (default: {CONFIGS}, "
+                             "relative to the working folder)")
     args = parser.parse_args(argv)
+    missing = [name for name in ("vqvae.yaml", "alt.yaml", "mqvae.yaml") if not (args.configs / name).is_file()]
+    if missing:
+        parser.error(f"--configs {args.configs}: no {', '.join(missing)} there (run from the repository root, or name "
+                     "the folder of the digits configs)")
     # The profiler's C++ side (Kineto) otherwise logs "gpuGetDeviceCount failed" as an ERROR on CPU-only machines.
     os.environ.setdefault("KINETO_LOG_LEVEL", "5")
-    result = run_bench(args.quick, None if args.seeds is None else {"ttq_seeds": args.seeds})
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    result = run_bench(args.quick, None if args.seeds is None else {"ttq_seeds": args.seeds}, args.configs)
+    write_json(Path(args.out), result)
     print(summary(result))
     print(f"\nwritten {args.out}")
     return 0

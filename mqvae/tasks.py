@@ -1,0 +1,153 @@
+"""What the network is trained for: reconstruction (the VQ-VAE) or classification (the ResNet-18).
+
+A ``Task`` carries everything that differs between the two: the task loss of MQ-VAE Eq. 6, the test metrics
+``evaluate`` accumulates, the test metric the training curves show, whether the network's output is an
+image of the input's size (then the layers must fit the images and the final evaluation measures FID / IS /
+LPIPS), and the picture a run writes as recon.png. ``models.build_model`` picks the task from ``model.kind``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from .errors import UserError
+
+
+class Scores:
+    """A task's test metrics, accumulated batch by batch over the test split."""
+
+    def update(self, batch, output: torch.Tensor) -> None:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def compute(self) -> dict:  # pragma: no cover - interface
+        raise NotImplementedError
+
+
+class Task:
+    """The interface of both tasks."""
+
+    name: str
+    # The test metric of the training curves (curves.png, the sweep's results.png); a log.jsonl record that
+    # holds it is an evaluation.
+    curve_key: str
+    # The output is an image of the input's size: the layers must give it back at that size, and the final
+    # evaluation measures FID / IS / LPIPS of the outputs.
+    outputs_images: bool
+
+    def loss(self, output: torch.Tensor, batch) -> torch.Tensor:  # pragma: no cover - interface
+        """L_task of MQ-VAE Eq. 6 for a batch (x, y) and the network's output."""
+        raise NotImplementedError
+
+    def scores(self, image_quality=None) -> Scores:  # pragma: no cover - interface
+        """An empty accumulator of this task's test metrics; ``image_quality`` (``metrics.ImageQuality``) is
+        fed the outputs too, where the task has images."""
+        raise NotImplementedError
+
+    def save_picture(self, model, dataset, device, path: Path) -> None:  # pragma: no cover - interface
+        """recon.png: what the network makes of the first test images."""
+        raise NotImplementedError
+
+
+class _ReconstructionScores(Scores):
+    def __init__(self, image_quality):
+        self.image_quality = image_quality
+        self.squared_error, self.images, self.pixels = 0.0, 0, 0
+
+    def update(self, batch, output):
+        x, _ = batch
+        self.squared_error += F.mse_loss(output, x, reduction="sum").item()
+        self.images += x.shape[0]
+        self.pixels = x[0].numel()
+        if self.image_quality is not None:
+            self.image_quality.update(x, output)
+
+    def compute(self):
+        metrics = {"test_mse": self.squared_error / (self.images * self.pixels)}
+        if self.image_quality is not None:
+            metrics.update(self.image_quality.compute())
+        return metrics
+
+
+class Reconstruction(Task):
+    """The VQ-VAE's task: per-pixel MSE to the input. Test metrics: ``test_mse`` (per pixel), and with an
+    ``ImageQuality`` ``fid``, ``is``, ``lpips`` with their ``*_reason``. recon.png: originals above their
+    reconstructions."""
+
+    name = "reconstruction"
+    curve_key = "test_mse"
+    outputs_images = True
+
+    def loss(self, output, batch):
+        x, _ = batch
+        # A stride-2 stage floors an odd side (7 -> 3), so the decoder returns another size; mse_loss would
+        # broadcast or fail deep inside torch instead of saying why.
+        if output.shape != x.shape:
+            raise UserError(
+                f"the decoder returns {tuple(output.shape[-2:])} images for {tuple(x.shape[-2:])} inputs: the image "
+                "side must be divisible by 2^model.downsample (28-px MNIST allows model.downsample <= 2)"
+            )
+        return F.mse_loss(output, x)
+
+    def scores(self, image_quality=None):
+        return _ReconstructionScores(image_quality)
+
+    def save_picture(self, model, dataset, device, path):
+        from .evaluation import reconstructions
+        from .reports import save_recon_grid
+
+        save_recon_grid(*reconstructions(model, dataset, 32, device), path)
+
+
+class _ClassificationScores(Scores):
+    def __init__(self):
+        self.nll, self.images, self.predictions, self.labels = 0.0, 0, [], []
+
+    def update(self, batch, output):
+        _, y = batch
+        self.nll += F.cross_entropy(output, y, reduction="sum").item()
+        self.images += y.shape[0]
+        self.predictions.append(output.argmax(1).cpu())
+        self.labels.append(y.cpu())
+
+    def compute(self):
+        from .metrics import macro_f1
+
+        predictions, labels = torch.cat(self.predictions), torch.cat(self.labels)
+        return {"accuracy": float((predictions == labels).float().mean()), "f1": macro_f1(predictions, labels),
+                "cross_entropy": self.nll / self.images}
+
+
+class Classification(Task):
+    """The classifier's task: cross-entropy of the logits. Test metrics: ``accuracy``, ``f1`` (macro) and
+    ``cross_entropy`` (mean per image). recon.png: test images titled "predicted (true)"."""
+
+    name = "classification"
+    curve_key = "accuracy"
+    outputs_images = False
+
+    def loss(self, output, batch):
+        _, y = batch
+        return F.cross_entropy(output, y)
+
+    def scores(self, image_quality=None):
+        return _ClassificationScores()
+
+    def save_picture(self, model, dataset, device, path):
+        from .evaluation import predictions
+        from .reports import save_prediction_grid
+
+        save_prediction_grid(*predictions(model, dataset, 32, device), path)
+
+
+RECONSTRUCTION = Reconstruction()
+CLASSIFICATION = Classification()
+TASKS = (RECONSTRUCTION, CLASSIFICATION)
+
+
+def task_of_metrics(metrics: list[dict]) -> Task:
+    """The task whose test metric the first of ``metrics`` that holds one holds; reconstruction (the default
+    model) when none does."""
+    return next((task for m in metrics for task in TASKS if task.curve_key in m), RECONSTRUCTION)
