@@ -16,7 +16,7 @@ from tqdm import tqdm
 from mqvae.checkpoint import check_hyperparameters, non_finite_entries, rng_state, save_checkpoint, set_rng_state
 from mqvae.errors import Diverged, UserError
 from mqvae.evaluation import evaluate
-from mqvae.files import append_line, os_error
+from mqvae.files import append_line, os_error, write_text
 
 from .run_folder import write_config
 
@@ -85,12 +85,20 @@ class LevelEngine(Engine):
         bad = non_finite_entries(state)
         if bad:
             raise Diverged(self._stopped(f"{bad[0]} holds non-finite values"))
-        if not self.config_written:
-            # A resumed run's config.yaml (extended iterations, new intervals) is written with its first new
-            # checkpoint, so a resume that fails before one leaves the folder as it was.
+        if self.config_written:
+            save_checkpoint(self.run_dir / "checkpoint.pt", state)
+        else:
+            # A resumed run's config.yaml (extended iterations, new intervals) goes with its first new checkpoint,
+            # so a resume that fails before one (or in writing it) leaves the folder as it was.
+            config = self.run_dir / "config.yaml"
+            previous = config.read_text()
             write_config(self.run_dir, self.cfg)
+            try:
+                save_checkpoint(self.run_dir / "checkpoint.pt", state)
+            except BaseException:
+                write_text(config, previous)
+                raise
             self.config_written = True
-        save_checkpoint(self.run_dir / "checkpoint.pt", state)
         self.checkpoint_step = self.global_step
 
     # -- finiteness -------------------------------------------------------------------------------

@@ -248,7 +248,26 @@ def _celeba(root: str, download: bool, seed: int) -> Datasets:
             download=download,
         ),
     )
-    return Datasets(train, test, channels=3, image_size=64, num_classes=1)
+    return Datasets(_CelebAFiles(train), _CelebAFiles(test), channels=3, image_size=64, num_classes=1)
+
+
+class _CelebAFiles(Dataset):
+    """torchvision's CelebA opens its images itself (no ``loader=``): a file PIL cannot decode becomes one
+    UserError line naming it, as image_folder's ``_open_rgb`` does."""
+
+    def __init__(self, faces):
+        self.faces = faces
+
+    def __len__(self) -> int:
+        return len(self.faces)
+
+    def __getitem__(self, index):
+        try:
+            return self.faces[index]
+        except _DECODE_ERRORS as err:
+            path = os.path.join(self.faces.root, self.faces.base_folder, "img_align_celeba", self.faces.filename[index])
+            raise UserError(f"data.root: '{path}' is not a readable image ({_one_line(err)}); replace or remove "
+                            "the file") from err
 
 
 def _open_rgb(path: str) -> Image.Image:

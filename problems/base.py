@@ -137,7 +137,7 @@ class Level(ImplicitProblem):
 
         With a plain straight-through estimator the task loss cannot reach the codebook, so the
         codebook's gradient needs only the model's ``quantization_terms``: the decoder forward of the
-        finite-difference passes would be wasted (README, Performance: the passes an iteration needs).
+        finite-difference passes would be wasted (docs/design.md, Cost model: the passes an iteration needs).
         Measured saving: 14-18 % of an MQ-VAE step on digits (batch 64), 11-13 % at the paper shape (batch 32).
         """
         if upper.module is getattr(self.model, "quantizer", None) and self._codebook_needs_encoder_only():
@@ -212,7 +212,7 @@ class Level(ImplicitProblem):
             upper.add_implicit_terms(loss)
             # 4. The codebook step, on direct + implicit.
             upper.take_optimizer_step()
-        # 5. Roll-back (hypergradient.roll_back; off by default, README): restore (phi, theta) and the lower
+        # 5. Roll-back (hypergradient.roll_back; off by default, docs/design.md): restore (phi, theta) and the lower
         #    optimizer's state (recover_states), and take the real lower step with the updated C on the same
         #    batch b (Betty's step_after_roll_back, which does the same for the levels above that roll back).
         if self._unrolled():

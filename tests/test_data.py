@@ -222,6 +222,17 @@ def test_cifar_and_svhn_files_other_than_the_release_are_refused(tmp_path):
     _one_line_error(error, f"'{tmp_path}'", "corrupted")
 
 
+def test_an_undecodable_celeba_image_is_one_line_naming_the_file(tmp_path, monkeypatch):
+    skip_md5_checks(monkeypatch)
+    write_celeba(tmp_path, n=9)
+    damaged = tmp_path / "celeba" / "img_align_celeba" / "000001.jpg"  # the first training image
+    damaged.write_bytes(damaged.read_bytes()[:200])
+    sets = _load("celeba", tmp_path)
+    with pytest.raises(UserError) as error:
+        sets.train[0]
+    assert "\n" not in str(error.value) and str(damaged) in str(error.value)
+
+
 def test_celeba_round_trip(tmp_path, monkeypatch):
     skip_md5_checks(monkeypatch)
     written = write_celeba(tmp_path, n=9)

@@ -178,6 +178,7 @@ def test_a_full_disk_keeps_the_last_good_checkpoint(tmp_path, finished):
                             capture_output=True, text=True, timeout=600, preexec_fn=small_disk)
     assert_one_line_error(result, str(out / "checkpoint.pt"), "cannot write", "previous version of the file is kept")
     assert (out / "checkpoint.pt").read_bytes() == checkpoint
+    assert (out / "config.yaml").read_text() == (finished / "config.yaml").read_text()  # still the run's own
     assert not list(out.glob(".*.tmp"))
     assert run_cli("--resume", out, "--set", "train.iters=8").returncode == 0  # and the run continues from it
 
