@@ -14,7 +14,8 @@ evaluation of L, and its running statistics are restored bit-for-bit afterwards;
 Betty looks methods up in ``betty.hypergradient.jvp_fn_mapping`` by the lower level's ``Config.type`` and calls
 ``(vector, curr, prev, sync)``, ``curr`` being the lower level and ``prev`` the upper one; the registry adapts
 that call: it asks the lower level for the context (``curr.hypergradient_context(prev)``), runs the method, and
-in sync mode (Betty's distributed path) adds the result to the upper parameters' ``.grad`` itself. Betty's own
+in sync mode (which Betty sets on the last path at each gradient-accumulation boundary, so in
+ordinary runs) adds the result to the upper parameters' ``.grad`` itself. Betty's own
 methods (darts, neumann, cg, sama) keep Betty's signature; they are wrapped only to run purely.
 """
 
@@ -173,7 +174,7 @@ def register_hypergradient(name: str, fn) -> None:
         context = curr.hypergradient_context(prev)
         with phase(f"hypergradient.{name}"), context.pure_evaluation():
             implicit = fn(vector, context)
-        if sync:  # Betty's sync mode: the method adds its term to the upper parameters' .grad itself
+        if sync:  # Betty's sync mode (ordinary runs): the term goes into the upper parameters' .grad here
             prev.set_grads(prev.trainable_parameters(), implicit)
             return None
         return implicit
