@@ -9,7 +9,7 @@ import torch
 from betty.configs import Config as BettyConfig
 
 import mqvae.hypergradients  # noqa: F401  (registers the hypergradient types with Betty)
-from mqvae.config import Config, LevelConfig
+from mqvae.config import Config, LevelConfig, did_you_mean, quote
 from mqvae.data import holdout_split
 from mqvae.errors import UserError
 from mqvae.loader import BatchStream
@@ -99,7 +99,9 @@ def build_problems(cfg: Config, model, datasets, device) -> tuple[list, dict]:
     problems = {}
     for index, level in enumerate(cfg.levels):
         if level.problem not in PROBLEMS:
-            raise UserError(f"levels.{index}.problem: unknown problem '{level.problem}' (registered: {', '.join(sorted(PROBLEMS))})")
+            raise UserError(f"levels.{index}.problem: unknown problem {quote(level.problem)}; "
+                            f"{did_you_mean(level.problem, PROBLEMS)}(registered: "
+                            f"{', '.join(sorted(PROBLEMS))}; a new level is registered with problems.register_problem)")
         cls = PROBLEMS[level.problem]
         if hasattr(cls, level.name) or level.name in RESERVED_NAMES:
             # Betty makes every level an attribute of the others under its name.

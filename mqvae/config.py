@@ -329,7 +329,13 @@ def _validate(cfg: Config, where: str) -> None:
         # Betty would wait on each level of the cycle for the one below it: nothing trains and the run "succeeds".
         raise UserError(f"{where}: levels.{names.index(cycle[0])}.lower: the lower edges form a cycle "
                         f"{_cut(' -> '.join(map(quote, cycle)))}; a level cannot be below itself")
-    from .hypergradients import TYPES  # here: config loading should not pay for torch until a config is read
+    # Registries are the choices (a user's register_* call adds to them); imported here, as they bring in torch.
+    from .data import DATASETS
+    from .hypergradients import TYPES
+
+    if cfg.data.name not in DATASETS:
+        raise UserError(f"{where}: data.name: {quote(cfg.data.name)} is not a registered data set; "
+                        f"{did_you_mean(cfg.data.name, DATASETS)}choose one of {', '.join(sorted(DATASETS))} (or register one with mqvae.data.register_dataset)")
 
     if cfg.hypergradient.type not in TYPES:
         raise UserError(f"{where}: hypergradient.type: {quote(cfg.hypergradient.type)} is not allowed; choose one of "
@@ -338,6 +344,13 @@ def _validate(cfg: Config, where: str) -> None:
         raise UserError(f"{where}: hypergradient.roll_back: needs xi > 0 (with xi = 0 there is no tentative lower step to roll back)")
     if cfg.quantizer.dim % cfg.quantizer.groups:
         raise UserError(f"{where}: quantizer.groups: {cfg.quantizer.groups} does not divide quantizer.dim = {cfg.quantizer.dim}")
+
+
+def did_you_mean(value: str, choices) -> str:
+    """The hint of an unknown name: the closest choice, also one that differs only in case (CodeBook)."""
+    close = difflib.get_close_matches(value, list(choices), n=1, cutoff=0.6) or [
+        c for c in choices if c.lower() == value.lower()]
+    return f"did you mean '{close[0]}'? " if close else ""
 
 
 def _lower_cycle(levels: list[LevelConfig]) -> list[str]:
@@ -488,6 +501,8 @@ def _list_index(items: list, key: str, where: str, keys: list[str]) -> int:
 
 def read_yaml(path: str | Path) -> dict:
     path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{path}: is a folder, not a config file (a run folder is continued with --resume {path})")
     if not path.is_file():
         raise UserError(f"{path}: config file not found")
     try:

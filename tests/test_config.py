@@ -238,3 +238,26 @@ def test_acyclic_level_graphs_load():
     levels = [{"name": name, "problem": "VQVAE", "lower": below}
               for name, below in {"top": ["left", "right"], "left": ["bottom"], "right": ["bottom"], "bottom": []}.items()]
     assert [level.name for level in config_from_dict({"levels": levels}, "x.yaml").levels] == ["top", "left", "right", "bottom"]
+
+
+def test_data_names_are_the_registered_ones_with_a_hint():
+    with pytest.raises(UserError) as error:
+        load_config(ROOT / "configs/digits/vqvae.yaml", ["data.name=DIGITS"])
+    message = str(error.value)
+    assert "data.name" in message and "did you mean 'digits'?" in message and "mnist" in message
+
+    from mqvae.data import DATASETS, register_dataset
+
+    @register_dataset("my_digits")
+    def _mine(root, download, seed):  # never loaded: registration alone makes the name valid
+        raise AssertionError
+
+    try:
+        assert load_config(ROOT / "configs/digits/vqvae.yaml", ["data.name=my_digits"]).data.name == "my_digits"
+    finally:
+        del DATASETS["my_digits"]
+
+
+def test_a_folder_named_as_config_says_so(tmp_path):
+    with pytest.raises(UserError, match="is a folder, not a config file"):
+        load_config(tmp_path)

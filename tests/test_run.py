@@ -50,6 +50,11 @@ def test_bad_value_names_the_allowed_values(tmp_path):
     assert_one_line_error(result, "train.iters", "integer")
 
 
+def test_unknown_problem_gets_a_hint_and_the_registered_names(tmp_path):
+    result = run_cli("configs/digits/mqvae.yaml", "--set", "levels.codebook.problem=CodeBook", "--out", tmp_path / "run")
+    assert_one_line_error(result, "levels.0.problem", "did you mean 'Codebook'?", "AutoEncoder", "register_problem")
+
+
 def test_missing_data_folder(tmp_path):
     result = run_cli("configs/digits/vqvae.yaml", "--set", "data.name=cifar10", "--set", f"data.root={tmp_path / 'nowhere'}",
                      "--out", tmp_path / "run")
