@@ -178,7 +178,6 @@ def finite_check_cost(batch_size: int, rounds: int, overrides: list[str] = (), c
     with tempfile.TemporaryDirectory() as tmp:
         engine = build_engine(mode_config("vqvae", "digits", batch_size, overrides, configs), Path(tmp) / "vqvae")
         engine.train()
-        engine._finite = torch.ones((), dtype=torch.bool, device=engine.device)
         steps, updates, syncs = [], [], []
         for i in range(3 + rounds):
             _sync(engine.device)

@@ -31,6 +31,8 @@ class LevelEngine(Engine):
         self.train_time = 0.0  # seconds spent in training iterations, excluding evaluation and saving
         self.checkpoint_step = None  # iteration of the last checkpoint written or resumed from
         self.config_written = False  # whether run_dir/config.yaml is this engine's cfg
+        # All losses since the start finite: a flag on the device (note_finite), read only by check_finite.
+        self._finite = torch.ones((), dtype=torch.bool, device=device)
         engine_cfg = EngineConfig(train_iters=cfg.train.iters, roll_back=cfg.hypergradient.roll_back, logger_type="none")
         super().__init__(problems=problems, config=engine_cfg, dependencies=dependencies)
         # Quantizer maintenance follows the real forward of the level that trains the encoder.
@@ -92,14 +94,19 @@ class LevelEngine(Engine):
             # so a resume that fails before one (or in writing it) leaves the folder as it was.
             config = self.run_dir / "config.yaml"
             previous = config.read_text()
-            write_config(self.run_dir, self.cfg)
+            self.write_config()
             try:
                 save_checkpoint(self.run_dir / "checkpoint.pt", state)
             except BaseException:
                 write_text(config, previous)
+                self.config_written = False
                 raise
-            self.config_written = True
         self.checkpoint_step = self.global_step
+
+    def write_config(self) -> None:
+        """run_dir/config.yaml := this engine's resolved config."""
+        write_config(self.run_dir, self.cfg)
+        self.config_written = True
 
     # -- finiteness -------------------------------------------------------------------------------
     def note_finite(self) -> None:
@@ -126,7 +133,6 @@ class LevelEngine(Engine):
     def run(self):
         cfg = self.cfg.train
         self.train()
-        self._finite = torch.ones((), dtype=torch.bool, device=self.device)
         log_path = self.run_dir / "log.jsonl"
         try:
             log = open(log_path, "a")

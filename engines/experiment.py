@@ -21,7 +21,7 @@ from mqvae.reports import save_codebook, save_curves, write_report
 
 from .build import build_problems
 from .engine import LevelEngine
-from .run_folder import check_folder, claim, config_sha256, write_config
+from .run_folder import check_folder, claim, config_sha256
 
 
 def resolve_device(name: str) -> torch.device:
@@ -67,7 +67,8 @@ def _trim_log(path: Path, step: int) -> None:
 
 def _before_first_checkpoint(run_dir: Path) -> bool:
     """A started run (config.yaml written) with neither a checkpoint nor a finished result."""
-    return (run_dir / "config.yaml").is_file() and not any((run_dir / name).exists() for name in ("checkpoint.pt", "metrics.json"))
+    finished_or_saved = any((run_dir / name).exists() for name in ("checkpoint.pt", "metrics.json"))
+    return (run_dir / "config.yaml").is_file() and not finished_or_saved
 
 
 def run_experiment(cfg: Config, run_dir: Path, resume: bool = False, overwrite: bool = False) -> dict:
@@ -96,8 +97,7 @@ def run_experiment(cfg: Config, run_dir: Path, resume: bool = False, overwrite: 
             # Only now, with data and model built, does the new run take the folder over: config.yaml first, so
             # that any later kill leaves a folder that --resume recognises.
             claim(run_dir, overwrite)
-            write_config(run_dir, cfg)
-            engine.config_written = True
+            engine.write_config()
             write_text(run_dir / "log.jsonl", "")
             if cfg.quantizer.kmeans_init:
                 initialize_codebook(engine)

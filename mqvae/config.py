@@ -292,8 +292,7 @@ def build(cls, data: dict, where: str, prefix: str = ""):
     for key in data:
         if key not in fields:
             path = f"{prefix}.{quote_key(key)}" if prefix else quote_key(key)
-            close = difflib.get_close_matches(quote_key(key), list(fields), n=1)
-            hint = f"did you mean '{close[0]}'? " if close else ""
+            hint = did_you_mean(quote_key(key), fields)
             raise UserError(f"{where}: {path}: unknown key; {hint}(valid keys: {', '.join(fields)})")
     kwargs = {}
     for name, f in fields.items():
@@ -348,7 +347,7 @@ def _validate(cfg: Config, where: str) -> None:
 
 def did_you_mean(value: str, choices) -> str:
     """The hint of an unknown name: the closest choice, also one that differs only in case (CodeBook)."""
-    close = difflib.get_close_matches(value, list(choices), n=1, cutoff=0.6) or [
+    close = difflib.get_close_matches(value, list(choices), n=1) or [
         c for c in choices if c.lower() == value.lower()]
     return f"did you mean '{close[0]}'? " if close else ""
 

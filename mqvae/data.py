@@ -266,8 +266,7 @@ class _CelebAFiles(Dataset):
             return self.faces[index]
         except _DECODE_ERRORS as err:
             path = os.path.join(self.faces.root, self.faces.base_folder, "img_align_celeba", self.faces.filename[index])
-            raise UserError(f"data.root: '{path}' is not a readable image ({_one_line(err)}); replace or remove "
-                            "the file") from err
+            raise _unreadable_image(path, err) from err
 
 
 def _open_rgb(path: str) -> Image.Image:
@@ -276,9 +275,13 @@ def _open_rgb(path: str) -> Image.Image:
         with Image.open(path) as image:
             return image.convert("RGB")  # decodes every pixel, so truncated data fails here, not later
     except _DECODE_ERRORS as err:
-        # PIL's own message for an unknown format repeats the path.
-        reason = "not a known image format" if isinstance(err, UnidentifiedImageError) else _one_line(err)
-        raise UserError(f"data.root: '{path}' is not a readable image ({reason}); replace or remove the file") from err
+        raise _unreadable_image(path, err) from err
+
+
+def _unreadable_image(path: str, err: Exception) -> UserError:
+    # PIL's own message for an unknown format repeats the path.
+    reason = "not a known image format" if isinstance(err, UnidentifiedImageError) else _one_line(err)
+    return UserError(f"data.root: '{path}' is not a readable image ({reason}); replace or remove the file")
 
 
 @register_dataset("image_folder")

@@ -29,7 +29,6 @@ in how many seeds the method did better in the metric's direction (``BETTER``).
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import json
 import math
 import re
@@ -40,7 +39,7 @@ from typing import Optional
 
 from scipy.stats import t as student_t
 
-from .config import build, quote, quote_key, read_yaml, spec
+from .config import build, did_you_mean, quote, quote_key, read_yaml, spec
 from .errors import UserError
 from .files import read_lines, save_figure, write_json, write_text
 from .tasks import task_of_metrics
@@ -132,8 +131,7 @@ def load_sweep(path: str | Path) -> Sweep:
     where = str(path)
     for key in data:
         if key != "sweep":
-            close = difflib.get_close_matches(str(key), ["sweep"], n=1)
-            hint = "did you mean 'sweep'? " if close else ""
+            hint = did_you_mean(str(key), ["sweep"])
             raise UserError(f"{where}: {quote_key(key)}: unknown top-level key in a sweep file; {hint}(a sweep file holds only 'sweep')")
     body = data["sweep"]
     if not isinstance(body, dict):
@@ -147,8 +145,7 @@ def load_sweep(path: str | Path) -> Sweep:
         raise UserError(f"{where}: sweep.seeds: seeds must be distinct non-negative integers, got {quote(sweep.seeds)}")
     for i, metric in enumerate(sweep.metrics + ([sweep.main_metric] if sweep.main_metric else [])):
         if metric not in COLUMNS:
-            close = difflib.get_close_matches(metric, list(COLUMNS), n=1)
-            hint = f"did you mean '{close[0]}'? " if close else ""
+            hint = did_you_mean(metric, COLUMNS)
             key = f"sweep.metrics.{i}" if i < len(sweep.metrics) else "sweep.main_metric"
             raise UserError(f"{where}: {key}: unknown metric {quote(metric)}; {hint}(known: {', '.join(COLUMNS)})")
     if not sweep.metrics:
@@ -166,8 +163,7 @@ def load_sweep(path: str | Path) -> Sweep:
         run.config = str(resolved)
     labels = [run.label for run in sweep.runs]
     if sweep.baseline and sweep.baseline not in labels:
-        close = difflib.get_close_matches(sweep.baseline, labels, n=1)
-        hint = f"did you mean '{close[0]}'? " if close else ""
+        hint = did_you_mean(sweep.baseline, labels)
         raise UserError(f"{where}: sweep.baseline: {quote(sweep.baseline)} names no run; {hint}"
                         f"(runs: {', '.join(quote(label) for label in labels[:20])})")
     sweep.name = sweep.name or path.stem

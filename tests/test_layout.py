@@ -7,7 +7,7 @@
   paths are read relative to the sweep file's folder, then to the working folder.
 - No code compares a ``task`` with ``==`` / ``!=`` (the task is an object that knows its own behaviour).
 - No hypergradient state is set on a level with ``setattr``.
-- Nothing refers to a file outside the repository (``../shared``, a ``DESIGN.md`` other than docs/design.md),
+- Nothing refers to a file outside the repository (a path above it, a design document other than docs/design.md),
   in the code, the README or docs/.
 """
 
@@ -259,8 +259,8 @@ def test_the_reference_checker_sees_what_it_looks_for():
     assert outside_references(doc, "see the [README](../README.md) and `.../<dataset>/`") == []
     assert outside_references(ROOT / "docs" / "a" / "x.md", "[README](../../README.md)") == []
     assert outside_references(code, "# .../<dataset>/<label>, docs/design.md, Docs/Design.md") == []
-    for text in ("# see ../shared/papers", "# /work/shared/DESIGN.md", "# the design notes, DESIGN.md",
-                 "[papers](../../shared/papers/x.txt)"):
+    for text in ("# see ../elsewhere/papers", "# /work/elsewhere/notes.txt", "# the design notes, Design.md",
+                 "[papers](../../elsewhere/papers/x.txt)"):
         assert outside_references(doc if text.startswith("[") else code, text), text
 
 
