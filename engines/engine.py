@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 import time
 from pathlib import Path
 
@@ -33,6 +34,11 @@ class LevelEngine(Engine):
         self.config_written = False  # whether run_dir/config.yaml is this engine's cfg
         # All losses since the start finite: a flag on the device (note_finite), read only by check_finite.
         self._finite = torch.ones((), dtype=torch.bool, device=device)
+        # Warnings of this run (warn): each once, kept until log.jsonl is open (run), then written as records.
+        self._warned: set[str] = set()
+        self._pending_records: list[dict] = []
+        self._log = None  # log.jsonl while run() trains
+        self._log_started = False  # log.jsonl is this run's (run() has opened it)
         engine_cfg = EngineConfig(train_iters=cfg.train.iters, roll_back=cfg.hypergradient.roll_back, logger_type="none")
         super().__init__(problems=problems, config=engine_cfg, dependencies=dependencies)
         # Quantizer maintenance follows the real forward of the level that trains the encoder.
@@ -129,15 +135,45 @@ class LevelEngine(Engine):
                 if self.checkpoint_step is not None else "no checkpoint was written")
         return f"train: {what} by iteration {self.global_step}; stopped ({kept})"
 
+    # -- warnings ---------------------------------------------------------------------------------
+    def warn(self, message: str, terminal: bool = True) -> None:
+        """A warning, once per run: one line on stderr (``terminal``; library chatter is not) and a record
+        ``{"step", "warning"}`` in log.jsonl, so that the run folder keeps what the terminal showed."""
+        if message in self._warned:
+            return
+        self._warned.add(message)
+        if terminal:
+            tqdm.write(f"warning: {message}", file=sys.stderr)
+        self._pending_records.append({"step": self.global_step, "warning": message})
+        self._write_pending()
+
+    def _write_pending(self) -> None:
+        if not self._log_started or not self._pending_records:
+            return  # kept until run() has opened log.jsonl (a warning while the engine is built)
+        path = self.run_dir / "log.jsonl"
+        try:
+            log = self._log or open(path, "a")  # after run(): e.g. a warning of the final evaluation
+        except OSError as exc:
+            raise os_error(path, exc) from None
+        try:
+            for record in self._pending_records:
+                append_line(log, path, json.dumps(record))
+        finally:
+            if log is not self._log:
+                log.close()
+        self._pending_records.clear()
+
     # -- the loop ---------------------------------------------------------------------------------
     def run(self):
         cfg = self.cfg.train
         self.train()
         log_path = self.run_dir / "log.jsonl"
         try:
-            log = open(log_path, "a")
+            log = self._log = open(log_path, "a")
         except OSError as exc:
             raise os_error(log_path, exc) from None
+        self._log_started = True
+        self._write_pending()
         # disable=None: a bar only on a terminal, so a redirected stderr holds nothing but an error's one line
         # (log.jsonl records the progress either way).
         bar = tqdm(total=cfg.iters, initial=self.global_step, desc=self.run_dir.name, dynamic_ncols=True, mininterval=0.5,
@@ -168,6 +204,7 @@ class LevelEngine(Engine):
         finally:
             bar.close()
             log.close()
+            self._log = None
 
     def maintain(self) -> None:
         """Explicit quantizer maintenance (dead-code replacement, running statistics) on this iteration's
