@@ -1,12 +1,17 @@
-"""Run an experiment: ``python run.py CONFIG [--set key=value ...] [--out DIR] [--overwrite]``.
+"""Run an experiment: ``python run.py CONFIG [--set key=value ...] [--import MODULE ...] [--out DIR] [--overwrite]``.
 
 Continue a run: ``python run.py --resume RUN_DIR [--set train.iters=N ...]``. It reads RUN_DIR/config.yaml;
 ``--set`` may change only the number of iterations, the logging, evaluation and checkpoint intervals and
 the device.
 
+``--import MODULE`` (a module name or a .py file, repeatable) imports a user's module before the config is
+read, so that the levels, hypergradients, data sets, optimizers and schedules it registers can be named; the
+run's config.yaml records it (``imports``), so ``--resume`` and sweeps import it again.
+
 CONFIG may also be a sweep file (a top-level ``sweep:`` key, see mqvae/sweep.py): every run it lists is
-run into runs/<sweep name>/ (or --out), ``--set`` applies to all of them, and rerunning the same
-command finishes only the runs that are missing or whose config changed.
+run into runs/<sweep name>/ (or --out), ``--set`` and ``--import`` apply to all of them, ``--seeds 0,1,2``
+replaces its seeds, and rerunning the same command finishes only the runs that are missing or whose config
+changed.
 """
 
 from __future__ import annotations
@@ -37,6 +42,9 @@ def main(argv=None) -> int:
     parser.add_argument("config", type=Path, nargs="?", help="YAML experiment or sweep file (optional with --resume)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config key, e.g. --set train.iters=100 --set levels.codebook.lr=0.01")
+    parser.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE",
+                        help="import a module (name or .py path) that registers levels, methods or data sets")
+    parser.add_argument("--seeds", metavar="S,S,...", help="a sweep's seeds, e.g. --seeds 0,1,2 (sweep files only)")
     parser.add_argument("--out", type=Path, help="run folder (default: runs/<config name>)")
     parser.add_argument("--resume", type=Path, metavar="RUN_DIR", help="continue the run in RUN_DIR from its checkpoint")
     parser.add_argument("--overwrite", action="store_true", help="replace the run that the run folder holds")
@@ -58,14 +66,17 @@ def main(argv=None) -> int:
     try:
         if args.config is not None and args.config.is_file() and is_sweep_file(read_yaml(args.config)):
             return _run_sweep(args)
+        if args.seeds is not None:
+            raise UserError(f"--seeds: replaces a sweep file's seeds; {args.config or args.resume} is one run (set its "
+                            "seed with --set seed=N)")
         if args.resume is not None:
             if args.out is not None or args.overwrite:
                 raise UserError("--resume: continues the run in its own folder; --out and --overwrite start a new run")
             run_dir = args.resume
-            cfg = resume_config(run_dir, args.overrides, args.config)
+            cfg = resume_config(run_dir, args.overrides, args.config, args.imports)
         else:
             run_dir = args.out or default_run_dir(args.config)
-            cfg = load_config(args.config, args.overrides)
+            cfg = load_config(args.config, args.overrides, args.imports)
         metrics = run_experiment(cfg, run_dir, resume=args.resume is not None, overwrite=args.overwrite)
     except UserError as exc:
         return _error(exc)
@@ -82,13 +93,14 @@ def main(argv=None) -> int:
 def _run_sweep(args) -> int:
     from engines.sweep import run_sweep
     from mqvae.errors import UserError
-    from mqvae.sweep import load_sweep
+    from mqvae.sweep import load_sweep, parse_seeds
 
     try:
         if args.resume is not None or args.overwrite:
             raise UserError(f"--resume, --overwrite: not used with a sweep file ({args.config}); rerun the same command "
                             "to finish the missing runs (runs whose config changed are run again)")
-        results = run_sweep(args.config, args.overrides, args.out)
+        seeds = None if args.seeds is None else parse_seeds(args.seeds)
+        results = run_sweep(args.config, args.overrides, args.out, args.imports, seeds)
     except UserError as exc:
         return _error(exc)
     except (OSError, MemoryError, RuntimeError) as exc:

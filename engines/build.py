@@ -2,58 +2,24 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
-import math
 
-import torch
 from betty.configs import Config as BettyConfig
 
 import mqvae.hypergradients  # noqa: F401  (registers the hypergradient types with Betty)
-from mqvae.config import Config, LevelConfig, did_you_mean, quote
+from mqvae.config import Config, HypergradientConfig
 from mqvae.data import holdout_split
 from mqvae.errors import UserError
 from mqvae.loader import BatchStream
+from mqvae.optim import make_optimizer, make_scheduler
 from problems import PROBLEMS, FastRollBack
 
 
 # Attributes every level has (problems.Level) that a level's name would overwrite: Betty makes every level an
 # attribute of the others under its name. Class attributes are checked on the class itself.
-RESERVED_NAMES = ("model", "module", "stream", "level_cfg", "xi", "xi_follows_lr", "alpha", "data", "fast_roll_back",
-                  "last_stats", "last_forward")
-
-
-def make_optimizer(level: LevelConfig, params) -> torch.optim.Optimizer:
-    # Betty rebuilds the optimizer from ``defaults`` and the problem's param groups; only the class
-    # and the defaults given here matter.
-    if level.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=level.lr, momentum=level.momentum, weight_decay=level.weight_decay)
-    cls = torch.optim.AdamW if level.optimizer == "adamw" else torch.optim.Adam
-    # fused: one kernel over all tensors instead of ~10 small ops per tensor (torch's default on the CPU);
-    # 0.37 instead of 1.65 ms for the digits model's 197k parameters on the 2-core CPU. Same update, up to
-    # floating-point rounding.
-    return cls(params, lr=level.lr, weight_decay=level.weight_decay, fused=True)
-
-
-class LRSchedule:
-    """Multiplier of the base learning rate at a step: constant, cosine, or linear warm-up then cosine
-    (the MQ-VAE paper's schedule, App. I). A picklable callable so LambdaLR can save it."""
-
-    def __init__(self, kind: str, total: int, warmup_ratio: float):
-        self.kind, self.total, self.warmup = kind, total, int(round(warmup_ratio * total)) if kind == "warmup_cosine" else 0
-
-    def __call__(self, step: int) -> float:
-        if self.kind == "constant":
-            return 1.0
-        if step < self.warmup:
-            return (step + 1) / self.warmup
-        progress = min(1.0, (step - self.warmup) / max(1, self.total - self.warmup))
-        return 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
-def make_scheduler(level: LevelConfig, optimizer, total: int):
-    if level.scheduler == "constant":
-        return None
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, LRSchedule(level.scheduler, total, level.warmup_ratio))
+RESERVED_NAMES = ("model", "module", "stream", "level_cfg", "params", "xi", "xi_follows_lr", "alpha", "data",
+                  "fast_roll_back", "last_stats", "last_forward", "warnings")
 
 
 def level_graph(cfg: Config) -> tuple[dict[str, list[str]], dict[str, list[str]]]:
@@ -78,6 +44,18 @@ def level_graph(cfg: Config) -> tuple[dict[str, list[str]], dict[str, list[str]]
     return u2l, l2u
 
 
+def config_warnings(cfg: Config) -> list[str]:
+    """Settings that the config gives but that change nothing in this run (each a warning, not an error: a config
+    shared by several methods may carry them)."""
+    defaults, given = HypergradientConfig(), cfg.hypergradient
+    changed = [f"hypergradient.{f.name}" for f in dataclasses.fields(given)
+               if getattr(given, f.name) != getattr(defaults, f.name)]
+    if changed and not any(level.lower for level in cfg.levels):
+        return [f"{', '.join(changed)}: no level of this config has a level below it, so no hypergradient is taken "
+                "and these settings change nothing"]
+    return []
+
+
 def derived_seed(seed: int, level_name: str) -> int:
     """The seed of a level's own batch stream, other than the run's main training stream.
 
@@ -97,16 +75,13 @@ def build_problems(cfg: Config, model, datasets, device) -> tuple[list, dict]:
     holdout = None
     main_stream_taken = False
     problems = {}
-    for index, level in enumerate(cfg.levels):
-        if level.problem not in PROBLEMS:
-            raise UserError(f"levels.{index}.problem: unknown problem {quote(level.problem)}; "
-                            f"{did_you_mean(level.problem, PROBLEMS)}(registered: "
-                            f"{', '.join(sorted(PROBLEMS))}; a new level is registered with problems.register_problem)")
-        cls = PROBLEMS[level.problem]
+    for level in cfg.levels:
+        cls = PROBLEMS[level.problem]  # a registered name (checked with the config)
         if hasattr(cls, level.name) or level.name in RESERVED_NAMES:
             # Betty makes every level an attribute of the others under its name.
-            raise UserError(f"levels.{index}.name: '{level.name}' is taken by an attribute of the Problem classes; choose another name")
-        module = cls.module_of(model).to(device)
+            raise UserError(f"levels.{level.name}.name: '{level.name}' is taken by an attribute of the Problem classes; "
+                            "choose another name")
+        module = cls.module_of(model, level.params).to(device)
         has_upper = level.name in l2u and cfg.hypergradient.xi != 0
         betty_cfg = BettyConfig(
             type=cfg.hypergradient.type,

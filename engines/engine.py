@@ -24,6 +24,9 @@ from .run_folder import write_config
 # Betty logs set-up chatter at INFO; the progress bar and log.jsonl are this toolkit's interface.
 get_logger().setLevel(logging.WARNING)
 
+# Optimizer steps in a row with an exactly zero gradient after which a level is reported as not learning.
+ZERO_GRADIENT_STEPS = 50
+
 
 class LevelEngine(Engine):
     def __init__(self, cfg, problems, dependencies, model, datasets, device, run_dir: Path):
@@ -185,8 +188,10 @@ class LevelEngine(Engine):
                 self.train_step()
                 self.note_finite()
                 self.maintain()
+                self.report_level_warnings()
                 if step % cfg.log_every == 0 or step == cfg.iters:
                     self.check_finite()
+                    self.check_learning()
                     record = self.training_record(step)
                     self.train_time += time.perf_counter() - start
                     record["time_s"] = round(self.train_time, 4)
@@ -205,6 +210,23 @@ class LevelEngine(Engine):
             bar.close()
             log.close()
             self._log = None
+
+    def report_level_warnings(self) -> None:
+        """What the levels met inside their steps (e.g. a hypergradient that reduced to direct), once each."""
+        for p in self.problems:
+            while p.warnings:
+                self.warn(p.warnings.pop(0))
+
+    def check_learning(self) -> None:
+        """A level whose parameters got exactly zero gradient for ZERO_GRADIENT_STEPS steps in a row: nothing in its
+        loss reaches them (e.g. a level on the codebook whose loss only the task term, blocked by the plain
+        straight-through estimator, would move), so they stay where they started."""
+        for p in self.problems:
+            steps = p.zero_gradient_steps()
+            if steps >= ZERO_GRADIENT_STEPS:
+                self.warn(f"level '{p.name}' ({type(p).__name__}): its parameters got exactly zero gradient for {steps} "
+                          "optimizer steps in a row, so they do not learn; nothing in its loss (loss_terms' 'loss') "
+                          "depends on them")
 
     def maintain(self) -> None:
         """Explicit quantizer maintenance (dead-code replacement, running statistics) on this iteration's

@@ -19,7 +19,7 @@ from mqvae.models import build_model
 from mqvae.perf import apply_perf, perf_quantizer_config
 from mqvae.reports import save_codebook, save_curves, write_report
 
-from .build import build_problems
+from .build import build_problems, config_warnings
 from .engine import LevelEngine
 from .run_folder import check_folder, claim, config_sha256
 
@@ -44,6 +44,8 @@ def build_engine(cfg: Config, run_dir: Path) -> LevelEngine:
     problems, dependencies = build_problems(cfg, model, datasets, device)
     engine = LevelEngine(cfg, problems, dependencies, model, datasets, device, run_dir)
     engine.perf_applied = perf_applied
+    for message in config_warnings(cfg):
+        engine.warn(message)
     return engine
 
 

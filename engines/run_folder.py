@@ -62,17 +62,18 @@ def saved_config(run_dir: Path) -> dict | None:
     return data
 
 
-def resume_config(run_dir: Path, overrides: list[str] = (), config_path: Path | None = None) -> Config:
-    """The config of a run being resumed: the folder's own, with ``--set`` (or an explicitly named config file)
-    allowed to change only ``RESUMABLE_KEYS``."""
+def resume_config(run_dir: Path, overrides: list[str] = (), config_path: Path | None = None,
+                  imports: list[str] = ()) -> Config:
+    """The config of a run being resumed: the folder's own (whose ``imports`` are imported again), with ``--set``
+    (or an explicitly named config file) allowed to change only ``RESUMABLE_KEYS``."""
     where = str(run_dir / "config.yaml")
     if not (run_dir / "config.yaml").is_file():
         raise UserError(f"--resume: {run_dir} holds no config.yaml, so it is not a run folder to resume")
     saved = config_from_dict(read_yaml(run_dir / "config.yaml"), where)
     if config_path is not None:
-        cfg = config_from_dict(read_yaml(config_path), str(config_path), overrides)
+        cfg = config_from_dict(read_yaml(config_path), str(config_path), overrides, imports)
     else:
-        cfg = config_from_dict(to_dict(saved), where, overrides)
+        cfg = config_from_dict(to_dict(saved), where, overrides, imports)
     changed = [key for key in differing_keys(to_dict(saved), to_dict(cfg)) if key not in RESUMABLE_KEYS]
     if changed:
         shown = ", ".join(changed[:10]) + (f" and {len(changed) - 10} more" if len(changed) > 10 else "")

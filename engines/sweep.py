@@ -20,14 +20,16 @@ from . import experiment
 from .run_folder import differing_keys, run_files, saved_config
 
 
-def run_sweep(path: str | Path, overrides: list[str] = (), out: str | Path | None = None) -> dict:
+def run_sweep(path: str | Path, overrides: list[str] = (), out: str | Path | None = None, imports: list[str] = (),
+              seeds: list[int] | None = None) -> dict:
     """Run (or finish) the sweep in ``path`` into ``out`` (default runs/<sweep name>) and write results.*.
-    ``overrides`` (--set) apply to every run. Returns results.json's content."""
-    sweep = load_sweep(path)
+    ``overrides`` (--set) and ``imports`` (--import) apply to every run; ``seeds`` (--seeds) replaces the sweep's
+    seeds. Returns results.json's content."""
+    sweep = load_sweep(path, seeds)
     sweep_dir = Path(out) if out is not None else Path("runs", sweep.name)
     planned = expand(sweep, sweep_dir, list(overrides))
     # Validate every run's config before training anything, so a typo fails in a second, not after an hour.
-    configs = [load_config(run.config, run.overrides) for run in planned]
+    configs = [load_config(run.config, run.overrides, imports) for run in planned]
     sweep_dir.mkdir(parents=True, exist_ok=True)
     with FolderLock(sweep_dir):
         remove_stale_temps(sweep_dir)

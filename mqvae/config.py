@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import difflib
 import math
 import reprlib
 import types
@@ -23,7 +22,9 @@ from typing import Any, Optional
 
 import yaml
 
+from . import plugins
 from .errors import UserError
+from .registry import did_you_mean
 
 
 def spec(default=dataclasses.MISSING, *, choices=None, min=None, max=None, above=None, factory=None):
@@ -102,13 +103,17 @@ class QuantizerConfig:
 @dataclass
 class LevelConfig:
     name: str = spec(dataclasses.MISSING)
-    # Name of a registered Problem class (problems.PROBLEMS), e.g. Codebook, AutoEncoder, VQVAE.
+    # Name of a registered Problem class (mqvae.registry.PROBLEMS), e.g. Codebook, AutoEncoder, VQVAE.
     problem: str = spec(dataclasses.MISSING)
-    optimizer: str = spec("adam", choices=["adam", "adamw", "sgd"])
+    # The level kind's own settings: a mapping in the file, its class's Params dataclass once validated.
+    params: dict = spec(factory=dict)
+    # A registered optimizer (mqvae.optim.OPTIMIZERS): adam, adamw, sgd, or a user's.
+    optimizer: str = "adam"
     lr: float = spec(1e-3, above=0.0)
     weight_decay: float = spec(0.0, min=0.0)
     momentum: float = spec(0.0, min=0.0, max=1.0)
-    scheduler: str = spec("constant", choices=["constant", "cosine", "warmup_cosine"])
+    # A registered schedule (mqvae.optim.SCHEDULERS): constant, cosine, warmup_cosine, or a user's.
+    scheduler: str = "constant"
     warmup_ratio: float = spec(0.1, min=0.0, max=1.0)
     grad_clip: float = spec(0.0, min=0.0)
     # Names of the levels directly below this one (Betty's u2l edges; l2u is their reverse).
@@ -155,6 +160,10 @@ class Config:
     # the seed (engines/build.py derived_seed), whatever its size.
     seed: int = spec(0, min=0, max=2**32 - 1)
     device: str = spec("auto", choices=["auto", "cpu", "cuda"])
+    # Python modules imported before the rest of the config is read (mqvae.plugins), so that what they register
+    # (levels, hypergradients, data sets, optimizers, schedules) can be named: module names, or .py file paths
+    # (kept absolute). run.py --import adds to them; a resumed run or a sweep imports them again.
+    imports: list[str] = spec(factory=list)
     data: DataConfig = spec(factory=DataConfig)
     model: ModelConfig = spec(factory=ModelConfig)
     quantizer: QuantizerConfig = spec(factory=QuantizerConfig)
@@ -225,7 +234,11 @@ def _convert(value, tp, where: str, path: str):
         (item_tp,) = typing.get_args(tp)
         if not isinstance(value, list):
             raise UserError(f"{where}: {path}: expected a list, got {quote(value)}")
-        return [_convert(v, item_tp, where, f"{path}.{i}") for i, v in enumerate(value)]
+        return [_convert(v, item_tp, where, f"{path}.{_item_key(v, i)}") for i, v in enumerate(value)]
+    if tp is dict:
+        if not isinstance(value, dict):
+            raise UserError(f"{where}: {path}: expected a mapping, got {quote(value)}")
+        return dict(value)
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise UserError(f"{where}: {path}: expected a mapping of {_type_name(tp)} keys, got {quote(value)}")
@@ -248,6 +261,13 @@ def _convert(value, tp, where: str, path: str):
             raise UserError(f"{where}: {path}: expected a string, got {quote(value)}")
         return value
     raise TypeError(f"unsupported config field type {tp!r} at {path}")
+
+
+def _item_key(item, index: int) -> str:
+    """How a message addresses a list item: by its name where it has one (``levels.codebook.lr``, as ``--set``
+    writes it), else by its position."""
+    name = item.get("name") if isinstance(item, dict) else None
+    return quote_key(name) if isinstance(name, str) and name else str(index)
 
 
 def _finite_float(value, where: str, path: str) -> float:
@@ -293,7 +313,7 @@ def build(cls, data: dict, where: str, prefix: str = ""):
         if key not in fields:
             path = f"{prefix}.{quote_key(key)}" if prefix else quote_key(key)
             hint = did_you_mean(quote_key(key), fields)
-            raise UserError(f"{where}: {path}: unknown key; {hint}(valid keys: {', '.join(fields)})")
+            raise UserError(f"{where}: {path}: unknown key; {hint}(valid keys: {', '.join(fields) or 'none'})")
     kwargs = {}
     for name, f in fields.items():
         path = f"{prefix}.{name}" if prefix else name
@@ -312,44 +332,53 @@ def to_dict(cfg) -> dict:
 
 
 def _validate(cfg: Config, where: str) -> None:
-    """Checks that span several keys."""
+    """Checks that span several keys, and the registered choices."""
     names = [level.name for level in cfg.levels]
     if not names:
         raise UserError(f"{where}: levels: at least one level is required")
     if len(set(names)) != len(names):
         raise UserError(f"{where}: levels: level names must be unique, got {quote(names)}")
-    for i, level in enumerate(cfg.levels):
+    for level in cfg.levels:
         for lower in level.lower:
             if lower not in names or lower == level.name:
-                raise UserError(f"{where}: levels.{i}.lower: {quote(lower)} is not another level "
+                raise UserError(f"{where}: levels.{quote_key(level.name)}.lower: {quote(lower)} is not another level "
                                 f"(levels: {_cut(', '.join(map(quote, names)))})")
     cycle = _lower_cycle(cfg.levels)
     if cycle:
         # Betty would wait on each level of the cycle for the one below it: nothing trains and the run "succeeds".
-        raise UserError(f"{where}: levels.{names.index(cycle[0])}.lower: the lower edges form a cycle "
+        raise UserError(f"{where}: levels.{quote_key(cycle[0])}.lower: the lower edges form a cycle "
                         f"{_cut(' -> '.join(map(quote, cycle)))}; a level cannot be below itself")
-    # Registries are the choices (a user's register_* call adds to them); imported here, as they bring in torch.
-    from .data import DATASETS
-    from .hypergradients import TYPES
-
-    if cfg.data.name not in DATASETS:
-        raise UserError(f"{where}: data.name: {quote(cfg.data.name)} is not a registered data set; "
-                        f"{did_you_mean(cfg.data.name, DATASETS)}choose one of {', '.join(sorted(DATASETS))} (or register one with mqvae.data.register_dataset)")
-
-    if cfg.hypergradient.type not in TYPES:
-        raise UserError(f"{where}: hypergradient.type: {quote(cfg.hypergradient.type)} is not allowed; choose one of "
-                        f"{', '.join(TYPES)} (or register a method with mqvae.hypergradients.register_hypergradient)")
+    _check_registered(cfg, where)
     if cfg.hypergradient.roll_back and cfg.hypergradient.xi == 0:
         raise UserError(f"{where}: hypergradient.roll_back: needs xi > 0 (with xi = 0 there is no tentative lower step to roll back)")
     if cfg.quantizer.dim % cfg.quantizer.groups:
         raise UserError(f"{where}: quantizer.groups: {cfg.quantizer.groups} does not divide quantizer.dim = {cfg.quantizer.dim}")
 
 
-def did_you_mean(value: str, choices) -> str:
-    """The hint of an unknown name: the closest choice, also one that differs only in case (CodeBook)."""
-    close = difflib.get_close_matches(value, list(choices), n=1) or [
-        c for c in choices if c.lower() == value.lower()]
-    return f"did you mean '{close[0]}'? " if close else ""
+def _check_registered(cfg: Config, where: str) -> None:
+    """Registered names are the choices (``mqvae.registry``); each level's ``params`` becomes its kind's Params."""
+    # Imported here: the registries bring in torch, which reading a config's text does not need.
+    from .data import DATASETS
+    from .hypergradients import TYPES
+    from .optim import OPTIMIZERS, SCHEDULERS
+    from .registry import PROBLEMS
+
+    def check(value, registry, path):
+        if value not in registry:
+            raise UserError(f"{where}: {path}: {registry.unknown(value)}")
+
+    check(cfg.data.name, DATASETS, "data.name")
+    check(cfg.hypergradient.type, TYPES, "hypergradient.type")
+    for level in cfg.levels:
+        path = f"levels.{quote_key(level.name)}"
+        check(level.problem, PROBLEMS, f"{path}.problem")
+        check(level.optimizer, OPTIMIZERS, f"{path}.optimizer")
+        check(level.scheduler, SCHEDULERS, f"{path}.scheduler")
+        params_cls = getattr(PROBLEMS[level.problem], "Params", None)
+        if not dataclasses.is_dataclass(params_cls):
+            raise UserError(f"{where}: {path}.problem: {level.problem}.Params is not a dataclass; a level's settings are "
+                            "declared as one (problems.Level's contract)")
+        level.params = build(params_cls, level.params, where, f"{path}.params")
 
 
 def _lower_cycle(levels: list[LevelConfig]) -> list[str]:
@@ -494,8 +523,10 @@ def _list_index(items: list, key: str, where: str, keys: list[str]) -> int:
     for i, item in enumerate(items):
         if isinstance(item, dict) and item.get("name") == key:
             return i
+    names = [item["name"] for item in items if isinstance(item, dict) and isinstance(item.get("name"), str)]
+    named = f"; names: {_cut(', '.join(names))}" if names else ""
     raise UserError(f"{where}: --set {quote_key('.'.join(keys))}: no list item {quote(key)} (by position below "
-                    f"{len(items)} or by name)")
+                    f"{len(items)} or by name{named}); {did_you_mean(key, names)}".rstrip("; "))
 
 
 def read_yaml(path: str | Path) -> dict:
@@ -518,17 +549,22 @@ def read_yaml(path: str | Path) -> dict:
     return data
 
 
-def load_config(path: str | Path, overrides: list[str] = ()) -> Config:
-    """Read a YAML experiment file, apply ``--set`` overrides, validate, and return the typed config."""
+def load_config(path: str | Path, overrides: list[str] = (), imports: list[str] = ()) -> Config:
+    """Read a YAML experiment file, apply ``--set`` overrides and ``--import`` modules, validate, and return the
+    typed config."""
     data = read_yaml(path)
-    return config_from_dict(data, str(path), overrides)
+    return config_from_dict(data, str(path), overrides, imports)
 
 
-def config_from_dict(data: dict, where: str, overrides: list[str] = ()) -> Config:
+def config_from_dict(data: dict, where: str, overrides: list[str] = (), imports: list[str] = ()) -> Config:
     data = copy.deepcopy(data)
     for text in overrides:
         keys, value = parse_override(text)
         _apply_override(data, keys, value, where)
+    # The user's modules first: what they register is what the rest of the config may name.
+    entries = _convert(data.get("imports", []), list[str], where, "imports") + list(imports)
+    data["imports"] = list(dict.fromkeys(plugins.resolved(entry) for entry in entries))
+    plugins.import_plugins(data["imports"], where)
     cfg = build(Config, data, where)
     _validate(cfg, where)
     return cfg

@@ -32,6 +32,7 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset, Subset, TensorDataset
 
 from mqvae.errors import UserError
+from mqvae.registry import Registry
 
 IMAGE_FOLDER_SIZE = 64
 
@@ -68,18 +69,16 @@ class Datasets:
     num_classes: int
 
 
-# name -> function(root: str, download: bool, seed: int) -> Datasets; the built-in
+# name -> function(root: str, download: bool, seed: int) -> Datasets (mqvae.registry); the built-in
 # sets ignore seed (their splits are fixed), a user's set may use it for its own split.
-DATASETS: dict[str, Callable[[str, bool, int], Datasets]] = {}
+DATASETS = Registry("data set", "mqvae.data.register_dataset")
 
 
 def register_dataset(name: str):
     """Decorator adding a loader ``fn(root, download, seed) -> Datasets`` under ``name``."""
 
     def register(loader):
-        if name in DATASETS:
-            raise UserError(f"data set name '{name}' is registered twice; give the new loader another name")
-        DATASETS[name] = loader
+        DATASETS.add(name, loader)
         return loader
 
     return register
@@ -87,7 +86,7 @@ def register_dataset(name: str):
 
 def load_datasets(name: str, root: str, download: bool, seed: int) -> Datasets:
     if name not in DATASETS:
-        raise UserError(f"data.name: unknown data set '{name}'; registered: {', '.join(sorted(DATASETS))}")
+        raise UserError(f"data.name: {DATASETS.unknown(name)}")
     return DATASETS[name](root, download, seed)
 
 

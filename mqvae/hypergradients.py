@@ -22,6 +22,7 @@ methods (darts, neumann, cg, sama) keep Betty's signature; they are wrapped only
 from __future__ import annotations
 
 import functools
+import weakref
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable, ContextManager, Optional
@@ -31,6 +32,7 @@ from betty.hypergradient import jvp_fn_mapping
 from torch import nn
 
 from .perf import phase
+from .registry import Registry
 
 Tensors = tuple[torch.Tensor, ...]
 
@@ -159,7 +161,7 @@ def direct(vector, context: HypergradientContext) -> list[torch.Tensor]:
 
 # What ``hypergradient.type`` may name: the methods registered here (Betty's own registry also holds methods this
 # toolkit does not wire, e.g. ``reinforce``).
-TYPES: dict[str, object] = {}
+TYPES = Registry("hypergradient method", "mqvae.hypergradients.register_hypergradient")
 
 
 def register_hypergradient(name: str, fn) -> None:
@@ -169,8 +171,7 @@ def register_hypergradient(name: str, fn) -> None:
     inside ``context.pure_evaluation()``, so whatever it writes into ``context.lower`` is put back afterwards.
     """
 
-    @functools.wraps(fn)
-    def jvp(vector, curr, prev, sync):
+    def run(vector, curr, prev, sync):
         context = curr.hypergradient_context(prev)
         with phase(f"hypergradient.{name}"), context.pure_evaluation():
             implicit = fn(vector, context)
@@ -179,14 +180,55 @@ def register_hypergradient(name: str, fn) -> None:
             return None
         return implicit
 
+    jvp = functools.wraps(fn)(functools.partial(watch_zero_term, name, run))
+
+    TYPES.add(name, fn)
     jvp_fn_mapping[name] = jvp
-    TYPES[name] = fn
 
 
 # -- Betty's own methods -----------------------------------------------------------------------------------------
 # They stay selectable as ablations (``darts`` is SAMA-style: it perturbs the post-step parameters and has no xi), with
 # Betty's signature ``(vector, curr, prev, sync)`` and Betty's ``Config.darts_alpha``; they are wrapped so that their
 # perturbed evaluations are pure as well.
+
+
+# An upper level's hypergradients that watch_zero_term checks: a method whose implicit term is exactly zero in each of
+# them reduces to ``direct``. Not only the first: Betty's sama preconditions with the lower optimizer's state and gives
+# exactly zero at the first step alone.
+WATCHED_STEPS = 5
+# upper level -> its zero implicit terms so far, or None once it has been decided (a nonzero term, or the warning).
+_WATCHED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def watch_zero_term(name: str, run, vector, curr, prev, sync):
+    """Run the method ``name`` (``run``, Betty's signature). When an upper level's first ``WATCHED_STEPS``
+    implicit terms are all exactly zero, tell the level (its ``warnings``, which the engine reports once): the
+    method then reduces to ``direct`` at a higher cost, as Betty's neumann and cg do under the plain
+    straight-through estimator. Checking copies the upper gradients, in those steps only."""
+    zeros = _WATCHED.get(prev, 0)
+    if name == "direct" or zeros is None:
+        return run(vector, curr, prev, sync)
+    params = prev.trainable_parameters()
+    before = [None if p.grad is None else p.grad.clone() for p in params]
+    implicit = run(vector, curr, prev, sync)
+    if implicit is None:  # sync mode: the term went into .grad
+        zero = all(_same(b, p.grad) for b, p in zip(before, params))
+    else:
+        zero = all(term is None or not bool(term.any()) for term in implicit)
+    _WATCHED[prev] = zeros + 1 if zero and zeros + 1 < WATCHED_STEPS else None
+    if zero and zeros + 1 == WATCHED_STEPS:
+        prev.warnings.append(
+            f"hypergradient.type {name}: the implicit term of level '{prev.name}' through level '{curr.name}' was "
+            f"exactly zero in each of its first {WATCHED_STEPS} steps, so the run equals hypergradient.type: direct at a "
+            "higher cost (e.g. neumann and cg differentiate by autograd, and with a plain straight-through estimator "
+            "sg[.] blocks that mixed derivative; Eq. 13's finite difference, type: mqvae, sees through it)")
+    return implicit
+
+
+def _same(before, after) -> bool:
+    if before is None or after is None:
+        return (after is None or not bool(after.any())) and (before is None or not bool(before.any()))
+    return torch.equal(before, after)
 
 
 def _zeros_for(prev, sync):
@@ -201,7 +243,8 @@ def _zero_when_unreachable(fn):
     """Betty's implicit-function methods (neumann, cg) differentiate grad_phi L with respect to the upper
     parameters by autograd. With a plain straight-through estimator that mixed derivative is identically
     zero (sg[z_e] blocks it) and autograd reports the codebook as unused; the exact answer is a zero implicit
-    term, which is what this returns. (MQ-VAE's finite difference does see through the stop-gradient.)"""
+    term, which is what this returns (``watch_zero_term`` reports it). (MQ-VAE's finite difference does see
+    through the stop-gradient.)"""
 
     @functools.wraps(fn)
     def wrapper(vector, curr, prev, sync):
@@ -219,14 +262,14 @@ def _register_betty_method(name: str) -> None:
     original = getattr(jvp_fn_mapping[name], "betty_method", jvp_fn_mapping[name])  # (a module reload wraps once)
     fn = original if name in ("darts", "sama") else _zero_when_unreachable(original)
 
-    @functools.wraps(fn)
-    def jvp(vector, curr, prev, sync):
+    def run(vector, curr, prev, sync):
         with phase(f"hypergradient.{name}"), curr.hypergradient_context(prev).pure_evaluation():
             return fn(vector, curr, prev, sync)
 
+    jvp = functools.wraps(fn)(functools.partial(watch_zero_term, name, run))
     jvp.betty_method = original
+    TYPES.add(name, original)
     jvp_fn_mapping[name] = jvp
-    TYPES[name] = original
 
 
 BETTY_TYPES = ("darts", "neumann", "cg", "sama")

@@ -124,11 +124,20 @@ def _resolve_config(text: str, sweep_path: Path) -> Optional[Path]:
     return None
 
 
-def load_sweep(path: str | Path) -> Sweep:
-    """Read and validate a sweep file; every problem is a one-line UserError naming the file and key."""
+def parse_seeds(text: str) -> list[int]:
+    """``--seeds 0,1,2`` -> [0, 1, 2]."""
+    parts = [part.strip() for part in text.split(",")]
+    if not all(part.isdecimal() for part in parts):
+        raise UserError(f"--seeds {quote_key(text)}: expected non-negative integers separated by commas, e.g. --seeds 0,1,2")
+    return [int(part) for part in parts]
+
+
+def load_sweep(path: str | Path, seeds: Optional[list[int]] = None) -> Sweep:
+    """Read and validate a sweep file; every problem is a one-line UserError naming the file and key.
+    ``seeds`` (``--seeds``) replaces the file's ``sweep.seeds`` and is checked as they are."""
     path = Path(path)
     data = read_yaml(path)
-    where = str(path)
+    where = str(path) if seeds is None else f"{path} with --seeds"
     for key in data:
         if key != "sweep":
             hint = did_you_mean(str(key), ["sweep"])
@@ -136,6 +145,8 @@ def load_sweep(path: str | Path) -> Sweep:
     body = data["sweep"]
     if not isinstance(body, dict):
         raise UserError(f"{where}: sweep: expected a mapping of sweep keys (title, seeds, metrics, runs, ...), got {quote(body)}")
+    if seeds is not None:
+        body = {**body, "seeds": seeds}
     sweep = build(Sweep, body, where, "sweep")
     if not sweep.runs:
         raise UserError(f"{where}: sweep.runs: at least one run is required")

@@ -11,6 +11,7 @@ that rolls back; a level without it rolls back as Betty does, with the same numb
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import inspect
 
@@ -39,13 +40,43 @@ def in_phase(label: str):
 class Level(ImplicitProblem):
     """One level of the problem: a part of the model (``module_of``), its loss (``loss_terms``), its batches
     (``data``) and its optimizer. ``step`` is one training iteration (MQ-VAE Algorithm 1); the hypergradient of
-    a level above through this level's step sees this level through ``hypergradient_context``."""
+    a level above through this level's step sees this level through ``hypergradient_context``.
+
+    The contract of a new level kind (a subclass registered with ``problems.register_problem``, named by its
+    class name in ``levels.*.problem``):
+
+    - ``module_of(cls, model, params)`` (required, a classmethod): the ``nn.Module`` whose parameters the level
+      trains, a part of the shared ``model`` (``mqvae.models.QuantizedNetwork``: ``encoder``, ``quantizer``,
+      ``decoder``) or a new module of the level's own (``CommitmentWeight``'s rho). Built once; the level's
+      optimizer trains its parameters that require a gradient.
+    - ``Params`` (optional): a dataclass of the level's own settings, given in the config as
+      ``levels.*.params`` and validated with the rest of the config (unknown keys get a did-you-mean; declare
+      ranges with ``mqvae.config.spec``). The instance is ``self.params`` and ``module_of``'s ``params``.
+    - ``loss_terms(self, batch)`` (optional; default MQ-VAE Eq. 6, ``model.loss``): a dict of tensors. ``loss``
+      (a scalar) is required: the level descends on it, and the hypergradients of levels above differentiate
+      it. Every other one-element tensor is logged as ``<level name>.<key>`` in log.jsonl. ``_out`` is reserved:
+      the model's forward output that ``model.loss`` returns, which the engine takes (and removes) for the
+      quantizer's maintenance; keep it when you extend ``model.loss``'s terms. The function must be pure (no
+      state changes): Betty's methods and Eq. 13 evaluate it at perturbed parameters.
+    - ``provided_weights(self)`` (optional): loss weights this level learns for the levels below it (a dict of
+      tensors, e.g. ``{"commitment": beta}``); a level below reads them with ``loss_weights()``.
+    - ``learned_scalars`` (optional, a class attribute): names of ``loss_terms`` entries that are learned
+      scalars, which curves.png plots.
+    - Reserved: a level's name may not be an attribute of its class or one of ``engines.build.RESERVED_NAMES``
+      (Betty makes every level an attribute of the others under its name); ``levels.*.params`` may not hold
+      a key its ``Params`` lacks.
+    """
+
+    @dataclasses.dataclass
+    class Params:
+        """No settings of its own: ``levels.*.params`` must be empty."""
 
     def __init__(self, name, config, module, optimizer, scheduler, train_data_loader, *, model, level_cfg, xi=0.0,
                  alpha=0.01, data="train", fast_roll_back: "FastRollBack | None" = None):
         super().__init__(name, config, module, optimizer, scheduler, train_data_loader)
         self.model = model
         self.level_cfg = level_cfg
+        self.params = level_cfg.params  # an instance of this class's Params (mqvae.config validated it)
         # Eq. 10's xi and Eq. 13's finite-difference radius alpha, which the hypergradient of this level's best
         # response uses when this level sits below another (hypergradient_context). xi=None (the config's
         # ``xi: null``) is the learning rate the tentative step really uses, re-read every iteration so that
@@ -63,11 +94,17 @@ class Level(ImplicitProblem):
         self._trainable: list[torch.Tensor] | None = None
         self._pre_step: list[torch.Tensor] | None = None
         self._purity: PureEvaluation | None = None
+        # Optimizer steps in a row, now and at most, whose gradient was exactly zero in every parameter: on the
+        # device, read by the engine at logging steps only (zero_gradient_steps).
+        self._zero_run: torch.Tensor | None = None
+        self._longest_zero_run: torch.Tensor | None = None
+        # Warnings met inside the level's step (e.g. by a hypergradient method), for the engine to report once.
+        self.warnings: list[str] = []
 
     # -- what the level trains --------------------------------------------------------------
     @classmethod
-    def module_of(cls, model) -> torch.nn.Module:
-        """The part of ``model`` whose parameters this level trains."""
+    def module_of(cls, model, params) -> torch.nn.Module:
+        """The part of ``model`` whose parameters this level trains; ``params`` is the level's ``Params``."""
         raise NotImplementedError
 
     def param_groups(self):
@@ -304,10 +341,33 @@ class Level(ImplicitProblem):
         if self.is_implemented("grad_callback"):
             self.grad_callback()
         if self._count % self.gas == 0:
+            self._note_gradient()
             self.optimizer_step()
             if self.is_implemented("param_callback"):
                 self.param_callback()
             self.zero_grad()
+
+    def _note_gradient(self) -> None:
+        """Count steps whose gradient is exactly zero in every parameter (a parameter without one counts as
+        zero), without a host synchronisation."""
+        params = self.trainable_parameters()
+        if not params:
+            return
+        grads = [p.grad for p in params if p.grad is not None]
+        if self._zero_run is None:
+            device = params[0].device
+            self._zero_run = torch.zeros((), dtype=torch.long, device=device)
+            self._longest_zero_run = torch.zeros((), dtype=torch.long, device=device)
+        if grads:
+            zero = torch.stack(torch._foreach_norm(grads, ord=float("inf"))).amax() == 0
+            self._zero_run = (self._zero_run + 1) * zero
+        else:
+            self._zero_run = self._zero_run + 1
+        self._longest_zero_run = torch.maximum(self._longest_zero_run, self._zero_run)
+
+    def zero_gradient_steps(self) -> int:
+        """The longest run so far of optimizer steps with an exactly zero gradient (a host sync)."""
+        return 0 if self._longest_zero_run is None else int(self._longest_zero_run)
 
     # -- Betty hooks ------------------------------------------------------------------------------
     @in_phase("forward")

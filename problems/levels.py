@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mqvae.config import spec
 from mqvae.errors import UserError
+from mqvae.registry import PROBLEMS
 
 from .base import Level
 
@@ -15,7 +20,7 @@ class VQVAE(Level):
     """Joint training of encoder, decoder and codebook on Eq. 6: the VQ-VAE baseline as a one-level problem."""
 
     @classmethod
-    def module_of(cls, model):
+    def module_of(cls, model, params):
         return model
 
 
@@ -23,7 +28,7 @@ class AutoEncoder(Level):
     """MQ-VAE's lower level: the encoder phi and decoder theta (Eq. 7)."""
 
     @classmethod
-    def module_of(cls, model):
+    def module_of(cls, model, params):
         return nn.ModuleDict({"encoder": model.encoder, "decoder": model.decoder})
 
 
@@ -35,7 +40,7 @@ class Codebook(Level):
     """MQ-VAE's upper level: the codebook C (Eq. 8), and the affine parameters when they are learned."""
 
     @classmethod
-    def module_of(cls, model):
+    def module_of(cls, model, params):
         return model.quantizer
 
     def step_terms(self, batch) -> dict:
@@ -59,12 +64,17 @@ class CommitmentWeight(Level):
     is the hypergradient through the lower level's step.
     """
 
+    @dataclass
+    class Params:
+        # beta at the start; null: the quantizer's beta (quantizer.beta).
+        initial_beta: Optional[float] = spec(None, above=0.0)
+
     @classmethod
-    def module_of(cls, model):
-        beta = model.quantizer.loss_weights().get("commitment")
-        if beta is None:
+    def module_of(cls, model, params):
+        if model.quantizer.loss_weights().get("commitment") is None:
             raise UserError("levels: CommitmentWeight learns the commitment weight beta, but this quantizer has no "
                             "commitment term (quantizer.kind: gumbel); use quantizer.kind: vq")
+        beta = model.quantizer.loss_weights()["commitment"] if params.initial_beta is None else params.initial_beta
         # Inverse softplus, so the level starts at the configured beta.
         rho = torch.tensor(float(beta)).expm1().log() if beta > 0 else torch.tensor(-10.0)
         module = nn.Module()
@@ -82,12 +92,11 @@ class CommitmentWeight(Level):
         return {**terms, "loss": terms["task"], "beta": self.beta()}
 
 
-PROBLEMS: dict[str, type[Level]] = {}
-
-
 def register_problem(cls: type[Level]) -> type[Level]:
-    """Make a Level subclass nameable in a config's ``levels.*.problem`` (use as a class decorator)."""
-    PROBLEMS[cls.__name__] = cls
+    """Make a Level subclass nameable in a config's ``levels.*.problem`` by its class name (a class decorator)."""
+    if not (isinstance(cls, type) and issubclass(cls, Level)):
+        raise TypeError(f"register_problem takes a subclass of problems.Level, got {cls!r}")
+    PROBLEMS.add(cls.__name__, cls)
     return cls
 
 

@@ -18,6 +18,7 @@ from engines.build import build_problems
 from engines.engine import LevelEngine
 from mqvae import hypergradients
 from mqvae.config import config_from_dict
+from mqvae.errors import UserError
 from mqvae.hypergradients import HypergradientContext, register_hypergradient
 from problems import Level, register_problem
 
@@ -53,14 +54,14 @@ class ToyModel(nn.Module):
 @register_problem
 class ToyLower(Level):
     @classmethod
-    def module_of(cls, model):
+    def module_of(cls, model, params):
         return model.lower
 
 
 @register_problem
 class ToyUpper(Level):
     @classmethod
-    def module_of(cls, model):
+    def module_of(cls, model, params):
         return model.upper
 
     def custom_optimizer_step(self):
@@ -390,10 +391,13 @@ def test_a_registered_method_sees_the_context_and_its_term_is_added_to_the_direc
         seen.append((context, [v.clone() for v in vector]))
         return [torch.full_like(u, 0.5) for u in context.upper]
 
-    monkeypatch.setitem(jvp_fn_mapping, "mqvae", jvp_fn_mapping["mqvae"])  # put back after the test
-    register_hypergradient("mqvae", constant)
+    monkeypatch.setattr(hypergradients, "TYPES", hypergradients.TYPES.copy())  # put back after the test
+    monkeypatch.setitem(jvp_fn_mapping, "constant", None)
+    register_hypergradient("constant", constant)
+    with pytest.raises(UserError, match="registered twice"):  # a taken name is not silently replaced
+        register_hypergradient("mqvae", constant)
     xi = 0.05
-    engine, model = toy_engine(tmp_path, xi)
+    engine, model = toy_engine(tmp_path, xi, "constant")
     phi0, c0 = model.lower.w.detach().clone(), model.upper.w.detach().clone()
     engine.train_step()
     x = engine.lower.cur_batch[0]

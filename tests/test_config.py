@@ -53,11 +53,11 @@ def test_shipped_experiments_use_kmeans_init_and_alternated_ones_beta_zero():
 
 @pytest.mark.parametrize("data, needles", [
     ({"quantizer": {"num_cods": 3}}, ["quantizer.num_cods", "did you mean 'num_codes'"]),
-    ({"levels": [{"name": "a", "problem": "VQVAE", "lr": -1}]}, ["levels.0.lr", "greater than 0"]),
+    ({"levels": [{"name": "a", "problem": "VQVAE", "lr": -1}]}, ["levels.a.lr", "greater than 0"]),
     ({"device": "tpu"}, ["device", "auto, cpu, cuda"]),
     ({"train": {"iters": 1.5}}, ["train.iters", "integer"]),
     ({"hypergradient": {"xi": 0.0, "roll_back": True}}, ["roll_back", "xi > 0"]),
-    ({"levels": [{"name": "a", "problem": "VQVAE", "lower": ["b"]}]}, ["levels.0.lower", "'b'"]),
+    ({"levels": [{"name": "a", "problem": "VQVAE", "lower": ["b"]}]}, ["levels.a.lower", "'b'"]),
 ])
 def test_errors_are_one_line_and_name_the_key(data, needles):
     with pytest.raises(UserError) as info:
@@ -126,7 +126,8 @@ def test_float_keys_reject_nan_and_inf(key, value):
     data = {"levels": [{"name": "vqvae", "problem": "VQVAE"}]}
     target = data["levels"][0] if section == "levels.0" else data.setdefault(section, {})
     target[name] = value
-    one_line_error(lambda: config_from_dict(data, "x.yaml"), f"x.yaml: {key}: ", "not a finite number")
+    shown = key.replace("levels.0", "levels.vqvae")  # a level is named by its name
+    one_line_error(lambda: config_from_dict(data, "x.yaml"), f"x.yaml: {shown}: ", "not a finite number")
 
 
 def test_yaml_nan_and_inf_are_rejected_in_files(tmp_path):

@@ -281,7 +281,7 @@ def test_unknown_name_lists_registered_names():
 
 def test_register_dataset_adds_a_name(monkeypatch):
     # Register into a copy so the name does not leak into other tests.
-    monkeypatch.setattr(mqvae.data, "DATASETS", dict(DATASETS))
+    monkeypatch.setattr(mqvae.data, "DATASETS", DATASETS.copy())
     tiny = TensorDataset(torch.zeros(4, 1, 2, 2), torch.zeros(4, dtype=torch.long))
 
     @register_dataset("tiny")
@@ -290,8 +290,9 @@ def test_register_dataset_adds_a_name(monkeypatch):
 
     assert load_datasets("tiny", "/x", download=False, seed=0).train is tiny
     assert "tiny" in mqvae.data.DATASETS and "tiny" not in DATASETS
+    register_dataset("tiny")(_tiny)  # the same loader again (a module imported twice) changes nothing
     with pytest.raises(UserError, match="twice"):
-        register_dataset("tiny")(_tiny)
+        register_dataset("tiny")(lambda root, download, seed: None)  # another one would silently replace it
 
 
 def test_holdout_split_tensor_dataset():

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import ast
 import re
+import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -19,7 +21,10 @@ import yaml
 
 import betty.hypergradient
 import mqvae.config
+import mqvae.data
 import mqvae.hypergradients
+import mqvae.optim
+import mqvae.registry
 import problems.levels
 from engines import experiment
 
@@ -91,11 +96,16 @@ class _RecordCalls(ast.NodeTransformer):
 def run_snippet(blocks: list[str], where: str) -> dict:
     """Execute an example's code blocks, in order, in one fresh namespace; their functions record their calls
     in ``namespace[CALLS]``."""
-    namespace = {"__name__": "readme_example", CALLS: []}
+    # A module of its own, as a user's file would be (dataclasses look their module up in sys.modules).
+    module = types.ModuleType("readme_example")
+    sys.modules[module.__name__] = module
+    namespace = vars(module)
+    namespace[CALLS] = []
     for i, source in enumerate(blocks):
         name = f"<README.md: {where}, block {i + 1}>"
         tree = ast.fix_missing_locations(_RecordCalls().visit(ast.parse(source, filename=name)))
-        exec(compile(tree, name, "exec"), namespace)
+        # dont_inherit: the snippet runs as written, without this file's `from __future__ import annotations`.
+        exec(compile(tree, name, "exec", dont_inherit=True), namespace)
     return namespace
 
 
@@ -103,9 +113,10 @@ def run_snippet(blocks: list[str], where: str) -> dict:
 def registries():
     """Put back every module-level registry (dict or list) the snippets may add to, so that no other test sees
     the README's level or hypergradient method."""
-    modules = (problems.levels, mqvae.hypergradients, mqvae.config, betty.hypergradient)
+    modules = (problems.levels, mqvae.hypergradients, mqvae.config, mqvae.registry, mqvae.optim, mqvae.data,
+               betty.hypergradient)
     saved = [(container, container.copy()) for module in modules for container in vars(module).values()
-             if type(container) in (dict, list)]
+             if isinstance(container, (dict, list))]
     yield
     for container, contents in saved:
         if isinstance(container, dict):
