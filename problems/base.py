@@ -41,6 +41,10 @@ class Level(ImplicitProblem):
     (``data``) and its optimizer. ``step`` is one training iteration (MQ-VAE Algorithm 1); the hypergradient of
     a level above through this level's step sees this level through ``hypergradient_context``."""
 
+    # The terms of loss_terms that are scalars this level learns (logged as <level>.<term>): curves.png gives each
+    # a panel of its own. The other terms are losses and the batch perplexity.
+    learned_scalars: tuple[str, ...] = ()
+
     def __init__(self, name, config, module, optimizer, scheduler, train_data_loader, *, model, level_cfg, xi=0.0,
                  alpha=0.01, data="train", fast_roll_back: "FastRollBack | None" = None):
         super().__init__(name, config, module, optimizer, scheduler, train_data_loader)

@@ -59,6 +59,8 @@ class CommitmentWeight(Level):
     is the hypergradient through the lower level's step.
     """
 
+    learned_scalars = ("beta",)
+
     @classmethod
     def module_of(cls, model):
         beta = model.quantizer.loss_weights().get("commitment")
