@@ -92,7 +92,8 @@ def curves_figure(panels: list[Panel]) -> Figure:
     fig = Figure(figsize=(4.3 * len(panels), 3.6), dpi=110)
     for ax, panel in zip(fig.subplots(1, len(panels), squeeze=False)[0], panels):
         for label, (steps, values) in panel.lines.items():
-            ax.plot(steps, values, label=label, marker=panel.marker or None)
+            # A line of one point (a run logged once) is invisible without a marker.
+            ax.plot(steps, values, label=label, marker=panel.marker or ("o" if len(steps) == 1 else None))
         ax.set_title(panel.title)
         ax.set_xlabel("iteration")
         if panel.note:
