@@ -16,8 +16,10 @@ from tqdm import tqdm
 
 from mqvae.checkpoint import check_hyperparameters, non_finite_entries, rng_state, save_checkpoint, set_rng_state
 from mqvae.errors import Diverged, UserError
-from mqvae.evaluation import evaluate
+from mqvae.evaluation import evaluate, latents_and_codes
 from mqvae.files import append_line, os_error, write_text
+from mqvae.reports import codebook_figure
+from mqvae.tracking import TensorBoard
 
 from .run_folder import write_config
 
@@ -42,6 +44,9 @@ class LevelEngine(Engine):
         self._pending_records: list[dict] = []
         self._log = None  # log.jsonl while run() trains
         self._log_started = False  # log.jsonl is this run's (run() has opened it)
+        # logging.tensorboard: the writer, from run() until close(), which the caller makes on every exit path.
+        self.tensorboard: TensorBoard | None = None
+        self._pictured_step = None  # the step of the pictures last sent to TensorBoard
         engine_cfg = EngineConfig(train_iters=cfg.train.iters, roll_back=cfg.hypergradient.roll_back, logger_type="none")
         super().__init__(problems=problems, config=engine_cfg, dependencies=dependencies)
         # Quantizer maintenance follows the real forward of the level that trains the encoder.
@@ -111,6 +116,8 @@ class LevelEngine(Engine):
                 self.config_written = False
                 raise
         self.checkpoint_step = self.global_step
+        if self.tensorboard is not None:
+            self.tensorboard.flush()  # the events up to the checkpoint are on disk, as log.jsonl's lines are
 
     def write_config(self) -> None:
         """run_dir/config.yaml := this engine's resolved config."""
@@ -160,11 +167,39 @@ class LevelEngine(Engine):
             raise os_error(path, exc) from None
         try:
             for record in self._pending_records:
-                append_line(log, path, json.dumps(record))
+                self.record(log, path, record)
         finally:
             if log is not self._log:
                 log.close()
         self._pending_records.clear()
+
+    # -- records and pictures ---------------------------------------------------------------------
+    def record(self, log, path: Path, record: dict) -> None:
+        """One record into log.jsonl and, with logging.tensorboard, its numbers into TensorBoard: every record
+        goes through here, so both hold the same scalars."""
+        append_line(log, path, json.dumps(record))
+        if self.tensorboard is not None:
+            self.tensorboard.scalars(record)
+
+    def pictures(self, counts: torch.Tensor) -> dict:
+        """The pictures of the model as it is now, by file name without .png: ``recon`` (the task's picture)
+        and ``codebook`` (``counts``: code usage over the test set, from the evaluation)."""
+        model, test = self.model, self.datasets.test
+        return {"recon": model.task.picture(model, test, self.device),
+                "codebook": codebook_figure(counts, *latents_and_codes(model, test, self.device))}
+
+    def track_pictures(self, pictures: dict) -> None:
+        """The pictures to TensorBoard at this step, once: a run's final pictures are its last evaluation's
+        when that was at the last step."""
+        if self.tensorboard is not None and self._pictured_step != self.global_step:
+            self.tensorboard.figures(pictures, self.global_step)
+            self._pictured_step = self.global_step
+
+    def close(self) -> None:
+        """Close the TensorBoard writer, writing its last events (none to close without logging.tensorboard)."""
+        if self.tensorboard is not None:
+            self.tensorboard.close()
+            self.tensorboard = None
 
     # -- the loop ---------------------------------------------------------------------------------
     def run(self):
@@ -176,6 +211,10 @@ class LevelEngine(Engine):
         except OSError as exc:
             raise os_error(log_path, exc) from None
         self._log_started = True
+        if self.cfg.logging.tensorboard and self.tensorboard is None:
+            # A resumed run drops the events logged after its checkpoint, as it drops those lines of log.jsonl.
+            purge_step = None if self.checkpoint_step is None else self.checkpoint_step + 1
+            self.tensorboard = TensorBoard(self.run_dir, purge_step)
         self._write_pending()
         # disable=None: a bar only on a terminal, so a redirected stderr holds nothing but an error's one line
         # (log.jsonl records the progress either way).
@@ -195,14 +234,16 @@ class LevelEngine(Engine):
                     record = self.training_record(step)
                     self.train_time += time.perf_counter() - start
                     record["time_s"] = round(self.train_time, 4)
-                    append_line(log, log_path, json.dumps(record))
+                    self.record(log, log_path, record)
                     bar.set_postfix({k.split(".")[-1] if len(self.problems) == 1 else k: f"{v:.4g}"
                                      for k, v in record.items() if k.endswith((".loss", ".perplexity"))}, refresh=False)
                 else:
                     self.train_time += time.perf_counter() - start
                 if cfg.eval_every and step % cfg.eval_every == 0:
-                    metrics, _ = evaluate(self.model, self.datasets.test, self.cfg.data.batch_size, self.device)
-                    append_line(log, log_path, json.dumps({"step": step, "time_s": round(self.train_time, 4), **metrics}))
+                    metrics, counts = evaluate(self.model, self.datasets.test, self.cfg.data.batch_size, self.device)
+                    self.record(log, log_path, {"step": step, "time_s": round(self.train_time, 4), **metrics})
+                    if self.tensorboard is not None:
+                        self.track_pictures(self.pictures(counts))
                 if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
                     self.save()
                 bar.update(1)

@@ -12,12 +12,13 @@ from mqvae.checkpoint import load_checkpoint
 from mqvae.config import Config
 from mqvae.data import load_datasets
 from mqvae.errors import UserError
-from mqvae.evaluation import encoder_sample, final_metrics, first_images
+from mqvae.evaluation import final_metrics, first_images
 from mqvae.feasibility import check_feasible
 from mqvae.files import FolderLock, os_error, read_lines, remove_stale_temps, write_json, write_text
 from mqvae.models import build_model
 from mqvae.perf import apply_perf, perf_quantizer_config
-from mqvae.reports import save_codebook, save_curves, write_report
+from mqvae.reports import curve_panels, curves_figure, save_figures, write_report
+from mqvae.tracking import require_tensorboard
 
 from .build import build_problems, config_warnings
 from .engine import LevelEngine
@@ -34,6 +35,8 @@ def resolve_device(name: str) -> torch.device:
 
 def build_engine(cfg: Config, run_dir: Path) -> LevelEngine:
     device = resolve_device(cfg.device)
+    if cfg.logging.tensorboard:
+        require_tensorboard()
     torch.manual_seed(cfg.seed)
     datasets = load_datasets(cfg.data.name, cfg.data.root, cfg.data.download, cfg.seed)
     check_feasible(cfg, datasets.channels, datasets.image_size, datasets.num_classes, device)
@@ -103,22 +106,31 @@ def run_experiment(cfg: Config, run_dir: Path, resume: bool = False, overwrite: 
             write_text(run_dir / "log.jsonl", "")
             if cfg.quantizer.kmeans_init:
                 initialize_codebook(engine)
-        engine.run()
-        engine.save()
-        return finish(engine)
+        try:
+            engine.run()
+            engine.save()
+            return finish(engine)
+        finally:
+            engine.close()
 
 
 def finish(engine: LevelEngine) -> dict:
     """Evaluate on the whole test split (with FID / IS / LPIPS where the outputs are images) and write metrics.json,
-    the pictures (recon.png: the task's picture, curves.png, codebook.png) and report.md."""
-    cfg, run_dir = engine.cfg, engine.run_dir
-    model, test, device = engine.model, engine.datasets.test, engine.device
-    metrics, counts = final_metrics(model, test, cfg.data.batch_size, device)
+    the pictures (recon.png: the task's picture, curves.png, codebook.png; recon and codebook also to TensorBoard)
+    and report.md."""
+    cfg, run_dir, model = engine.cfg, engine.run_dir, engine.model
+    metrics, counts = final_metrics(model, engine.datasets.test, cfg.data.batch_size, engine.device)
     metrics.update(iterations=engine.global_step, wall_time_s=round(engine.train_time, 3),
                    config_sha256=config_sha256(cfg))
-    model.task.save_picture(model, test, device, run_dir / "recon.png")
-    save_curves(read_lines(run_dir / "log.jsonl"), run_dir / "curves.png", model.task.curve_key)
-    save_codebook(counts, *_latents_and_codes(model, test, device), run_dir / "codebook.png")
+    pictures = engine.pictures(counts)
+    engine.track_pictures(pictures)
+    # The scalars a level learns (e.g. a learned beta) get a panel each; the batch perplexity is the one of the
+    # level whose forward is the real training forward (the others run the same quantizer on other parameters
+    # or batches).
+    learned = [f"{p.name}.{key}" for p in engine.problems for key in p.learned_scalars]
+    perplexity = f"{engine.encoder_level.name}.perplexity" if engine.encoder_level is not None else None
+    panels = curve_panels(read_lines(run_dir / "log.jsonl"), model.task, learned, perplexity)
+    save_figures({**pictures, "curves": curves_figure(panels)}, run_dir)
     write_report(run_dir, metrics, title=str(run_dir))
     # metrics.json last: its presence marks a finished run (sweeps skip such runs when restarted).
     write_json(run_dir / "metrics.json", metrics)
@@ -130,11 +142,3 @@ def write_diverged(run_dir: Path, reason: str) -> None:
     stopped. The file marks the run as finished, so a restarted sweep does not train it again."""
     write_json(run_dir / "metrics.json", {"diverged": reason})
 
-
-def _latents_and_codes(model, test, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """A sample of encoder outputs and the code vectors, (N, d) and (K, d): grouped latents give one
-    sub-vector of width d per group."""
-    with torch.no_grad():
-        codes = model.quantizer.effective_codebook().detach().float().cpu()
-        vectors = encoder_sample(model, test, device).reshape(-1, codes.shape[1])
-    return vectors, codes

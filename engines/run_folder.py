@@ -17,11 +17,14 @@ import yaml
 from mqvae.config import Config, config_from_dict, read_yaml, to_dict
 from mqvae.errors import UserError
 from mqvae.files import write_text
+from mqvae.tracking import EVENT_FILES
 
 RUN_FILES = ("config.yaml", "log.jsonl", "checkpoint.pt", "metrics.json", "recon.png", "curves.png", "codebook.png",
              "report.md")
-# Extending a run, its logging, evaluation and checkpoint intervals, and the device leave what was trained valid.
-RESUMABLE_KEYS = ("train.iters", "train.log_every", "train.eval_every", "train.checkpoint_every", "device")
+# Extending a run, its logging, evaluation and checkpoint intervals, its TensorBoard logging, and the device leave
+# what was trained valid.
+RESUMABLE_KEYS = ("train.iters", "train.log_every", "train.eval_every", "train.checkpoint_every", "logging.tensorboard",
+                  "device")
 
 
 def check_folder(run_dir: Path) -> None:
@@ -30,7 +33,9 @@ def check_folder(run_dir: Path) -> None:
 
 
 def run_files(run_dir: Path) -> list[str]:
-    return [name for name in RUN_FILES if (run_dir / name).exists()]
+    """The run files ``run_dir`` holds: RUN_FILES, and TensorBoard's event files (a new name per writer)."""
+    events = sorted(path.name for path in run_dir.glob(EVENT_FILES)) if run_dir.is_dir() else []
+    return [name for name in RUN_FILES if (run_dir / name).exists()] + events
 
 
 def claim(run_dir: Path, overwrite: bool) -> None:

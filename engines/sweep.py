@@ -14,7 +14,7 @@ from mqvae.checkpoint import load_checkpoint
 from mqvae.config import load_config, to_dict
 from mqvae.errors import Diverged, UserError
 from mqvae.files import FolderLock, remove_stale_temps
-from mqvae.sweep import aggregate, expand, load_sweep, read_metrics, write_results
+from mqvae.sweep import aggregate, curve_key, expand, load_sweep, read_metrics, write_results
 
 from . import experiment
 from .run_folder import differing_keys, run_files, saved_config
@@ -34,7 +34,7 @@ def run_sweep(path: str | Path, overrides: list[str] = (), out: str | Path | Non
     with FolderLock(sweep_dir):
         remove_stale_temps(sweep_dir)
         _run_all(planned, configs)
-        results = aggregate(sweep, planned)
+        results = aggregate(sweep, planned, curve_key(configs))
         write_results(results, sweep_dir)
     return results
 

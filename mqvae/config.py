@@ -154,6 +154,13 @@ class PerfConfig:
 
 
 @dataclass
+class LoggingConfig:
+    # TensorBoard event files in the run folder: log.jsonl's numbers and the pictures at evaluation steps (needs
+    # the tensorboard extra; mqvae/tracking.py).
+    tensorboard: bool = False
+
+
+@dataclass
 class Config:
     # 32 bits: what a NumPy seed may hold. Torch takes 64, but a level's batch stream seeds torch with
     # seed * 100003 + epoch (loader.BatchStream), which must stay below 2^64; other streams get a 40-bit hash of
@@ -171,6 +178,7 @@ class Config:
     hypergradient: HypergradientConfig = spec(factory=HypergradientConfig)
     train: TrainConfig = spec(factory=TrainConfig)
     perf: PerfConfig = spec(factory=PerfConfig)
+    logging: LoggingConfig = spec(factory=LoggingConfig)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -88,6 +88,15 @@ def encoder_sample(model, dataset, device, max_images: int = 256, max_vectors: i
     return to_vectors(z_e)[:max_vectors].float().cpu()
 
 
+def latents_and_codes(model, dataset, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """A sample of encoder outputs and the code vectors, (N, d) and (K, d), for the codebook picture: grouped
+    latents give one sub-vector of width d per group."""
+    with torch.no_grad():
+        codes = model.quantizer.effective_codebook().detach().float().cpu()
+        vectors = encoder_sample(model, dataset, device).reshape(-1, codes.shape[1])
+    return vectors, codes
+
+
 @torch.no_grad()
 def reconstructions(model, dataset, count: int, device) -> tuple[torch.Tensor, torch.Tensor]:
     """The first ``count`` test images and their reconstructions, on the CPU."""

@@ -60,8 +60,9 @@ def write_json(path: Path, data) -> None:
     write_text(path, json.dumps(data, indent=2) + "\n")
 
 
-def save_figure(fig, path: Path, dpi: int) -> None:
-    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=dpi))
+def save_figure(fig, path: Path) -> None:
+    """A matplotlib figure as a PNG at the figure's own dpi (the pixel size its maker chose)."""
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=fig.dpi))
 
 
 def _fsync_folder(folder: Path) -> None:

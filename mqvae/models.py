@@ -15,7 +15,7 @@ from torch import nn
 
 from .config import ModelConfig
 from .quantizers import Quantizer, QuantizerOutput
-from .tasks import CLASSIFICATION, RECONSTRUCTION, Task
+from .tasks import TASK_OF_KIND, Task
 
 
 def _norm(kind: str, channels: int) -> nn.Module:
@@ -147,8 +147,8 @@ def build_model(cfg, channels: int, num_classes: int) -> QuantizedNetwork:
     if cfg.model.kind == "vqvae":
         encoder = Encoder(channels, cfg.model, cfg.quantizer.dim)
         decoder = Decoder(channels, cfg.model, cfg.quantizer.dim)
-        return QuantizedNetwork(encoder, quantizer, decoder, RECONSTRUCTION)
+        return QuantizedNetwork(encoder, quantizer, decoder, TASK_OF_KIND[cfg.model.kind])
     from .resnet import resnet18_halves
 
     encoder, decoder = resnet18_halves(channels, num_classes, cfg.quantizer.dim)
-    return QuantizedNetwork(encoder, quantizer, decoder, CLASSIFICATION)
+    return QuantizedNetwork(encoder, quantizer, decoder, TASK_OF_KIND[cfg.model.kind])

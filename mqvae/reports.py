@@ -2,46 +2,108 @@
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass, field
 from pathlib import Path
 
-import matplotlib
+import numpy as np
+import torch
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")  # files only; no display on training machines
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
-from torchvision.utils import make_grid, save_image  # noqa: E402
+from .files import save_figure, write_text
 
-from .files import atomic_write, save_figure, write_text  # noqa: E402
+# Figures are made with matplotlib.figure.Figure, not pyplot: nothing keeps them alive after their last use, so no
+# caller has to close them, and no display backend is involved on training machines.
+
+# recon.png: each image at least this many pixels on a side (digits are 16 px), upscaled by nearest neighbour.
+MIN_CELL_PX = 64
 
 
-def save_recon_grid(originals: torch.Tensor, recons: torch.Tensor, path: Path, per_row: int = 16) -> None:
-    """Test originals in the upper rows, their reconstructions in the rows below."""
+def recon_figure(originals: torch.Tensor, recons: torch.Tensor, per_row: int = 16) -> Figure:
+    """Test inputs in labelled rows, each directly above its reconstruction, upscaled by an integer factor
+    (nearest neighbour, so pixels stay pixels) to at least MIN_CELL_PX per image."""
     n = originals.shape[0] - originals.shape[0] % per_row or originals.shape[0]
-    grid = make_grid(torch.cat([originals[:n], recons[:n]]), nrow=min(per_row, n), padding=1, pad_value=1.0)
-    atomic_write(path, lambda f: save_image(grid, f, format="png"))
+    columns, rows = min(per_row, n), math.ceil(n / per_row)
+    pictures = [t[:n].detach().float().clamp(0, 1).cpu() for t in (originals, recons)]
+    channels, height, width = pictures[0].shape[1:]
+    scale = max(1, math.ceil(MIN_CELL_PX / min(height, width)))
+    cell_h, cell_w, gap, pair_gap = height * scale, width * scale, 2, 14
+    canvas = np.ones((rows * (2 * cell_h + gap + pair_gap) - pair_gap, columns * (cell_w + gap) - gap, channels))
+    for i in range(n):
+        row, column = divmod(i, per_row)
+        top, left = row * (2 * cell_h + gap + pair_gap), column * (cell_w + gap)
+        for j, picture in enumerate(pictures):  # the input, then its reconstruction below it
+            y = top + j * (cell_h + gap)
+            upscaled = picture[i].permute(1, 2, 0).numpy().repeat(scale, 0).repeat(scale, 1)
+            canvas[y: y + cell_h, left: left + cell_w] = upscaled
+    dpi, label_w = 100, 130
+    fig = Figure(figsize=((label_w + canvas.shape[1]) / dpi, canvas.shape[0] / dpi), dpi=dpi)
+    total_w = label_w + canvas.shape[1]
+    ax = fig.add_axes((label_w / total_w, 0, canvas.shape[1] / total_w, 1))
+    ax.imshow(canvas[..., 0] if channels == 1 else canvas, cmap="gray", vmin=0, vmax=1, interpolation="nearest",
+              aspect="auto")
+    ax.axis("off")
+    for row in range(rows):
+        for j, label in enumerate(("input", "reconstruction")):
+            center = row * (2 * cell_h + gap + pair_gap) + j * (cell_h + gap) + cell_h / 2
+            fig.text((label_w - 8) / total_w, 1 - center / canvas.shape[0], label, ha="right", va="center", fontsize=11)
+    return fig
 
 
-def save_curves(records: list[dict], path: Path, metric: str) -> None:
-    """Training loss and perplexity per level against the step, and the test ``metric`` (the task's
-    ``curve_key``) where evaluated: the records that hold it are the evaluations."""
+@dataclass
+class Panel:
+    """One panel of curves.png: lines by label, as (steps, values), or a note saying why there are none."""
+
+    title: str
+    lines: dict[str, tuple[list, list]] = field(default_factory=dict)
+    note: str = ""
+    log_scale: bool = False
+    marker: str = ""
+
+
+def _series(records: list[dict], key: str) -> tuple[list, list]:
+    return [r["step"] for r in records if key in r], [r[key] for r in records if key in r]
+
+
+def curve_panels(records: list[dict], task, learned_scalars=(), perplexity: str | None = None) -> list[Panel]:
+    """The panels of curves.png from log.jsonl's records: every level's training loss; the batch perplexity of
+    ``perplexity`` (the level whose forward is the real training forward; every level runs the same quantizer,
+    so one line says it); one panel per learned scalar (``<level>.<term>`` keys, e.g. a learned beta); and the
+    ``task``'s test metric (its ``curve_key``; the records that hold it are the evaluations)."""
+    metric = task.curve_key
     train = [r for r in records if metric not in r]
     tests = [r for r in records if metric in r]
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
-    for key in sorted({k for r in train for k in r if k.endswith(".loss")}):
-        axes[0].plot([r["step"] for r in train if key in r], [r[key] for r in train if key in r], label=key)
-    for key in sorted({k for r in train for k in r if k.endswith(".perplexity")}):
-        axes[1].plot([r["step"] for r in train if key in r], [r[key] for r in train if key in r], label=key)
-    if tests:
-        axes[2].plot([r["step"] for r in tests], [r[metric] for r in tests], marker="o")
-    for ax, title in zip(axes, ["training loss (Eq. 6)", "batch perplexity", f"test {metric}"]):
-        ax.set_title(title)
+    losses = {key: _series(train, key) for key in sorted({k for r in train for k in r if k.endswith(".loss")})}
+    positive = all(v > 0 for _, values in losses.values() for v in values)
+    panels = [Panel("training loss per level", losses, "" if losses else "nothing logged", log_scale=positive)]
+    if perplexity is not None:
+        line = _series(train, perplexity)
+        panels.append(Panel(f"batch perplexity ({perplexity})", {perplexity: line} if line[0] else {},
+                            "" if line[0] else f"{perplexity} not logged"))
+    for key in learned_scalars:
+        line = _series(train, key)
+        panels.append(Panel(f"learned {key}", {key: line} if line[0] else {}, "" if line[0] else f"{key} not logged"))
+    panels.append(Panel(task.curve_title, {metric: _series(tests, metric)} if tests else {},
+                        "" if tests else "no evaluation during training", marker="o"))
+    return panels
+
+
+def curves_figure(panels: list[Panel]) -> Figure:
+    fig = Figure(figsize=(4.3 * len(panels), 3.6), dpi=110)
+    for ax, panel in zip(fig.subplots(1, len(panels), squeeze=False)[0], panels):
+        for label, (steps, values) in panel.lines.items():
+            # A line of one point (a run logged once) is invisible without a marker.
+            ax.plot(steps, values, label=label, marker=panel.marker or ("o" if len(steps) == 1 else None))
+        ax.set_title(panel.title)
         ax.set_xlabel("iteration")
-        if ax.lines and title != f"test {metric}":
+        if panel.note:
+            ax.text(0.5, 0.5, panel.note, ha="center", va="center", transform=ax.transAxes, color="gray")
+        if panel.log_scale:
+            ax.set_yscale("log")
+        if len(panel.lines) > 1:
             ax.legend(fontsize=7)
-    axes[0].set_yscale("log")
     fig.tight_layout()
-    save_figure(fig, path, dpi=110)
-    plt.close(fig)
+    return fig
 
 
 def _pca_2d(points: torch.Tensor, fit_on: torch.Tensor) -> torch.Tensor:
@@ -54,13 +116,14 @@ def _pca_2d(points: torch.Tensor, fit_on: torch.Tensor) -> torch.Tensor:
     return (points.double() - mean) @ vh[:2].T
 
 
-def save_codebook(counts: torch.Tensor, vectors: torch.Tensor, codes: torch.Tensor, path: Path) -> None:
+def codebook_figure(counts: torch.Tensor, vectors: torch.Tensor, codes: torch.Tensor) -> Figure:
     """Huh et al. Fig. 2: code usage over the test set (sorted, most used first) and a 2-D PCA of a sample of
     encoder outputs with the codebook in the same projection (fitted on both together), used codes filled,
     unused ones hollow. ``vectors`` and ``codes`` are (N, d) and (K, d) with the same d."""
     counts = counts.detach().cpu().long()
     vectors, codes = vectors.detach().cpu().float(), codes.detach().cpu().float()
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    fig = Figure(figsize=(11, 4), dpi=110)
+    axes = fig.subplots(1, 2)
     ordered = counts.sort(descending=True).values
     total = max(int(counts.sum()), 1)
     axes[0].bar(range(len(ordered)), (ordered.double() / total).numpy(), width=1.0, color="tab:blue")
@@ -80,8 +143,7 @@ def save_codebook(counts: torch.Tensor, vectors: torch.Tensor, codes: torch.Tens
     axes[1].set_title("PCA of encoder outputs and codebook")
     axes[1].legend(fontsize=7)
     fig.tight_layout()
-    save_figure(fig, path, dpi=110)
-    plt.close(fig)
+    return fig
 
 
 def _fmt(value) -> str:
@@ -115,11 +177,12 @@ def write_report(run_dir: Path, metrics: dict, pictures=("recon.png", "curves.pn
     write_text(run_dir / "report.md", "\n".join(lines))
 
 
-def save_prediction_grid(images: torch.Tensor, predicted: torch.Tensor, labels: torch.Tensor, path: Path, per_row: int = 8) -> None:
+def prediction_figure(images: torch.Tensor, predicted: torch.Tensor, labels: torch.Tensor, per_row: int = 8) -> Figure:
     """Classification's counterpart of the reconstruction grid: test images titled 'predicted (true)'."""
     n = images.shape[0]
     rows = (n + per_row - 1) // per_row
-    fig, axes = plt.subplots(rows, per_row, figsize=(per_row * 1.2, rows * 1.35), squeeze=False)
+    fig = Figure(figsize=(per_row * 1.2, rows * 1.35), dpi=100)
+    axes = fig.subplots(rows, per_row, squeeze=False)
     for i, ax in enumerate(axes.flat):
         ax.axis("off")
         if i < n:
@@ -128,5 +191,10 @@ def save_prediction_grid(images: torch.Tensor, predicted: torch.Tensor, labels: 
             ok = int(predicted[i]) == int(labels[i])
             ax.set_title(f"{int(predicted[i])} ({int(labels[i])})", fontsize=8, color="black" if ok else "red")
     fig.tight_layout()
-    save_figure(fig, path, dpi=100)
-    plt.close(fig)
+    return fig
+
+
+def save_figures(figures: dict, run_dir: Path) -> None:
+    """Each figure (name -> Figure) as run_dir/<name>.png, at the figure's own resolution."""
+    for name, figure in figures.items():
+        save_figure(figure, Path(run_dir) / f"{name}.png")

@@ -42,7 +42,7 @@ from scipy.stats import t as student_t
 from .config import build, did_you_mean, quote, quote_key, read_yaml, spec
 from .errors import UserError
 from .files import read_lines, save_figure, write_json, write_text
-from .tasks import task_of_metrics
+from .tasks import TASK_OF_KIND
 
 # metric key -> (column header in the papers' layout, factor the column is reported in). MQ-VAE Tables 1/3:
 # "LPIPS (10^-1)", "MSE (10^-3)", "Δgap (10^-5)"; Table 2: accuracy and F1 in percent.
@@ -272,9 +272,17 @@ def paired_table(sweep: Sweep, runs: list[dict], table: list[dict]) -> list[dict
     return paired
 
 
-def aggregate(sweep: Sweep, planned: list[PlannedRun]) -> dict:
+def curve_key(configs) -> Optional[str]:
+    """The test metric of the sweep's curves: that of its runs' task (``configs``: the runs' resolved configs, so
+    also when no run has metrics yet); None for runs of different tasks, which have none in common."""
+    tasks = {TASK_OF_KIND[cfg.model.kind] for cfg in configs}
+    return next(iter(tasks)).curve_key if len(tasks) == 1 else None
+
+
+def aggregate(sweep: Sweep, planned: list[PlannedRun], curve_key: Optional[str]) -> dict:
     """results.json's content: every run's metrics, per (data set, method) mean ± std over seeds, and per
-    (data set, method other than the baseline) the paired difference from the baseline."""
+    (data set, method other than the baseline) the paired difference from the baseline; ``curve_key`` is the
+    test metric the curves of results.png show (``curve_key(configs)``)."""
     runs, groups = [], {}
     for run in planned:
         metrics = read_metrics(run)
@@ -294,7 +302,7 @@ def aggregate(sweep: Sweep, planned: list[PlannedRun]) -> dict:
             row["metrics"][metric] = summary
         table.append(row)
     return {"title": sweep.title, "name": sweep.name, "seeds": sweep.seeds, "metrics": sweep.metrics,
-            "main_metric": sweep.main_metric, "scales": {m: COLUMNS[m][1] for m in sweep.metrics},
+            "main_metric": sweep.main_metric, "curve_key": curve_key, "scales": {m: COLUMNS[m][1] for m in sweep.metrics},
             "better": {m: BETTER.get(m) for m in sweep.metrics}, "baseline": sweep.baseline,
             "aggregate": table, "paired": paired_table(sweep, runs, table), "runs": runs}
 
@@ -466,15 +474,14 @@ def _curve_points(run: dict, key: str) -> list[tuple[float, float]]:
 def save_results_plot(results: dict, path: Path) -> None:
     """Bars of the main metric per method (std error bars), and the test metric against training wall-clock
     time per method and seed (MQ-VAE Fig. 4)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib import rcParams
+    from matplotlib.figure import Figure
 
     main = results["main_metric"]
     header, scale = COLUMNS[main]
     rows = results["aggregate"]
-    fig, axes = plt.subplots(1, 2, figsize=(13, 4.2))
+    fig = Figure(figsize=(13, 4.2), dpi=110)
+    axes = fig.subplots(1, 2)
     names = [row["label"] if row["dataset"] is None else f"{row['label']}\n{row['dataset']}" for row in rows]
     means = [(row["metrics"].get(main, {}).get("mean") or 0.0) / scale for row in rows]
     stds = [(row["metrics"].get(main, {}).get("std") or 0.0) / scale for row in rows]
@@ -482,10 +489,16 @@ def save_results_plot(results: dict, path: Path) -> None:
     axes[0].set_xticks(range(len(rows)), names, rotation=30, ha="right", fontsize=8)
     axes[0].set_title(f"{header} (mean ± std over seeds)")
 
-    curve_key = task_of_metrics([run["metrics"] or {} for run in results["runs"]]).curve_key
-    curve_header, curve_scale = COLUMNS[curve_key]
-    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    for i, row in enumerate(rows):
+    curve_key = results["curve_key"]
+    colors = rcParams["axes.prop_cycle"].by_key()["color"]
+    if curve_key is None:
+        axes[1].set_title("test metric against time")
+        axes[1].text(0.5, 0.5, "runs of different tasks: no common test metric", ha="center", va="center",
+                     transform=axes[1].transAxes, color="gray")
+    else:
+        curve_header, curve_scale = COLUMNS[curve_key]
+        axes[1].set_title(f"test {curve_header} against time")
+    for i, row in enumerate(rows if curve_key is not None else []):
         first = True
         for run in results["runs"]:
             if run["label"] != row["label"] or run["dataset"] != row["dataset"]:
@@ -497,12 +510,10 @@ def save_results_plot(results: dict, path: Path) -> None:
                              alpha=0.8, label=names[i].replace("\n", " ") if first else None)
                 first = False
     axes[1].set_xlabel("training wall-clock time (s)")
-    axes[1].set_title(f"test {curve_header} against time")
     if axes[1].lines:
         axes[1].legend(fontsize=7)
     fig.tight_layout()
-    save_figure(fig, path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def write_results(results: dict, sweep_dir: Path) -> None:

@@ -8,8 +8,6 @@ LPIPS), and the picture a run writes as recon.png. ``models.build_model`` picks 
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 import torch.nn.functional as F
 
@@ -31,8 +29,9 @@ class Task:
 
     name: str
     # The test metric of the training curves (curves.png, the sweep's results.png); a log.jsonl record that
-    # holds it is an evaluation.
+    # holds it is an evaluation. ``curve_title`` is its panel's title in curves.png.
     curve_key: str
+    curve_title: str
     # The output is an image of the input's size: the layers must give it back at that size, and the final
     # evaluation measures FID / IS / LPIPS of the outputs.
     outputs_images: bool
@@ -46,8 +45,8 @@ class Task:
         fed the outputs too, where the task has images."""
         raise NotImplementedError
 
-    def save_picture(self, model, dataset, device, path: Path) -> None:  # pragma: no cover - interface
-        """recon.png: what the network makes of the first test images."""
+    def picture(self, model, dataset, device):  # pragma: no cover - interface
+        """recon.png's matplotlib figure: what the network makes of the first test images."""
         raise NotImplementedError
 
 
@@ -78,6 +77,7 @@ class Reconstruction(Task):
 
     name = "reconstruction"
     curve_key = "test_mse"
+    curve_title = "test MSE (per pixel)"
     outputs_images = True
 
     def loss(self, output, batch):
@@ -94,11 +94,11 @@ class Reconstruction(Task):
     def scores(self, image_quality=None):
         return _ReconstructionScores(image_quality)
 
-    def save_picture(self, model, dataset, device, path):
+    def picture(self, model, dataset, device):
         from .evaluation import reconstructions
-        from .reports import save_recon_grid
+        from .reports import recon_figure
 
-        save_recon_grid(*reconstructions(model, dataset, 32, device), path)
+        return recon_figure(*reconstructions(model, dataset, 32, device))
 
 
 class _ClassificationScores(Scores):
@@ -126,6 +126,7 @@ class Classification(Task):
 
     name = "classification"
     curve_key = "accuracy"
+    curve_title = "test accuracy"
     outputs_images = False
 
     def loss(self, output, batch):
@@ -135,19 +136,14 @@ class Classification(Task):
     def scores(self, image_quality=None):
         return _ClassificationScores()
 
-    def save_picture(self, model, dataset, device, path):
+    def picture(self, model, dataset, device):
         from .evaluation import predictions
-        from .reports import save_prediction_grid
+        from .reports import prediction_figure
 
-        save_prediction_grid(*predictions(model, dataset, 32, device), path)
+        return prediction_figure(*predictions(model, dataset, 32, device))
 
 
 RECONSTRUCTION = Reconstruction()
 CLASSIFICATION = Classification()
-TASKS = (RECONSTRUCTION, CLASSIFICATION)
-
-
-def task_of_metrics(metrics: list[dict]) -> Task:
-    """The task whose test metric the first of ``metrics`` that holds one holds; reconstruction (the default
-    model) when none does."""
-    return next((task for m in metrics for task in TASKS if task.curve_key in m), RECONSTRUCTION)
+# model.kind -> the task its network is built for (models.build_model; a sweep's curves name the task's metric).
+TASK_OF_KIND = {"vqvae": RECONSTRUCTION, "resnet18": CLASSIFICATION}

@@ -71,6 +71,10 @@ class Level(ImplicitProblem):
     class Params:
         """No settings of its own: ``levels.*.params`` must be empty."""
 
+    # The terms of loss_terms that are scalars this level learns (logged as <level>.<term>): curves.png gives each
+    # a panel of its own. The other terms are losses and the batch perplexity.
+    learned_scalars: tuple[str, ...] = ()
+
     def __init__(self, name, config, module, optimizer, scheduler, train_data_loader, *, model, level_cfg, xi=0.0,
                  alpha=0.01, data="train", fast_roll_back: "FastRollBack | None" = None):
         super().__init__(name, config, module, optimizer, scheduler, train_data_loader)

@@ -69,6 +69,8 @@ class CommitmentWeight(Level):
         # beta at the start; null: the quantizer's beta (quantizer.beta).
         initial_beta: Optional[float] = spec(None, above=0.0)
 
+    learned_scalars = ("beta",)
+
     @classmethod
     def module_of(cls, model, params):
         if model.quantizer.loss_weights().get("commitment") is None:

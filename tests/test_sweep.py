@@ -187,7 +187,7 @@ def fake_sweep(tmp_path, metrics, per_run: dict, seeds, extra=""):
         values = per_run[run.label][run.dataset] if run.dataset else per_run[run.label]
         run.run_dir.mkdir(parents=True)
         (run.run_dir / "metrics.json").write_text(json.dumps({k: v[seeds.index(run.seed)] for k, v in values.items()}))
-    results = aggregate(sweep, planned)
+    results = aggregate(sweep, planned, "test_mse")
     write_results(results, tmp_path / "sweep")
     assert json.loads((tmp_path / "sweep" / "results.json").read_text()) == results
     return results, (tmp_path / "sweep" / "results.md").read_text()

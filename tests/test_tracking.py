@@ -1,0 +1,185 @@
+"""TensorBoard (logging.tensorboard) holds what log.jsonl holds; curves.png, recon.png and results.png show the right things."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from tensorboard.backend.event_processing import event_accumulator  # the test extra installs TensorBoard
+
+import run
+from engines import experiment
+from engines.engine import LevelEngine
+from mqvae.errors import UserError
+from mqvae.files import read_lines
+from mqvae.reports import MIN_CELL_PX, curve_panels, recon_figure, save_figures
+from mqvae.config import load_config
+from mqvae.sweep import aggregate, curve_key, expand, load_sweep, write_results
+from mqvae.tasks import TASK_OF_KIND
+from helpers import tiny_config
+
+TINY = ["--set", "model.hidden_channels=8", "--set", "model.res_channels=4", "--set", "model.num_res_blocks=1",
+        "--set", "train.log_every=1", "--set", "device=cpu", "--set", "logging.tensorboard=true"]
+
+
+def tiny_run(out, *extra):
+    return run.main(["configs/digits/mqvae.yaml", *TINY, "--set", "train.iters=6", "--set", "train.eval_every=3",
+                     "--out", str(out), *extra])
+
+
+def events(run_dir: Path):
+    accumulator = event_accumulator.EventAccumulator(str(run_dir), size_guidance={"scalars": 0, "images": 0})
+    accumulator.Reload()
+    return accumulator
+
+
+def log_scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    """Every numeric key of log.jsonl but ``step``, as (step, value) in the order written."""
+    scalars: dict[str, list] = {}
+    for record in read_lines(run_dir / "log.jsonl"):
+        for key, value in record.items():
+            if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
+                scalars.setdefault(key, []).append((record["step"], value))
+    return scalars
+
+
+def assert_same_scalars(run_dir: Path) -> None:
+    logged, tracked = log_scalars(run_dir), events(run_dir)
+    assert sorted(tracked.Tags()["scalars"]) == sorted(logged)
+    for key, points in logged.items():
+        got = [(e.step, e.value) for e in tracked.Scalars(key)]
+        assert [step for step, _ in got] == [step for step, _ in points], key
+        assert np.allclose([v for _, v in got], np.float32([v for _, v in points]), rtol=1e-6, atol=0), key
+
+
+def test_tensorboard_holds_every_scalar_of_the_log_and_the_pictures(tmp_path):
+    out = tmp_path / "run"
+    assert tiny_run(out) == 0
+    logged = log_scalars(out)
+    # Training terms of both levels and the evaluation's metrics are all in the log (the test's own premise).
+    assert {"codebook.loss", "autoencoder.perplexity", "time_s", "test_mse", "active_codes"} <= set(logged)
+    assert [step for step, _ in logged["test_mse"]] == [3, 6]
+    assert_same_scalars(out)
+    tracked = events(out)
+    for name in ("recon", "codebook"):
+        images = tracked.Images(name)
+        assert [image.step for image in images] == [3, 6], name  # the final pictures are step 6's, once
+        assert images[0].width >= 16 * MIN_CELL_PX if name == "recon" else images[0].width > 0
+
+
+def test_a_warning_record_has_no_scalar(tmp_path):
+    from mqvae.tracking import TensorBoard
+
+    writer = TensorBoard(tmp_path)
+    writer.scalars({"step": 1, "warning": "something", "a.loss": 0.5, "flag": True})
+    writer.close()
+    tracked = events(tmp_path)
+    assert tracked.Tags()["scalars"] == ["a.loss"]
+
+
+def test_a_resumed_run_has_no_duplicate_steps(tmp_path, monkeypatch):
+    args = ["--set", "train.checkpoint_every=3"]
+    original = LevelEngine.train_step
+
+    def interrupted(self):
+        if self.global_step == 5:
+            raise KeyboardInterrupt
+        original(self)
+
+    monkeypatch.setattr(LevelEngine, "train_step", interrupted)
+    assert tiny_run(tmp_path / "cut", *args) == 130
+    monkeypatch.setattr(LevelEngine, "train_step", original)
+    # Step 4 reached TensorBoard before the cut: the resumed run writes it again, after the checkpoint at 3.
+    assert [e.step for e in events(tmp_path / "cut").Scalars("codebook.loss")] == [1, 2, 3, 4]
+    assert run.main(["--resume", str(tmp_path / "cut")]) == 0
+    assert [e.step for e in events(tmp_path / "cut").Scalars("codebook.loss")] == [1, 2, 3, 4, 5, 6]
+    assert_same_scalars(tmp_path / "cut")
+
+
+def test_overwrite_removes_the_old_event_files(tmp_path):
+    out = tmp_path / "run"
+    assert tiny_run(out) == 0
+    assert tiny_run(out) == 2  # the folder holds a run
+    assert tiny_run(out, "--overwrite") == 0
+    assert len(list(out.glob("events.out.tfevents.*"))) == 1
+    assert_same_scalars(out)
+
+
+def test_missing_tensorboard_is_one_line_at_build_time(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # import fails as without the package
+    cfg = tiny_config(logging={"tensorboard": True})
+    with pytest.raises(UserError) as error:
+        experiment.build_engine(cfg, tmp_path)
+    assert '".[tensorboard]"' in str(error.value) and "pip install" in str(error.value)
+    assert len(str(error.value).splitlines()) == 1
+    assert not any(tmp_path.iterdir())
+
+
+# -- curves.png ---------------------------------------------------------------------------------------
+
+def test_curves_plot_the_learned_beta_of_three_levels(tmp_path, monkeypatch):
+    panels = []
+    draw = experiment.curves_figure
+    monkeypatch.setattr(experiment, "curves_figure", lambda p: panels.extend(p) or draw(p))
+    assert run.main(["configs/digits/three_levels.yaml", *TINY[:-2], "--set", "train.iters=2",
+                     "--out", str(tmp_path / "three")]) == 0
+    titles = [panel.title for panel in panels]
+    # three_levels.yaml's CommitmentWeight level is named commitment_weight and learns beta.
+    beta = next(panel for panel in panels if "commitment_weight.beta" in panel.lines)
+    logged = [r["commitment_weight.beta"] for r in read_lines(tmp_path / "three" / "log.jsonl")]
+    assert beta.lines["commitment_weight.beta"][1] == logged and len(logged) == 2
+    # One perplexity line, the encoder-decoder level's; no panel plots another level's perplexity.
+    perplexity = [panel for panel in panels if any(k.endswith(".perplexity") for k in panel.lines)]
+    assert len(perplexity) == 1 and list(perplexity[0].lines) == ["autoencoder.perplexity"]
+    assert titles[-1] == "test MSE (per pixel)" and panels[-1].note == "no evaluation during training"
+
+
+def test_the_test_panel_is_titled_by_the_task_with_or_without_evaluations():
+    train = [{"step": 1, "classifier.loss": 2.0, "classifier.perplexity": 3.0}, {"step": 1, "warning": "w"}]
+    classification = TASK_OF_KIND["resnet18"]
+    panel = curve_panels(train, classification, perplexity="classifier.perplexity")[-1]
+    assert (panel.title, panel.lines, panel.note) == ("test accuracy", {}, "no evaluation during training")
+    evaluated = train + [{"step": 1, "time_s": 0.1, "accuracy": 0.5}]
+    panel = curve_panels(evaluated, classification)[-1]
+    assert (panel.title, panel.lines, panel.note) == ("test accuracy", {"accuracy": ([1], [0.5])}, "")
+    assert curve_panels(evaluated, TASK_OF_KIND["vqvae"])[-1].title == "test MSE (per pixel)"
+
+
+def test_a_sweeps_curves_name_its_task_also_before_any_run_finished(tmp_path):
+    sweep_file = tmp_path / "sweep.yaml"
+    sweep_file.write_text("sweep:\n  seeds: [0]\n  metrics: [accuracy]\n  runs:\n"
+                          f"    - {{label: A, config: {Path('configs/digits/classify_vqvae.yaml').resolve()}}}\n")
+    sweep = load_sweep(sweep_file)
+    planned = expand(sweep, tmp_path / "out")
+    key = curve_key([load_config(run.config, run.overrides) for run in planned])
+    assert key == "accuracy"
+    write_results(aggregate(sweep, planned, key), tmp_path / "out")  # no run has metrics: the plot still draws
+
+
+# -- recon.png ----------------------------------------------------------------------------------------
+
+def test_recon_png_is_labelled_large_and_keeps_each_input_above_its_reconstruction(tmp_path):
+    n, side = 32, 16  # the digits: 1x16x16
+    originals = torch.stack([torch.full((1, side, side), 0.1 + 0.012 * i) for i in range(n)])
+    recons = torch.stack([torch.full((1, side, side), 0.5 + 0.012 * i) for i in range(n)])
+    figure = recon_figure(originals, recons)
+    assert {"input", "reconstruction"} <= {text.get_text() for text in figure.texts}
+    canvas = np.asarray(figure.axes[0].images[0].get_array())
+
+    def box(value):
+        ys, xs = np.nonzero(np.isclose(canvas, value, atol=1e-4))
+        return ys.min(), ys.max(), xs.min(), xs.max()
+
+    for i in range(n):
+        top, bottom, left, right = box(0.1 + 0.012 * i)
+        recon_top, recon_bottom, recon_left, recon_right = box(0.5 + 0.012 * i)
+        assert bottom - top + 1 >= MIN_CELL_PX and right - left + 1 >= MIN_CELL_PX
+        assert (recon_left, recon_right) == (left, right)  # same column
+        assert 0 < recon_top - bottom < MIN_CELL_PX  # directly below, nothing in between
+    save_figures({"recon": figure}, tmp_path)
+    width, height = Image.open(tmp_path / "recon.png").size
+    assert width >= 16 * MIN_CELL_PX and height >= 4 * MIN_CELL_PX  # 16 per row, 2 rows of pairs
