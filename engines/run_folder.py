@@ -20,8 +20,10 @@ from mqvae.files import write_text
 
 RUN_FILES = ("config.yaml", "log.jsonl", "checkpoint.pt", "metrics.json", "recon.png", "curves.png", "codebook.png",
              "report.md")
-# Extending a run, its logging, evaluation and checkpoint intervals, and the device leave what was trained valid.
-RESUMABLE_KEYS = ("train.iters", "train.log_every", "train.eval_every", "train.checkpoint_every", "device")
+# Extending a run, its logging, evaluation and checkpoint intervals, the device and what the final evaluation
+# measures leave what was trained valid.
+RESUMABLE_KEYS = ("train.iters", "train.log_every", "train.eval_every", "train.checkpoint_every", "device",
+                  "eval.image_quality", "eval.download_weights")
 
 
 def check_folder(run_dir: Path) -> None:
