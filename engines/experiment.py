@@ -21,6 +21,7 @@ from mqvae.reports import save_codebook, save_curves, write_report
 
 from .build import build_problems
 from .engine import LevelEngine
+from .library_warnings import LibraryWarnings
 from .run_folder import check_folder, claim, config_sha256
 
 
@@ -80,7 +81,8 @@ def run_experiment(cfg: Config, run_dir: Path, resume: bool = False, overwrite: 
         run_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise os_error(run_dir, exc) from None
-    with FolderLock(run_dir):
+    # Libraries' warnings from here to the final evaluation go to log.jsonl, not the terminal.
+    with FolderLock(run_dir), LibraryWarnings() as library_warnings:
         remove_stale_temps(run_dir)
         if resume and _before_first_checkpoint(run_dir):
             # Stopped before its first checkpoint: nothing trained survives, so the run starts again from
@@ -90,6 +92,7 @@ def run_experiment(cfg: Config, run_dir: Path, resume: bool = False, overwrite: 
             overwrite = True
         checkpoint = load_checkpoint(run_dir / "checkpoint.pt") if resume else None
         engine = build_engine(cfg, run_dir)
+        library_warnings.attach(engine)
         if checkpoint is not None:
             engine.load_state_dict(checkpoint, str(run_dir / "checkpoint.pt"))
             _trim_log(run_dir / "log.jsonl", engine.global_step)
