@@ -110,11 +110,11 @@ def run_experiment(cfg: Config, run_dir: Path, resume: bool = False, overwrite: 
 
 
 def finish(engine: LevelEngine) -> dict:
-    """Evaluate on the whole test split (with FID / IS / LPIPS where the outputs are images) and write metrics.json,
-    the pictures (recon.png: the task's picture, curves.png, codebook.png) and report.md."""
+    """Evaluate on the whole test split (with FID / IS / LPIPS where the outputs are images, as ``eval`` says) and
+    write metrics.json, the pictures (recon.png: the task's picture, curves.png, codebook.png) and report.md."""
     cfg, run_dir = engine.cfg, engine.run_dir
     model, test, device = engine.model, engine.datasets.test, engine.device
-    metrics, counts = final_metrics(model, test, cfg.data.batch_size, device)
+    metrics, counts = final_metrics(model, test, cfg.data.batch_size, device, cfg.eval)
     metrics.update(iterations=engine.global_step, wall_time_s=round(engine.train_time, 3),
                    config_sha256=config_sha256(cfg))
     model.task.save_picture(model, test, device, run_dir / "recon.png")
