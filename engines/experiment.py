@@ -22,6 +22,7 @@ from mqvae.tracking import require_tensorboard
 
 from .build import build_problems, config_warnings
 from .engine import LevelEngine
+from .library_warnings import LibraryWarnings
 from .run_folder import check_folder, claim, config_sha256
 
 
@@ -85,7 +86,8 @@ def run_experiment(cfg: Config, run_dir: Path, resume: bool = False, overwrite: 
         run_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise os_error(run_dir, exc) from None
-    with FolderLock(run_dir):
+    # Libraries' warnings from here to the final evaluation go to log.jsonl, not the terminal.
+    with FolderLock(run_dir), LibraryWarnings() as library_warnings:
         remove_stale_temps(run_dir)
         if resume and _before_first_checkpoint(run_dir):
             # Stopped before its first checkpoint: nothing trained survives, so the run starts again from
@@ -95,6 +97,7 @@ def run_experiment(cfg: Config, run_dir: Path, resume: bool = False, overwrite: 
             overwrite = True
         checkpoint = load_checkpoint(run_dir / "checkpoint.pt") if resume else None
         engine = build_engine(cfg, run_dir)
+        library_warnings.attach(engine)
         if checkpoint is not None:
             engine.load_state_dict(checkpoint, str(run_dir / "checkpoint.pt"))
             _trim_log(run_dir / "log.jsonl", engine.global_step)
@@ -115,11 +118,11 @@ def run_experiment(cfg: Config, run_dir: Path, resume: bool = False, overwrite: 
 
 
 def finish(engine: LevelEngine) -> dict:
-    """Evaluate on the whole test split (with FID / IS / LPIPS where the outputs are images) and write metrics.json,
-    the pictures (recon.png: the task's picture, curves.png, codebook.png; recon and codebook also to TensorBoard)
-    and report.md."""
+    """Evaluate on the whole test split (with FID / IS / LPIPS where the outputs are images, as ``eval`` says) and
+    write metrics.json, the pictures (recon.png: the task's picture, curves.png, codebook.png; recon and codebook
+    also to TensorBoard) and report.md."""
     cfg, run_dir, model = engine.cfg, engine.run_dir, engine.model
-    metrics, counts = final_metrics(model, engine.datasets.test, cfg.data.batch_size, engine.device)
+    metrics, counts = final_metrics(model, engine.datasets.test, cfg.data.batch_size, engine.device, cfg.eval)
     metrics.update(iterations=engine.global_step, wall_time_s=round(engine.train_time, 3),
                    config_sha256=config_sha256(cfg))
     pictures = engine.pictures(counts)

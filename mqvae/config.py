@@ -146,6 +146,16 @@ class TrainConfig:
 
 
 @dataclass
+class EvalConfig:
+    # FID / IS / LPIPS at the end of a run (MQ-VAE Table 3). auto: each where its pretrained weights are in torch
+    # hub's local cache (null with the reason otherwise); off: not computed (null, reason "eval.image_quality: off").
+    image_quality: str = spec("auto", choices=["auto", "off"])
+    # Fetch missing weights into that cache. Off by default: a run never touches the network (an unreachable
+    # host can hang a download attempt for minutes).
+    download_weights: bool = False
+
+
+@dataclass
 class PerfConfig:
     channels_last: bool = True
     cudnn_benchmark: bool = True
@@ -177,6 +187,7 @@ class Config:
     levels: list[LevelConfig] = spec(factory=list)
     hypergradient: HypergradientConfig = spec(factory=HypergradientConfig)
     train: TrainConfig = spec(factory=TrainConfig)
+    eval: EvalConfig = spec(factory=EvalConfig)
     perf: PerfConfig = spec(factory=PerfConfig)
     logging: LoggingConfig = spec(factory=LoggingConfig)
 
@@ -329,7 +340,11 @@ def build(cls, data: dict, where: str, prefix: str = ""):
             if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
                 raise UserError(f"{where}: {path}: required key is missing")
             continue
-        value = _convert(data[name], hints[name], where, path)
+        value = data[name]
+        if value is False and "off" in (f.metadata.get("choices") or ()):
+            # PyYAML reads an unquoted off (also no, false) as a boolean (YAML 1.1): the choice "off" is meant.
+            value = "off"
+        value = _convert(value, hints[name], where, path)
         _check_range(value, f.metadata, where, path)
         kwargs[name] = value
     return cls(**kwargs)

@@ -13,18 +13,20 @@ import torch
 from torch.utils.data import DataLoader
 
 from . import metrics as metric_fns
+from .config import EvalConfig
 from .quantizers import to_vectors
 
 
-def make_image_quality(device):
+def make_image_quality(device, download_weights: bool):
     """The FID / IS / LPIPS accumulator of a run's final evaluation.
 
     A module-level function so that tests (and users with their own feature networks) can swap in
     stand-in networks: ``ImageQuality(device, fid_feature=..., is_feature=..., lpips_net=...)``.
-    Missing pretrained weights, and for LPIPS images too small for AlexNet (under ``metrics.LPIPS_MIN_SIDE``:
-    28-px MNIST, 16-px digits), give ``None`` with a reason, never a number (``metrics.ImageQuality``).
+    Pretrained weights missing from the local cache (fetched only with ``download_weights``), and for LPIPS
+    images too small for AlexNet (under ``metrics.LPIPS_MIN_SIDE``: 28-px MNIST, 16-px digits), give ``None``
+    with a reason, never a number (``metrics.ImageQuality``).
     """
-    return metric_fns.ImageQuality(device)
+    return metric_fns.ImageQuality(device, download_weights=download_weights)
 
 
 @contextmanager
@@ -70,12 +72,17 @@ def evaluate(model, dataset, batch_size: int, device, image_quality=None) -> tup
     return metrics, counts
 
 
-def final_metrics(model, dataset, batch_size: int, device) -> tuple[dict, torch.Tensor]:
-    """The end-of-run evaluation: ``evaluate`` with FID / IS / LPIPS where the task's outputs are images, and
-    the papers' scale factors under ``scales`` (MQ-VAE reports MSE ×1e-3, LPIPS ×1e-1, Δgap ×1e-5;
-    ``metrics.SCALES``)."""
-    quality = make_image_quality(device) if model.task.outputs_images else None
+def final_metrics(model, dataset, batch_size: int, device, settings: EvalConfig) -> tuple[dict, torch.Tensor]:
+    """The end-of-run evaluation: ``evaluate`` with FID / IS / LPIPS where the task's outputs are images (as
+    ``settings`` say: ``image_quality: off`` leaves them ``None`` with that reason, not computed), and the papers'
+    scale factors under ``scales`` (MQ-VAE reports MSE ×1e-3, LPIPS ×1e-1, Δgap ×1e-5; ``metrics.SCALES``)."""
+    measured = model.task.outputs_images and settings.image_quality == "auto"
+    quality = make_image_quality(device, settings.download_weights) if measured else None
     metrics, counts = evaluate(model, dataset, batch_size, device, image_quality=quality)
+    if model.task.outputs_images and not measured:
+        # Null with a reason rather than absent, so that a sweep's table names why its cell is empty.
+        for name in metric_fns.IMAGE_QUALITY:
+            metrics[name], metrics[f"{name}_reason"] = None, f"eval.image_quality: {settings.image_quality}"
     metrics["scales"] = dict(metric_fns.SCALES)
     return metrics, counts
 

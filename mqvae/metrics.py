@@ -1,24 +1,32 @@
 """Evaluation metrics of MQ-VAE §5.2: codebook perplexity, gradient estimation gap, FID / IS / LPIPS, and
 classification's macro F1.
 
-Pretrained networks (Inception for FID/IS, AlexNet for LPIPS) may be missing on a machine, and LPIPS's
-AlexNet cannot take images under ``LPIPS_MIN_SIDE`` px. Then the metric's value is ``None`` together with a
-one-line reason; no number is ever substituted.
+Pretrained networks (Inception for FID/IS, AlexNet for LPIPS) are loaded from torch hub's local cache
+(``cached_weights``) and fetched only when asked (``download_weights``); LPIPS's AlexNet cannot take images
+under ``LPIPS_MIN_SIDE`` px. A metric that is not measured is ``None`` together with a one-line reason; no
+number is ever substituted.
 """
 
+import io
+import os
+import pickle
 import warnings
+from contextlib import redirect_stderr, redirect_stdout
+from pathlib import Path
 from typing import Callable, Optional
+from urllib.parse import urlparse
 
 import torch
+import torch.hub
 from torch import Tensor, nn
 from torchmetrics.functional.image.lpips import _lpips_update
 from torchmetrics.functional.image.lpips import _NoTrainLpips as LpipsNetwork  # LPIPS's AlexNet with its linear heads
 from torchmetrics.image.fid import FrechetInceptionDistance
 from torchmetrics.image.inception import InceptionScore
+from torchvision.models import AlexNet_Weights
 
-# IS must keep every test feature to compute its splits, which is what this warning is about; it would also put
-# lines on stderr, which holds only an error's one line.
-warnings.filterwarnings("ignore", message="Metric `InceptionScore` will save all extracted features", category=UserWarning)
+# The metrics ImageQuality computes, each with its "<name>_reason".
+IMAGE_QUALITY = ("fid", "is", "lpips")
 
 # Factors by which MQ-VAE reports these columns (Table 3, also Tables 1/4/5: "LPIPS (10^-1)",
 # "MSE (10^-3)", "Δgap (10^-5)"): a reported 1.23 in the MSE column means 1.23e-3.
@@ -102,18 +110,61 @@ def _one_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {message}"
 
 
-def _build_pretrained(factory: Callable[[], nn.Module], what: str) -> tuple[Optional[nn.Module], Optional[str]]:
-    """Construct a metric whose pretrained network may be unavailable.
+def cached_weights(url: str) -> Path:
+    """The file that ``torch.hub.load_state_dict_from_url(url)`` loads instead of downloading:
+    ``<torch.hub.get_dir()>/checkpoints/<the URL's file name>`` (``$TORCH_HOME/hub/checkpoints``, by default
+    ``~/.cache/torch/hub/checkpoints``). torchvision's AlexNet and torch-fidelity's Inception both load their
+    weights through that function with its default folder."""
+    return Path(torch.hub.get_dir(), "checkpoints", os.path.basename(urlparse(url).path))
 
-    torchmetrics 1.9 loads all weights in the constructor, so only construction is guarded; errors in
-    ``update`` are bugs and propagate. URLError (no network) and hub cache errors are OSError.
+
+def inception_url() -> str:
+    """The weights of the Inception that torchmetrics' FID and IS build (torch-fidelity's own constant, so the
+    file name follows the installed version). ModuleNotFoundError without torch-fidelity."""
+    try:
+        from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3
+    except ModuleNotFoundError as exc:
+        raise ModuleNotFoundError(f"{exc} (the image extra: pip install torch-fidelity)", name=exc.name) from None
+    return URL_INCEPTION_V3
+
+
+def alexnet_url() -> str:
+    """The weights of the AlexNet that torchmetrics' LPIPS builds (torchvision's ``AlexNet_Weights.DEFAULT``)."""
+    return AlexNet_Weights.DEFAULT.url
+
+
+# What loading a network's weights raises: URLError (no network) and cache errors are OSError; a truncated or
+# foreign file in the cache is EOFError or UnpicklingError, one of another shape RuntimeError.
+_LOAD_ERRORS = (OSError, RuntimeError, EOFError, pickle.UnpicklingError)
+
+
+def _build_pretrained(factory: Callable[[], nn.Module], what: str, weights_url: Callable[[], str],
+                      download_weights: bool) -> tuple[Optional[nn.Module], Optional[str]]:
+    """Construct a metric whose pretrained network may be unavailable: (metric, None) or (None, reason).
+
+    Weights missing from the local cache are fetched only with ``download_weights``; without it the metric is
+    not built, so nothing reaches for the network. torchmetrics 1.9 loads all weights in the constructor, so
+    only construction is guarded; errors in ``update`` are bugs and propagate.
     """
     try:
-        return factory(), None
+        path = cached_weights(weights_url())
     except ModuleNotFoundError as exc:
         return None, f"{what} unavailable, optional package missing: {_one_line(exc)}"
-    except (OSError, RuntimeError) as exc:
-        return None, f"{what} weights not cached and not downloadable: {_one_line(exc)}"
+    cached = path.is_file()
+    if not cached and not download_weights:
+        return None, f"{what} weights not in the local cache ({path}); set eval.download_weights: true to fetch them"
+    try:
+        # torch.hub prints "Downloading: ..." on stdout and its progress bar on stderr; the warning below says it.
+        with redirect_stdout(io.StringIO()), redirect_stderr(io.StringIO()):
+            metric = factory()
+    except ModuleNotFoundError as exc:
+        return None, f"{what} unavailable, optional package missing: {_one_line(exc)}"
+    except _LOAD_ERRORS as exc:
+        where = f"in the local cache ({path}) do not load" if cached else f"not cached ({path}) and not downloadable"
+        return None, f"{what} weights {where}: {_one_line(exc)}"
+    if not cached:
+        warnings.warn(f"{what} weights downloaded to {path}", stacklevel=2)
+    return metric, None
 
 
 def _lpips_with_backbone(backbone: nn.Module) -> nn.Module:
@@ -142,7 +193,8 @@ class ImageQuality:
 
     Every metric sees the images at their own size (Inception resizes to 299 px inside torchmetrics). LPIPS
     is ``None`` for images with a side under ``LPIPS_MIN_SIDE``, with a stand-in backbone too: it stands in
-    for AlexNet, so a test run gives the same nulls as a real one.
+    for AlexNet, so a test run gives the same nulls as a real one. The pretrained networks are loaded from
+    torch hub's local cache, and fetched into it only with ``download_weights`` (``_build_pretrained``).
     """
 
     def __init__(
@@ -152,6 +204,7 @@ class ImageQuality:
         fid_feature: Optional[nn.Module] = None,
         is_feature: Optional[nn.Module] = None,
         lpips_net: Optional[nn.Module] = None,
+        download_weights: bool = False,
     ) -> None:
         self.device = torch.device(device)
         self.reasons: dict[str, Optional[str]] = {}
@@ -160,23 +213,28 @@ class ImageQuality:
         # to 299 itself); a custom FID module then gets the floats unchanged.
         if fid_feature is None:
             self._fid, self.reasons["fid"] = _build_pretrained(
-                lambda: FrechetInceptionDistance(feature=2048, normalize=True), "FID Inception"
-            )
+                lambda: FrechetInceptionDistance(feature=2048, normalize=True), "FID Inception", inception_url,
+                download_weights)
         else:
             self._fid, self.reasons["fid"] = FrechetInceptionDistance(feature=fid_feature, normalize=True), None
 
         # InceptionScore casts to uint8 whenever normalize=True, custom module or not; a stand-in gets
         # normalize=False so that it sees the same [0, 1] floats as the FID stand-in.
         if is_feature is None:
-            self._is, self.reasons["is"] = _build_pretrained(lambda: InceptionScore(normalize=True), "IS Inception")
+            self._is, self.reasons["is"] = _build_pretrained(
+                lambda: InceptionScore(normalize=True), "IS Inception", inception_url, download_weights)
         else:
             self._is, self.reasons["is"] = InceptionScore(feature=is_feature, normalize=False), None
 
+        # AlexNet is built at the first batch, once its size shows that AlexNet can take it: no weights are loaded,
+        # or fetched, for images LPIPS cannot measure anyway (digits, MNIST).
+        self._lpips, self.reasons["lpips"], self._build_lpips = None, None, None
         if lpips_net is None:
             # The same network LearnedPerceptualImagePatchSimilarity(net_type="alex") builds.
-            self._lpips, self.reasons["lpips"] = _build_pretrained(lambda: LpipsNetwork(net="alex"), "LPIPS AlexNet")
+            self._build_lpips = lambda: _build_pretrained(lambda: LpipsNetwork(net="alex"), "LPIPS AlexNet",
+                                                          alexnet_url, download_weights)
         else:
-            self._lpips, self.reasons["lpips"] = _lpips_with_backbone(lpips_net), None
+            self._lpips = _lpips_with_backbone(lpips_net)
 
         for metric in (self._fid, self._is, self._lpips):
             if metric is not None:
@@ -206,7 +264,12 @@ class ImageQuality:
             self._is.update(fake)
         if min(real.shape[-2:]) < LPIPS_MIN_SIDE:
             # Decisive even where the weights are missing: with them, the value would not exist either.
-            self._lpips, self.reasons["lpips"] = None, _lpips_too_small(*real.shape[-2:])
+            self._lpips, self.reasons["lpips"], self._build_lpips = None, _lpips_too_small(*real.shape[-2:]), None
+        elif self._build_lpips is not None:
+            self._lpips, self.reasons["lpips"] = self._build_lpips()
+            self._build_lpips = None
+            if self._lpips is not None:
+                self._lpips.to(self.device)
         if self._lpips is not None:
             scores = _lpips_update(real, fake, net=self._lpips, normalize=True)
             self._lpips_sum += float(scores.double().sum())
@@ -219,7 +282,7 @@ class ImageQuality:
         """
         if self._num_pairs == 0:
             raise ValueError("ImageQuality.compute() called before any update()")
-        values = {
+        values = {  # in IMAGE_QUALITY's order
             "fid": None if self._fid is None else float(self._fid.compute()),
             "is": None if self._is is None else float(self._is.compute()[0]),  # (mean, std) over splits
             "lpips": None if self._lpips is None else self._lpips_sum / self._num_pairs,

@@ -58,6 +58,9 @@ def test_shipped_experiments_use_kmeans_init_and_alternated_ones_beta_zero():
     ({"train": {"iters": 1.5}}, ["train.iters", "integer"]),
     ({"hypergradient": {"xi": 0.0, "roll_back": True}}, ["roll_back", "xi > 0"]),
     ({"levels": [{"name": "a", "problem": "VQVAE", "lower": ["b"]}]}, ["levels.a.lower", "'b'"]),
+    ({"eval": {"image_quality": "always"}}, ["eval.image_quality", "auto, off"]),
+    ({"eval": {"image_quality": True}}, ["eval.image_quality", "expected a string"]),
+    ({"eval": {"download_weights": "yes please"}}, ["eval.download_weights", "true or false"]),
 ])
 def test_errors_are_one_line_and_name_the_key(data, needles):
     with pytest.raises(UserError) as info:
@@ -66,6 +69,15 @@ def test_errors_are_one_line_and_name_the_key(data, needles):
     assert "\n" not in message and message.startswith("x.yaml: ")
     for needle in needles:
         assert needle in message
+
+
+def test_eval_defaults_measure_from_the_cache_only_and_an_unquoted_off_is_the_choice(tmp_path):
+    cfg = config_from_dict({"levels": LEVEL}, "x.yaml")
+    assert (cfg.eval.image_quality, cfg.eval.download_weights) == ("auto", False)
+    # YAML 1.1 reads an unquoted off as false, in a file and in --set alike.
+    (tmp_path / "off.yaml").write_text("levels: [{name: a, problem: VQVAE}]\neval:\n  image_quality: off\n")
+    assert load_config(tmp_path / "off.yaml").eval.image_quality == "off"
+    assert load_config(ROOT / "configs/digits/mqvae.yaml", ["eval.image_quality=off"]).eval.image_quality == "off"
 
 
 def test_overrides_reach_any_key_and_levels_by_name():

@@ -27,7 +27,8 @@ SWEEPS = {name: data for name, data in FILES.items() if "sweep" in data}
 KEY_NAMES = sorted({f.name for cls in (config_module.Config, config_module.DataConfig, config_module.ModelConfig,
                                        config_module.QuantizerConfig, config_module.LevelConfig,
                                        config_module.HypergradientConfig, config_module.TrainConfig,
-                                       config_module.PerfConfig) for f in dataclasses.fields(cls)} | {"sweep", "runs"})
+                                       config_module.EvalConfig, config_module.PerfConfig) for f in dataclasses.fields(cls)}
+              | {"sweep", "runs"})
 
 KEYS = st.one_of(st.sampled_from(KEY_NAMES), st.text(max_size=12), st.integers(-3, 3), st.none(), st.booleans())
 SCALARS = st.one_of(

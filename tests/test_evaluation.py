@@ -119,25 +119,23 @@ def test_test_set_perplexity_is_float64_entropy_of_counts():
 
 
 def test_image_quality_null_with_reason_in_the_runs_metrics(tmp_path, monkeypatch):
-    # Force "weights absent" regardless of the machine's cache: the pretrained networks fail to load, as
-    # without network access and cache.
-    def absent(*args, **kwargs):
-        raise OSError("no weights (test)")
-
-    for network in ("FrechetInceptionDistance", "InceptionScore", "LpipsNetwork"):
-        monkeypatch.setattr(metric_fns, network, absent)
+    # "Weights absent" regardless of the machine: an empty torch hub cache, and a stand-in Inception URL so that
+    # the reason is the cache's with or without torch-fidelity installed.
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.setattr(metric_fns, "inception_url", lambda: "https://example.invalid/inception.pth")
     out = tmp_path / "run"
     assert run.main(["configs/digits/vqvae.yaml", *TINY, "--out", str(out)]) == 0
     metrics = json.loads((out / "metrics.json").read_text())
+    cached = tmp_path / "torch" / "hub" / "checkpoints" / "inception.pth"
     for name in ("fid", "is"):
         assert metrics[name] is None
-        assert "not cached" in metrics[f"{name}_reason"]
+        assert f"weights not in the local cache ({cached}); set eval.download_weights: true" in metrics[f"{name}_reason"]
     # 16-px digits: LPIPS would be undefined even with the weights, and that is the reason given.
     assert metrics["lpips"] is None and "cannot take 16x16 images" in metrics["lpips_reason"]
     assert metrics["scales"] == SCALES
     assert "gradient_gap" in metrics and math.isfinite(metrics["gradient_gap"])
     report = (out / "report.md").read_text()
-    assert "n/a (FID Inception weights not cached and not downloadable: OSError: no weights (test))" in report
+    assert f"n/a (FID Inception weights not in the local cache ({cached})" in report
 
 
 class AlexShapedFeatures(nn.Module):
@@ -172,7 +170,7 @@ class Pooled(nn.Module):
 
 def _run_with_stand_ins(tmp_path, monkeypatch, *args) -> tuple[dict, AlexShapedFeatures]:
     backbone = AlexShapedFeatures()
-    monkeypatch.setattr(evaluation, "make_image_quality", lambda device: ImageQuality(
+    monkeypatch.setattr(evaluation, "make_image_quality", lambda device, download_weights: ImageQuality(
         device, fid_feature=Pooled(8), is_feature=Pooled(10), lpips_net=backbone))
     out = tmp_path / "run"
     assert run.main(["configs/digits/vqvae.yaml", *TINY, *args, "--out", str(out)]) == 0

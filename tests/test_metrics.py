@@ -2,7 +2,6 @@
 
 import math
 import os
-import socket
 from collections import Counter
 
 import numpy as np
@@ -107,15 +106,6 @@ def test_gradient_gap_is_zero_without_quantization_error_and_works_under_no_grad
 # ---------------------------------------------------------------- image quality, real networks
 
 
-@pytest.fixture
-def short_socket_timeout():
-    # A download attempt must fail fast rather than hang on a firewalled machine.
-    previous = socket.getdefaulttimeout()
-    socket.setdefaulttimeout(10)
-    yield
-    socket.setdefaulttimeout(previous)
-
-
 def _measured_or_explained(out, name):
     value, reason = out[name], out[f"{name}_reason"]
     if value is None:
@@ -124,8 +114,8 @@ def _measured_or_explained(out, name):
         assert reason is None and isinstance(value, float) and math.isfinite(value)
 
 
-def test_real_networks_give_a_value_or_a_one_line_reason(short_socket_timeout):
-    quality = ImageQuality("cpu")
+def test_real_networks_give_a_value_or_a_one_line_reason():
+    quality = ImageQuality("cpu")  # from the local cache only: no download is attempted
     g = torch.Generator().manual_seed(3)
     real = torch.rand(4, 1, 32, 32, generator=g)
     quality.update(real, (real + 0.05).clamp(0, 1))
@@ -137,12 +127,16 @@ def test_real_networks_give_a_value_or_a_one_line_reason(short_socket_timeout):
 
 @pytest.mark.parametrize("error", [OSError("no route to host"), RuntimeError("bad checkpoint"),
                                    ModuleNotFoundError("No module named 'scipy'")])
-def test_networks_that_cannot_load_give_null_with_a_one_line_reason(monkeypatch, error):
+def test_networks_that_cannot_load_give_null_with_a_one_line_reason(monkeypatch, tmp_path, error):
     def fails(*args, **kwargs):
         raise error
 
     for network in ("FrechetInceptionDistance", "InceptionScore", "LpipsNetwork"):
         monkeypatch.setattr(metrics, network, fails)
+    # Weights "in the cache", so that construction is attempted (with or without torch-fidelity installed).
+    monkeypatch.setattr(metrics, "inception_url", lambda: "https://example.invalid/inception.pth")
+    (tmp_path / "weights.pth").write_bytes(b"")
+    monkeypatch.setattr(metrics, "cached_weights", lambda url: tmp_path / "weights.pth")
     quality = ImageQuality("cpu")
     real = _blobs(4, 32, seed=3)
     quality.update(real, real)

@@ -50,7 +50,7 @@ def test_paper_config_runs_two_iterations_on_stand_in_files(tmp_path, monkeypatc
 
     fake_datasets.skip_md5_checks(monkeypatch)
     # FID/IS/LPIPS construction is covered by test_evaluation; here it would only cost time per config.
-    monkeypatch.setattr(evaluation, "make_image_quality", lambda device: None)
+    monkeypatch.setattr(evaluation, "make_image_quality", lambda device, download_weights: None)
     dataset = name.rsplit("_", 1)[0]
     WRITERS[dataset](tmp_path / "data")
     out = tmp_path / "run"
@@ -91,6 +91,6 @@ def test_a_decoder_that_cannot_return_the_input_size_is_a_one_line_error():
 def test_adamw_levels_run(tmp_path, monkeypatch):
     from mqvae import evaluation
 
-    monkeypatch.setattr(evaluation, "make_image_quality", lambda device: None)
+    monkeypatch.setattr(evaluation, "make_image_quality", lambda device, download_weights: None)
     assert run.main(["configs/digits/mqvae.yaml", *SMALL, "--set", "levels.0.optimizer=adamw",
                      "--set", "levels.1.optimizer=adamw", "--out", str(tmp_path / "run")]) == 0
