@@ -263,11 +263,10 @@ class LevelEngine(Engine):
         loss reaches them (e.g. a level on the codebook whose loss only the task term, blocked by the plain
         straight-through estimator, would move), so they stay where they started."""
         for p in self.problems:
-            steps = p.zero_gradient_steps()
-            if steps >= ZERO_GRADIENT_STEPS:
-                self.warn(f"level '{p.name}' ({type(p).__name__}): its parameters got exactly zero gradient for {steps} "
-                          "optimizer steps in a row, so they do not learn; nothing in its loss (loss_terms' 'loss') "
-                          "depends on them")
+            if p.zero_gradient_steps() >= ZERO_GRADIENT_STEPS:
+                self.warn(f"level '{p.name}' ({type(p).__name__}): its parameters got exactly zero gradient for "
+                          f"{ZERO_GRADIENT_STEPS} optimizer steps in a row, so they do not learn; nothing in its loss "
+                          "(loss_terms' 'loss') depends on them")
 
     def maintain(self) -> None:
         """Explicit quantizer maintenance (dead-code replacement, running statistics) on this iteration's

@@ -1,0 +1,142 @@
+"""The run's warnings (``LevelEngine.warn``): each fires on a case built to trigger it, once, on stderr and in
+log.jsonl; none fires on any shipped config.
+
+- a level whose parameters get exactly zero gradient for ZERO_GRADIENT_STEPS optimizer steps in a row;
+- a hypergradient type whose implicit term is exactly zero (Betty's neumann and cg under the plain STE);
+- hypergradient settings in a config where no level has a level below it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+import fake_datasets
+from engines import experiment
+from engines.engine import ZERO_GRADIENT_STEPS, LevelEngine
+from mqvae.config import load_config
+from mqvae.hypergradients import WATCHED_STEPS
+from test_paper_configs import SMALL, WRITERS
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["--set", "model.hidden_channels=8", "--set", "model.res_channels=4", "--set", "model.num_res_blocks=1",
+        "--set", "quantizer.num_codes=16", "--set", "quantizer.dim=4", "--set", "data.batch_size=16",
+        "--set", "train.eval_every=0", "--set", "train.checkpoint_every=0", "--set", "device=cpu"]
+
+# A level on the codebook whose loss is the task loss alone: under the plain straight-through estimator the task
+# loss has no path to the codes (sg[.]), so this level's gradient is exactly zero at every step.
+TASK_ONLY_CODEBOOK = '''
+from problems import Codebook, register_problem
+
+
+@register_problem
+class TaskOnlyCodebook(Codebook):
+    def loss_terms(self, batch):
+        terms = self.model.loss(batch, weights=self.loss_weights())
+        return {**terms, "loss": terms["task"]}
+'''
+
+
+def run_cli(*args, cwd=ROOT):
+    return subprocess.run([sys.executable, str(ROOT / "run.py"), *map(str, args)], cwd=cwd, capture_output=True,
+                          text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def warnings_of(result, run_dir: Path) -> tuple[list[str], list[str]]:
+    """The warning lines on stderr, and the warning records of log.jsonl."""
+    assert result.returncode == 0, result.stderr
+    terminal = [line[len("warning: "):] for line in result.stderr.splitlines() if line.startswith("warning: ")]
+    records = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines() if line.strip()]
+    return terminal, [r["warning"] for r in records if "warning" in r]
+
+
+def test_a_level_whose_gradient_is_exactly_zero_is_reported_once(tmp_path):
+    plugin = tmp_path / "task_only.py"
+    plugin.write_text(TASK_ONLY_CODEBOOK)
+    iters = ZERO_GRADIENT_STEPS + 10
+    common = ["configs/digits/mqvae.yaml", *TINY, "--set", f"train.iters={iters}", "--set", "train.log_every=5",
+              "--set", "hypergradient.type=direct", "--import", plugin]
+    result = run_cli(*common, "--set", "levels.codebook.problem=TaskOnlyCodebook", "--out", tmp_path / "bad")
+    terminal, logged = warnings_of(result, tmp_path / "bad")
+    zero = [m for m in logged if "exactly zero gradient" in m]
+    assert len(zero) == 1 and terminal == logged, (terminal, logged)
+    assert "level 'codebook' (TaskOnlyCodebook)" in zero[0]
+    # The same run with the shipped Codebook level (Eq. 6 with its codebook term) learns: no warning.
+    result = run_cli(*common, "--out", tmp_path / "good")
+    assert warnings_of(result, tmp_path / "good") == ([], [])
+
+
+def test_the_zero_gradient_warning_needs_the_steps_in_a_row(tmp_path):
+    plugin = tmp_path / "task_only.py"
+    plugin.write_text(TASK_ONLY_CODEBOOK)
+    # Fewer steps than the limit: the level is not (yet) reported.
+    result = run_cli("configs/digits/mqvae.yaml", *TINY, "--set", f"train.iters={ZERO_GRADIENT_STEPS - 5}",
+                     "--set", "train.log_every=1", "--set", "hypergradient.type=direct", "--import", plugin,
+                     "--set", "levels.codebook.problem=TaskOnlyCodebook", "--out", tmp_path / "short")
+    assert warnings_of(result, tmp_path / "short") == ([], [])
+
+
+@pytest.mark.parametrize("method, fires", [("neumann", True), ("cg", True), ("mqvae", False), ("darts", False),
+                                           ("sama", False), ("direct", False)])
+def test_a_hypergradient_that_reduces_to_direct_is_reported(tmp_path, method, fires):
+    result = run_cli("configs/digits/mqvae.yaml", *TINY, "--set", f"train.iters={WATCHED_STEPS + 3}",
+                     "--set", f"hypergradient.type={method}", "--out", tmp_path / "run")
+    terminal, logged = warnings_of(result, tmp_path / "run")
+    assert terminal == logged
+    if fires:
+        assert len(logged) == 1 and logged[0].startswith(f"hypergradient.type {method}: the implicit term of level "
+                                                         "'codebook' through level 'autoencoder' was exactly zero")
+    else:
+        assert logged == []
+
+
+def test_hypergradient_settings_in_a_one_level_config_are_reported(tmp_path):
+    result = run_cli("configs/digits/vqvae.yaml", *TINY, "--set", "train.iters=2", "--set", "hypergradient.type=neumann",
+                     "--set", "hypergradient.alpha=0.5", "--out", tmp_path / "run")
+    terminal, logged = warnings_of(result, tmp_path / "run")
+    assert len(logged) == 1 and terminal == logged
+    assert logged[0].startswith("hypergradient.type, hypergradient.alpha: no level of this config has a level below it")
+    # The defaults written out are no setting: no warning.
+    result = run_cli("configs/digits/vqvae.yaml", *TINY, "--set", "train.iters=2", "--set", "hypergradient.type=mqvae",
+                     "--out", tmp_path / "defaults")
+    assert warnings_of(result, tmp_path / "defaults") == ([], [])
+
+
+# -- no warning on any shipped config --------------------------------------------------------------------------
+
+SHIPPED = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "configs").glob("*/*.yaml") if "tables" not in p.parts)
+
+
+def test_every_shipped_config_is_covered():
+    assert len([p for p in SHIPPED if p.startswith("configs/digits/")]) >= 15
+    assert len([p for p in SHIPPED if p.startswith("configs/paper/")]) == 10
+
+
+@pytest.mark.parametrize("path", SHIPPED)
+def test_no_warning_fires_on_a_shipped_config(tmp_path, monkeypatch, path):
+    """ZERO_GRADIENT_STEPS + 5 iterations of the config as shipped (the paper configs on small stand-ins, with
+    their level graph, quantizer and hypergradient as shipped), its k-means init included."""
+    overrides = ["train.iters=" + str(ZERO_GRADIENT_STEPS + 5), "train.log_every=5", "train.eval_every=0",
+                 "train.checkpoint_every=0", "device=cpu"]
+    if path.startswith("configs/paper/"):
+        fake_datasets.skip_md5_checks(monkeypatch)
+        dataset = Path(path).stem.rsplit("_", 1)[0]
+        WRITERS[dataset](tmp_path / "data")
+        overrides += [a for a in SMALL[1::2] if not a.startswith("train.")] + [f"data.root={tmp_path / 'data'}"]
+    cfg = load_config(ROOT / path, overrides)
+    shown = []
+    # The toolkit's warnings (library warnings, terminal=False, are the quiet-terminal tests' subject).
+    monkeypatch.setattr(LevelEngine, "warn", lambda self, message, terminal=True: terminal and shown.append(message))
+    (tmp_path / "run").mkdir()
+    engine = experiment.build_engine(cfg, tmp_path / "run")
+    if cfg.quantizer.kmeans_init:
+        experiment.initialize_codebook(engine)
+    engine.run()
+    assert engine.global_step == cfg.train.iters
+    assert shown == [], yaml.safe_dump(shown)
