@@ -169,16 +169,19 @@ def phase_times(engine, rounds: int) -> dict:
 
 def finite_check_cost(batch_size: int, rounds: int, overrides: list[str] = (), calls: int = 2000,
                       configs: Path = CONFIGS) -> dict:
-    """What the per-step finiteness flag (``LevelEngine.note_finite``) costs on a digits VQ-VAE step: median
-    seconds of one training iteration without it, and of one flag update (timed over ``calls`` updates,
-    since one is far below the clock's resolution); plus the flag's host sync (``check_finite``), which
-    runs only at logging steps and before checkpoints."""
+    """What the per-step checks cost on a digits VQ-VAE step (the shortest step, so the largest share): median
+    seconds of one training iteration without them; of one update of the finiteness flag
+    (``LevelEngine.note_finite``) and of one update of the level's zero-gradient counter (``Level._note_gradient``,
+    one per optimizer step, on gradients of the level's real shapes), each timed over ``calls`` updates, since one
+    is far below the clock's resolution; plus the flag's host sync (``check_finite``), which runs only at logging
+    steps and before checkpoints."""
     from .experiment import build_engine  # here, not at the top: see the module docstring
 
     with tempfile.TemporaryDirectory() as tmp:
         engine = build_engine(mode_config("vqvae", "digits", batch_size, overrides, configs), Path(tmp) / "vqvae")
         engine.train()
-        steps, updates, syncs = [], [], []
+        (level,) = engine.problems
+        steps, updates, zero_updates, syncs = [], [], [], []
         for i in range(3 + rounds):
             _sync(engine.device)
             start = time.perf_counter()
@@ -190,13 +193,25 @@ def finite_check_cost(batch_size: int, rounds: int, overrides: list[str] = (), c
             _sync(engine.device)
             end = time.perf_counter()
             engine.check_finite()
+            synced = time.perf_counter()
+            for p in level.trainable_parameters():
+                p.grad = torch.ones_like(p)
+            _sync(engine.device)
+            zero_start = time.perf_counter()
+            for _ in range(calls):
+                level._note_gradient()
+            _sync(engine.device)
+            zero_end = time.perf_counter()
+            level.zero_grad()
             if i >= 3:
                 steps.append(middle - start)
                 updates.append((end - middle) / calls)
-                syncs.append(time.perf_counter() - end)
-    step, update, sync = (statistics.median(t) for t in (steps, updates, syncs))
+                syncs.append(synced - end)
+                zero_updates.append((zero_end - zero_start) / calls)
+    step, update, sync, zero = (statistics.median(t) for t in (steps, updates, syncs, zero_updates))
     return {"step_s": round(step, 6), "flag_update_s": round(update, 9), "check_s": round(sync, 9),
-            "flag_update_fraction_of_step": round(update / step, 5), "batch_size": batch_size, "rounds": rounds}
+            "flag_update_fraction_of_step": round(update / step, 5), "zero_gradient_update_s": round(zero, 9),
+            "zero_gradient_update_fraction_of_step": round(zero / step, 5), "batch_size": batch_size, "rounds": rounds}
 
 
 def _quartiles(values):
@@ -478,7 +493,9 @@ def summary(result: dict) -> str:
     f = result["finite_check"]
     lines += ["", f"Finiteness flag (digits VQ-VAE, batch {f['batch_size']}): {1e6 * f['flag_update_s']:.1f} µs per step, "
               f"{100 * f['flag_update_fraction_of_step']:.3f}% of a {1e3 * f['step_s']:.2f} ms step; its host sync "
-              f"({1e6 * f['check_s']:.1f} µs) runs only at logging steps and before checkpoints."]
+              f"({1e6 * f['check_s']:.1f} µs) runs only at logging steps and before checkpoints. Zero-gradient counter: "
+              f"{1e6 * f['zero_gradient_update_s']:.1f} µs per optimizer step, "
+              f"{100 * f['zero_gradient_update_fraction_of_step']:.3f}% of that step."]
     t = result["time_to_quality"]
     median = t["median_ratio_to_vqvae_time"]
     cells = ", ".join(f"seed {row['seed']} " + ("never reached" if row["ratio_to_vqvae_time"] is None

@@ -26,7 +26,7 @@ from .run_folder import write_config
 # Betty logs set-up chatter at INFO; the progress bar and log.jsonl are this toolkit's interface.
 get_logger().setLevel(logging.WARNING)
 
-# Optimizer steps in a row with an exactly zero gradient after which a level is reported as not learning.
+# Optimizer steps in a row with a zero gradient (Level._note_gradient) after which a level is reported as not learning.
 ZERO_GRADIENT_STEPS = 50
 
 
@@ -259,12 +259,12 @@ class LevelEngine(Engine):
                 self.warn(p.warnings.pop(0))
 
     def check_learning(self) -> None:
-        """A level whose parameters got exactly zero gradient for ZERO_GRADIENT_STEPS steps in a row: nothing in its
+        """A level whose parameters got a zero gradient for ZERO_GRADIENT_STEPS steps in a row: nothing in its
         loss reaches them (e.g. a level on the codebook whose loss only the task term, blocked by the plain
         straight-through estimator, would move), so they stay where they started."""
         for p in self.problems:
             if p.zero_gradient_steps() >= ZERO_GRADIENT_STEPS:
-                self.warn(f"level '{p.name}' ({type(p).__name__}): its parameters got exactly zero gradient for "
+                self.warn(f"level '{p.name}' ({type(p).__name__}): its parameters got a zero gradient for "
                           f"{ZERO_GRADIENT_STEPS} optimizer steps in a row, so they do not learn; nothing in its loss "
                           "(loss_terms' 'loss') depends on them")
 

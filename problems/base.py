@@ -98,8 +98,8 @@ class Level(ImplicitProblem):
         self._trainable: list[torch.Tensor] | None = None
         self._pre_step: list[torch.Tensor] | None = None
         self._purity: PureEvaluation | None = None
-        # Optimizer steps in a row, now and at most, whose gradient was exactly zero in every parameter: on the
-        # device, read by the engine at logging steps only (zero_gradient_steps).
+        # Optimizer steps in a row, now and at most, whose gradient was zero in every parameter: on the device,
+        # read by the engine at logging steps only (zero_gradient_steps).
         self._zero_run: torch.Tensor | None = None
         self._longest_zero_run: torch.Tensor | None = None
         # Warnings met inside the level's step (e.g. by a hypergradient method), for the engine to report once.
@@ -352,25 +352,26 @@ class Level(ImplicitProblem):
             self.zero_grad()
 
     def _note_gradient(self) -> None:
-        """Count steps whose gradient is exactly zero in every parameter (a parameter without one counts as
-        zero), without a host synchronisation."""
+        """Count optimizer steps whose gradient has norm 0 in every parameter (a parameter without one counts as
+        zero), without a host synchronisation. The float32 2-norm (torch's fastest foreach reduction: 43 us for the
+        digits model's 31 tensors on the 2-core CPU, where the inf-norm takes 500 us) is 0 only when every entry is
+        below about 1e-22 in magnitude, a gradient that moves no parameter."""
         params = self.trainable_parameters()
         if not params:
             return
         grads = [p.grad for p in params if p.grad is not None]
         if self._zero_run is None:
-            device = params[0].device
-            self._zero_run = torch.zeros((), dtype=torch.long, device=device)
-            self._longest_zero_run = torch.zeros((), dtype=torch.long, device=device)
+            self._zero_run = torch.zeros((), dtype=torch.long, device=params[0].device)
+            self._longest_zero_run = torch.zeros_like(self._zero_run)
         if grads:
-            zero = torch.stack(torch._foreach_norm(grads, ord=float("inf"))).amax() == 0
-            self._zero_run = (self._zero_run + 1) * zero
+            zero = torch.stack(torch._foreach_norm(grads)).sum() == 0
+            self._zero_run = torch.where(zero, self._zero_run + 1, 0)
         else:
             self._zero_run = self._zero_run + 1
         self._longest_zero_run = torch.maximum(self._longest_zero_run, self._zero_run)
 
     def zero_gradient_steps(self) -> int:
-        """The longest run so far of optimizer steps with an exactly zero gradient (a host sync)."""
+        """The longest run so far of optimizer steps with a zero gradient (a host sync)."""
         return 0 if self._longest_zero_run is None else int(self._longest_zero_run)
 
     # -- Betty hooks ------------------------------------------------------------------------------

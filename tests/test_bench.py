@@ -55,6 +55,9 @@ def test_bench_writes_the_documented_schema(tmp_path, monkeypatch):
     finite = result["finite_check"]
     assert finite["step_s"] > 0 and finite["flag_update_s"] > 0 and finite["check_s"] >= 0
     assert finite["flag_update_fraction_of_step"] == pytest.approx(finite["flag_update_s"] / finite["step_s"], rel=0.01, abs=1e-5)
+    assert finite["zero_gradient_update_s"] > 0
+    assert finite["zero_gradient_update_fraction_of_step"] == pytest.approx(
+        finite["zero_gradient_update_s"] / finite["step_s"], rel=0.01, abs=1e-5)
 
     # Time to quality: three seeds by default, --quick too; every seed's own figures; nulls with their reason.
     ttq = result["time_to_quality"]
