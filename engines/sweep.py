@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from mqvae.checkpoint import load_checkpoint
-from mqvae.config import load_config, to_dict
+from mqvae.config import config_from_dict, load_config, to_dict
 from mqvae.errors import Diverged, UserError
 from mqvae.files import FolderLock, remove_stale_temps
 from mqvae.sweep import aggregate, curve_key, expand, load_sweep, read_metrics, write_results
@@ -59,10 +59,17 @@ def _run_all(planned, configs) -> None:
 
 
 def _stale(run_dir: Path, planned: dict) -> str | None:
-    """Why the folder's run is not the planned one (None when its config.yaml is the planned config)."""
+    """Why the folder's run is not the planned one (None when its config.yaml is the planned config).
+
+    The saved config is read as a config, so that a key the toolkit added since (written there with its
+    default) is no difference: a run made before a new config section is not trained again."""
     saved = saved_config(run_dir)
     if saved is None:
         return "holds no readable config.yaml"
+    try:
+        saved = to_dict(config_from_dict(saved, str(run_dir / "config.yaml")))
+    except UserError as exc:
+        return f"holds a config.yaml that no longer validates ({exc})"
     changed = differing_keys(saved, planned)
     if changed:
         return f"was run with other values of {', '.join(changed[:6])}" + (" and more" if len(changed) > 6 else "")

@@ -286,6 +286,26 @@ def test_a_sweep_reuses_a_run_only_with_the_planned_config(tmp_path):
         assert yaml.safe_load((Path(r["run_dir"]) / "config.yaml").read_text())["train"]["iters"] == 3
 
 
+def test_a_sweep_keeps_a_run_whose_config_lacks_only_keys_added_since(tmp_path):
+    """A run made before a config section existed (its config.yaml lacks ``eval``, ``logging`` and ``imports``)
+    was made with those keys' defaults: a restarted sweep keeps it rather than training it again."""
+    from test_sweep import write_sweep
+
+    path, out = write_sweep(tmp_path), tmp_path / "sweep"
+    assert run.main([str(path), *TINY, "--out", str(out)]) == 0
+    first = out / "vq-vae" / "seed0"
+    saved = yaml.safe_load((first / "config.yaml").read_text())
+    for key in ("eval", "logging", "imports"):
+        del saved[key]
+    (first / "config.yaml").write_text(yaml.safe_dump(saved))
+    (first / "metrics.json").write_text(json.dumps({**json.loads((first / "metrics.json").read_text()), "marker": 1}))
+    result = subprocess.run([sys.executable, "run.py", str(path), *TINY, "--out", str(out)],
+                            cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count("finished earlier with this config, kept") == 4, result.stdout
+    assert json.loads((first / "metrics.json").read_text())["marker"] == 1
+
+
 # -- what the independent fuzz found ----------------------------------------------------------------------
 
 @pytest.mark.parametrize("args", [[], ["configs/digits/vqvae.yaml", "--bogus"], ["configs/digits/vqvae.yaml", "--set"]])
