@@ -85,9 +85,16 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print(f"interrupted; continue with --resume {run_dir} (from the last checkpoint)", file=sys.stderr)
         return 130
-    shown = {k: v for k, v in metrics.items() if not k.endswith("_reason") and k != "scales"}  # both are in metrics.json
-    print(f"{run_dir}: " + ", ".join(f"{k} {v:.5g}" if isinstance(v, float) else f"{k} {v}" for k, v in shown.items()))
+    print(summary_line(run_dir, metrics))
     return 0
+
+
+def summary_line(run_dir, metrics: dict) -> str:
+    """The run's one line: each measured metric, then those not measured (their reasons are in metrics.json)."""
+    shown = {k: v for k, v in metrics.items() if not k.endswith("_reason") and k not in ("scales", "config_sha256")}
+    measured = ", ".join(f"{k} {v:.5g}" if isinstance(v, float) else f"{k} {v}" for k, v in shown.items() if v is not None)
+    missing = [k for k, v in shown.items() if v is None]
+    return f"{run_dir}: {measured}" + (f"; not measured: {', '.join(missing)} (see metrics.json)" if missing else "")
 
 
 def _run_sweep(args) -> int:

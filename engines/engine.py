@@ -30,6 +30,18 @@ get_logger().setLevel(logging.WARNING)
 ZERO_GRADIENT_STEPS = 50
 
 
+def _mismatch(exc: BaseException) -> str:
+    """One line of what did not fit: torch's load_state_dict lists every missing, unexpected or misshapen entry
+    on lines of their own; the first is shown whole, and the others counted."""
+    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+    if len(lines) > 1 and lines[0].startswith("Error(s) in loading state_dict"):
+        header, problems = lines[0].rstrip(":"), lines[1:]
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        return f"{header}: {problems[0][:500]}{more}"
+    text = " ".join(lines) or type(exc).__name__
+    return text if len(text) <= 500 else text[:497] + "..."
+
+
 class LevelEngine(Engine):
     def __init__(self, cfg, problems, dependencies, model, datasets, device, run_dir: Path):
         self.cfg, self.model, self.datasets, self.run_dir = cfg, model, datasets, Path(run_dir)
@@ -88,7 +100,7 @@ class LevelEngine(Engine):
                     p.train_data_iterator = [iter(p.stream)]
                 p._count = state["step"]
         except (KeyError, RuntimeError, ValueError) as exc:
-            raise UserError(f"--resume: {where} does not match this config ({str(exc).splitlines()[0][:150]})") from None
+            raise UserError(f"--resume: {where} does not match this config: {_mismatch(exc)}") from None
         self.global_step = self.checkpoint_step = state["step"]
         self.train_time = state.get("train_time", 0.0)
         set_rng_state(state["rng"])
