@@ -21,6 +21,7 @@ import yaml
 
 import betty.hypergradient
 import mqvae.config
+import mqvae.errors
 import mqvae.data
 import mqvae.hypergradients
 import mqvae.optim
@@ -208,3 +209,33 @@ def test_the_hypergradient_method_example_is_called_and_trains_the_codebook(tmp_
     assert namespace[CALLS], f"hypergradient.type: {name} never called the example's function"
     assert len(namespace[CALLS]) >= cfg.train.iters, namespace[CALLS]
     assert changed(before, after), "the upper level did not train"
+
+
+def test_the_level_examples_params_are_validated_with_the_config(registries):
+    text = level_section()
+    run_snippet(code_blocks(text, "python"), "Adding a level")
+    levels = example_config(text)["levels"]
+    (with_params,) = [level for level in levels if level.get("params")]
+    (name, value), = with_params["params"].items()
+    cfg = tiny_config(levels=levels)
+    assert getattr(next(level for level in cfg.levels if level.name == with_params["name"]).params, name) == value
+    for params, needle in [({name + "x": value}, f"did you mean '{name}'?"), ({name: -1.0}, "below the minimum")]:
+        broken = [dict(level, params=params) if level is with_params else level for level in levels]
+        with pytest.raises(mqvae.errors.UserError, match=re.escape(needle)):
+            tiny_config(levels=broken)
+
+
+def test_the_standalone_quantizer_example_runs_and_keeps_its_contract(registries):
+    (block,) = code_blocks(sections()["The quantizer as a standalone layer"], "python")
+    namespace = run_snippet([block], "the standalone quantizer")
+    quantizer, encoder, images, out = (namespace[k] for k in ("quantizer", "encoder", "images", "out"))
+    assert int(out.counts.sum()) == out.indices.shape[0]  # the last batch's vectors, each counted once
+    # The forward is pure: a forward leaves every parameter and buffer as it was ...
+    before = {k: v.clone() for k, v in quantizer.state_dict().items()}
+    with torch.no_grad():
+        z_e = encoder(images[:8])
+        result = quantizer(z_e)
+    assert all(torch.equal(before[k], v) for k, v in quantizer.state_dict().items())
+    # ... and maintenance is the explicit call: it advances the codes' idle counters (LRU replacement).
+    quantizer.maintain(z_e, result.detached())
+    assert not torch.equal(before["idle_iters"], quantizer.state_dict()["idle_iters"])
