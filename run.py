@@ -17,6 +17,7 @@ changed.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -78,9 +79,13 @@ def main(argv=None) -> int:
             run_dir = args.out or default_run_dir(args.config)
             cfg = load_config(args.config, args.overrides, args.imports)
         metrics = run_experiment(cfg, run_dir, resume=args.resume is not None, overwrite=args.overwrite)
+        if not metrics:
+            return 0  # a data-parallel rank other than 0: rank 0 reports the run
     except UserError as exc:
         return _error(exc)
     except (OSError, MemoryError, RuntimeError) as exc:
+        if _peer_lost(exc):
+            return 1
         return _error(_fault_line(exc))
     except KeyboardInterrupt:
         print(f"interrupted; continue with --resume {run_dir} (from the last checkpoint)", file=sys.stderr)
@@ -99,10 +104,13 @@ def summary_line(run_dir, metrics: dict) -> str:
 
 def _run_sweep(args) -> int:
     from engines.sweep import run_sweep
+    from mqvae.distributed import launched
     from mqvae.errors import UserError
     from mqvae.sweep import load_sweep, parse_seeds
 
     try:
+        if launched() > 1:
+            raise UserError(f"{args.config}: a sweep runs in one process; start each of its runs with torchrun instead")
         if args.resume is not None or args.overwrite:
             raise UserError(f"--resume, --overwrite: not used with a sweep file ({args.config}); rerun the same command "
                             "to finish the missing runs (runs whose config changed are run again)")
@@ -135,11 +143,45 @@ def _fault_line(exc: BaseException) -> str:
 
 def _error(exc) -> int:
     """The one line of a user's error. Messages are one line by contract; a multi-line one (e.g. re-raised by a
-    library) is cut to its first line, so the contract holds on stderr."""
+    library) is cut to its first line, so the contract holds on stderr. Under torchrun the job's one line comes
+    from the rank where the error began: rank 0 for what every rank meets alike (the config, a diverged loss, which
+    the ranks check together), the rank itself (named) for its own (its data); a rank that only lost its peers says
+    nothing."""
+    from mqvae.errors import Diverged
+
     lines = str(exc).strip().splitlines() or [type(exc).__name__]
-    print(f"error: {lines[0][:2000]}", file=sys.stderr)
+    rank = int(os.environ.get("RANK", "0"))
+    if rank == 0 or (_training_in_parallel() and not isinstance(exc, Diverged)):
+        print(f"error: {f'rank {rank}: ' if rank else ''}{lines[0][:2000]}", file=sys.stderr)
     return 2
 
 
+def _training_in_parallel() -> bool:
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized()
+
+
+def _peer_lost(exc: BaseException) -> bool:
+    """A collective failed because another data-parallel rank stopped (that rank reports why)."""
+    import torch.distributed as dist
+
+    # NCCL raises DistBackendError; gloo a plain RuntimeError naming the closed connection or the timeout.
+    peer_gone = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "Timed out")
+    return _training_in_parallel() and (isinstance(exc, getattr(dist, "DistError", ()))
+                                        or any(text in str(exc) for text in peer_gone))
+
+
+def _main() -> int:
+    try:
+        return main()
+    finally:
+        # A data-parallel rank leaves its process group before the interpreter exits (torch aborts a rank that
+        # exits holding one while its peers still run).
+        distributed = sys.modules.get("mqvae.distributed")
+        if distributed is not None:
+            distributed.stop()
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(_main())

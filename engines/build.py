@@ -8,6 +8,7 @@ import hashlib
 from betty.configs import Config as BettyConfig
 
 import mqvae.hypergradients  # noqa: F401  (registers the hypergradient types with Betty)
+from mqvae import distributed
 from mqvae.config import Config, HypergradientConfig
 from mqvae.data import holdout_split
 from mqvae.errors import UserError
@@ -74,6 +75,9 @@ def build_problems(cfg: Config, model, datasets, device) -> tuple[list, dict]:
 
     holdout = None
     main_stream_taken = False
+    # Data-parallel: each rank draws its slice of the batches of one process with ranks x data.batch_size.
+    ranks = distributed.world_size()
+    shard = (distributed.rank(), ranks)
     problems = {}
     for level in cfg.levels:
         cls = PROBLEMS[level.problem]  # a registered name (checked with the config)
@@ -102,12 +106,13 @@ def build_problems(cfg: Config, model, datasets, device) -> tuple[list, dict]:
             # VQ-VAE, alt and MQ-VAE runs at one seed are paired. Any further draw gets a seed of its own.
             seed = derived_seed(cfg.seed, level.name) if main_stream_taken else cfg.seed
             main_stream_taken = True
-            stream = BatchStream(datasets.train, cfg.data.batch_size, seed=seed, num_workers=cfg.data.num_workers)
+            stream = BatchStream(datasets.train, cfg.data.batch_size * ranks, seed=seed, num_workers=cfg.data.num_workers,
+                                 shard=shard)
         elif data == "holdout":
             if holdout is None:
                 _, holdout = holdout_split(datasets.train, cfg.data.holdout_fraction, seed=cfg.seed)
-            stream = BatchStream(holdout, min(cfg.data.batch_size, len(holdout)), seed=derived_seed(cfg.seed, level.name),
-                                 num_workers=cfg.data.num_workers)
+            stream = BatchStream(holdout, min(cfg.data.batch_size * ranks, len(holdout) // ranks * ranks),
+                                 seed=derived_seed(cfg.seed, level.name), num_workers=cfg.data.num_workers, shard=shard)
         params = [p for p in module.parameters() if p.requires_grad]
         optimizer = make_optimizer(level, params)
         scheduler = make_scheduler(level, optimizer, cfg.train.iters)

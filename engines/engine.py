@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import sys
@@ -14,6 +15,7 @@ from betty.engine import Engine
 from betty.logging.logger_base import get_logger
 from tqdm import tqdm
 
+from mqvae import distributed
 from mqvae.checkpoint import check_hyperparameters, non_finite_entries, rng_state, save_checkpoint, set_rng_state
 from mqvae.errors import Diverged, UserError
 from mqvae.evaluation import evaluate, latents_and_codes
@@ -46,6 +48,8 @@ class LevelEngine(Engine):
     def __init__(self, cfg, problems, dependencies, model, datasets, device, run_dir: Path):
         self.cfg, self.model, self.datasets, self.run_dir = cfg, model, datasets, Path(run_dir)
         self.target_device = device
+        # Data-parallel (mqvae.distributed): only rank 0 writes the run folder, prints and evaluates.
+        self.ranks, self.writes = distributed.world_size(), distributed.rank() == 0
         self.train_time = 0.0  # seconds spent in training iterations, excluding evaluation and saving
         self.checkpoint_step = None  # iteration of the last checkpoint written or resumed from
         self.config_written = False  # whether run_dir/config.yaml is this engine's cfg
@@ -66,10 +70,16 @@ class LevelEngine(Engine):
         self.encoder_level = next((p for p in problems if any(m is encoder for m in p.module.modules())), None)
 
     def configure_systems(self):
-        # Betty's own version divides by torch.cuda.device_count() for distributed strategies, which fails on
-        # a CPU-only machine; this engine runs one process on the configured device.
+        # Betty's own version initializes the process group itself and divides by torch.cuda.device_count() for
+        # distributed strategies, which fails on a CPU-only machine: the process group is torchrun's, joined
+        # before the model is built (mqvae.distributed.start), and the device is the one it gave this rank.
         self.device = self.target_device
-        return {"strategy": "default", "backend": None, "world_size": 1, "rank": 0, "local_rank": 0}
+        if self.ranks == 1:
+            return {"strategy": "default", "backend": None, "world_size": 1, "rank": 0, "local_rank": 0}
+        rank = distributed.rank()
+        local = self.device.index if self.device.type == "cuda" else 0
+        return {"strategy": "distributed", "backend": torch.distributed.get_backend(), "world_size": self.ranks,
+                "rank": rank, "local_rank": local}
 
     # -- state ------------------------------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -81,10 +91,15 @@ class LevelEngine(Engine):
             "step": self.global_step,
             "train_time": self.train_time,
             "rng": rng_state(),
+            "world_size": self.ranks,
         }
 
     def load_state_dict(self, state: dict, where: str) -> None:
         names = sorted(p.name for p in self.problems)
+        if state.get("world_size", 1) != self.ranks:
+            # Each rank's batches are its slice of the global batch: another number of ranks is another run.
+            raise UserError(f"--resume: {where} was trained with {state.get('world_size', 1)} data-parallel rank(s); "
+                            f"resume it with as many (torchrun --nproc_per_node), not {self.ranks}")
         if sorted(state["levels"]) != names:
             raise UserError(f"--resume: {where} holds levels {sorted(state['levels'])}, the config has {names}")
         try:
@@ -113,6 +128,10 @@ class LevelEngine(Engine):
         bad = non_finite_entries(state)
         if bad:
             raise Diverged(self._stopped(f"{bad[0]} holds non-finite values"))
+        self.check_replicas()
+        if not self.writes:
+            self.checkpoint_step = self.global_step
+            return
         if self.config_written:
             save_checkpoint(self.run_dir / "checkpoint.pt", state)
         else:
@@ -131,6 +150,14 @@ class LevelEngine(Engine):
         if self.tensorboard is not None:
             self.tensorboard.flush()  # the events up to the checkpoint are on disk, as log.jsonl's lines are
 
+    def check_replicas(self) -> None:
+        """Data-parallel: every rank holds rank 0's model, bit for bit (one broadcast of the model per checkpoint).
+        A difference is a bug of the data-parallel path, so the run stops rather than save one rank's state."""
+        name = distributed.first_difference([(f"{p.name}.{key}", value) for p in self.problems
+                                             for key, value in p.module.state_dict().items()])
+        if name is not None:
+            raise RuntimeError(f"data-parallel ranks hold different values of {name} at iteration {self.global_step}")
+
     def write_config(self) -> None:
         """run_dir/config.yaml := this engine's resolved config."""
         write_config(self.run_dir, self.cfg)
@@ -145,8 +172,13 @@ class LevelEngine(Engine):
                 self._finite = torch.logical_and(self._finite, torch.isfinite(loss))
 
     def check_finite(self) -> None:
-        """The flag's one host sync, at logging steps and before every checkpoint."""
-        if not bool(self._finite):
+        """The flag's one host sync, at logging steps and before every checkpoint. Data-parallel: the ranks' flags
+        are combined, so every rank stops at the same step (a NaN on one rank reaches all through the averaged
+        gradients anyway) and rank 0 says so."""
+        finite = self._finite.to(torch.int32)
+        if self.ranks > 1:
+            finite = distributed.sum_(finite.clone()) == self.ranks
+        if not bool(finite):
             losses = ", ".join(f"{p.name}.loss {p.last_stats['loss'].item():.4g}" for p in self.problems
                                if "loss" in p.last_stats)
             raise Diverged(self._stopped(f"a loss became NaN or infinite (now {losses})"))
@@ -161,7 +193,7 @@ class LevelEngine(Engine):
     def warn(self, message: str, terminal: bool = True) -> None:
         """A warning, once per run: one line on stderr (``terminal``; library chatter is not) and a record
         ``{"step", "warning"}`` in log.jsonl, so that the run folder keeps what the terminal showed."""
-        if message in self._warned:
+        if message in self._warned or not self.writes:
             return
         self._warned.add(message)
         if terminal:
@@ -187,6 +219,8 @@ class LevelEngine(Engine):
 
     # -- records and pictures ---------------------------------------------------------------------
     def record(self, log, path: Path, record: dict) -> None:
+        if log is None:
+            return  # a data-parallel rank other than 0
         """One record into log.jsonl and, with logging.tensorboard, its numbers into TensorBoard: every record
         goes through here, so both hold the same scalars."""
         append_line(log, path, json.dumps(record))
@@ -219,11 +253,11 @@ class LevelEngine(Engine):
         self.train()
         log_path = self.run_dir / "log.jsonl"
         try:
-            log = self._log = open(log_path, "a")
+            log = self._log = open(log_path, "a") if self.writes else None
         except OSError as exc:
             raise os_error(log_path, exc) from None
-        self._log_started = True
-        if self.cfg.logging.tensorboard and self.tensorboard is None:
+        self._log_started = self.writes
+        if self.cfg.logging.tensorboard and self.tensorboard is None and self.writes:
             # A resumed run drops the events logged after its checkpoint, as it drops those lines of log.jsonl.
             purge_step = None if self.checkpoint_step is None else self.checkpoint_step + 1
             self.tensorboard = TensorBoard(self.run_dir, purge_step)
@@ -231,7 +265,7 @@ class LevelEngine(Engine):
         # disable=None: a bar only on a terminal, so a redirected stderr holds nothing but an error's one line
         # (log.jsonl records the progress either way).
         bar = tqdm(total=cfg.iters, initial=self.global_step, desc=self.run_dir.name, dynamic_ncols=True, mininterval=0.5,
-                   disable=None)
+                   disable=None if self.writes else True)
         try:
             for step in range(self.global_step + 1, cfg.iters + 1):
                 start = time.perf_counter()
@@ -251,7 +285,7 @@ class LevelEngine(Engine):
                                      for k, v in record.items() if k.endswith((".loss", ".perplexity"))}, refresh=False)
                 else:
                     self.train_time += time.perf_counter() - start
-                if cfg.eval_every and step % cfg.eval_every == 0:
+                if cfg.eval_every and step % cfg.eval_every == 0 and self.writes:
                     metrics, counts = evaluate(self.model, self.datasets.test, self.cfg.data.batch_size, self.device)
                     self.record(log, log_path, {"step": step, "time_s": round(self.train_time, 4), **metrics})
                     if self.tensorboard is not None:
@@ -261,7 +295,8 @@ class LevelEngine(Engine):
                 bar.update(1)
         finally:
             bar.close()
-            log.close()
+            if log is not None:
+                log.close()
             self._log = None
 
     def report_level_warnings(self) -> None:
@@ -282,16 +317,35 @@ class LevelEngine(Engine):
 
     def maintain(self) -> None:
         """Explicit quantizer maintenance (dead-code replacement, running statistics) on this iteration's
-        real forward; never inside a forward, so perturbed evaluations stay pure."""
+        real forward; never inside a forward, so perturbed evaluations stay pure. Data-parallel: rank 0 maintains
+        on the global batch (the ranks' batches in rank order, as one process holds it) and its quantizer is
+        broadcast, so statistics, dead codes and replacement candidates are those of one process."""
         forward = self.encoder_level.last_forward if self.encoder_level is not None else None
-        if forward is not None:
-            self.model.quantizer.maintain(*forward)
+        quantizer = self.model.quantizer
+        if forward is None or not quantizer.maintains:
+            return
+        if self.ranks == 1:
+            quantizer.maintain(*forward)
+            return
+        z_e, out = forward
+        z_e = distributed.gather(z_e)
+        out = dataclasses.replace(out, z_q=distributed.gather(out.z_q), indices=distributed.gather(out.indices),
+                                  counts=distributed.sum_(out.counts.clone()))
+        if self.writes:
+            quantizer.maintain(z_e, out)
+        distributed.broadcast_([*quantizer.parameters(), *quantizer.buffers()])
 
     def training_record(self, step: int) -> dict:
         """The levels' latest loss terms as numbers (a host sync, only at logging steps)."""
-        record = {"step": step}
+        keys, values = [], []
         for p in self.problems:
             for key, value in p.last_stats.items():
                 if torch.is_tensor(value) and value.numel() == 1:
-                    record[f"{p.name}.{key}"] = value.item()
-        return record
+                    keys.append(f"{p.name}.{key}")
+                    values.append(value.detach().reshape(1).double())
+        if values and self.ranks > 1:
+            # Data-parallel: each rank's batch mean; their mean is the global batch's (a perplexity is averaged).
+            values = [torch.cat(values)]
+            distributed.average_(values)
+        numbers = torch.cat(values).tolist() if values else []
+        return {"step": step, **dict(zip(keys, numbers))}

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from mqvae import distributed
 from mqvae.checkpoint import load_checkpoint
 from mqvae.config import Config
 from mqvae.data import load_datasets
@@ -27,11 +28,11 @@ from .run_folder import check_folder, claim, config_sha256
 
 
 def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    """The configured device; a data-parallel rank's CUDA device is the one torchrun's LOCAL_RANK gave it."""
     if name == "cuda" and not torch.cuda.is_available():
         raise UserError("device: cuda was requested but torch sees no CUDA device; use device: auto or cpu")
-    return torch.device(name)
+    cuda = name == "cuda" or (name == "auto" and torch.cuda.is_available())
+    return torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
 
 
 def build_engine(cfg: Config, run_dir: Path) -> LevelEngine:
@@ -44,6 +45,12 @@ def build_engine(cfg: Config, run_dir: Path) -> LevelEngine:
     # perf: CUDA-only speed switches (mqvae.perf); on the CPU they are documented no-ops.
     model_cfg = dataclasses.replace(cfg, quantizer=perf_quantizer_config(cfg.perf, cfg.quantizer, device))
     model = build_model(model_cfg, datasets.channels, datasets.num_classes).to(device)
+    if cfg.model.sync_batch_norm:
+        if device.type != "cuda":
+            raise UserError("model.sync_batch_norm: torch's SyncBatchNorm runs on CUDA only; on the CPU each rank's "
+                            "BatchNorm uses its own batch's statistics (set it to false)")
+        if distributed.world_size() > 1:
+            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     perf_applied = apply_perf(cfg.perf, model, device)
     problems, dependencies = build_problems(cfg, model, datasets, device)
     engine = LevelEngine(cfg, problems, dependencies, model, datasets, device, run_dir)
@@ -58,9 +65,11 @@ def initialize_codebook(engine: LevelEngine) -> None:
     MQ-VAE §5.1: "All models were initialized using the K-means clustering algorithm"). Its random draws come
     from a generator seeded by the run's seed alone, so every method at one seed starts from the same codebook."""
     model = engine.model
-    with torch.no_grad():
-        z_e = model.encoder(first_images(engine.datasets.train, 2048).to(engine.device))
-    model.quantizer.initialize(z_e, generator=torch.Generator(engine.device).manual_seed(engine.cfg.seed))
+    if engine.writes:  # data-parallel: rank 0 computes the codes on the same images, and every rank takes them
+        with torch.no_grad():
+            z_e = model.encoder(first_images(engine.datasets.train, 2048).to(engine.device))
+        model.quantizer.initialize(z_e, generator=torch.Generator(engine.device).manual_seed(engine.cfg.seed))
+    distributed.broadcast_([*model.quantizer.parameters(), *model.quantizer.buffers()])
 
 
 def _trim_log(path: Path, step: int) -> None:
@@ -81,6 +90,9 @@ def run_experiment(cfg: Config, run_dir: Path, resume: bool = False, overwrite: 
     """Train ``cfg`` into ``run_dir`` and evaluate it. A new run needs a folder that holds no other run (or
     ``overwrite``); ``resume`` continues from the folder's checkpoint. The folder is locked meanwhile."""
     run_dir = Path(run_dir)
+    distributed.start(cfg.distributed.backend, cfg.distributed.timeout_s, cfg.device)
+    if distributed.rank() != 0:
+        return _other_rank(cfg, run_dir, resume)
     check_folder(run_dir)
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -96,6 +108,7 @@ def run_experiment(cfg: Config, run_dir: Path, resume: bool = False, overwrite: 
             resume = False
             overwrite = True
         checkpoint = load_checkpoint(run_dir / "checkpoint.pt") if resume else None
+        _share_decision(resume)
         engine = build_engine(cfg, run_dir)
         library_warnings.attach(engine)
         if checkpoint is not None:
@@ -115,6 +128,27 @@ def run_experiment(cfg: Config, run_dir: Path, resume: bool = False, overwrite: 
             return finish(engine)
         finally:
             engine.close()
+
+
+def _share_decision(resume: bool) -> bool:
+    """Data-parallel: rank 0's answer to "continue from the checkpoint?", which every rank follows."""
+    flag = torch.tensor([int(resume)])
+    distributed.broadcast_([flag])
+    return bool(flag.item())
+
+
+def _other_rank(cfg: Config, run_dir: Path, resume: bool) -> dict:
+    """A data-parallel rank other than 0: it trains its share in step with rank 0 and writes nothing; rank 0 holds
+    the run folder, and evaluates and writes the results alone."""
+    resume = _share_decision(resume)
+    engine = build_engine(cfg, run_dir)
+    if resume:
+        engine.load_state_dict(load_checkpoint(run_dir / "checkpoint.pt"), str(run_dir / "checkpoint.pt"))
+    elif cfg.quantizer.kmeans_init:
+        initialize_codebook(engine)
+    engine.run()
+    engine.save()
+    return {}
 
 
 def finish(engine: LevelEngine) -> dict:

@@ -134,6 +134,9 @@ def _check_schema(state) -> None:
         ok = isinstance(seconds, (int, float)) and not isinstance(seconds, bool) and math.isfinite(seconds)
         _expect(ok, f"'train_time' is {_shown(seconds)}, not a finite number of seconds")
     _check_rng(state["rng"])
+    if "world_size" in state:  # data-parallel ranks it was trained with (absent: one process)
+        _count(state["world_size"], "world_size")
+        _expect(state["world_size"] >= 1, "'world_size' is 0, not a number of ranks")
 
 
 def _check_rng(rng) -> None:

@@ -57,6 +57,8 @@ class ModelConfig:
     # Number of stride-2 convolutions in the encoder (and transposed ones in the decoder).
     downsample: int = spec(2, min=1, max=5)
     norm: str = spec("none", choices=["none", "batch"])
+    # Data-parallel runs: BatchNorm on the statistics of the global batch (torch's SyncBatchNorm, CUDA only).
+    sync_batch_norm: bool = False
 
 
 @dataclass
@@ -156,6 +158,14 @@ class EvalConfig:
 
 
 @dataclass
+class DistributedConfig:
+    # torchrun's process group: nccl on CUDA, gloo on the CPU (auto), or either by name.
+    backend: str = spec("auto", choices=["auto", "gloo", "nccl"])
+    # Longest wait of a collective: a rank that died mid-step ends the others after this long.
+    timeout_s: float = spec(120.0, above=0.0)
+
+
+@dataclass
 class PerfConfig:
     channels_last: bool = True
     cudnn_benchmark: bool = True
@@ -189,6 +199,7 @@ class Config:
     train: TrainConfig = spec(factory=TrainConfig)
     eval: EvalConfig = spec(factory=EvalConfig)
     perf: PerfConfig = spec(factory=PerfConfig)
+    distributed: DistributedConfig = spec(factory=DistributedConfig)
     logging: LoggingConfig = spec(factory=LoggingConfig)
 
 

@@ -31,6 +31,7 @@ import torch
 from betty.hypergradient import jvp_fn_mapping
 from torch import nn
 
+from . import distributed
 from .perf import phase
 from .registry import Registry
 
@@ -180,7 +181,7 @@ def register_hypergradient(name: str, fn) -> None:
             return None
         return implicit
 
-    jvp = functools.wraps(fn)(functools.partial(watch_zero_term, name, run))
+    jvp = functools.wraps(fn)(functools.partial(run_method, name, run))
 
     TYPES.add(name, fn)
     jvp_fn_mapping[name] = jvp
@@ -192,7 +193,7 @@ def register_hypergradient(name: str, fn) -> None:
 # perturbed evaluations are pure as well.
 
 
-# An upper level's hypergradients that watch_zero_term checks: a method whose implicit term is exactly zero in each of
+# An upper level's hypergradients that run_method checks: a method whose implicit term is exactly zero in each of
 # them reduces to ``direct``. Not only the first: Betty's sama preconditions with the lower optimizer's state and gives
 # exactly zero at the first step alone.
 WATCHED_STEPS = 5
@@ -200,11 +201,16 @@ WATCHED_STEPS = 5
 _WATCHED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
-def watch_zero_term(name: str, run, vector, curr, prev, sync):
-    """Run the method ``name`` (``run``, Betty's signature). When an upper level's first ``WATCHED_STEPS``
+def run_method(name: str, run, vector, curr, prev, sync):
+    """Run the method ``name`` (``run``, Betty's signature) on v averaged over data-parallel ranks. When an upper
+    level's first ``WATCHED_STEPS``
     implicit terms are all exactly zero, tell the level (its ``warnings``, which the engine reports once): the
     method then reduces to ``direct`` at a higher cost, as Betty's neumann and cg do under the plain
     straight-through estimator. Checking copies the upper gradients, in those steps only."""
+    # Data-parallel: v is the gradient of the global batch's loss, so eps = alpha / ||v|| is the same on every rank;
+    # each rank's implicit term is then its share, averaged with the direct term before the step (Level).
+    vector = list(vector)
+    distributed.average_([v for v in vector if v is not None])
     zeros = _WATCHED.get(prev, 0)
     if name == "direct" or zeros is None:
         return run(vector, curr, prev, sync)
@@ -243,7 +249,7 @@ def _zero_when_unreachable(fn):
     """Betty's implicit-function methods (neumann, cg) differentiate grad_phi L with respect to the upper
     parameters by autograd. With a plain straight-through estimator that mixed derivative is identically
     zero (sg[z_e] blocks it) and autograd reports the codebook as unused; the exact answer is a zero implicit
-    term, which is what this returns (``watch_zero_term`` reports it). (MQ-VAE's finite difference does see
+    term, which is what this returns (``run_method`` reports it). (MQ-VAE's finite difference does see
     through the stop-gradient.)"""
 
     @functools.wraps(fn)
@@ -266,7 +272,7 @@ def _register_betty_method(name: str) -> None:
         with phase(f"hypergradient.{name}"), curr.hypergradient_context(prev).pure_evaluation():
             return fn(vector, curr, prev, sync)
 
-    jvp = functools.wraps(fn)(functools.partial(watch_zero_term, name, run))
+    jvp = functools.wraps(fn)(functools.partial(run_method, name, run))
     jvp.betty_method = original
     TYPES.add(name, original)
     jvp_fn_mapping[name] = jvp

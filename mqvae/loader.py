@@ -52,6 +52,7 @@ class BatchStream:
         shuffle: bool = True,
         drop_last: bool = True,
         num_workers: int = 0,
+        shard: tuple[int, int] = (0, 1),
     ):
         if batch_size < 1:
             raise UserError(f"batch_size must be at least 1, got {batch_size}")
@@ -66,6 +67,12 @@ class BatchStream:
         self.shuffle = shuffle
         self.drop_last = drop_last
         self.num_workers = num_workers
+        # (rank, ranks): a data-parallel rank's share of each batch. The batches are those of one process with
+        # batch_size, split into equal consecutive slices, so the ranks' slices in rank order are that process's
+        # batch and a resumed stream is at the same batch on every rank.
+        self.rank, self.ranks = shard
+        if batch_size % self.ranks:
+            raise UserError(f"batch_size {batch_size} does not split over {self.ranks} ranks")
         self.epoch = 0
         self.position = 0
 
@@ -80,7 +87,8 @@ class BatchStream:
             order = torch.randperm(n, generator=generator)
         else:
             order = torch.arange(n)
-        return list(order.split(self.batch_size))[: len(self)]
+        share = self.batch_size // self.ranks
+        return [batch[self.rank * share:(self.rank + 1) * share] for batch in list(order.split(self.batch_size))[: len(self)]]
 
     def _load(self, batches: list[torch.Tensor]):
         if isinstance(self.dataset, TensorDataset):
@@ -105,6 +113,9 @@ class BatchStream:
             yield batch
         self.epoch += 1
         self.position = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Betty's distributed strategy calls this at each epoch's end; the stream counts its epochs itself."""
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "position": self.position}

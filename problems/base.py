@@ -19,6 +19,7 @@ import torch
 from betty.hypergradient import get_grads
 from betty.problems import ImplicitProblem
 
+from mqvae import distributed
 from mqvae.hypergradients import HypergradientContext, PureEvaluation, batch_norm_buffers
 from mqvae.perf import phase
 
@@ -127,6 +128,19 @@ class Level(ImplicitProblem):
         # Betty rebuilds LambdaLR with one lr_lambda per group of the optimizer it was first given; a level's
         # rebuilt optimizer may have more groups (quantizer lr scales), which all follow the level's schedule.
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self.scheduler.lr_lambdas[0])
+
+    def patch_module(self):
+        # Betty's distributed strategy wraps the module in DistributedDataParallel, whose reducer averages gradients
+        # only in a backward that follows a forward through the wrapper; every level evaluates the shared model
+        # directly, and the hypergradients take gradients with torch.autograd.grad, which DDP never sees. So the
+        # module stays as it is, starts from rank 0's values, and take_optimizer_step averages the gradients.
+        self.module.to(self.device)
+        distributed.broadcast_([*self.module.parameters(), *self.module.buffers()])
+
+    def patch_data_loader(self, loader):
+        # Betty's distributed strategy would shard with its DistributedBatchSampler (which duplicates the last batch
+        # and mishandles fewer batches than ranks); the level's BatchStream shards itself, and resumes exactly.
+        return loader
 
     def patch_optimizer(self):
         # Betty rebuilds the optimizer as ``cls(params, **optimizer.defaults)``; on current torch AdamW's defaults
@@ -345,7 +359,6 @@ class Level(ImplicitProblem):
         if self.is_implemented("grad_callback"):
             self.grad_callback()
         if self._count % self.gas == 0:
-            self._note_gradient()
             self.optimizer_step()
             if self.is_implemented("param_callback"):
                 self.param_callback()
@@ -405,6 +418,11 @@ class Level(ImplicitProblem):
 
     @in_phase("optimizer_step")
     def optimizer_step(self, *args, **kwargs):
+        # Every step of the level comes here (Betty's one_step_descent, take_optimizer_step). Data-parallel: the
+        # mean of the ranks' gradients (direct and implicit terms alike), as one process with the global batch
+        # has (mqvae.distributed); then the zero-gradient count.
+        distributed.average_grads(self.trainable_parameters())
+        self._note_gradient()
         return super().optimizer_step(*args, **kwargs)
 
     @in_phase("roll_back")

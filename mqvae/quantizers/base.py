@@ -46,6 +46,11 @@ class Quantizer(nn.Module):
         gradient needs only an encoder forward (the hypergradient's finite differences use this)."""
         raise NotImplementedError
 
+    @property
+    def maintains(self) -> bool:
+        """Whether ``maintain`` changes anything (a data-parallel run then gathers the global batch for it)."""
+        return False
+
     def maintain(self, z_e: torch.Tensor, out: QuantizerOutput) -> None:
         """Explicit maintenance after a training iteration (dead-code replacement, running statistics)."""
 

@@ -138,22 +138,23 @@ class VectorQuantizer(Quantizer):
         noise = torch.randn(v.shape, dtype=v.dtype, device=v.device)
         return v + REPLACE_NOISE * v.norm(dim=-1, keepdim=True) * noise
 
+    @property
+    def maintains(self) -> bool:
+        return isinstance(self.affine, RunningAffine) or self.cfg.replace_freq > 0
+
     @torch.no_grad()
     def maintain(self, z_e: torch.Tensor, out: QuantizerOutput) -> None:
         """After a training step: EMA affine statistics (Huh Eq. 38-41), then LRU replacement.
 
-        Written to be made identical across processes: ``local_statistics`` holds everything taken
-        from this process's batch; a data-parallel run would all-reduce it and broadcast the
-        replacement candidates from one rank at the two marked places, and change nothing else.
+        On the batch it is given, in one process: a data-parallel run gives rank 0 the global batch and
+        broadcasts the result (``LevelEngine.maintain``), so the statistics and the replacement candidates are
+        those of one process with the global batch.
         """
         stats = self.local_statistics(z_e, out)
-        # <- data-parallel: all_reduce(SUM) every tensor in `stats` here.
         if isinstance(self.affine, RunningAffine):
             self.affine.update(stats, self.codebook)
         if self.cfg.replace_freq:
-            candidates = self.replacement_candidates(z_e)
-            # <- data-parallel: broadcast `candidates` from rank 0 here.
-            self.apply_replacement(stats["counts"], candidates)
+            self.apply_replacement(stats["counts"], self.replacement_candidates(z_e))
 
     @torch.no_grad()
     def apply_replacement(self, counts: torch.Tensor, candidates: torch.Tensor) -> None:
@@ -174,7 +175,6 @@ class VectorQuantizer(Quantizer):
         raw codes stored are the ones the current affine map sends there.
         """
         z = self._vectors(z_e).to(self.codebook.dtype)
-        # <- data-parallel: compute on rank 0 and broadcast the centres.
         centres = torch.cat([kmeans_init(z[:, g], self.codes_per_group, iters=self.cfg.kmeans_iters,
                                          generator=generator)
                              for g in range(self.groups)])

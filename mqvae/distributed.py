@@ -1,0 +1,126 @@
+"""Data-parallel training: the process group and the collectives the engine uses.
+
+``torchrun --nproc_per_node=N run.py CONFIG`` starts N processes (ranks) with ``RANK``, ``WORLD_SIZE``,
+``LOCAL_RANK`` and the rendezvous address in their environment. N ranks with a per-rank batch of b are one process
+with a batch of N*b (MQ-VAE's loss is a mean over the batch, so its gradient is the mean of the ranks' gradients):
+
+- every gradient an optimizer steps on is averaged over the ranks before the step (``average_``);
+- v of Eq. 13 is averaged before a hypergradient uses it, so eps = alpha/||v|| is the global one;
+- codebook maintenance runs on rank 0 on the whole global batch (``gather``) and its result is broadcast;
+- only rank 0 writes the run folder.
+
+Without ``torchrun`` (``WORLD_SIZE`` unset or 1) every function here is a no-op and nothing is initialized.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+
+import torch
+import torch.distributed as dist
+
+from .errors import UserError
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def launched() -> int:
+    """The world size torchrun launched this process with (1 without torchrun)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def start(backend: str, timeout_s: float, device_kind: str) -> torch.device | None:
+    """Join the process group torchrun set up (``backend``: auto = nccl on CUDA, gloo on the CPU) and return this
+    rank's device, or None when the process was not launched by torchrun. ``timeout_s`` bounds every collective, so
+    a rank that dies mid-step ends the others instead of leaving them waiting."""
+    if launched() <= 1:
+        return None
+    cuda = device_kind == "cuda" or (device_kind == "auto" and torch.cuda.is_available())
+    if backend == "auto":
+        backend = "nccl" if cuda else "gloo"
+    if backend == "nccl" and not cuda:
+        raise UserError("distributed.backend: nccl needs CUDA devices; use gloo (or auto) on the CPU")
+    if not dist.is_initialized():
+        dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
+    if cuda:
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local)
+        return torch.device("cuda", local)
+    return torch.device("cpu")
+
+
+def stop() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def average_(tensors: list[torch.Tensor]) -> None:
+    """Each tensor := its mean over the ranks, in place."""
+    if world_size() == 1 or not tensors:
+        return
+    flat = torch.cat([t.reshape(-1) for t in tensors])  # one collective instead of one per tensor
+    dist.all_reduce(flat)
+    flat.div_(world_size())
+    torch._foreach_copy_(tensors, [part.view_as(t) for part, t in zip(flat.split([t.numel() for t in tensors]), tensors)])
+
+
+def average_grads(params: list[torch.Tensor]) -> None:
+    """The parameters' gradients := their mean over the ranks (a missing gradient counts as zero)."""
+    if world_size() == 1:
+        return
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    average_([p.grad for p in params])
+
+
+def gather(tensor: torch.Tensor) -> torch.Tensor:
+    """The ranks' tensors concatenated along dim 0 in rank order: the global batch, as one process would hold it
+    (each rank's batch is its slice of the global batch, ``loader.BatchStream``)."""
+    if world_size() == 1:
+        return tensor
+    parts = [torch.empty_like(tensor) for _ in range(world_size())]
+    dist.all_gather(parts, tensor.contiguous())
+    return torch.cat(parts)
+
+
+def sum_(tensor: torch.Tensor) -> torch.Tensor:
+    if world_size() > 1:
+        dist.all_reduce(tensor)
+    return tensor
+
+
+def broadcast_(tensors: list[torch.Tensor]) -> None:
+    """Rank 0's values into every rank's tensors."""
+    if world_size() == 1:
+        return
+    with torch.no_grad():  # a parameter written in place is no step of autograd's graph
+        for t in tensors:
+            dist.broadcast(t, 0)
+
+
+def first_difference(named: list[tuple[str, torch.Tensor]]) -> str | None:
+    """The first tensor whose values differ between rank 0 and any other rank (bit for bit), or None: every rank
+    gets the same answer."""
+    if world_size() == 1:
+        return None
+    differs = torch.zeros(len(named), dtype=torch.int64, device=named[0][1].device if named else "cpu")
+    for i, (_, t) in enumerate(named):
+        reference = t.detach().clone()
+        dist.broadcast(reference, 0)
+        differs[i] = int(not torch.equal(reference, t.detach()))
+    dist.all_reduce(differs)
+    bad = [name for (name, _), d in zip(named, differs.tolist()) if d]
+    return bad[0] if bad else None
+
+
+def barrier() -> None:
+    if world_size() > 1:
+        dist.barrier()
