@@ -17,6 +17,7 @@ import json
 import math
 import os
 import platform
+import socket
 import statistics
 import subprocess
 import sys
@@ -212,6 +213,65 @@ def finite_check_cost(batch_size: int, rounds: int, overrides: list[str] = (), c
     return {"step_s": round(step, 6), "flag_update_s": round(update, 9), "check_s": round(sync, 9),
             "flag_update_fraction_of_step": round(update / step, 5), "zero_gradient_update_s": round(zero, 9),
             "zero_gradient_update_fraction_of_step": round(zero / step, 5), "batch_size": batch_size, "rounds": rounds}
+
+
+# ---------------------------------------------------------------------------------------------
+# 1b. Data-parallel step time: N ranks x b against one process with N*b
+
+
+def data_parallel_worker(mode: str, batch_size: int, warmup: int, rounds: int, configs: Path = CONFIGS) -> dict:
+    """Median seconds of one training iteration of ``mode`` on digits (a ``--dp-worker`` process: under torchrun,
+    one rank of a data-parallel run with ``batch_size`` per rank; without it, one process). The ranks start each
+    iteration together (a barrier), so the time is that of the slowest rank."""
+    from mqvae import distributed
+
+    from .experiment import build_engine  # here, not at the top: see the module docstring
+
+    cfg = mode_config(mode, "digits", batch_size, ["device=cpu"], configs)
+    distributed.start(cfg.distributed.backend, cfg.distributed.timeout_s, cfg.device)
+    with tempfile.TemporaryDirectory() as tmp:
+        engine = build_engine(cfg, Path(tmp) / mode)
+        engine.train()
+        times = []
+        for i in range(warmup + rounds):
+            distributed.barrier()
+            start = time.perf_counter()
+            _iteration(engine)
+            distributed.barrier()
+            if i >= warmup:
+                times.append(time.perf_counter() - start)
+    result = {"median_s": round(statistics.median(times), 6), "ranks": distributed.world_size(),
+              "batch_per_rank": batch_size, "threads_per_process": torch.get_num_threads()}
+    distributed.stop()
+    return result
+
+
+def data_parallel(batch_size: int, warmup: int, rounds: int, configs: Path = CONFIGS, ranks: int = 2) -> dict:
+    """Per mode: the step time of ``ranks`` gloo ranks with ``batch_size`` each (torchrun on this machine's CPU,
+    torchrun's one thread per rank) against one process with ``ranks * batch_size`` (all the machine's threads):
+    the same global batch, so the ratio is what data parallelism costs or saves here."""
+    rows = {}
+    for mode in ("vqvae", "mqvae"):
+        worker = ["-m", "engines.bench", "--dp-worker", mode, str(batch_size), str(warmup), str(rounds), str(configs)]
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        launch = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={ranks}", "--master_addr=127.0.0.1",
+                  f"--master_port={port}", *worker]
+        single_env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "WORLD_SIZE", "RANK")}
+        parallel = _worker_json(subprocess.run(launch, capture_output=True, text=True, timeout=1800))
+        single_worker = worker[:3] + [mode, str(ranks * batch_size)] + worker[5:]
+        single = _worker_json(subprocess.run([sys.executable, *single_worker], capture_output=True, text=True,
+                                             timeout=1800, env=single_env))
+        rows[mode] = {"ranks": parallel, "one_process": single,
+                      "ratio_ranks_to_one_process": round(parallel["median_s"] / single["median_s"], 3)}
+    return {"global_batch": ranks * batch_size, "warmup": warmup, "rounds": rounds, "modes": rows}
+
+
+def _worker_json(result: subprocess.CompletedProcess) -> dict:
+    if result.returncode != 0:
+        raise RuntimeError(f"data-parallel worker failed: {result.stderr.strip().splitlines()[-1:]}")
+    return json.loads(result.stdout.strip().splitlines()[-1])
 
 
 def _quartiles(values):
@@ -428,6 +488,7 @@ def run_bench(quick: bool, sizes: dict | None = None, configs: Path = CONFIGS) -
         "paper_warmup": 1 if quick else 2,
         "profile_rounds": {"digits": 5 if quick else 20, "paper": 1 if quick else 3},
         "overrides": [],  # extra config overrides for every engine (the smoke test shrinks the models)
+        "data_parallel": True,  # 2 gloo ranks x 32 against one process x 64 (the smoke test leaves it out)
     }
     s.update(sizes or {})
     started = time.perf_counter()
@@ -442,6 +503,7 @@ def run_bench(quick: bool, sizes: dict | None = None, configs: Path = CONFIGS) -
                                 "downsample 2, 1024 codes x 512 dims, beta 0.1, AdamW; batch 512 on GPU, "
                                 f"{s['paper_batch']} here" if not cuda else "MQ-VAE App. I, batch 512")
     finite = finite_check_cost(s["digits_batch"], s["rounds"]["digits"], s["overrides"], configs=configs)
+    parallel = data_parallel(s["digits_batch"] // 2, s["warmup"], s["rounds"]["digits"], configs) if s["data_parallel"] else None
     nn_rows = nn_search(s["nn_grid"], device, s["nn_min_time"])
     ttq = time_to_quality(s["ttq_iters"], s["ttq_eval_every"], s["digits_batch"], s["ttq_seeds"], s["overrides"],
                           configs)
@@ -457,6 +519,7 @@ def run_bench(quick: bool, sizes: dict | None = None, configs: Path = CONFIGS) -
                                  f"{DEFAULT_CHUNK_ELEMENTS.get(device.type)}, fp32)",
                       "naive": "torch.cdist(z, codebook).argmin(dim=1)"},
         "finite_check": finite,
+        "data_parallel": parallel,
         "time_to_quality": ttq,
         "total_bench_s": round(time.perf_counter() - started, 1),
     }
@@ -496,6 +559,13 @@ def summary(result: dict) -> str:
               f"({1e6 * f['check_s']:.1f} µs) runs only at logging steps and before checkpoints. Zero-gradient counter: "
               f"{1e6 * f['zero_gradient_update_s']:.1f} µs per optimizer step, "
               f"{100 * f['zero_gradient_update_fraction_of_step']:.3f}% of that step."]
+    parallel = result.get("data_parallel")
+    if parallel:
+        cells = "; ".join(f"{mode} {1e3 * row['ranks']['median_s']:.2f} ms with {row['ranks']['ranks']} ranks x "
+                          f"{row['ranks']['batch_per_rank']}, {1e3 * row['one_process']['median_s']:.2f} ms in one process "
+                          f"x {row['one_process']['batch_per_rank']} ({row['ratio_ranks_to_one_process']:.2f}x)"
+                          for mode, row in parallel["modes"].items())
+        lines += ["", f"Data-parallel (digits, global batch {parallel['global_batch']}, gloo on this CPU): {cells}."]
     t = result["time_to_quality"]
     median = t["median_ratio_to_vqvae_time"]
     cells = ", ".join(f"seed {row['seed']} " + ("never reached" if row["ratio_to_vqvae_time"] is None
@@ -508,6 +578,12 @@ def summary(result: dict) -> str:
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "--dp-worker":
+        mode, batch_size, warmup, rounds, configs = argv[1:6]
+        result = data_parallel_worker(mode, int(batch_size), int(warmup), int(rounds), Path(configs))
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(json.dumps(result))
+        return 0
     if argv and argv[0] == "--nn-worker":
         method, n, k, d, device, min_time = argv[1:7]
         print(json.dumps(nn_worker(method, int(n), int(k), int(d), device, float(min_time))))

@@ -31,8 +31,9 @@ def resolve_device(name: str) -> torch.device:
     """The configured device; a data-parallel rank's CUDA device is the one torchrun's LOCAL_RANK gave it."""
     if name == "cuda" and not torch.cuda.is_available():
         raise UserError("device: cuda was requested but torch sees no CUDA device; use device: auto or cpu")
-    cuda = name == "cuda" or (name == "auto" and torch.cuda.is_available())
-    return torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
+    if not (name == "cuda" or (name == "auto" and torch.cuda.is_available())):
+        return torch.device("cpu")
+    return torch.device("cuda", distributed.local_rank()) if distributed.world_size() > 1 else torch.device("cuda")
 
 
 def build_engine(cfg: Config, run_dir: Path) -> LevelEngine:

@@ -31,29 +31,30 @@ def rank() -> int:
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
+def local_rank() -> int:
+    """This rank's index on its machine (torchrun's LOCAL_RANK): its CUDA device."""
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
 def launched() -> int:
     """The world size torchrun launched this process with (1 without torchrun)."""
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def start(backend: str, timeout_s: float, device_kind: str) -> torch.device | None:
-    """Join the process group torchrun set up (``backend``: auto = nccl on CUDA, gloo on the CPU) and return this
-    rank's device, or None when the process was not launched by torchrun. ``timeout_s`` bounds every collective, so
+def start(backend: str, timeout_s: float, device: str) -> None:
+    """Join the process group torchrun set up (``backend``: auto = nccl on CUDA, gloo on the CPU), with this rank's
+    CUDA device (LOCAL_RANK) as the current one; nothing without torchrun. ``timeout_s`` bounds every collective, so
     a rank that dies mid-step ends the others instead of leaving them waiting."""
-    if launched() <= 1:
-        return None
-    cuda = device_kind == "cuda" or (device_kind == "auto" and torch.cuda.is_available())
+    if launched() <= 1 or dist.is_initialized():
+        return
+    cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
     if backend == "auto":
         backend = "nccl" if cuda else "gloo"
     if backend == "nccl" and not cuda:
         raise UserError("distributed.backend: nccl needs CUDA devices; use gloo (or auto) on the CPU")
-    if not dist.is_initialized():
-        dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
     if cuda:
-        local = int(os.environ.get("LOCAL_RANK", "0"))
-        torch.cuda.set_device(local)
-        return torch.device("cuda", local)
-    return torch.device("cpu")
+        torch.cuda.set_device(local_rank())
+    dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
 
 
 def stop() -> None:

@@ -16,7 +16,8 @@ TINY = ["model.hidden_channels=8", "model.res_channels=4", "model.num_res_blocks
         "quantizer.dim=4", "device=cpu"]
 SIZES = {"digits_batch": 8, "paper_batch": 2, "warmup": 1, "paper_warmup": 1, "rounds": {"digits": 2, "paper": 1},
          "profile_rounds": {"digits": 1, "paper": 1},
-         "nn_grid": [(256, 32, 8)], "nn_min_time": 0.0, "ttq_iters": 4, "ttq_eval_every": 2, "overrides": TINY}
+         "nn_grid": [(256, 32, 8)], "nn_min_time": 0.0, "ttq_iters": 4, "ttq_eval_every": 2, "overrides": TINY,
+         "data_parallel": False}  # test_data_parallel_step_times_compare_the_same_global_batch runs it alone
 
 
 def test_bench_writes_the_documented_schema(tmp_path, monkeypatch):
@@ -125,3 +126,14 @@ def test_channels_last_trains_like_nchw(tmp_path):
     got, want = nhwc.model.state_dict(), nchw.model.state_dict()
     for name in want:
         torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_data_parallel_step_times_compare_the_same_global_batch():
+    result = bench.data_parallel(batch_size=4, warmup=1, rounds=2)
+    assert result["global_batch"] == 8 and set(result["modes"]) == {"vqvae", "mqvae"}
+    for row in result["modes"].values():
+        assert row["ranks"]["ranks"] == 2 and row["ranks"]["batch_per_rank"] == 4
+        assert row["one_process"]["ranks"] == 1 and row["one_process"]["batch_per_rank"] == 8
+        assert row["ranks"]["median_s"] > 0 and row["one_process"]["median_s"] > 0
+        assert row["ratio_ranks_to_one_process"] == pytest.approx(
+            row["ranks"]["median_s"] / row["one_process"]["median_s"], rel=0.01)
