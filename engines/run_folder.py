@@ -21,10 +21,10 @@ from mqvae.tracking import EVENT_FILES
 
 RUN_FILES = ("config.yaml", "log.jsonl", "checkpoint.pt", "metrics.json", "recon.png", "curves.png", "codebook.png",
              "report.md")
-# Extending a run, its logging, evaluation and checkpoint intervals, its TensorBoard logging, the device and what
-# the final evaluation measures leave what was trained valid.
+# Extending a run, its logging, evaluation and checkpoint intervals, its TensorBoard logging, the device, what the
+# final evaluation measures and how its ranks talk leave what was trained valid.
 RESUMABLE_KEYS = ("train.iters", "train.log_every", "train.eval_every", "train.checkpoint_every", "logging.tensorboard",
-                  "device", "eval.image_quality", "eval.download_weights")
+                  "device", "eval.image_quality", "eval.download_weights", "distributed.backend", "distributed.timeout_s")
 
 
 def check_folder(run_dir: Path) -> None:
