@@ -169,6 +169,9 @@ def test_resuming_with_another_number_of_ranks_is_one_line(tmp_path, plugin):
 
 
 POISON = '''
+import os
+import signal
+
 import torch
 from mqvae import distributed
 from mqvae.errors import UserError
@@ -177,13 +180,15 @@ from problems import AutoEncoder, register_problem
 
 @register_problem
 class FailsOnRank1(AutoEncoder):
-    """At its third step rank 1 meets bad data (an error of its own) or a NaN loss (on its batch only)."""
+    """At its third step rank 1 meets bad data (an error of its own), a NaN loss (on its batch only) or is killed."""
 
     def loss_terms(self, batch):
         terms = super().loss_terms(batch)
         if distributed.rank() == 1 and self._count >= 3:
             if FAULT == "bad data":
                 raise UserError("data: image 17 of rank 1 is unreadable")
+            if FAULT == "killed":
+                os.kill(os.getpid(), signal.SIGKILL)
             terms["loss"] = terms["loss"] * float("nan")
         return terms
 '''
@@ -192,6 +197,7 @@ class FailsOnRank1(AutoEncoder):
 @pytest.mark.parametrize("fault, line", [
     ("bad data", "error: rank 1: data: image 17 of rank 1 is unreadable"),
     ("nan", "error: train: a loss became NaN or infinite"),  # the ranks check together: rank 0 says it
+    ("killed", None),  # a killed rank says nothing; torchrun's report names it, and rank 0 only lost a peer
 ])
 def test_a_failing_rank_ends_every_rank_within_60_s_with_one_line(tmp_path, plugin, fault, line):
     poison = tmp_path / "poison.py"
@@ -205,5 +211,24 @@ def test_a_failing_rank_ends_every_rank_within_60_s_with_one_line(tmp_path, plug
     elapsed = time.monotonic() - start
     assert result.returncode != 0 and elapsed < 60, (elapsed, result.stderr[-2000:])
     ours = [text for text in result.stderr.splitlines() if text.startswith("error: ")]
-    assert len(ours) == 1 and ours[0].startswith(line), result.stderr[-3000:]
+    if line is None:
+        assert ours == [] and "exitcode  : -9" in result.stderr, result.stderr[-3000:]
+    else:
+        assert len(ours) == 1 and ours[0].startswith(line), result.stderr[-3000:]
     assert "[rank0]" not in result.stderr and "[rank1]" not in result.stderr, result.stderr[-3000:]  # no traceback
+
+
+def test_sync_batch_norm_is_refused_on_the_cpu_in_one_line(tmp_path):
+    result = subprocess.run(one_process("configs/digits/vqvae.yaml", "--set", "model.norm=batch", "--set",
+                                        "model.sync_batch_norm=true", "--set", "device=cpu", "--out", tmp_path / "run"),
+                            cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
+    assert "model.sync_batch_norm" in result.stderr and "CUDA only" in result.stderr
+    assert not (tmp_path / "run" / "config.yaml").exists()
+
+
+def test_a_sweep_under_torchrun_is_refused_in_one_line(tmp_path):
+    result = subprocess.run(torchrun("configs/tables/table3_ablation_digits.yaml", "--out", tmp_path / "s"), cwd=ROOT,
+                            env=env(), capture_output=True, text=True, timeout=300)
+    ours = [text for text in result.stderr.splitlines() if text.startswith("error: ")]
+    assert result.returncode != 0 and len(ours) == 1 and "a sweep runs in one process" in ours[0], result.stderr[-2000:]
