@@ -168,6 +168,17 @@ def phase_times(engine, rounds: int) -> dict:
     return out
 
 
+def _per_call(fn, calls: int, device) -> float:
+    """Seconds per call of ``fn`` over ``calls`` calls (one is far below the clock's resolution), device work
+    included."""
+    _sync(device)
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    _sync(device)
+    return (time.perf_counter() - start) / calls
+
+
 def finite_check_cost(batch_size: int, rounds: int, overrides: list[str] = (), calls: int = 2000,
                       configs: Path = CONFIGS) -> dict:
     """What the per-step checks cost on a digits VQ-VAE step (the shortest step, so the largest share): median
@@ -189,26 +200,19 @@ def finite_check_cost(batch_size: int, rounds: int, overrides: list[str] = (), c
             _iteration(engine)
             _sync(engine.device)
             middle = time.perf_counter()
-            for _ in range(calls):
-                engine.note_finite()
-            _sync(engine.device)
+            update = _per_call(engine.note_finite, calls, engine.device)
             end = time.perf_counter()
             engine.check_finite()
             synced = time.perf_counter()
             for p in level.trainable_parameters():
                 p.grad = torch.ones_like(p)
-            _sync(engine.device)
-            zero_start = time.perf_counter()
-            for _ in range(calls):
-                level._note_gradient()
-            _sync(engine.device)
-            zero_end = time.perf_counter()
+            zero_update = _per_call(level._note_gradient, calls, engine.device)
             level.zero_grad()
             if i >= 3:
                 steps.append(middle - start)
-                updates.append((end - middle) / calls)
+                updates.append(update)
                 syncs.append(synced - end)
-                zero_updates.append((zero_end - zero_start) / calls)
+                zero_updates.append(zero_update)
     step, update, sync, zero = (statistics.median(t) for t in (steps, updates, syncs, zero_updates))
     return {"step_s": round(step, 6), "flag_update_s": round(update, 9), "check_s": round(sync, 9),
             "flag_update_fraction_of_step": round(update / step, 5), "zero_gradient_update_s": round(zero, 9),

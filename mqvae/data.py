@@ -76,12 +76,7 @@ DATASETS = Registry("data set", "mqvae.data.register_dataset")
 
 def register_dataset(name: str):
     """Decorator adding a loader ``fn(root, download, seed) -> Datasets`` under ``name``."""
-
-    def register(loader):
-        DATASETS.add(name, loader)
-        return loader
-
-    return register
+    return DATASETS.register(name)
 
 
 def load_datasets(name: str, root: str, download: bool, seed: int) -> Datasets:

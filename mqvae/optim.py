@@ -22,23 +22,13 @@ SCHEDULERS = Registry("scheduler", "mqvae.optim.register_scheduler")
 
 def register_optimizer(name: str):
     """Decorator: ``factory(level: LevelConfig, params) -> torch.optim.Optimizer`` as ``levels.*.optimizer: name``."""
-
-    def register(factory):
-        OPTIMIZERS.add(name, factory)
-        return factory
-
-    return register
+    return OPTIMIZERS.register(name)
 
 
 def register_scheduler(name: str):
     """Decorator: ``factory(level: LevelConfig, total_iters: int) -> multiplier or None`` as
     ``levels.*.scheduler: name``."""
-
-    def register(factory):
-        SCHEDULERS.add(name, factory)
-        return factory
-
-    return register
+    return SCHEDULERS.register(name)
 
 
 def make_optimizer(level, params) -> torch.optim.Optimizer:

@@ -46,6 +46,15 @@ class Registry(dict):
                             f"{_origin(value)}); give the new one another name")
         self[name] = value
 
+    def register(self, name: str):
+        """A decorator registering what it decorates under ``name``."""
+
+        def register(value):
+            self.add(name, value)
+            return value
+
+        return register
+
     def unknown(self, name: str) -> str:
         """The message of a name that is not registered: the closest name, every registered one, how to add one."""
         from .config import quote

@@ -6,6 +6,7 @@ import copy
 
 import torch
 
+from engines.engine import LevelEngine
 from engines.experiment import build_engine
 from mqvae.config import config_from_dict
 
@@ -46,3 +47,17 @@ def snapshot(module: torch.nn.Module) -> dict:
 
 def optimizer_snapshot(optimizer) -> dict:
     return copy.deepcopy(optimizer.state_dict())
+
+
+def interrupt_at(monkeypatch, step: int):
+    """Make ``LevelEngine.train_step`` raise KeyboardInterrupt (a Ctrl-C) when the run reaches iteration ``step``;
+    returns the function that puts ``train_step`` back."""
+    original = LevelEngine.train_step
+
+    def interrupted(self):
+        if self.global_step == step:
+            raise KeyboardInterrupt
+        original(self)
+
+    monkeypatch.setattr(LevelEngine, "train_step", interrupted)
+    return lambda: monkeypatch.setattr(LevelEngine, "train_step", original)

@@ -21,7 +21,7 @@ import yaml
 
 import run
 from engines.engine import LevelEngine
-from engines.run_folder import RUN_FILES
+from helpers import interrupt_at
 from test_run import ROOT, TINY, assert_one_line_error, run_cli
 
 ARGS = ["configs/digits/vqvae.yaml", *TINY, "--set", "train.iters=6", "--set", "train.checkpoint_every=2"]
@@ -147,16 +147,9 @@ def test_resuming_a_run_stopped_before_its_first_checkpoint_starts_it_again(tmp_
 
 def test_a_log_line_torn_by_a_kill_is_dropped_on_resume(tmp_path, finished, monkeypatch):
     out = tmp_path / "cut"
-    original = LevelEngine.train_step
-
-    def killed(self):
-        if self.global_step == 5:
-            raise KeyboardInterrupt
-        original(self)
-
-    monkeypatch.setattr(LevelEngine, "train_step", killed)
+    restore = interrupt_at(monkeypatch, 5)
     assert run.main([*ARGS, "--out", str(out)]) == 130
-    monkeypatch.setattr(LevelEngine, "train_step", original)
+    restore()
     with open(out / "log.jsonl", "a") as log:  # what a kill in the middle of a write leaves
         log.write('{"step": 5, "vqvae.lo')
     assert run_cli("--resume", out).returncode == 0

@@ -12,8 +12,8 @@ import torch
 import yaml
 
 import run
-from engines.engine import LevelEngine
 from engines.run_folder import RUN_FILES
+from helpers import interrupt_at
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--set", "model.hidden_channels=8", "--set", "model.res_channels=4", "--set", "model.num_res_blocks=1",
@@ -101,16 +101,9 @@ def test_resume_after_interruption_ends_like_an_uninterrupted_run(tmp_path, monk
     args = [f"configs/digits/{config}.yaml", *TINY, "--set", "train.iters=6", "--set", "train.checkpoint_every=3"]
     assert run.main([*args, "--out", str(tmp_path / "full")]) == 0
 
-    original = LevelEngine.train_step
-
-    def interrupted(self):
-        if self.global_step == 5:
-            raise KeyboardInterrupt
-        original(self)
-
-    monkeypatch.setattr(LevelEngine, "train_step", interrupted)
+    restore = interrupt_at(monkeypatch, 5)
     assert run.main([*args, "--out", str(tmp_path / "cut")]) == 130
-    monkeypatch.setattr(LevelEngine, "train_step", original)
+    restore()
     assert run.main([*args, "--resume", str(tmp_path / "cut")]) == 0
 
     full = json.loads((tmp_path / "full" / "metrics.json").read_text())

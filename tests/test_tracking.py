@@ -13,14 +13,13 @@ from tensorboard.backend.event_processing import event_accumulator  # the test e
 
 import run
 from engines import experiment
-from engines.engine import LevelEngine
 from mqvae.errors import UserError
 from mqvae.files import read_lines
 from mqvae.reports import MIN_CELL_PX, curve_panels, recon_figure, save_figures
 from mqvae.config import load_config
 from mqvae.sweep import aggregate, curve_key, expand, load_sweep, write_results
 from mqvae.tasks import TASK_OF_KIND
-from helpers import tiny_config
+from helpers import interrupt_at, tiny_config
 
 TINY = ["--set", "model.hidden_channels=8", "--set", "model.res_channels=4", "--set", "model.num_res_blocks=1",
         "--set", "train.log_every=1", "--set", "device=cpu", "--set", "logging.tensorboard=true"]
@@ -83,16 +82,9 @@ def test_a_warning_record_has_no_scalar(tmp_path):
 
 def test_a_resumed_run_has_no_duplicate_steps(tmp_path, monkeypatch):
     args = ["--set", "train.checkpoint_every=3"]
-    original = LevelEngine.train_step
-
-    def interrupted(self):
-        if self.global_step == 5:
-            raise KeyboardInterrupt
-        original(self)
-
-    monkeypatch.setattr(LevelEngine, "train_step", interrupted)
+    restore = interrupt_at(monkeypatch, 5)
     assert tiny_run(tmp_path / "cut", *args) == 130
-    monkeypatch.setattr(LevelEngine, "train_step", original)
+    restore()
     # Step 4 reached TensorBoard before the cut: the resumed run writes it again, after the checkpoint at 3.
     assert [e.step for e in events(tmp_path / "cut").Scalars("codebook.loss")] == [1, 2, 3, 4]
     assert run.main(["--resume", str(tmp_path / "cut")]) == 0
