@@ -20,6 +20,7 @@ from mqvae.checkpoint import check_hyperparameters, non_finite_entries, rng_stat
 from mqvae.errors import Diverged, UserError
 from mqvae.evaluation import evaluate, latents_and_codes
 from mqvae.files import append_line, os_error, write_text
+from mqvae.hypergradients import batch_norm_buffers
 from mqvae.reports import codebook_figure
 from mqvae.tracking import TensorBoard
 
@@ -63,6 +64,7 @@ class LevelEngine(Engine):
         # logging.tensorboard: the writer, from run() until close(), which the caller makes on every exit path.
         self.tensorboard: TensorBoard | None = None
         self._pictured_step = None  # the step of the pictures last sent to TensorBoard
+        self._batch_norm_buffers: list[torch.Tensor] | None = None  # (share_batch_norm_statistics)
         engine_cfg = EngineConfig(train_iters=cfg.train.iters, roll_back=cfg.hypergradient.roll_back, logger_type="none")
         super().__init__(problems=problems, config=engine_cfg, dependencies=dependencies)
         # Quantizer maintenance follows the real forward of the level that trains the encoder.
@@ -273,6 +275,7 @@ class LevelEngine(Engine):
                 self.train_step()
                 self.note_finite()
                 self.maintain()
+                self.share_batch_norm_statistics()
                 self.report_level_warnings()
                 if step % cfg.log_every == 0 or step == cfg.iters:
                     self.check_finite()
@@ -285,10 +288,10 @@ class LevelEngine(Engine):
                                      for k, v in record.items() if k.endswith((".loss", ".perplexity"))}, refresh=False)
                 else:
                     self.train_time += time.perf_counter() - start
-                if cfg.eval_every and step % cfg.eval_every == 0 and self.writes:
+                if cfg.eval_every and step % cfg.eval_every == 0:  # every rank: each evaluates its shard
                     metrics, counts = evaluate(self.model, self.datasets.test, self.cfg.data.batch_size, self.device)
                     self.record(log, log_path, {"step": step, "time_s": round(self.train_time, 4), **metrics})
-                    if self.tensorboard is not None:
+                    if self.tensorboard is not None and self.writes:
                         self.track_pictures(self.pictures(counts))
                 if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
                     self.save()
@@ -334,6 +337,15 @@ class LevelEngine(Engine):
         if self.writes:
             quantizer.maintain(z_e, out)
         distributed.broadcast_([*quantizer.parameters(), *quantizer.buffers()])
+
+    def share_batch_norm_statistics(self) -> None:
+        """Data-parallel: every rank takes rank 0's BatchNorm running statistics after each iteration (as DDP's
+        broadcast_buffers does), so the replicas stay identical and evaluate alike. Each rank normalized its own
+        batch, so these are rank 0's statistics, not the global batch's (model.sync_batch_norm gives those)."""
+        if self.ranks > 1:
+            if self._batch_norm_buffers is None:
+                self._batch_norm_buffers = batch_norm_buffers(self.model)
+            distributed.broadcast_(self._batch_norm_buffers)
 
     def training_record(self, step: int) -> dict:
         """The levels' latest loss terms as numbers (a host sync, only at logging steps)."""

@@ -139,8 +139,8 @@ def _share_decision(resume: bool) -> bool:
 
 
 def _other_rank(cfg: Config, run_dir: Path, resume: bool) -> dict:
-    """A data-parallel rank other than 0: it trains its share in step with rank 0 and writes nothing; rank 0 holds
-    the run folder, and evaluates and writes the results alone."""
+    """A data-parallel rank other than 0: it trains and evaluates its share in step with rank 0 and writes nothing;
+    rank 0 holds the run folder and writes the results."""
     resume = _share_decision(resume)
     engine = build_engine(cfg, run_dir)
     if resume:
@@ -149,6 +149,7 @@ def _other_rank(cfg: Config, run_dir: Path, resume: bool) -> dict:
         initialize_codebook(engine)
     engine.run()
     engine.save()
+    final_metrics(engine.model, engine.datasets.test, cfg.data.batch_size, engine.device, cfg.eval)  # its shard
     return {}
 
 

@@ -62,12 +62,25 @@ def stop() -> None:
         dist.destroy_process_group()
 
 
+def _device() -> torch.device:
+    """Where the backend's collectives take their tensors: NCCL's on this rank's GPU, gloo's on the CPU."""
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
+def _all_reduce_(tensor: torch.Tensor) -> None:
+    """Sum ``tensor`` over the ranks in place, wherever it lives."""
+    on = tensor.to(_device())
+    dist.all_reduce(on)
+    if on is not tensor:
+        tensor.copy_(on)
+
+
 def average_(tensors: list[torch.Tensor]) -> None:
     """Each tensor := its mean over the ranks, in place."""
     if world_size() == 1 or not tensors:
         return
     flat = torch.cat([t.reshape(-1) for t in tensors])  # one collective instead of one per tensor
-    dist.all_reduce(flat)
+    _all_reduce_(flat)
     flat.div_(world_size())
     torch._foreach_copy_(tensors, [part.view_as(t) for part, t in zip(flat.split([t.numel() for t in tensors]), tensors)])
 
@@ -87,15 +100,33 @@ def gather(tensor: torch.Tensor) -> torch.Tensor:
     (each rank's batch is its slice of the global batch, ``loader.BatchStream``)."""
     if world_size() == 1:
         return tensor
-    parts = [torch.empty_like(tensor) for _ in range(world_size())]
-    dist.all_gather(parts, tensor.contiguous())
-    return torch.cat(parts)
+    local = tensor.to(_device()).contiguous()
+    parts = [torch.empty_like(local) for _ in range(world_size())]
+    dist.all_gather(parts, local)
+    return torch.cat(parts).to(tensor.device)
 
 
 def sum_(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` := its sum over the ranks (in place); returns it."""
     if world_size() > 1:
-        dist.all_reduce(tensor)
+        _all_reduce_(tensor)
     return tensor
+
+
+def sum_numbers(*numbers: float) -> list[float]:
+    """Python numbers summed over the ranks (in float64: counts and sums of a test split's metrics)."""
+    if world_size() == 1:
+        return list(numbers)
+    return sum_(torch.tensor(numbers, dtype=torch.float64)).tolist()
+
+
+def gather_objects(value) -> list:
+    """Every rank's ``value``, in rank order (any picklable object, e.g. tensors of different lengths)."""
+    if world_size() == 1:
+        return [value]
+    values = [None] * world_size()
+    dist.all_gather_object(values, value)
+    return values
 
 
 def broadcast_(tensors: list[torch.Tensor]) -> None:
@@ -104,7 +135,10 @@ def broadcast_(tensors: list[torch.Tensor]) -> None:
         return
     with torch.no_grad():  # a parameter written in place is no step of autograd's graph
         for t in tensors:
-            dist.broadcast(t, 0)
+            on = t.to(_device())
+            dist.broadcast(on, 0)
+            if on is not t:
+                t.copy_(on)
 
 
 def first_difference(named: list[tuple[str, torch.Tensor]]) -> str | None:
@@ -112,12 +146,12 @@ def first_difference(named: list[tuple[str, torch.Tensor]]) -> str | None:
     gets the same answer."""
     if world_size() == 1:
         return None
-    differs = torch.zeros(len(named), dtype=torch.int64, device=named[0][1].device if named else "cpu")
+    differs = torch.zeros(len(named), dtype=torch.int64)
     for i, (_, t) in enumerate(named):
-        reference = t.detach().clone()
+        reference = t.detach().to(_device(), copy=True)
         dist.broadcast(reference, 0)
-        differs[i] = int(not torch.equal(reference, t.detach()))
-    dist.all_reduce(differs)
+        differs[i] = int(not torch.equal(reference, t.detach().to(_device())))
+    _all_reduce_(differs)
     bad = [name for (name, _), d in zip(named, differs.tolist()) if d]
     return bad[0] if bad else None
 

@@ -12,6 +12,7 @@ from contextlib import contextmanager
 import torch
 from torch.utils.data import DataLoader
 
+from . import distributed
 from . import metrics as metric_fns
 from .config import EvalConfig
 from .quantizers import to_vectors
@@ -46,6 +47,20 @@ def first_images(dataset, count: int) -> torch.Tensor:
     return torch.stack([dataset[i][0] for i in range(min(count, len(dataset)))])
 
 
+def slices(size: int, batch_size: int) -> list[tuple[int, int, int]]:
+    """(global batch index, start, end) of this rank's slice of each batch of the test split: the batches of one
+    process with ``ranks * batch_size``, each split into consecutive slices of ``batch_size``, as in training
+    (``loader.BatchStream``). A slice of the last batch may be empty, and is left out; one process has whole batches."""
+    ranks, rank = distributed.world_size(), distributed.rank()
+    step = batch_size * ranks
+    found = []
+    for index, start in enumerate(range(0, size, step)):
+        lo, hi = start + rank * batch_size, min(start + (rank + 1) * batch_size, start + step, size)
+        if lo < hi:
+            found.append((index, lo, hi))
+    return found
+
+
 @torch.no_grad()
 def evaluate(model, dataset, batch_size: int, device, image_quality=None) -> tuple[dict, torch.Tensor]:
     """Metrics over the whole test split, and the code counts behind them.
@@ -54,22 +69,42 @@ def evaluate(model, dataset, batch_size: int, device, image_quality=None) -> tup
     ``active_codes`` and ``gradient_gap`` (Δgap of Huh Eq. 14 / MQ-VAE §5.2 per test batch, with the
     training task loss, averaged over batches; see ``metrics.gradient_gap``); then the task's own
     (``tasks.Reconstruction``, ``tasks.Classification``), FID / IS / LPIPS with ``image_quality``.
+
+    Data-parallel (every rank must call it), each rank evaluates its slice of every batch of one process with the
+    global batch (``slices``), and the sums are reduced, so the metrics are that process's. Δgap is a norm over a
+    whole batch of a mean loss's gradient: with m_r of the batch's m items on rank r, Δgap = sqrt(Σ_r (m_r Δ_r)²) / m,
+    Δ_r being rank r's Δgap of its slice.
     """
     counts = torch.zeros(model.quantizer.num_codes, dtype=torch.long, device=device)
-    scores, gaps = model.task.scores(image_quality), []
+    scores, gaps = model.task.scores(image_quality), {}
+    parts = slices(len(dataset), batch_size)
+    loader = DataLoader(dataset, batch_sampler=[list(range(lo, hi)) for _, lo, hi in parts])
     with evaluating(model):  # Δgap's two decoder passes update nothing
-        for x, y in DataLoader(dataset, batch_size=batch_size, shuffle=False):
+        for (index, lo, hi), (x, y) in zip(parts, loader):
             batch = (x.to(device), y.to(device))
             out = model(batch[0])
             counts += out.quant.counts
-            gaps.append(metric_fns.gradient_gap(model.decoder, lambda o, b=batch: model.task_loss(o, b),
-                                                out.z_e, out.quant.z_q).item())
+            gaps[index] = (hi - lo, metric_fns.gradient_gap(model.decoder, lambda o, b=batch: model.task_loss(o, b),
+                                                            out.z_e, out.quant.z_q).item())
             scores.update(batch, out.output)
-    counts = counts.cpu()
+    counts = distributed.sum_(counts).cpu()
     metrics = {"perplexity": metric_fns.perplexity(counts), "active_codes": metric_fns.active_codes(counts),
-               "gradient_gap": sum(gaps) / len(gaps)}
+               "gradient_gap": _mean_gap(gaps, len(range(0, len(dataset), batch_size * distributed.world_size())))}
     metrics.update(scores.compute())
     return metrics, counts
+
+
+def _mean_gap(gaps: dict, batches: int) -> float:
+    """The mean over the test split's batches of Δgap, from this rank's {batch index: (items, Δgap of its slice)}."""
+    if distributed.world_size() == 1:
+        return sum(gap for _, gap in gaps.values()) / batches
+    weighted = torch.zeros(batches, dtype=torch.float64)
+    items = torch.zeros(batches, dtype=torch.float64)
+    for index, (count, gap) in gaps.items():
+        weighted[index], items[index] = (count * gap) ** 2, count
+    distributed.sum_(weighted)
+    distributed.sum_(items)
+    return float((weighted.sqrt() / items).mean())
 
 
 def final_metrics(model, dataset, batch_size: int, device, settings: EvalConfig) -> tuple[dict, torch.Tensor]:

@@ -20,6 +20,8 @@ import torch
 import torch.hub
 from torch import Tensor, nn
 from torchmetrics.functional.image.lpips import _lpips_update
+
+from . import distributed
 from torchmetrics.functional.image.lpips import _NoTrainLpips as LpipsNetwork  # LPIPS's AlexNet with its linear heads
 from torchmetrics.image.fid import FrechetInceptionDistance
 from torchmetrics.image.inception import InceptionScore
@@ -280,6 +282,8 @@ class ImageQuality:
 
         IS splits the images in a random order (torchmetrics), so it varies slightly with the torch seed.
         """
+        # Data-parallel: the ranks' pairs together (torchmetrics gathers FID's and IS's states itself in compute).
+        self._lpips_sum, self._num_pairs = distributed.sum_numbers(self._lpips_sum, self._num_pairs)
         if self._num_pairs == 0:
             raise ValueError("ImageQuality.compute() called before any update()")
         values = {  # in IMAGE_QUALITY's order

@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from . import distributed
 from .errors import UserError
 
 
@@ -21,6 +22,7 @@ class Scores:
         raise NotImplementedError
 
     def compute(self) -> dict:  # pragma: no cover - interface
+        """The metrics, over every data-parallel rank's share of the test split (mqvae.distributed)."""
         raise NotImplementedError
 
 
@@ -64,7 +66,8 @@ class _ReconstructionScores(Scores):
             self.image_quality.update(x, output)
 
     def compute(self):
-        metrics = {"test_mse": self.squared_error / (self.images * self.pixels)}
+        squared_error, images = distributed.sum_numbers(self.squared_error, self.images)
+        metrics = {"test_mse": squared_error / (images * max(distributed.gather_objects(self.pixels)))}
         if self.image_quality is not None:
             metrics.update(self.image_quality.compute())
         return metrics
@@ -115,9 +118,11 @@ class _ClassificationScores(Scores):
     def compute(self):
         from .metrics import macro_f1
 
-        predictions, labels = torch.cat(self.predictions), torch.cat(self.labels)
+        local = [torch.cat(part) if part else torch.zeros(0, dtype=torch.long) for part in (self.predictions, self.labels)]
+        predictions, labels = (torch.cat(parts) for parts in zip(*distributed.gather_objects(local)))
+        nll, images = distributed.sum_numbers(self.nll, self.images)
         return {"accuracy": float((predictions == labels).float().mean()), "f1": macro_f1(predictions, labels),
-                "cross_entropy": self.nll / self.images}
+                "cross_entropy": nll / images}
 
 
 class Classification(Task):

@@ -135,8 +135,11 @@ def test_two_cpu_ranks_equal_one_process_with_the_doubled_batch(tmp_path, plugin
     # Only rank 0 wrote the run folder; its log is the one process's, step for step.
     log = [json.loads(line) for line in (tmp_path / "two" / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log if "time_s" in r and "warning" not in r] == list(range(1, iters + 1))
-    metrics = json.loads((tmp_path / "two" / "metrics.json").read_text())
+    # The evaluation is sharded over the ranks and reduced: the one process's metrics.
+    metrics, alone = (json.loads((tmp_path / run / "metrics.json").read_text()) for run in ("two", "one"))
     assert metrics["iterations"] == iters
+    for key in ("test_mse", "perplexity", "active_codes", "gradient_gap"):
+        assert metrics[key] == pytest.approx(alone[key], rel=1e-5), key
 
 
 def test_a_killed_two_rank_run_resumes_like_the_uninterrupted_one(tmp_path, plugin):
@@ -156,6 +159,27 @@ def test_a_killed_two_rank_run_resumes_like_the_uninterrupted_one(tmp_path, plug
     run(torchrun(*common, "--out", tmp_path / "whole"), timeout=600)
     assert_same_model(levels(tmp_path / "whole" / "checkpoint.pt"), levels(killed / "checkpoint.pt"))
     assert json.loads((killed / "metrics.json").read_text())["iterations"] == iters
+
+
+def test_the_sharded_classification_evaluation_is_the_one_process_evaluation(tmp_path, plugin):
+    """accuracy, F1 and cross-entropy gather every rank's predictions: the 2-rank run's metrics.json equals the
+    evaluation of its checkpoint in one process."""
+    from engines.experiment import build_engine
+    from engines.run_folder import resume_config
+    from mqvae.evaluation import final_metrics
+
+    run(torchrun("configs/digits/classify_vqvae.yaml", *TINY[6:], "--set", "train.iters=2", "--set",
+                 f"data.batch_size={BATCH}", "--set", "data.name=digits", "--out", tmp_path / "run"))
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    cfg = resume_config(tmp_path / "run")
+    engine = build_engine(cfg, tmp_path / "alone")
+    state = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
+    for level in engine.problems:  # the trained model alone (a resume would need 2 ranks)
+        level.module.load_state_dict(state["levels"][level.name])
+    # One process evaluates in batches of the global batch, 2 x 8 (Δgap is a norm over a batch).
+    alone, _ = final_metrics(engine.model, engine.datasets.test, 2 * BATCH, engine.device, cfg.eval)
+    for key in ("accuracy", "f1", "cross_entropy", "perplexity", "active_codes", "gradient_gap"):
+        assert metrics[key] == pytest.approx(alone[key], rel=1e-5), key
 
 
 def test_resuming_with_another_number_of_ranks_is_one_line(tmp_path, plugin):
