@@ -18,7 +18,8 @@ from tqdm import tqdm
 from mqvae import distributed
 from mqvae.checkpoint import check_hyperparameters, non_finite_entries, rng_state, save_checkpoint, set_rng_state
 from mqvae.errors import Diverged, UserError
-from mqvae.evaluation import latents_and_codes, make_image_quality, measures_quality
+from mqvae import evaluation as evaluation_fns  # make_image_quality looked up at each call: stand-ins can replace it
+from mqvae.evaluation import latents_and_codes, measures_quality
 from mqvae.files import append_line, os_error, write_text
 from mqvae.reports import codebook_figure
 from mqvae.tracking import TensorBoard
@@ -231,7 +232,7 @@ class LevelEngine(Engine):
         """The test metrics of a ``train.eval_every`` step (and the code counts behind them): FID / IS too where
         the task follows them over training (``quality_during_training``) and ``eval`` allows."""
         task, settings = self.model.task, self.cfg.eval
-        quality = (make_image_quality(self.device, settings.download_weights)
+        quality = (evaluation_fns.make_image_quality(self.device, settings.download_weights)
                    if task.quality_during_training and measures_quality(task, settings) else None)
         return task.evaluate(self.model, self.datasets.test, self.cfg.data.batch_size, self.device, quality)
 

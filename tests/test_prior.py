@@ -133,6 +133,27 @@ def test_a_prior_learns_the_codes_and_samples_images(source, tmp_path):
     assert images.min() >= 0 and images.max() <= 1
 
 
+def test_fid_and_is_of_samples_over_training_with_stand_in_networks(source, tmp_path, monkeypatch):
+    """Where the image-quality networks exist (stand-ins here), every evaluation measures FID and IS of decoded
+    samples, and the final metrics hold them; LPIPS, which compares pairs, is not reported."""
+    from mqvae import evaluation
+    from mqvae.metrics import ImageQuality
+    from tests.test_evaluation import Pooled
+
+    monkeypatch.setattr(evaluation, "make_image_quality", lambda device, download_weights: ImageQuality(
+        device, fid_feature=Pooled(8), is_feature=Pooled(10)))
+    out = tmp_path / "prior"
+    assert run.main([*prior_args(source, "--set", "train.iters=6", "--set", "train.eval_every=3"), "--out", str(out)]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    for name in ("fid", "is"):
+        assert math.isfinite(metrics[name]) and metrics[f"{name}_reason"] is None
+    assert "lpips" not in metrics
+    evaluations = [r for r in map(json.loads, (out / "log.jsonl").read_text().splitlines()) if "test_nll_bits" in r]
+    assert [r["step"] for r in evaluations] == [3, 6] and all(math.isfinite(r["fid"]) for r in evaluations)
+    # The final evaluation draws the same samples from the same prior as the last one during training.
+    assert evaluations[-1]["fid"] == pytest.approx(metrics["fid"])
+
+
 def test_a_class_conditional_prior_trains(source, tmp_path):
     out = tmp_path / "conditional"
     assert run.main([*prior_args(source, "--set", "train.iters=10", "--set", "prior.class_conditional=true"),
