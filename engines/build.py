@@ -81,6 +81,13 @@ def build_problems(cfg: Config, model, datasets, device) -> tuple[list, dict]:
     problems = {}
     for level in cfg.levels:
         cls = PROBLEMS[level.problem]  # a registered name (checked with the config)
+        if cls.trains_prior != bool(cfg.prior.run):
+            raise UserError(f"levels.{level.name}.problem: {level.problem} " + (
+                "trains a PixelCNN prior; name the run whose codes it learns with prior.run" if cls.trains_prior else
+                f"trains the network, but this config trains a prior on the codes of {cfg.prior.run} (a Prior level)"))
+        if cls.trains_prior and ranks > 1:
+            # Its evaluation (NLL, and FID of samples every rank would draw alike) is not sharded.
+            raise UserError(f"levels.{level.name}.problem: a prior trains in one process; run it without torchrun")
         if hasattr(cls, level.name) or level.name in RESERVED_NAMES:
             # Betty makes every level an attribute of the others under its name.
             raise UserError(f"levels.{level.name}.name: '{level.name}' is taken by an attribute of the Problem classes; "

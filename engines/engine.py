@@ -18,7 +18,8 @@ from tqdm import tqdm
 from mqvae import distributed
 from mqvae.checkpoint import check_hyperparameters, non_finite_entries, rng_state, save_checkpoint, set_rng_state
 from mqvae.errors import Diverged, UserError
-from mqvae.evaluation import evaluate, latents_and_codes
+from mqvae import evaluation as evaluation_fns  # make_image_quality looked up at each call: stand-ins can replace it
+from mqvae.evaluation import latents_and_codes, measures_quality
 from mqvae.files import append_line, os_error, write_text
 from mqvae.hypergradients import batch_norm_buffers
 from mqvae.reports import codebook_figure
@@ -229,12 +230,23 @@ class LevelEngine(Engine):
         if self.tensorboard is not None:
             self.tensorboard.scalars(record)
 
-    def pictures(self, counts: torch.Tensor) -> dict:
-        """The pictures of the model as it is now, by file name without .png: ``recon`` (the task's picture)
-        and ``codebook`` (``counts``: code usage over the test set, from the evaluation)."""
+    def evaluation(self) -> tuple[dict, torch.Tensor | None]:
+        """The test metrics of a ``train.eval_every`` step (and the code counts behind them): FID / IS too where
+        the task follows them over training (``quality_during_training``) and ``eval`` allows."""
+        task, settings = self.model.task, self.cfg.eval
+        quality = (evaluation_fns.make_image_quality(self.device, settings.download_weights)
+                   if task.quality_during_training and measures_quality(task, settings) else None)
+        return task.evaluate(self.model, self.datasets.test, self.cfg.data.batch_size, self.device, quality)
+
+    def pictures(self, counts: torch.Tensor | None) -> dict:
+        """The pictures of the model as it is now, by file name without .png: the task's picture (``recon``,
+        ``samples``) and, where the evaluation counted codes (``counts``: code usage over the test set),
+        ``codebook``."""
         model, test = self.model, self.datasets.test
-        return {"recon": model.task.picture(model, test, self.device),
-                "codebook": codebook_figure(counts, *latents_and_codes(model, test, self.device))}
+        pictures = {model.task.picture_name: model.task.picture(model, test, self.device)}
+        if counts is not None:
+            pictures["codebook"] = codebook_figure(counts, *latents_and_codes(model, test, self.device))
+        return pictures
 
     def track_pictures(self, pictures: dict) -> None:
         """The pictures to TensorBoard at this step, once: a run's final pictures are its last evaluation's
@@ -289,7 +301,7 @@ class LevelEngine(Engine):
                 else:
                     self.train_time += time.perf_counter() - start
                 if cfg.eval_every and step % cfg.eval_every == 0:  # every rank: each evaluates its shard
-                    metrics, counts = evaluate(self.model, self.datasets.test, self.cfg.data.batch_size, self.device)
+                    metrics, counts = self.evaluation()
                     self.record(log, log_path, {"step": step, "time_s": round(self.train_time, 4), **metrics})
                     if self.tensorboard is not None and self.writes:
                         self.track_pictures(self.pictures(counts))
@@ -324,9 +336,9 @@ class LevelEngine(Engine):
         on the global batch (the ranks' batches in rank order, as one process holds it) and its quantizer is
         broadcast, so statistics, dead codes and replacement candidates are those of one process."""
         forward = self.encoder_level.last_forward if self.encoder_level is not None else None
-        quantizer = self.model.quantizer
-        if forward is None or not quantizer.maintains:
+        if forward is None or not self.model.quantizer.maintains:  # (a prior's model has no trained quantizer)
             return
+        quantizer = self.model.quantizer
         if self.ranks == 1:
             quantizer.maintain(*forward)
             return

@@ -11,13 +11,15 @@ import torch
 from mqvae import distributed
 from mqvae.checkpoint import load_checkpoint
 from mqvae.config import Config
-from mqvae.data import load_datasets
+from mqvae.data import Datasets, load_datasets
 from mqvae.errors import UserError
 from mqvae.evaluation import final_metrics, first_images
 from mqvae.feasibility import check_feasible
 from mqvae.files import FolderLock, os_error, read_lines, remove_stale_temps, write_json, write_text
 from mqvae.models import build_model
 from mqvae.perf import apply_perf, perf_quantizer_config
+from mqvae.pixelcnn import GatedPixelCNN
+from mqvae.prior import PriorModel, code_maps, load_source
 from mqvae.reports import curve_panels, curves_figure, save_figures, write_report
 from mqvae.tracking import require_tensorboard
 
@@ -46,6 +48,8 @@ def build_engine(cfg: Config, run_dir: Path) -> LevelEngine:
     # perf: CUDA-only speed switches (mqvae.perf); on the CPU they are documented no-ops.
     model_cfg = dataclasses.replace(cfg, quantizer=perf_quantizer_config(cfg.perf, cfg.quantizer, device))
     model = build_model(model_cfg, datasets.channels, datasets.num_classes).to(device)
+    if cfg.prior.run:
+        model, datasets = prior_model(cfg, model, datasets, device)
     if cfg.model.sync_batch_norm:
         if device.type != "cuda":
             raise UserError("model.sync_batch_norm: torch's SyncBatchNorm runs on CUDA only; on the CPU each rank's "
@@ -59,6 +63,20 @@ def build_engine(cfg: Config, run_dir: Path) -> LevelEngine:
     for message in config_warnings(cfg):
         engine.warn(message)
     return engine
+
+
+def prior_model(cfg: Config, source, datasets: Datasets, device) -> tuple[PriorModel, Datasets]:
+    """The model and data of a prior run: ``source`` (the run's network, built from its config) with the run's
+    trained parameters, frozen, and a new PixelCNN; the data sets are the code maps (and labels) of the run's
+    images, computed once with the frozen encoder."""
+    if cfg.prior.class_conditional and datasets.num_classes < 2:
+        raise UserError(f"prior.class_conditional: data set {cfg.data.name} has no class labels; set it to false")
+    load_source(cfg, source)
+    train, test = (code_maps(source, split, cfg.data.batch_size, device) for split in (datasets.train, datasets.test))
+    num_classes = datasets.num_classes if cfg.prior.class_conditional else 0
+    pixelcnn = GatedPixelCNN(cfg.quantizer.num_codes, cfg.prior.channels, cfg.prior.layers, cfg.prior.kernel, num_classes)
+    model = PriorModel(source, pixelcnn.to(device), tuple(train.tensors[0].shape[1:]), datasets.test, cfg.seed)
+    return model, dataclasses.replace(datasets, train=train, test=test)
 
 
 def initialize_codebook(engine: LevelEngine) -> None:
@@ -121,7 +139,7 @@ def run_experiment(cfg: Config, run_dir: Path, resume: bool = False, overwrite: 
             claim(run_dir, overwrite)
             engine.write_config()
             write_text(run_dir / "log.jsonl", "")
-            if cfg.quantizer.kmeans_init:
+            if cfg.quantizer.kmeans_init and not cfg.prior.run:  # a prior's codebook is its source run's
                 initialize_codebook(engine)
         try:
             engine.run()
@@ -145,7 +163,7 @@ def _other_rank(cfg: Config, run_dir: Path, resume: bool) -> dict:
     engine = build_engine(cfg, run_dir)
     if resume:
         engine.load_state_dict(load_checkpoint(run_dir / "checkpoint.pt"), str(run_dir / "checkpoint.pt"))
-    elif cfg.quantizer.kmeans_init:
+    elif cfg.quantizer.kmeans_init and not cfg.prior.run:
         initialize_codebook(engine)
     engine.run()
     engine.save()

@@ -19,8 +19,8 @@ from mqvae.errors import UserError
 from mqvae.files import write_text
 from mqvae.tracking import EVENT_FILES
 
-RUN_FILES = ("config.yaml", "log.jsonl", "checkpoint.pt", "metrics.json", "recon.png", "curves.png", "codebook.png",
-             "report.md")
+RUN_FILES = ("config.yaml", "log.jsonl", "checkpoint.pt", "metrics.json", "recon.png", "samples.png", "curves.png",
+             "codebook.png", "report.md")
 # Extending a run, its logging, evaluation and checkpoint intervals, its TensorBoard logging, the device, what the
 # final evaluation measures and how its ranks talk leave what was trained valid.
 RESUMABLE_KEYS = ("train.iters", "train.log_every", "train.eval_every", "train.checkpoint_every", "logging.tensorboard",

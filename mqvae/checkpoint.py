@@ -34,24 +34,25 @@ def non_finite_entries(state, prefix: str = "") -> list[str]:
     return []
 
 
-def load_checkpoint(path: Path) -> dict:
-    """The checkpoint at ``path``, with every entry ``LevelEngine.load_state_dict`` reads checked first."""
+def load_checkpoint(path: Path, why: str = "--resume") -> dict:
+    """The checkpoint at ``path``, with every entry ``LevelEngine.load_state_dict`` reads checked first; ``why``
+    (what reads it: ``--resume``, ``prior.run``) starts the messages."""
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"--resume: no checkpoint at {path}")
+        raise UserError(f"{why}: no checkpoint at {path}")
     damaged = _damaged_record(path)
     if damaged:
-        raise UserError(f"--resume: {path} is damaged ({damaged} fails its checksum); it cannot be resumed")
+        raise UserError(f"{why}: {path} is damaged ({damaged} fails its checksum); it cannot be read")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many kinds (pickle, zip, runtime) for a damaged file
         summary = str(exc).strip().splitlines()[0][:120] if str(exc).strip() else type(exc).__name__
-        raise UserError(f"--resume: {path} is not a readable checkpoint ({summary})") from None
+        raise UserError(f"{why}: {path} is not a readable checkpoint ({summary})") from None
     try:
         _check_schema(state)
         _check_finite(state)
     except _Invalid as exc:
-        raise UserError(f"--resume: {path} is not a valid checkpoint: {exc}") from None
+        raise UserError(f"{why}: {path} is not a valid checkpoint: {exc}") from None
     return state
 
 

@@ -181,6 +181,21 @@ class LoggingConfig:
 
 
 @dataclass
+class PriorConfig:
+    # A finished reconstruction run (its config.yaml, checkpoint.pt and metrics.json): the prior is a gated
+    # PixelCNN (van den Oord et al. 2016) on its frozen codes (MQ-VAE Fig. 3). Empty: this config is no prior.
+    # The run's model and quantizer sections become this config's (mqvae.prior.source_config).
+    run: str = ""
+    # Condition on the class label (the data set must have labels).
+    class_conditional: bool = False
+    channels: int = spec(64, min=1)
+    layers: int = spec(8, min=1)
+    # Side of the stacks' kernels (odd): the vertical stack covers kernel // 2 rows above, the horizontal stack
+    # kernel // 2 columns to the left.
+    kernel: int = spec(3, min=1)
+
+
+@dataclass
 class Config:
     # 32 bits: what a NumPy seed may hold. Torch takes 64, but a level's batch stream seeds torch with
     # seed * 100003 + epoch (loader.BatchStream), which must stay below 2^64; other streams get a 40-bit hash of
@@ -201,6 +216,7 @@ class Config:
     perf: PerfConfig = spec(factory=PerfConfig)
     distributed: DistributedConfig = spec(factory=DistributedConfig)
     logging: LoggingConfig = spec(factory=LoggingConfig)
+    prior: PriorConfig = spec(factory=PriorConfig)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -387,6 +403,27 @@ def _validate(cfg: Config, where: str) -> None:
         raise UserError(f"{where}: hypergradient.roll_back: needs xi > 0 (with xi = 0 there is no tentative lower step to roll back)")
     if cfg.quantizer.dim % cfg.quantizer.groups:
         raise UserError(f"{where}: quantizer.groups: {cfg.quantizer.groups} does not divide quantizer.dim = {cfg.quantizer.dim}")
+    if cfg.prior.run:
+        _take_source(cfg, where)
+
+
+def _take_source(cfg: Config, where: str) -> None:
+    """A prior's network is its source run's: the run's model and quantizer sections become the config's (so its
+    config.yaml says what was used); the config may repeat them, not change them."""
+    from .prior import source_config  # torch, which reading a plain config's text does not need
+
+    if cfg.prior.kernel % 2 == 0:
+        raise UserError(f"{where}: prior.kernel: {cfg.prior.kernel} is even; the stacks' kernels need an odd side")
+    source = source_config(cfg.prior.run, where)
+    for section in ("model", "quantizer"):
+        given = getattr(cfg, section)
+        if given not in (type(given)(), getattr(source, section)):
+            raise UserError(f"{where}: {section}: a prior's network is its source run's ({cfg.prior.run}); remove the "
+                            f"{section} section")
+        setattr(cfg, section, getattr(source, section))
+    if cfg.data.name != source.data.name:
+        raise UserError(f"{where}: data.name: {quote(cfg.data.name)}, but the source run {cfg.prior.run} was trained "
+                        f"on {quote(source.data.name)}; a prior learns the codes of the source's data set")
 
 
 def _check_registered(cfg: Config, where: str) -> None:

@@ -30,6 +30,12 @@ def make_image_quality(device, download_weights: bool):
     return metric_fns.ImageQuality(device, download_weights=download_weights)
 
 
+def measures_quality(task, settings: EvalConfig) -> bool:
+    """Whether an evaluation of ``task`` measures image quality as ``settings`` say (its outputs are images, and
+    ``image_quality: auto``)."""
+    return task.outputs_images and settings.image_quality == "auto"
+
+
 @contextmanager
 def evaluating(model):
     """``model`` in eval mode (BatchNorm uses its running statistics) inside the block, back in the mode it
@@ -111,12 +117,12 @@ def final_metrics(model, dataset, batch_size: int, device, settings: EvalConfig)
     """The end-of-run evaluation: ``evaluate`` with FID / IS / LPIPS where the task's outputs are images (as
     ``settings`` say: ``image_quality: off`` leaves them ``None`` with that reason, not computed), and the papers'
     scale factors under ``scales`` (MQ-VAE reports MSE ×1e-3, LPIPS ×1e-1, Δgap ×1e-5; ``metrics.SCALES``)."""
-    measured = model.task.outputs_images and settings.image_quality == "auto"
+    measured = measures_quality(model.task, settings)
     quality = make_image_quality(device, settings.download_weights) if measured else None
-    metrics, counts = evaluate(model, dataset, batch_size, device, image_quality=quality)
+    metrics, counts = model.task.evaluate(model, dataset, batch_size, device, image_quality=quality)
     if model.task.outputs_images and not measured:
         # Null with a reason rather than absent, so that a sweep's table names why its cell is empty.
-        for name in metric_fns.IMAGE_QUALITY:
+        for name in model.task.image_metrics:
             metrics[name], metrics[f"{name}_reason"] = None, f"eval.image_quality: {settings.image_quality}"
     metrics["scales"] = dict(metric_fns.SCALES)
     return metrics, counts

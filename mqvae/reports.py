@@ -50,6 +50,28 @@ def recon_figure(originals: torch.Tensor, recons: torch.Tensor, per_row: int = 1
     return fig
 
 
+def samples_figure(images: torch.Tensor, per_row: int = 8) -> Figure:
+    """A grid of generated images (samples.png), upscaled by an integer factor (nearest neighbour) to at least
+    MIN_CELL_PX per image."""
+    images = images.detach().float().clamp(0, 1).cpu()
+    n, (channels, height, width) = images.shape[0], images.shape[1:]
+    columns, rows = min(per_row, n), math.ceil(n / per_row)
+    scale = max(1, math.ceil(MIN_CELL_PX / min(height, width)))
+    cell_h, cell_w, gap = height * scale, width * scale, 2
+    canvas = np.ones((rows * (cell_h + gap) - gap, columns * (cell_w + gap) - gap, channels))
+    for i in range(n):
+        row, column = divmod(i, per_row)
+        top, left = row * (cell_h + gap), column * (cell_w + gap)
+        canvas[top: top + cell_h, left: left + cell_w] = images[i].permute(1, 2, 0).numpy().repeat(scale, 0).repeat(scale, 1)
+    dpi = 100
+    fig = Figure(figsize=(canvas.shape[1] / dpi, canvas.shape[0] / dpi), dpi=dpi)
+    ax = fig.add_axes((0, 0, 1, 1))
+    ax.imshow(canvas[..., 0] if channels == 1 else canvas, cmap="gray", vmin=0, vmax=1, interpolation="nearest",
+              aspect="auto")
+    ax.axis("off")
+    return fig
+
+
 @dataclass
 class Panel:
     """One panel of curves.png: lines by label, as (steps, values), or a note saying why there are none."""
@@ -85,6 +107,11 @@ def curve_panels(records: list[dict], task, learned_scalars=(), perplexity: str 
         panels.append(Panel(f"learned {key}", {key: line} if line[0] else {}, "" if line[0] else f"{key} not logged"))
     panels.append(Panel(task.curve_title, {metric: _series(tests, metric)} if tests else {},
                         "" if tests else "no evaluation during training", marker="o"))
+    for key, title in task.extra_curves:
+        # Where it was not measured, the reason is in log.jsonl and metrics.json (too long for a panel).
+        measured = [r for r in tests if r.get(key) is not None]
+        panels.append(Panel(title, {key: _series(measured, key)} if measured else {},
+                            "" if measured else f"{key} not measured (see metrics.json)", marker="o"))
     return panels
 
 
@@ -154,7 +181,7 @@ def _fmt(value) -> str:
     return str(value)
 
 
-def write_report(run_dir: Path, metrics: dict, pictures=("recon.png", "curves.png", "codebook.png"), title: str = "") -> None:
+def write_report(run_dir: Path, metrics: dict, pictures=("recon.png", "samples.png", "curves.png", "codebook.png"), title: str = "") -> None:
     """report.md: the final metrics as a table (null metrics with their reason) and links to the pictures."""
     run_dir = Path(run_dir)
     lines = [f"# {title or run_dir.name}", "", "| metric | value |", "|---|---|"]

@@ -15,6 +15,9 @@ A sweep file::
         - {label: "VQ-VAE", config: configs/digits/vqvae.yaml}
         - {label: "MQ-VAE (direct)", config: configs/digits/mqvae.yaml, set: ["hypergradient.type=direct"]}
 
+A run's ``set`` values may name the run's seed as ``{seed}`` (e.g. a prior per seed of a sweep of source runs,
+``prior.run=runs/fig3_sources_digits/vq-vae/seed{seed}``).
+
 Optional keys: ``name`` (the sweep folder under runs/, default the file name), ``datasets`` (a list of
 ``data.name`` values; each run is repeated on each), ``main_metric`` (the bar chart's metric, default
 the first of ``metrics``), ``set`` (overrides applied to every run, before each run's own ``set``),
@@ -42,7 +45,7 @@ from scipy.stats import t as student_t
 from .config import build, did_you_mean, quote, quote_key, read_yaml, spec
 from .errors import UserError
 from .files import read_lines, save_figure, write_json, write_text
-from .tasks import TASK_OF_KIND
+from .tasks import task_of
 
 # metric key -> (column header in the papers' layout, factor the column is reported in). MQ-VAE Tables 1/3:
 # "LPIPS (10^-1)", "MSE (10^-3)", "Δgap (10^-5)"; Table 2: accuracy and F1 in percent.
@@ -57,6 +60,7 @@ COLUMNS = {
     "perplexity": ("Perplexity ↑", 1.0),
     "active_codes": ("Active codes", 1.0),
     "gradient_gap": ("Δgap (10^-5) ↓", 1e-5),
+    "test_nll_bits": ("Prior NLL (bits/code) ↓", 1.0),
     "wall_time_s": ("Train time (s)", 1.0),
     "iterations": ("Iterations", 1.0),
 }
@@ -65,6 +69,7 @@ COLUMNS = {
 # significant difference is better or worse. Train time and iterations are costs, not results: no side.
 BETTER = {
     "fid": "lower", "lpips": "lower", "test_mse": "lower", "cross_entropy": "lower", "gradient_gap": "lower",
+    "test_nll_bits": "lower",
     "is": "higher", "accuracy": "higher", "f1": "higher", "perplexity": "higher", "active_codes": "higher",
 }
 
@@ -73,7 +78,8 @@ BETTER = {
 class SweepRun:
     label: str = spec(dataclasses.MISSING)
     config: str = spec(dataclasses.MISSING)
-    # --set style overrides of this method, e.g. ["hypergradient.type=direct"]
+    # --set style overrides of this method, e.g. ["hypergradient.type=direct"]; ``{seed}`` in a value stands for
+    # the run's seed, e.g. ["prior.run=runs/fig3_sources_digits/vq-vae/seed{seed}"] (a prior per source seed)
     set: list[str] = spec(factory=list)
 
 
@@ -192,8 +198,9 @@ def expand(sweep: Sweep, sweep_dir: Path, overrides: list[str] = ()) -> list[Pla
             for seed in sweep.seeds:
                 folder = Path(sweep_dir, *([dataset] if dataset else []), slugify(run.label), f"seed{seed}")
                 extra = [f"data.name={dataset}"] if dataset else []
+                own = [text.replace("{seed}", str(seed)) for text in run.set]
                 planned.append(PlannedRun(run.label, slugify(run.label), dataset, seed, Path(run.config),
-                                          [*sweep.set, *run.set, f"seed={seed}", *extra, *overrides], folder))
+                                          [*sweep.set, *own, f"seed={seed}", *extra, *overrides], folder))
     return planned
 
 
@@ -275,7 +282,7 @@ def paired_table(sweep: Sweep, runs: list[dict], table: list[dict]) -> list[dict
 def curve_key(configs) -> Optional[str]:
     """The test metric of the sweep's curves: that of its runs' task (``configs``: the runs' resolved configs, so
     also when no run has metrics yet); None for runs of different tasks, which have none in common."""
-    tasks = {TASK_OF_KIND[cfg.model.kind] for cfg in configs}
+    tasks = {task_of(cfg) for cfg in configs}
     return next(iter(tasks)).curve_key if len(tasks) == 1 else None
 
 

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 from . import distributed
 from .errors import UserError
+from .metrics import IMAGE_QUALITY
 
 
 class Scores:
@@ -27,7 +28,7 @@ class Scores:
 
 
 class Task:
-    """The interface of both tasks."""
+    """The interface of the tasks: reconstruction, classification and the prior (``mqvae.prior``)."""
 
     name: str
     # The test metric of the training curves (curves.png, the sweep's results.png); a log.jsonl record that
@@ -37,6 +38,13 @@ class Task:
     # The output is an image of the input's size: the layers must give it back at that size, and the final
     # evaluation measures FID / IS / LPIPS of the outputs.
     outputs_images: bool
+    # The file name (without .png) of the task's picture; the image-quality metrics the final evaluation gives
+    # where outputs_images; further test metrics curves.png plots, as (key, title); whether the evaluations during
+    # training measure those image-quality metrics too (else only the final one does).
+    picture_name = "recon"
+    image_metrics = IMAGE_QUALITY
+    extra_curves: tuple[tuple[str, str], ...] = ()
+    quality_during_training = False
 
     def loss(self, output: torch.Tensor, batch) -> torch.Tensor:  # pragma: no cover - interface
         """L_task of MQ-VAE Eq. 6 for a batch (x, y) and the network's output."""
@@ -47,8 +55,15 @@ class Task:
         fed the outputs too, where the task has images."""
         raise NotImplementedError
 
+    def evaluate(self, model, dataset, batch_size: int, device, image_quality=None) -> tuple[dict, object]:
+        """The test metrics of ``model`` over ``dataset`` and the code counts behind them (None where the task
+        has none): by default ``evaluation.evaluate``, the quantized network's."""
+        from .evaluation import evaluate
+
+        return evaluate(model, dataset, batch_size, device, image_quality)
+
     def picture(self, model, dataset, device):  # pragma: no cover - interface
-        """recon.png's matplotlib figure: what the network makes of the first test images."""
+        """The matplotlib figure of <picture_name>.png: what the network makes of the first test images."""
         raise NotImplementedError
 
 
@@ -152,3 +167,12 @@ RECONSTRUCTION = Reconstruction()
 CLASSIFICATION = Classification()
 # model.kind -> the task its network is built for (models.build_model; a sweep's curves name the task's metric).
 TASK_OF_KIND = {"vqvae": RECONSTRUCTION, "resnet18": CLASSIFICATION}
+
+
+def task_of(cfg) -> Task:
+    """The task a config's run is trained for: the prior's (``prior.run``), else its network's."""
+    if cfg.prior.run:
+        from .prior import PRIOR
+
+        return PRIOR
+    return TASK_OF_KIND[cfg.model.kind]

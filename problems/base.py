@@ -75,6 +75,9 @@ class Level(ImplicitProblem):
     # The terms of loss_terms that are scalars this level learns (logged as <level>.<term>): curves.png gives each
     # a panel of its own. The other terms are losses and the batch perplexity.
     learned_scalars: tuple[str, ...] = ()
+    # Whether the level trains the prior of a ``prior.run`` config (``Prior``): a prior config has such levels only,
+    # and other configs none (engines.build checks it).
+    trains_prior = False
 
     def __init__(self, name, config, module, optimizer, scheduler, train_data_loader, *, model, level_cfg, xi=0.0,
                  alpha=0.01, data="train", fast_roll_back: "FastRollBack | None" = None):

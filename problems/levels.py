@@ -94,6 +94,21 @@ class CommitmentWeight(Level):
         return {**terms, "loss": terms["task"], "beta": self.beta()}
 
 
+class Prior(Level):
+    """A PixelCNN prior on the frozen codes of a finished run (``prior.run``; MQ-VAE Fig. 3): it trains the
+    ``GatedPixelCNN`` of the engine's ``mqvae.prior.PriorModel`` on the cross-entropy of the code logits, with
+    the run's encoder, codebook and decoder frozen."""
+
+    trains_prior = True
+
+    @classmethod
+    def module_of(cls, model, params):
+        return model.pixelcnn
+
+    def loss_terms(self, batch) -> dict:
+        return self.model.loss(batch)
+
+
 def register_problem(cls: type[Level]) -> type[Level]:
     """Make a Level subclass nameable in a config's ``levels.*.problem`` by its class name (a class decorator)."""
     if not (isinstance(cls, type) and issubclass(cls, Level)):
@@ -102,5 +117,5 @@ def register_problem(cls: type[Level]) -> type[Level]:
     return cls
 
 
-for _cls in (VQVAE, AutoEncoder, Classifier, Codebook, CommitmentWeight):
+for _cls in (VQVAE, AutoEncoder, Classifier, Codebook, CommitmentWeight, Prior):
     register_problem(_cls)

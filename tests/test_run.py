@@ -80,7 +80,8 @@ def tiny_run(out, *extra):
 def test_run_folder_and_determinism(tmp_path):
     assert tiny_run(tmp_path / "a") == 0
     for name in RUN_FILES:
-        assert (tmp_path / "a" / name).is_file(), name
+        if name != "samples.png":  # a prior run's picture (tests/test_prior.py)
+            assert (tmp_path / "a" / name).is_file(), name
     metrics = json.loads((tmp_path / "a" / "metrics.json").read_text())
     for key in ("test_mse", "perplexity", "active_codes", "iterations", "wall_time_s"):
         assert key in metrics
@@ -116,7 +117,8 @@ def test_resume_after_interruption_ends_like_an_uninterrupted_run(tmp_path, monk
 
 # -- every shipped digits config runs end to end ------------------------------------------------------
 
-DIGITS_CONFIGS = sorted(p.stem for p in (ROOT / "configs" / "digits").glob("*.yaml"))
+# The prior's config needs a finished source run: tests/test_prior.py runs it on one.
+DIGITS_CONFIGS = sorted(p.stem for p in (ROOT / "configs" / "digits").glob("*.yaml") if p.stem != "prior")
 
 
 @pytest.mark.parametrize("name", DIGITS_CONFIGS)
@@ -124,7 +126,8 @@ def test_shipped_digits_config_runs(tmp_path, name):
     out = tmp_path / name
     assert run.main([f"configs/digits/{name}.yaml", *TINY, "--set", "train.iters=3", "--out", str(out)]) == 0
     for file in RUN_FILES:
-        assert (out / file).is_file(), file
+        if file != "samples.png":  # a prior run's picture (tests/test_prior.py)
+            assert (out / file).is_file(), file
     levels = torch.load(out / "checkpoint.pt", weights_only=True)["levels"]
     cfg = yaml.safe_load((out / "config.yaml").read_text())
     assert set(levels) == {level["name"] for level in cfg["levels"]}

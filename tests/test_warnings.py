@@ -118,8 +118,18 @@ def test_every_shipped_config_is_covered():
     assert len([p for p in SHIPPED if p.startswith("configs/paper/")]) == 10
 
 
+@pytest.fixture(scope="module")
+def source_run(tmp_path_factory) -> Path:
+    """A finished tiny reconstruction run, the source a shipped prior config is run on."""
+    out = tmp_path_factory.mktemp("source") / "run"
+    result = run_cli("configs/digits/vqvae.yaml", *TINY, "--set", "train.iters=3", "--set", "eval.image_quality=off",
+                     "--out", out)
+    assert result.returncode == 0, result.stderr
+    return out
+
+
 @pytest.mark.parametrize("path", SHIPPED)
-def test_no_warning_fires_on_a_shipped_config(tmp_path, monkeypatch, path):
+def test_no_warning_fires_on_a_shipped_config(tmp_path, monkeypatch, path, request):
     """ZERO_GRADIENT_STEPS + 5 iterations of the config as shipped (the paper configs on small stand-ins, with
     their level graph, quantizer and hypergradient as shipped), its k-means init included."""
     overrides = ["train.iters=" + str(ZERO_GRADIENT_STEPS + 5), "train.log_every=5", "train.eval_every=0",
@@ -129,13 +139,15 @@ def test_no_warning_fires_on_a_shipped_config(tmp_path, monkeypatch, path):
         dataset = Path(path).stem.rsplit("_", 1)[0]
         WRITERS[dataset](tmp_path / "data")
         overrides += [a for a in SMALL[1::2] if not a.startswith("train.")] + [f"data.root={tmp_path / 'data'}"]
+    if "prior" in yaml.safe_load((ROOT / path).read_text()):
+        overrides.append(f"prior.run={request.getfixturevalue('source_run')}")  # (its source's sizes come along)
     cfg = load_config(ROOT / path, overrides)
     shown = []
     # The toolkit's warnings (library warnings, terminal=False, are the quiet-terminal tests' subject).
     monkeypatch.setattr(LevelEngine, "warn", lambda self, message, terminal=True: terminal and shown.append(message))
     (tmp_path / "run").mkdir()
     engine = experiment.build_engine(cfg, tmp_path / "run")
-    if cfg.quantizer.kmeans_init:
+    if cfg.quantizer.kmeans_init and not cfg.prior.run:  # as run_experiment does: a prior's codes are its source's
         experiment.initialize_codebook(engine)
     engine.run()
     assert engine.global_step == cfg.train.iters
