@@ -1,8 +1,8 @@
 """Betty Problems: one class per level kind, and the registry configs name them by."""
 
 from .base import FastRollBack, Level
-from .levels import (PROBLEMS, AutoEncoder, Classifier, Codebook, CommitmentWeight, Prior, VQVAE,
+from .levels import (PROBLEMS, AutoEncoder, Classifier, Codebook, CommitmentWeight, Decoder, Encoder, Prior, VQVAE,
                      register_problem)
 
 __all__ = ["Level", "FastRollBack", "PROBLEMS", "register_problem", "VQVAE", "AutoEncoder", "Classifier", "Codebook",
-           "CommitmentWeight", "Prior"]
+           "CommitmentWeight", "Encoder", "Decoder", "Prior"]

@@ -32,6 +32,23 @@ class AutoEncoder(Level):
         return nn.ModuleDict({"encoder": model.encoder, "decoder": model.decoder})
 
 
+class Encoder(Level):
+    """The encoder phi alone: with ``Decoder`` the two halves of MQ-VAE's lower level as levels of their own
+    (configs/digits/mqvae_chain.yaml)."""
+
+    @classmethod
+    def module_of(cls, model, params):
+        return model.encoder
+
+
+class Decoder(Level):
+    """The decoder theta alone (see ``Encoder``)."""
+
+    @classmethod
+    def module_of(cls, model, params):
+        return model.decoder
+
+
 class Classifier(AutoEncoder):
     """The classification task's lower level: backbone halves and head around the quantizer (Huh §5.1)."""
 
@@ -117,5 +134,5 @@ def register_problem(cls: type[Level]) -> type[Level]:
     return cls
 
 
-for _cls in (VQVAE, AutoEncoder, Classifier, Codebook, CommitmentWeight, Prior):
+for _cls in (VQVAE, AutoEncoder, Encoder, Decoder, Classifier, Codebook, CommitmentWeight, Prior):
     register_problem(_cls)
