@@ -135,5 +135,6 @@ def test_data_parallel_step_times_compare_the_same_global_batch():
         assert row["ranks"]["ranks"] == 2 and row["ranks"]["batch_per_rank"] == 4
         assert row["one_process"]["ranks"] == 1 and row["one_process"]["batch_per_rank"] == 8
         assert row["ranks"]["median_s"] > 0 and row["one_process"]["median_s"] > 0
+        # (the ratio is rounded to 3 decimals, as the other ratios)
         assert row["ratio_ranks_to_one_process"] == pytest.approx(
-            row["ranks"]["median_s"] / row["one_process"]["median_s"], rel=0.01)
+            row["ranks"]["median_s"] / row["one_process"]["median_s"], rel=0.01, abs=5e-4)
