@@ -157,9 +157,9 @@ def _error(exc) -> int:
 
 
 def _training_in_parallel() -> bool:
-    import torch.distributed as dist
-
-    return dist.is_available() and dist.is_initialized()
+    """Whether this process has joined torchrun's process group (mqvae.distributed.start)."""
+    distributed = sys.modules.get("mqvae.distributed")
+    return distributed is not None and distributed.world_size() > 1
 
 
 def _peer_lost(exc: BaseException) -> bool:

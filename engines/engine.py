@@ -222,10 +222,10 @@ class LevelEngine(Engine):
 
     # -- records and pictures ---------------------------------------------------------------------
     def record(self, log, path: Path, record: dict) -> None:
-        if log is None:
-            return  # a data-parallel rank other than 0
         """One record into log.jsonl and, with logging.tensorboard, its numbers into TensorBoard: every record
-        goes through here, so both hold the same scalars."""
+        goes through here, so both hold the same scalars. ``log`` is None on a data-parallel rank other than 0."""
+        if log is None:
+            return
         append_line(log, path, json.dumps(record))
         if self.tensorboard is not None:
             self.tensorboard.scalars(record)
@@ -303,7 +303,7 @@ class LevelEngine(Engine):
                 if cfg.eval_every and step % cfg.eval_every == 0:  # every rank: each evaluates its shard
                     metrics, counts = self.evaluation()
                     self.record(log, log_path, {"step": step, "time_s": round(self.train_time, 4), **metrics})
-                    if self.tensorboard is not None and self.writes:
+                    if self.tensorboard is not None:  # (rank 0's alone)
                         self.track_pictures(self.pictures(counts))
                 if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
                     self.save()
