@@ -22,8 +22,12 @@ Torchvision sets are read from ``data.root`` in torchvision's own layout and are
 downloaded only when ``data.download`` is true.
 """
 
+import gzip
+import math
 import os
 import pickle
+import struct
+import zlib
 from dataclasses import dataclass
 from typing import Callable
 
@@ -134,48 +138,91 @@ def _read_pair(title: str, folder: str, expected: str, remedy: str, make: Callab
         ) from err
 
 
-def _check_idx_pair(dataset, title: str) -> None:
-    """Stop on IDX files that disagree, which torchvision reads without comparing.
-
-    Too few labels would end a run with an IndexError at some later batch, too many would be
-    dropped silently, and images of another size would reach the model.
-    """
-    prefix = "train" if dataset.train else "t10k"
-    images = os.path.join(dataset.raw_folder, f"{prefix}-images-idx3-ubyte")
-    labels = os.path.join(dataset.raw_folder, f"{prefix}-labels-idx1-ubyte")
-    count, height, width = dataset.data.shape
-    if (height, width) != (28, 28):
-        raise UserError(f"data.root: '{images}' holds {height}×{width} images; {title} images are 28×28")
-    if len(dataset.targets) != count:
-        raise UserError(
-            f"data.root: '{images}' holds {count} images but '{labels}' holds {len(dataset.targets)} labels; "
-            "use image and label files of the same release"
-        )
-    if count and dataset.targets.max() > 9:
-        raise UserError(f"data.root: '{labels}' holds label {dataset.targets.max().item()}; {title} labels are 0..9")
+# The four IDX files of an MNIST-like release, train pair first; each may be stored plain or gzipped.
+_IDX_NAMES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+              "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
 
 
-def _mnist_like(class_name: str, title: str):
+def _idx_file(folder: str, name: str) -> str | None:
+    """``folder/name`` or ``folder/name.gz``, whichever exists (plain first), else None."""
+    for path in (os.path.join(folder, name), os.path.join(folder, name + ".gz")):
+        if os.path.isfile(path):
+            return path
+    return None
+
+
+def read_idx(path: str) -> torch.Tensor:
+    """An IDX file of unsigned bytes (LeCun's format: big-endian magic 0x0000 08 ndim, ndim big-endian uint32
+    sizes, then the values), plain or gzipped, as a uint8 tensor; any fault is one UserError line naming it."""
+    try:
+        with (gzip.open if path.endswith(".gz") else open)(path, "rb") as f:
+            data = f.read()
+    except (OSError, EOFError, zlib.error) as err:  # gzip's BadGzipFile is an OSError; a cut stream an EOFError
+        raise UserError(f"data.root: cannot read '{path}' ({_one_line(err)}); the file is damaged or truncated") from err
+    if len(data) < 4 or data[:3] != b"\x00\x00\x08":
+        raise UserError(f"data.root: '{path}' is not an IDX file of unsigned bytes (its first bytes are "
+                        f"{data[:4].hex() or 'missing'}, expected 000008 and the number of dimensions)")
+    header = 4 + 4 * data[3]
+    if len(data) < header:
+        raise UserError(f"data.root: '{path}' ends inside its header; the file is truncated")
+    shape = struct.unpack(f">{data[3]}I", data[4:header])
+    size = header + math.prod(shape)
+    if len(data) != size:
+        raise UserError(f"data.root: '{path}' holds {len(data)} bytes but its header ({'×'.join(map(str, shape))} values) "
+                        f"says {size}; the file is {'truncated' if len(data) < size else 'damaged'}")
+    return torch.frombuffer(bytearray(data[header:]), dtype=torch.uint8).reshape(shape)
+
+
+def _idx_split(folder: str, split: str, title: str) -> TensorDataset:
+    """One split's images and labels, checked against each other: torchvision's own reader compares neither,
+    so too few labels would end a run with an IndexError at some later batch, too many would be dropped
+    silently, and images of another size would reach the model."""
+    images_path, labels_path = (_idx_file(folder, name) for name in _IDX_NAMES[split])
+    images, labels = read_idx(images_path), read_idx(labels_path)
+    if images.dim() != 3 or images.shape[1:] != (28, 28):
+        sides = "×".join(map(str, images.shape[1:])) or "no"
+        raise UserError(f"data.root: '{images_path}' holds {sides} images; {title} images are 28×28")
+    if labels.dim() != 1 or len(labels) != len(images):
+        raise UserError(f"data.root: '{images_path}' holds {len(images)} images but '{labels_path}' holds "
+                        f"{labels.numel()} labels; use image and label files of the same release")
+    if len(labels) and labels.max() > 9:
+        raise UserError(f"data.root: '{labels_path}' holds label {labels.max().item()}; {title} labels are 0..9")
+    # transforms.ToTensor's scaling (uint8 / 255), as the paper's pipeline; a TensorDataset takes the batch
+    # stream's fast path (one gather per batch).
+    return TensorDataset(images.unsqueeze(1).float().div_(255), labels.long())
+
+
+def _mnist_like(class_name: str, title: str, package: str | None = None):
     def load(root: str, download: bool, seed: int) -> Datasets:
-        from torchvision import datasets, transforms
+        # Two layouts: the four files directly in root, plain or gzipped (Debian's package puts them in
+        # /usr/share/datasets/<package>/, gzipped), or torchvision's root/<Class>/raw, where a download lands.
+        # The first folder holding any of the files is the one read, so a missing one is named, not skipped.
+        folders = [root, os.path.join(root, class_name, "raw")]
+        names = [name for pair in _IDX_NAMES.values() for name in pair]
+        folder = next((f for f in folders if any(_idx_file(f, name) for name in names)), None)
+        if folder is None and download:
+            from torchvision import datasets
 
-        cls = getattr(datasets, class_name)
-        train, test = _read_pair(
-            title,
-            os.path.join(root, class_name, "raw"),
-            "train-images-idx3-ubyte, train-labels-idx1-ubyte, t10k-images-idx3-ubyte, t10k-labels-idx1-ubyte",
-            _fetch_hint(download),
-            lambda is_train: cls(root, train=is_train, transform=transforms.ToTensor(), download=download),
-        )
-        _check_idx_pair(train, title)
-        _check_idx_pair(test, title)
-        return Datasets(train, test, channels=1, image_size=28, num_classes=10)
+            folder = folders[1]
+            _read_pair(title, folder, ", ".join(names), _fetch_hint(download),
+                       lambda train: getattr(datasets, class_name)(root, train=train, download=True))
+        if folder is None:
+            debian = f"; `apt-get install {package}` puts them in /usr/share/datasets/{package}" if package else ""
+            raise UserError(
+                f"data.root: no {title} files in '{folders[0]}' or '{folders[1]}' (expected {', '.join(names)}, each "
+                f"plain or .gz{debian}); {_fetch_hint(download)}")
+        missing = [name for name in names if _idx_file(folder, name) is None]
+        if missing:
+            raise UserError(f"data.root: '{os.path.join(folder, missing[0])}' (or .gz) is missing beside the other "
+                            f"{title} files in '{folder}'")
+        return Datasets(_idx_split(folder, "train", title), _idx_split(folder, "test", title),
+                        channels=1, image_size=28, num_classes=10)
 
     return load
 
 
 register_dataset("mnist")(_mnist_like("MNIST", "MNIST"))
-register_dataset("fashion_mnist")(_mnist_like("FashionMNIST", "Fashion-MNIST"))
+register_dataset("fashion_mnist")(_mnist_like("FashionMNIST", "Fashion-MNIST", "dataset-fashion-mnist"))
 
 
 def _cifar(class_name: str, title: str, expected: str, num_classes: int):

@@ -122,10 +122,15 @@ class Level(ImplicitProblem):
         quantizer = getattr(self.model, "quantizer", None)
         if quantizer is None or not hasattr(quantizer, "param_groups") or not self._trains(quantizer):
             return [{"params": params}]
-        groups = [{"params": list(g["params"]), "lr": self.level_cfg.lr * g.get("lr_scale", 1.0)} for g in quantizer.param_groups()]
+        groups = [{"params": list(g["params"]), "lr": self.quantizer_lr() * g.get("lr_scale", 1.0)} for g in quantizer.param_groups()]
         owned = {id(p) for g in groups for p in g["params"]}
         rest = [p for p in params if id(p) not in owned]
         return ([{"params": rest}] if rest else []) + [g for g in groups if g["params"]]
+
+    def quantizer_lr(self) -> float:
+        """The learning rate the quantizer's groups scale (``lr_scale``): the level's, unless a level kind has
+        its own setting (``VQVAE.Params.codebook_lr``)."""
+        return self.level_cfg.lr
 
     def patch_scheduler(self):
         # Betty rebuilds LambdaLR with one lr_lambda per group of the optimizer it was first given; a level's

@@ -19,9 +19,20 @@ from .base import Level
 class VQVAE(Level):
     """Joint training of encoder, decoder and codebook on Eq. 6: the VQ-VAE baseline as a one-level problem."""
 
+    @dataclass
+    class Params:
+        # The learning rate of the quantizer's parameter groups (the codebook; a learned affine map at this times
+        # quantizer.affine_lr), on the level's optimizer and schedule; null: the level's lr. Set to an MQ-VAE
+        # config's codebook lr, this VQ-VAE gives the codebook the update MQ-VAE's upper level gives it at xi = 0
+        # (tests/test_ablation.py): the ablation that tells the hypergradient from the codebook's learning rate.
+        codebook_lr: Optional[float] = spec(None, above=0.0)
+
     @classmethod
     def module_of(cls, model, params):
         return model
+
+    def quantizer_lr(self) -> float:
+        return self.level_cfg.lr if self.params.codebook_lr is None else self.params.codebook_lr
 
 
 class AutoEncoder(Level):
