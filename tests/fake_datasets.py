@@ -6,6 +6,7 @@ trip through torchvision's readers. Only the files' md5 sums differ from the
 real downloads (see ``skip_md5_checks``).
 """
 
+import gzip
 import os
 import pickle
 import struct
@@ -34,25 +35,29 @@ def skip_md5_checks(monkeypatch) -> None:
 
 
 def write_idx(path: str, array: np.ndarray) -> None:
-    """IDX: big-endian int32 magic and dimensions, then the raw uint8 values.
+    """IDX: big-endian int32 magic and dimensions, then the raw uint8 values; gzipped when ``path`` ends in .gz.
 
     The magic's third byte 0x08 says uint8, its last byte the number of dimensions.
     """
-    with open(path, "wb") as f:
+    with (gzip.open if path.endswith(".gz") else open)(path, "wb") as f:
         f.write(struct.pack(f">{1 + array.ndim}i", 0x0800 + array.ndim, *array.shape))
         f.write(array.astype(np.uint8).tobytes())
 
 
-def write_mnist(root, n_train: int, n_test: int, kind: str = "MNIST", seed: int = 0) -> dict:
-    """IDX files in ``root/<kind>/raw``; kind is "MNIST" or "FashionMNIST"."""
+def write_mnist(root, n_train: int, n_test: int, kind: str = "MNIST", seed: int = 0, layout: str = "torchvision",
+                gzipped: bool = False) -> dict:
+    """The four IDX files of an MNIST-like release; kind is "MNIST" or "FashionMNIST". ``layout``: "torchvision"
+    puts them in ``root/<kind>/raw``, "debian" in ``root`` itself (as Debian's dataset-fashion-mnist does, in
+    /usr/share/datasets/fashion-mnist); ``gzipped`` writes ``*.gz`` files."""
     rng = np.random.default_rng(seed)
-    raw = os.path.join(root, kind, "raw")
+    raw = os.path.join(root, kind, "raw") if layout == "torchvision" else str(root)
     os.makedirs(raw, exist_ok=True)
+    suffix = ".gz" if gzipped else ""
     written = {}
     for prefix, split, n in (("train", "train", n_train), ("t10k", "test", n_test)):
         images, labels = _pixels(rng, (n, 28, 28)), rng.integers(0, 10, size=n, dtype=np.uint8)
-        write_idx(os.path.join(raw, f"{prefix}-images-idx3-ubyte"), images)
-        write_idx(os.path.join(raw, f"{prefix}-labels-idx1-ubyte"), labels)
+        write_idx(os.path.join(raw, f"{prefix}-images-idx3-ubyte{suffix}"), images)
+        write_idx(os.path.join(raw, f"{prefix}-labels-idx1-ubyte{suffix}"), labels)
         written[split] = (images, labels)
     return written
 

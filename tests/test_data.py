@@ -1,3 +1,6 @@
+import gzip
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -78,10 +81,15 @@ def test_digits_are_sklearn_digits_split_fixed_and_disjoint():
         assert all(torch.equal(x, y) for x, y in zip(a.tensors, b.tensors))
 
 
-def test_mnist_and_fashion_mnist_come_at_native_28_px_unpadded(tmp_path):
+@pytest.mark.parametrize("layout, gzipped", [("torchvision", False), ("debian", True), ("debian", False),
+                                             ("torchvision", True)])
+def test_mnist_and_fashion_mnist_come_at_native_28_px_unpadded(tmp_path, layout, gzipped):
+    # Both layouts (torchvision's root/<Class>/raw and Debian's files directly in root), plain or gzipped, through
+    # the real loader; the pixels are compared with what was written.
     for name, kind in (("mnist", "MNIST"), ("fashion_mnist", "FashionMNIST")):
-        written = write_mnist(tmp_path, n_train=5, n_test=3, kind=kind, seed=len(kind))
-        sets = _load(name, tmp_path)
+        root = tmp_path / kind
+        written = write_mnist(root, n_train=5, n_test=3, kind=kind, seed=len(kind), layout=layout, gzipped=gzipped)
+        sets = _load(name, root)
         assert (sets.channels, sets.image_size, sets.num_classes) == (1, 28, 10)
         for split, dataset in (("train", sets.train), ("test", sets.test)):
             images, labels = written[split]
@@ -206,6 +214,91 @@ def test_mnist_label_out_of_range(tmp_path):
     with pytest.raises(UserError) as error:
         _load("mnist", tmp_path)
     _one_line_error(error, f"'{labels}' holds label 10", "0..9")
+
+
+IDX_NAMES = ["train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"]
+DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
+
+
+def _listing(folder):
+    return sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in Path(folder).iterdir())
+
+
+def test_debian_layout_mixes_plain_and_gzipped_files_and_writes_nothing(tmp_path):
+    written = write_mnist(tmp_path, n_train=6, n_test=4, kind="FashionMNIST", layout="debian", gzipped=True)
+    # One file unpacked by hand beside the gzipped ones: read as it is.
+    plain = tmp_path / "t10k-labels-idx1-ubyte"
+    plain.write_bytes(gzip.decompress((tmp_path / "t10k-labels-idx1-ubyte.gz").read_bytes()))
+    (tmp_path / "t10k-labels-idx1-ubyte.gz").unlink()
+    before = _listing(tmp_path)
+    tmp_path.chmod(0o555)  # the package's folder is read-only to a user: the loader must not write there
+    try:
+        sets = _load("fashion_mnist", tmp_path)
+    finally:
+        tmp_path.chmod(0o755)
+    assert _listing(tmp_path) == before
+    assert torch.equal(sets.test.tensors[1], torch.from_numpy(written["test"][1]).long())
+    assert torch.equal(sets.train.tensors[0][:, 0], torch.from_numpy(written["train"][0]).float() / 255)
+
+
+@pytest.mark.parametrize("layout", ["debian", "torchvision"])
+@pytest.mark.parametrize("gzipped", [False, True])
+def test_a_missing_idx_file_is_one_line_naming_it(tmp_path, layout, gzipped):
+    write_mnist(tmp_path, n_train=5, n_test=3, kind="FashionMNIST", layout=layout, gzipped=gzipped)
+    folder = tmp_path if layout == "debian" else tmp_path / "FashionMNIST" / "raw"
+    (folder / ("t10k-images-idx3-ubyte" + (".gz" if gzipped else ""))).unlink()
+    with pytest.raises(UserError) as error:
+        _load("fashion_mnist", tmp_path)
+    _one_line_error(error, f"'{folder / 't10k-images-idx3-ubyte'}' (or .gz) is missing")
+
+
+def test_no_idx_files_names_both_layouts_and_the_debian_package(tmp_path):
+    with pytest.raises(UserError) as error:
+        _load("fashion_mnist", tmp_path)
+    _one_line_error(error, f"'{tmp_path}'", f"'{tmp_path / 'FashionMNIST' / 'raw'}'", *IDX_NAMES,
+                    "apt-get install dataset-fashion-mnist", "data.download: true")
+
+
+@pytest.mark.parametrize("gzipped", [False, True])
+@pytest.mark.parametrize("cut", [3, 10, 500])  # inside the magic, inside the header, inside the pixels
+def test_a_truncated_idx_file_is_one_line_naming_it(tmp_path, gzipped, cut):
+    write_mnist(tmp_path, n_train=5, n_test=3, kind="FashionMNIST", layout="debian", gzipped=gzipped)
+    path = tmp_path / ("train-images-idx3-ubyte" + (".gz" if gzipped else ""))
+    data = gzip.decompress(path.read_bytes()) if gzipped else path.read_bytes()
+    path.write_bytes(gzip.compress(data[:cut]) if gzipped else data[:cut])
+    with pytest.raises(UserError) as error:
+        _load("fashion_mnist", tmp_path)
+    _one_line_error(error, f"'{path}'")
+
+
+def test_a_cut_gzip_stream_and_a_foreign_file_are_one_line_naming_them(tmp_path):
+    write_mnist(tmp_path, n_train=5, n_test=3, kind="FashionMNIST", layout="debian", gzipped=True)
+    path = tmp_path / "train-labels-idx1-ubyte.gz"
+    path.write_bytes(path.read_bytes()[:-12])  # the gzip stream itself ends early
+    with pytest.raises(UserError) as error:
+        _load("fashion_mnist", tmp_path)
+    _one_line_error(error, f"'{path}'", "damaged or truncated")
+    path.write_bytes(b"PK\x03\x04 not gzip at all")
+    with pytest.raises(UserError) as error:
+        _load("fashion_mnist", tmp_path)
+    _one_line_error(error, f"'{path}'")
+    path.unlink()
+    write_idx(str(tmp_path / "train-labels-idx1-ubyte"), np.zeros((5, 2), dtype=np.uint8))  # labels of 2 dimensions
+    with pytest.raises(UserError) as error:
+        _load("fashion_mnist", tmp_path)
+    _one_line_error(error, "holds 10 labels")
+
+
+@pytest.mark.skipif(not DEBIAN_FASHION_MNIST.is_dir(),
+                    reason="Debian's dataset-fashion-mnist is not installed (apt-get install dataset-fashion-mnist)")
+def test_debian_fashion_mnist_package_is_the_real_data_set():
+    sets = _load("fashion_mnist", DEBIAN_FASHION_MNIST)
+    images, labels = sets.train.tensors
+    assert images.shape == (60000, 1, 28, 28) and len(sets.test) == 10000
+    # Each class holds 6000 training and 1000 test images, and the training pixels' mean is the published 0.2860.
+    assert torch.bincount(labels).tolist() == [6000] * 10
+    assert torch.bincount(sets.test.tensors[1]).tolist() == [1000] * 10
+    assert float(images.mean()) == pytest.approx(0.2860, abs=5e-5)
 
 
 def test_cifar_and_svhn_files_other_than_the_release_are_refused(tmp_path):

@@ -30,8 +30,12 @@ SMALL = ["--set", "train.iters=2", "--set", "train.log_every=1", "--set", "train
          "--set", "quantizer.num_codes=16", "--set", "quantizer.dim=8", "--set", "device=cpu"]
 
 
+# Ablations at the paper's settings beyond the paper's own two runs per data set.
+ABLATIONS = ["fashion_mnist_vqvae_codebook_lr.yaml"]
+
+
 def test_every_data_set_has_both_paper_configs():
-    assert PAPER == sorted(f"{d}_{m}.yaml" for d in WRITERS for m in ("mqvae", "vqvae"))
+    assert PAPER == sorted([f"{d}_{m}.yaml" for d in WRITERS for m in ("mqvae", "vqvae")] + ABLATIONS)
 
 
 @pytest.mark.parametrize("name", PAPER)
@@ -41,7 +45,9 @@ def test_paper_config_validates_with_the_papers_settings(name):
     for level in cfg.levels:
         assert (level.optimizer, level.scheduler, level.warmup_ratio, level.weight_decay) == ("adamw", "warmup_cosine", 0.1, 1e-4)
         assert level.lr == (6e-2 if level.problem == "Codebook" else 3e-4)
-    assert cfg.data.name == name.rsplit("_", 1)[0]
+        if name in ABLATIONS:  # the codebook at the MQ-VAE codebook level's lr, in VQ-VAE's one level
+            assert level.params.codebook_lr == 6e-2
+    assert name.startswith(f"{cfg.data.name}_")
 
 
 @pytest.mark.parametrize("name", PAPER)
@@ -51,7 +57,7 @@ def test_paper_config_runs_two_iterations_on_stand_in_files(tmp_path, monkeypatc
     fake_datasets.skip_md5_checks(monkeypatch)
     # FID/IS/LPIPS construction is covered by test_evaluation; here it would only cost time per config.
     monkeypatch.setattr(evaluation, "make_image_quality", lambda device, download_weights: None)
-    dataset = name.rsplit("_", 1)[0]
+    dataset = load_config(ROOT / "configs" / "paper" / name).data.name
     WRITERS[dataset](tmp_path / "data")
     out = tmp_path / "run"
     # The data path is tested with Adam; test_adamw_levels_run covers AdamW.
@@ -60,6 +66,28 @@ def test_paper_config_runs_two_iterations_on_stand_in_files(tmp_path, monkeypatc
     assert run.main([f"configs/paper/{name}", *SMALL, *adam, "--set", f"data.root={tmp_path / 'data'}", "--out", str(out)]) == 0
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["iterations"] == 2 and metrics["test_mse"] > 0
+
+
+CPU_SCALE = sorted(p.name for p in (ROOT / "configs" / "fashion_mnist").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("name", CPU_SCALE)
+def test_cpu_scale_config_keeps_the_papers_method_settings_and_runs_on_debian_files(tmp_path, monkeypatch, name):
+    # configs/fashion_mnist/ shrinks the network, codes, batch and run, and keeps the paper's optimizer, lrs,
+    # schedule, beta and k-means init (App. I). It reads the Debian package's layout (gzipped files in data.root).
+    from mqvae import evaluation
+
+    cfg = load_config(ROOT / "configs" / "fashion_mnist" / name)
+    assert cfg.data.name == "fashion_mnist" and cfg.data.root == "/usr/share/datasets/fashion-mnist"
+    assert (cfg.quantizer.num_codes, cfg.quantizer.beta, cfg.quantizer.kmeans_init) == (1024, 0.1, True)
+    for level in cfg.levels:
+        assert (level.optimizer, level.scheduler, level.warmup_ratio, level.weight_decay) == ("adamw", "warmup_cosine", 0.1, 1e-4)
+        assert level.lr == (6e-2 if level.problem == "Codebook" else 3e-4)
+    monkeypatch.setattr(evaluation, "make_image_quality", lambda device, download_weights: None)
+    fake_datasets.write_mnist(tmp_path / "data", 8, 8, kind="FashionMNIST", layout="debian", gzipped=True)
+    out = tmp_path / "run"
+    assert run.main([f"configs/fashion_mnist/{name}", *SMALL, "--set", f"data.root={tmp_path / 'data'}", "--out", str(out)]) == 0
+    assert json.loads((out / "metrics.json").read_text())["iterations"] == 2
 
 
 @pytest.mark.parametrize("name", ["mnist_mqvae.yaml", "mnist_vqvae.yaml", "fashion_mnist_mqvae.yaml",
