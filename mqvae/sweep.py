@@ -21,10 +21,12 @@ A run's ``set`` values may name the run's seed as ``{seed}`` (e.g. a prior per s
 Optional keys: ``name`` (the sweep folder under runs/, default the file name), ``datasets`` (a list of
 ``data.name`` values; each run is repeated on each), ``main_metric`` (the bar chart's metric, default
 the first of ``metrics``), ``set`` (overrides applied to every run, before each run's own ``set``),
-``baseline`` (the label of the run the others are compared with, default the first run).
+``baseline`` (the label of the run the others are compared with, default the first run), ``comparisons``
+(the pairs to compare instead, each ``{method: LABEL, baseline: LABEL}``: comparisons that change one thing at a
+time, e.g. MQ-VAE against VQ-VAE with the same codebook optimizer).
 
-Below the mean ± std table, results.md and results.json give each other method's paired difference from
-the baseline per metric: method minus baseline seed by seed (and data set by data set), its mean over the
+Below the mean ± std table, results.md and results.json give each compared method's paired difference from
+its baseline per metric: method minus baseline seed by seed (and data set by data set), its mean over the
 seeds, the 95% t-interval of that mean, mean ± t(0.975, n - 1) · sd / sqrt(n) (undefined for one seed), and
 in how many seeds the method did better in the metric's direction (``BETTER``).
 """
@@ -84,6 +86,12 @@ class SweepRun:
 
 
 @dataclass
+class SweepComparison:
+    method: str = spec(dataclasses.MISSING)
+    baseline: str = spec(dataclasses.MISSING)
+
+
+@dataclass
 class Sweep:
     runs: list[SweepRun] = spec(dataclasses.MISSING)
     title: str = ""
@@ -96,6 +104,8 @@ class Sweep:
     set: list[str] = spec(factory=list)
     # label of the run every other run's paired difference is taken from; default the first run
     baseline: str = ""
+    # the (method, baseline) pairs whose paired differences are reported; default every run against ``baseline``
+    comparisons: list[SweepComparison] = spec(factory=list)
 
 
 @dataclass
@@ -183,9 +193,19 @@ def load_sweep(path: str | Path, seeds: Optional[list[int]] = None) -> Sweep:
         hint = did_you_mean(sweep.baseline, labels)
         raise UserError(f"{where}: sweep.baseline: {quote(sweep.baseline)} names no run; {hint}"
                         f"(runs: {', '.join(quote(label) for label in labels[:20])})")
+    for i, pair in enumerate(sweep.comparisons):
+        for key in ("method", "baseline"):
+            label = getattr(pair, key)
+            if label not in labels:
+                raise UserError(f"{where}: sweep.comparisons.{i}.{key}: {quote(label)} names no run; "
+                                f"{did_you_mean(label, labels)}(runs: {', '.join(quote(x) for x in labels[:20])})")
+        if pair.method == pair.baseline:
+            raise UserError(f"{where}: sweep.comparisons.{i}: {quote(pair.method)} is compared with itself")
     sweep.name = sweep.name or path.stem
     sweep.main_metric = sweep.main_metric or sweep.metrics[0]
     sweep.baseline = sweep.baseline or labels[0]
+    if not sweep.comparisons:
+        sweep.comparisons = [SweepComparison(label, sweep.baseline) for label in labels if label != sweep.baseline]
     return sweep
 
 
@@ -258,24 +278,24 @@ def paired_difference(method: list, baseline: list, better: Optional[str]) -> di
 
 
 def paired_table(sweep: Sweep, runs: list[dict], table: list[dict]) -> list[dict]:
-    """Per (data set, method other than the baseline): every metric's paired_difference from the baseline on
-    the same data set, seed by seed. A metric with no pair keeps the reason it was not measured."""
+    """Per (data set, comparison): every metric's paired_difference of the method from its baseline on the same
+    data set, seed by seed. A metric with no pair keeps the reason it was not measured."""
     values = {(run["dataset"], run["label"], run["seed"]): run["metrics"] or {} for run in runs}
-    reference = {row["dataset"]: row for row in table if row["label"] == sweep.baseline}
+    rows = {(row["dataset"], row["label"]): row for row in table}
     paired = []
-    for row in table:
-        if row["label"] == sweep.baseline:
-            continue
-        dataset, cells = row["dataset"], {}
-        for metric in sweep.metrics:
-            method = [values[(dataset, row["label"], seed)].get(metric) for seed in sweep.seeds]
-            baseline = [values[(dataset, sweep.baseline, seed)].get(metric) for seed in sweep.seeds]
-            cell = paired_difference(method, baseline, BETTER.get(metric))
-            reason = row["metrics"][metric].get("reason") or reference[dataset]["metrics"][metric].get("reason")
-            if cell["n"] == 0 and reason:
-                cell["reason"] = reason
-            cells[metric] = cell
-        paired.append({"label": row["label"], "dataset": dataset, "metrics": cells})
+    for dataset in dict.fromkeys(row["dataset"] for row in table):
+        for pair in sweep.comparisons:
+            cells = {}
+            for metric in sweep.metrics:
+                method = [values[(dataset, pair.method, seed)].get(metric) for seed in sweep.seeds]
+                baseline = [values[(dataset, pair.baseline, seed)].get(metric) for seed in sweep.seeds]
+                cell = paired_difference(method, baseline, BETTER.get(metric))
+                reason = (rows[(dataset, pair.method)]["metrics"][metric].get("reason")
+                          or rows[(dataset, pair.baseline)]["metrics"][metric].get("reason"))
+                if cell["n"] == 0 and reason:
+                    cell["reason"] = reason
+                cells[metric] = cell
+            paired.append({"label": pair.method, "baseline": pair.baseline, "dataset": dataset, "metrics": cells})
     return paired
 
 
@@ -288,7 +308,7 @@ def curve_key(configs) -> Optional[str]:
 
 def aggregate(sweep: Sweep, planned: list[PlannedRun], curve_key: Optional[str]) -> dict:
     """results.json's content: every run's metrics, per (data set, method) mean ± std over seeds, and per
-    (data set, method other than the baseline) the paired difference from the baseline; ``curve_key`` is the
+    (data set, comparison) the paired difference of the method from its baseline; ``curve_key`` is the
     test metric the curves of results.png show (``curve_key(configs)``)."""
     runs, groups = [], {}
     for run in planned:
@@ -311,6 +331,7 @@ def aggregate(sweep: Sweep, planned: list[PlannedRun], curve_key: Optional[str])
     return {"title": sweep.title, "name": sweep.name, "seeds": sweep.seeds, "metrics": sweep.metrics,
             "main_metric": sweep.main_metric, "curve_key": curve_key, "scales": {m: COLUMNS[m][1] for m in sweep.metrics},
             "better": {m: BETTER.get(m) for m in sweep.metrics}, "baseline": sweep.baseline,
+            "comparisons": [[pair.method, pair.baseline] for pair in sweep.comparisons],
             "aggregate": table, "paired": paired_table(sweep, runs, table), "runs": runs}
 
 
@@ -371,7 +392,8 @@ def _row_label(row: dict) -> str:
     return f"{row['label']} ({row['diverged']} of {row['seeds']} seeds diverged)"
 
 
-def _paired_table(results: dict, paired: list[dict], notes: dict) -> list[str]:
+def _paired_table(results: dict, baseline: str, paired: list[dict], notes: dict) -> list[str]:
+    """The paired differences of ``paired`` (rows with one baseline)."""
     metrics = results["metrics"]
     rows = []
     for row in paired:
@@ -380,7 +402,7 @@ def _paired_table(results: dict, paired: list[dict], notes: dict) -> list[str]:
             cell = row["metrics"][m]
             cells.append(_na_cell(cell, m, notes) if cell["mean"] is None else format_paired_cell(cell, COLUMNS[m][1]))
         rows.append((row["label"], cells))
-    return [f"Paired difference from {results['baseline']} (method − baseline, seed by seed; cells: mean "
+    return [f"Paired difference from {baseline} (method − baseline, seed by seed; cells: mean "
             "[95% interval]; seeds in which the method did better):", "",
             *_table([COLUMNS[m][0] for m in metrics], rows)]
 
@@ -408,9 +430,9 @@ def _verdict(cell: dict, better: Optional[str]) -> str:
     return "better" if _gain(cell["mean"], better) > 0 else "worse"
 
 
-def _significance(results: dict, paired: list[dict]) -> list[str]:
-    """One sentence per metric: which methods differ from the baseline at 95% (CI excludes 0), or none."""
-    baseline, lines = results["baseline"], []
+def _significance(results: dict, baseline: str, paired: list[dict]) -> list[str]:
+    """One sentence per metric: which methods differ from ``baseline`` at 95% (CI excludes 0), or none."""
+    lines = []
     for m in results["metrics"]:
         cells = [(row["label"], row["metrics"][m]) for row in paired]
         groups = {}
@@ -445,15 +467,17 @@ def results_markdown(results: dict) -> str:
         lines += [*_mean_table(results, dataset, notes), ""]
         lines += [*_per_seed_table(results, dataset), ""]
         paired = [row for row in results["paired"] if row["dataset"] == dataset]
-        if paired:
-            lines += [*_paired_table(results, paired, notes), "",
-                      "Significant at 95% (the interval excludes 0):", *_significance(results, paired), ""]
+        # One table per baseline, in the order the comparisons name them.
+        for baseline in dict.fromkeys(row["baseline"] for row in paired):
+            rows = [row for row in paired if row["baseline"] == baseline]
+            lines += [*_paired_table(results, baseline, rows, notes), "",
+                      "Significant at 95% (the interval excludes 0):", *_significance(results, baseline, rows), ""]
     seeds = results["seeds"]
     lines.append(f"Mean ± sample standard deviation over {len(seeds)} seed(s) {seeds}; a column header's "
                  "(10^-k) means the values are shown divided by 10^-k (metrics.json and results.json hold unscaled values).")
     if results["paired"]:
         lines += ["", f"Paired difference: per seed{' and data set' if datasets != [None] else ''}, the method's "
-                  f"value minus {results['baseline']}'s, in the column's unit; mean over the seeds, its 95% "
+                  "value minus its baseline's, in the column's unit; mean over the seeds, its 95% "
                   "t-interval [mean ± t(0.975, n−1)·sd/√n] and in how many of the n seeds the method did "
                   "better (lower for a ↓ column, higher for ↑ and active codes). An interval that excludes 0 is "
                   "significant at 95%; one seed gives no interval."]

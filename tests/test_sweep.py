@@ -297,6 +297,43 @@ def test_differences_are_paired_within_each_data_set(tmp_path):
     assert md.index("## d1") < md.index("| B | +1.50 ") < md.index("## d2") < md.index("| B | -0.50 ")
 
 
+def test_comparisons_pair_each_method_with_its_own_baseline(tmp_path):
+    # An ablation table compares one change at a time: here C - B and B - A, not everything against A.
+    per_run = {"A": {"test_mse": [4e-3, 5e-3, 6e-3]}, "B": {"test_mse": [3e-3, 3e-3, 4.5e-3]},
+               "C": {"test_mse": [3e-3, 4e-3, 5e-3]}}
+    extra = ('  comparisons:\n    - {method: "C", baseline: "B"}\n    - {method: "B", baseline: "A"}\n'
+             '    - {method: "C", baseline: "A"}\n')
+    results, md = fake_sweep(tmp_path, ["test_mse"], per_run, [0, 1, 2], extra=extra)
+    assert results["comparisons"] == [["C", "B"], ["B", "A"], ["C", "A"]]
+    assert [(row["label"], row["baseline"]) for row in results["paired"]] == [("C", "B"), ("B", "A"), ("C", "A")]
+    c_b, b_a, c_a = (row["metrics"]["test_mse"] for row in results["paired"])
+    # C - B: 0, +1, +0.5 (x1e-3): better in no seed; B - A: -1, -2, -1.5 (sd 0.5, so the interval is
+    # -1.5 ± 4.303 * 0.5 / sqrt(3) = [-2.74, -0.26]); C - A: -1, -1, -1 (no spread)
+    assert c_b["mean"] == pytest.approx(0.5e-3) and c_b["better_seeds"] == 0 and c_b["significant"] is False
+    assert b_a["mean"] == pytest.approx(-1.5e-3) and b_a["better_seeds"] == 3
+    assert b_a["ci95"] == pytest.approx([-2.742e-3, -0.258e-3], abs=1e-6)
+    assert c_a["mean"] == pytest.approx(-1e-3) and c_a["ci95"] == pytest.approx([-1e-3, -1e-3])
+    # one table per baseline, in the order the comparisons first name them
+    assert md.index("Paired difference from B") < md.index("| C | +0.50 ") < md.index("Paired difference from A")
+    assert md.index("Paired difference from A") < md.index("| B | -1.50 ") < md.index("| C | -1.00 ")
+    assert "- MSE (10^-3) ↓: no method differs significantly from B." in md
+    assert "- MSE (10^-3) ↓: significantly better than A: B, C." in md
+
+
+@pytest.mark.parametrize("pair, needle", [
+    ('{method: "C", baseline: "Z"}', "sweep.comparisons.0.baseline: 'Z' names no run"),
+    ('{method: "c", baseline: "A"}', "sweep.comparisons.0.method: 'c' names no run; did you mean 'C'?"),
+    ('{method: "A", baseline: "A"}', "sweep.comparisons.0: 'A' is compared with itself"),
+    ('{method: "A"}', "sweep.comparisons.0"),
+])
+def test_a_bad_comparison_is_one_line(tmp_path, pair, needle):
+    runs = "\n".join(f'    - {{label: "{label}", config: configs/digits/vqvae.yaml}}' for label in "ABC")
+    path = write_sweep(tmp_path, f"sweep:\n  comparisons:\n    - {pair}\n  runs:\n{runs}\n")
+    with pytest.raises(UserError) as error:
+        load_sweep(path)
+    assert "\n" not in str(error.value) and needle in str(error.value), str(error.value)
+
+
 def test_bad_override_of_one_run_fails_before_anything_runs(tmp_path, monkeypatch):
     calls = []
     monkeypatch.setattr(experiment, "run_experiment", lambda *a, **k: calls.append(a))
