@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import ast
 import dataclasses
+import functools
 import hashlib
+import inspect
+import textwrap
 
 from betty.configs import Config as BettyConfig
 
@@ -16,11 +20,32 @@ from mqvae.loader import BatchStream
 from mqvae.optim import make_optimizer, make_scheduler
 from problems import PROBLEMS, FastRollBack
 
+from .engine import LevelEngine
 
-# Attributes every level has (problems.Level) that a level's name would overwrite: Betty makes every level an
-# attribute of the others under its name. Class attributes are checked on the class itself.
-RESERVED_NAMES = ("model", "module", "stream", "level_cfg", "params", "xi", "xi_follows_lr", "alpha", "data",
-                  "fast_roll_back", "last_stats", "last_forward", "warnings")
+
+@functools.lru_cache(maxsize=None)
+def _attribute_names(cls: type) -> frozenset[str]:
+    """Every name ``cls`` or its bases define (``dir``) or assign as ``self.<name> = ...`` in a method (read from
+    their source with ``ast``; a class without source contributes its ``dir`` only)."""
+    names = set(dir(cls))
+    for klass in inspect.getmro(cls):
+        try:
+            tree = ast.parse(textwrap.dedent(inspect.getsource(klass)))
+        except (OSError, TypeError, SyntaxError):
+            continue
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Attribute) and isinstance(node.ctx, ast.Store) and \
+                    isinstance(node.value, ast.Name) and node.value.id == "self":
+                names.add(node.attr)
+    return frozenset(names)
+
+
+def reserved_names(level_cls: type) -> frozenset[str]:
+    """The names a level of kind ``level_cls`` may not take. Betty makes every level an attribute of the engine and
+    of the other levels under its name, so a name that is an attribute of the engine (Betty's ``Engine`` and
+    ``LevelEngine``) or of the level class (Betty's ``Problem``, ``problems.Level`` and the kind) would overwrite it.
+    Derived from the classes, so an attribute a new Betty adds is covered without a list to keep."""
+    return _attribute_names(LevelEngine) | _attribute_names(level_cls)
 
 
 def level_graph(cfg: Config) -> tuple[dict[str, list[str]], dict[str, list[str]]]:
@@ -88,10 +113,10 @@ def build_problems(cfg: Config, model, datasets, device) -> tuple[list, dict]:
         if cls.trains_prior and ranks > 1:
             # Its evaluation (NLL, and FID of samples every rank would draw alike) is not sharded.
             raise UserError(f"levels.{level.name}.problem: a prior trains in one process; run it without torchrun")
-        if hasattr(cls, level.name) or level.name in RESERVED_NAMES:
-            # Betty makes every level an attribute of the others under its name.
-            raise UserError(f"levels.{level.name}.name: '{level.name}' is taken by an attribute of the Problem classes; "
-                            "choose another name")
+        if level.name in reserved_names(cls):
+            raise UserError(f"levels.{level.name}.name: '{level.name}' is taken by an attribute of Betty's engine or of "
+                            f"the level class {cls.__name__}, which Betty would overwrite with the level; choose another "
+                            f"name, e.g. '{level.name}_level'")
         module = cls.module_of(model, level.params).to(device)
         has_upper = level.name in l2u and cfg.hypergradient.xi != 0
         betty_cfg = BettyConfig(

@@ -63,9 +63,9 @@ class Level(ImplicitProblem):
       tensors, e.g. ``{"commitment": beta}``); a level below reads them with ``loss_weights()``.
     - ``learned_scalars`` (optional, a class attribute): names of ``loss_terms`` entries that are learned
       scalars, which curves.png plots.
-    - Reserved: a level's name may not be an attribute of its class or one of ``engines.build.RESERVED_NAMES``
-      (Betty makes every level an attribute of the others under its name); ``levels.*.params`` may not hold
-      a key its ``Params`` lacks.
+    - Reserved: a level's name may not be an attribute of its class or of the engine
+      (``engines.build.reserved_names``: Betty makes every level an attribute of the engine and of the others
+      under its name); ``levels.*.params`` may not hold a key its ``Params`` lacks.
     """
 
     @dataclasses.dataclass

@@ -55,6 +55,16 @@ def test_unknown_problem_gets_a_hint_and_the_registered_names(tmp_path):
     assert_one_line_error(result, "levels.codebook.problem", "did you mean 'Codebook'?", "AutoEncoder", "register_problem")
 
 
+@pytest.mark.parametrize("name", ["run", "leaves", "datasets", "train", "eval", "configure_systems", "model", "xi"])
+def test_a_level_name_betty_would_overwrite_is_one_line(tmp_path, name):
+    # Betty makes each level an attribute of the engine and of the other levels: Betty's Engine (run, leaves,
+    # train, eval, configure_systems), the toolkit's engine (datasets) and the level classes (model, xi).
+    result = run_cli("configs/digits/vqvae.yaml", *TINY, "--set", f"levels.0.name={name}", "--out", tmp_path / "run")
+    assert result.returncode == 2
+    assert_one_line_error(result, f"levels.{name}.name: '{name}' is taken", "choose another name")
+    assert not (tmp_path / "run" / "checkpoint.pt").exists()
+
+
 def test_missing_data_folder(tmp_path):
     result = run_cli("configs/digits/vqvae.yaml", "--set", "data.name=cifar10", "--set", f"data.root={tmp_path / 'nowhere'}",
                      "--out", tmp_path / "run")
