@@ -131,13 +131,10 @@ def is_sweep_file(data: dict) -> bool:
 
 
 def _resolve_config(text: str, sweep_path: Path) -> Optional[Path]:
-    """A run's config path: relative to the sweep file's folder, else to the working folder (the shipped sweeps
-    name their configs from the repository root, ``configs/digits/...``, so they run from there). An absolute
-    path is itself."""
-    for candidate in (sweep_path.parent / text, Path(text)):
-        if candidate.is_file():
-            return candidate
-    return None
+    """A run's config path, relative to the sweep file's folder (an absolute path is itself), so that a sweep
+    runs the same from any working folder; None when no file is there."""
+    candidate = sweep_path.parent / text
+    return candidate if candidate.is_file() else None
 
 
 def parse_seeds(text: str) -> list[int]:
@@ -186,7 +183,8 @@ def load_sweep(path: str | Path, seeds: Optional[list[int]] = None) -> Sweep:
         slugs[slug] = run.label
         resolved = _resolve_config(run.config, path)
         if resolved is None:
-            raise UserError(f"{where}: sweep.runs.{i}.config: file {quote(run.config)} not found")
+            raise UserError(f"{where}: sweep.runs.{i}.config: file {quote(run.config)} not found in "
+                            f"{quote(str(path.parent))} (a run's config is read relative to the sweep file's folder)")
         run.config = str(resolved)
     labels = [run.label for run in sweep.runs]
     if sweep.baseline and sweep.baseline not in labels:

@@ -45,7 +45,7 @@ sweep:
   metrics: [test_mse, perplexity, gradient_gap, fid]
   runs:
     - {{label: "VQ-VAE", config: {ROOT}/configs/digits/vqvae.yaml}}
-    - {{label: "MQ-VAE (direct)", config: configs/digits/mqvae.yaml, set: ["hypergradient.type=direct"]}}
+    - {{label: "MQ-VAE (direct)", config: {ROOT}/configs/digits/mqvae.yaml, set: ["hypergradient.type=direct"]}}
 """)
     return path
 
@@ -180,7 +180,7 @@ def test_misspelt_sweep_key_is_a_one_line_error(tmp_path, capsys, monkeypatch, e
 def fake_sweep(tmp_path, metrics, per_run: dict, seeds, extra=""):
     """A sweep whose runs' metrics.json are written by hand (no training): per_run[label] = {key: [value per
     seed]}, or per_run[label][dataset] = {key: [...]} when ``extra`` sets datasets. Returns results, results.md."""
-    runs = "\n".join(f'    - {{label: "{label}", config: configs/digits/vqvae.yaml}}' for label in per_run)
+    runs = "\n".join(f'    - {{label: "{label}", config: {ROOT}/configs/digits/vqvae.yaml}}' for label in per_run)
     text = f"sweep:\n  seeds: {seeds}\n  metrics: [{', '.join(metrics)}]\n{extra}  runs:\n{runs}\n"
     sweep = load_sweep(write_sweep(tmp_path, text))
     planned = expand(sweep, tmp_path / "sweep")
@@ -327,7 +327,7 @@ def test_comparisons_pair_each_method_with_its_own_baseline(tmp_path):
     ('{method: "A"}', "sweep.comparisons.0"),
 ])
 def test_a_bad_comparison_is_one_line(tmp_path, pair, needle):
-    runs = "\n".join(f'    - {{label: "{label}", config: configs/digits/vqvae.yaml}}' for label in "ABC")
+    runs = "\n".join(f'    - {{label: "{label}", config: {ROOT}/configs/digits/vqvae.yaml}}' for label in "ABC")
     path = write_sweep(tmp_path, f"sweep:\n  comparisons:\n    - {pair}\n  runs:\n{runs}\n")
     with pytest.raises(UserError) as error:
         load_sweep(path)
@@ -340,6 +340,19 @@ def test_bad_override_of_one_run_fails_before_anything_runs(tmp_path, monkeypatc
     text = write_sweep(tmp_path).read_text().replace("hypergradient.type=direct", "hypergradient.type=drect")
     assert run.main([str(write_sweep(tmp_path, text)), *TINY, "--out", str(tmp_path / "out")]) == 2
     assert calls == []
+
+
+def test_a_shipped_sweep_runs_from_another_working_folder(tmp_path, monkeypatch):
+    # A researcher keeps runs in a scratch folder: the shipped sweep's configs are found from the sweep file.
+    from mqvae import evaluation
+
+    monkeypatch.setattr(evaluation, "make_image_quality", lambda device, download_weights: None)
+    monkeypatch.chdir(tmp_path)
+    sweep = ROOT / "configs" / "tables" / "table1_digits.yaml"
+    assert run.main([str(sweep), *TINY, "--set", "train.eval_every=0", "--set", "train.checkpoint_every=0",
+                     "--seeds", "0", "--out", "scratch"]) == 0
+    results = json.loads((tmp_path / "scratch" / "results.json").read_text())
+    assert len(results["runs"]) == 7 and all(r["metrics"]["iterations"] == 2 for r in results["runs"])
 
 
 def test_shipped_sweeps_load():
