@@ -263,13 +263,13 @@ def test_resume_reads_the_run_folders_config_and_allows_only_extending_changes(t
 
 
 def test_a_sweep_reuses_a_run_only_with_the_planned_config(tmp_path):
-    from test_sweep import write_sweep
+    from test_sweep import TINY as SWEEP_TINY, write_sweep  # 2 iterations: runs of the shipped length took minutes
 
     path, out = write_sweep(tmp_path), tmp_path / "sweep"
-    assert run.main([str(path), *TINY, "--out", str(out)]) == 0
+    assert run.main([str(path), *SWEEP_TINY, "--out", str(out)]) == 0
     first = out / "vq-vae" / "seed0"
     (first / "metrics.json").write_text('{"test_mse": 0.1')  # torn by a foreign writer
-    result = subprocess.run([sys.executable, "run.py", str(path), *TINY, "--set", "train.iters=3", "--out", str(out)],
+    result = subprocess.run([sys.executable, "run.py", str(path), *SWEEP_TINY, "--set", "train.iters=3", "--out", str(out)],
                             cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr
     assert "kept" not in result.stdout and result.stdout.count("running it again") == 4, result.stdout
@@ -282,17 +282,17 @@ def test_a_sweep_reuses_a_run_only_with_the_planned_config(tmp_path):
 def test_a_sweep_keeps_a_run_whose_config_lacks_only_keys_added_since(tmp_path):
     """A run made before a config section existed (its config.yaml lacks ``eval``, ``logging`` and ``imports``)
     was made with those keys' defaults: a restarted sweep keeps it rather than training it again."""
-    from test_sweep import write_sweep
+    from test_sweep import TINY as SWEEP_TINY, write_sweep
 
     path, out = write_sweep(tmp_path), tmp_path / "sweep"
-    assert run.main([str(path), *TINY, "--out", str(out)]) == 0
+    assert run.main([str(path), *SWEEP_TINY, "--out", str(out)]) == 0
     first = out / "vq-vae" / "seed0"
     saved = yaml.safe_load((first / "config.yaml").read_text())
     for key in ("eval", "logging", "imports"):
         del saved[key]
     (first / "config.yaml").write_text(yaml.safe_dump(saved))
     (first / "metrics.json").write_text(json.dumps({**json.loads((first / "metrics.json").read_text()), "marker": 1}))
-    result = subprocess.run([sys.executable, "run.py", str(path), *TINY, "--out", str(out)],
+    result = subprocess.run([sys.executable, "run.py", str(path), *SWEEP_TINY, "--out", str(out)],
                             cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr
     assert result.stdout.count("finished earlier with this config, kept") == 4, result.stdout
