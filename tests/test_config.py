@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import time
 from pathlib import Path
 
@@ -277,3 +278,39 @@ def test_data_names_are_the_registered_ones_with_a_hint():
 def test_a_folder_named_as_config_says_so(tmp_path):
     with pytest.raises(UserError, match="is a folder, not a config file"):
         load_config(tmp_path)
+
+
+# A config's comment may state its optimizer groups, one line per level:
+#   # optimizer groups of level NAME: LR (PART, PART), LR (PART), ...
+# with PART a prefix of the model's parameter names (encoder, quantizer.codebook, ...).
+GROUPS_COMMENT = re.compile(r"^# optimizer groups of level (\w+): (.+)$", re.MULTILINE)
+GROUP = re.compile(r"([0-9.]+e[-+]?[0-9]+) \(([^)]*)\)")
+STATED = sorted(p for p in (ROOT / "configs").rglob("*.yaml") if GROUPS_COMMENT.search(p.read_text()))
+
+
+def test_configs_that_state_their_optimizer_groups_exist():
+    assert {"affine.yaml", "vqvae_codebook_lr.yaml", "fashion_mnist_vqvae_codebook_lr.yaml"} <= {p.name for p in STATED}
+
+
+@pytest.mark.parametrize("path", STATED, ids=lambda p: str(p.relative_to(ROOT)))
+def test_optimizer_groups_are_what_the_configs_comments_say(tmp_path, path):
+    from engines.experiment import build_engine
+    from fake_datasets import write_mnist
+
+    cfg = load_config(path)
+    overrides = ["device=cpu"]
+    if cfg.data.name != "digits":  # the paper's data sets, on small stand-ins
+        write_mnist(tmp_path / "data", 8, 8, kind="FashionMNIST", layout="debian")
+        overrides += [f"data.root={tmp_path / 'data'}", "data.batch_size=4", "model.hidden_channels=8",
+                      "model.res_channels=4", "quantizer.num_codes=16", "quantizer.dim=8"]
+    engine = build_engine(load_config(path, overrides), tmp_path / "run")
+    names = {id(p): name for name, p in engine.model.named_parameters()}
+    for level, text in GROUPS_COMMENT.findall(path.read_text()):
+        stated = [(float(lr), [part.strip() for part in parts.split(",")]) for lr, parts in GROUP.findall(text)]
+        groups = getattr(engine, level).optimizer.param_groups
+        assert len(groups) == len(stated), (level, text)
+        for group, (lr, parts) in zip(groups, stated):
+            assert group.get("initial_lr", group["lr"]) == pytest.approx(lr), (level, text)  # before any schedule
+            got = {names[id(p)] for p in group["params"]}
+            want = {name for name in names.values() if any(name.startswith(part + ".") or name == part for part in parts)}
+            assert got == want, (level, parts)
