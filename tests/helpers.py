@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import copy
 
+import pytest
 import torch
+from torch.utils.data import TensorDataset
 
+import mqvae.data
 from engines.engine import LevelEngine
 from engines.experiment import build_engine
 from mqvae.config import config_from_dict
@@ -61,3 +64,20 @@ def interrupt_at(monkeypatch, step: int):
 
     monkeypatch.setattr(LevelEngine, "train_step", interrupted)
     return lambda: monkeypatch.setattr(LevelEngine, "train_step", original)
+
+
+@pytest.fixture
+def float64(monkeypatch):
+    """float64 parameters, and the digits as float64 images under ``data.name: digits64``."""
+    registry = mqvae.data.DATASETS.copy()
+
+    def digits64(root, download, seed):
+        sets = registry["digits"](root, download, seed)
+        double = [TensorDataset(part.tensors[0].double(), part.tensors[1]) for part in (sets.train, sets.test)]
+        return mqvae.data.Datasets(*double, sets.channels, sets.image_size, sets.num_classes)
+
+    registry.add("digits64", digits64)
+    monkeypatch.setattr(mqvae.data, "DATASETS", registry)
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(torch.float32)

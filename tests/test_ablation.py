@@ -14,30 +14,10 @@ import math
 
 import pytest
 import torch
-from torch.utils.data import TensorDataset
 
-import mqvae.data
-from helpers import tiny_engine, two_levels
-from mqvae.data import DATASETS, Datasets
+from helpers import float64, tiny_engine, two_levels  # noqa: F401  (float64: a fixture)
 
 LOWER_LR, CODEBOOK_LR, WEIGHT_DECAY = 1e-3, 6e-2, 1e-2
-
-
-@pytest.fixture
-def float64(monkeypatch):
-    """float64 parameters, and the digits as float64 images (data.name: digits64)."""
-    registry = DATASETS.copy()
-
-    def digits64(root, download, seed):
-        sets = DATASETS["digits"](root, download, seed)
-        double = [TensorDataset(part.tensors[0].double(), part.tensors[1]) for part in (sets.train, sets.test)]
-        return Datasets(*double, sets.channels, sets.image_size, sets.num_classes)
-
-    registry.add("digits64", digits64)
-    monkeypatch.setattr(mqvae.data, "DATASETS", registry)
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(torch.float32)
 
 
 def _level(name, problem, optimizer, lr, **extra):

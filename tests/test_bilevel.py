@@ -22,7 +22,7 @@ from mqvae.errors import UserError
 from mqvae.hypergradients import HypergradientContext, register_hypergradient
 from problems import Level, register_problem
 
-from helpers import snapshot, tiny_engine, two_levels
+from helpers import float64, snapshot, tiny_engine, two_levels  # noqa: F401  (float64: a fixture)
 
 # ---------------------------------------------------------------------------------------------
 # 1. A smooth toy two-level problem in float64: the engine's hypergradient equals autograd's
@@ -250,6 +250,57 @@ def test_xi_is_the_scheduled_learning_rate_of_every_tentative_step(tmp_path):
     assert_models_close(engine.model, reference)
 
 
+def test_every_optimizer_step_of_a_roll_back_run_uses_the_scheduled_lr(tmp_path):
+    # With roll-back the lower level steps twice per iteration (tentative, then real, after restoring its optimizer
+    # and schedule state): both steps use that iteration's lr, and the schedule advances once per iteration. The
+    # lr every optimizer.step sees is compared with warm-up + cosine by its formula.
+    iters, lr = 6, 0.05
+    levels = [{**level, "scheduler": "warmup_cosine", "warmup_ratio": 0.5} for level in two_levels(lr, lr, "sgd")]
+    engine = tiny_engine(tmp_path, levels=levels, hypergradient={"roll_back": True},
+                         train={"iters": iters, "log_every": 1})
+    seen = {"autoencoder": [], "codebook": []}
+    for name, lrs in seen.items():
+        getattr(engine, name).optimizer.register_step_pre_hook(
+            lambda optimizer, args, kwargs, _lrs=lrs: _lrs.extend(g["lr"] for g in optimizer.param_groups))
+    for _ in range(iters):
+        engine.train_step()
+    scheduled = [lr * warmup_cosine(step, iters, warmup=3) for step in range(iters)]
+    assert seen["codebook"] == pytest.approx(scheduled, rel=1e-12)
+    assert seen["autoencoder"] == pytest.approx([x for x in scheduled for _ in range(2)], rel=1e-12)
+
+
+@pytest.mark.parametrize("quantizer", [{"sync_nu": 1.0}, {"sync_nu": 0.5, "affine": "learned"}],
+                         ids=["sync", "sync_affine"])
+def test_eq13_with_a_task_path_to_the_codebook_is_a_plain_finite_difference(tmp_path, float64, quantizer):
+    # With sync_nu > 0 the task loss reaches the codes (and a learned affine map), through the decoder: Eq. 13
+    # must then evaluate the whole loss, and perturb the decoder theta as well as the encoder phi. Reference: the
+    # central difference by hand in float64, every lower parameter at pre-step +- eps v, the full loss.
+    engine = tiny_engine(tmp_path, quantizer=quantizer, data={"name": "digits64", "batch_size": 16})
+    before = copy.deepcopy(engine.model)
+    engine.train_step()
+    ae, cb = engine.autoencoder, engine.codebook
+    generator = torch.Generator().manual_seed(5)
+    vector = [torch.randn(p.shape, generator=generator) for p in ae.trainable_parameters()]
+    xi = 0.01
+    got = implicit_term_for(engine, vector, xi)
+
+    model = copy.deepcopy(engine.model)  # the current codebook, and the lower level moved to pre-step +- eps v
+    lower, pre = enc_dec_parameters(model), [p.detach() for p in enc_dec_parameters(before)]
+    uppers = list(model.quantizer.parameters())
+    assert len(uppers) == len(cb.trainable_parameters()) and len(lower) == len(vector)
+    eps = 0.01 / torch.sqrt(sum((v ** 2).sum() for v in vector))
+    grads = []
+    for sign in (1, -1):
+        with torch.no_grad():
+            for p, p0, v in zip(lower, pre, vector):
+                p.copy_(p0 + sign * eps * v)
+        grads.append(torch.autograd.grad(model.loss(ae.cur_batch)["loss"], uppers))
+    want = [-xi * (plus - minus) / (2 * eps) for plus, minus in zip(*grads)]
+    assert any(w.abs().sum() > 0 for w in want)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-7, atol=1e-12)
+
+
 def test_batch_norm_model_equals_algorithm_1_in_training_mode(tmp_path):
     # Eq. 13 differentiates one function: the perturbed passes use batch statistics as v and the direct term do.
     # SGD, because a convolution bias right before BatchNorm has a zero gradient up to rounding, which Adam
@@ -369,8 +420,12 @@ def test_xi_zero_is_huh_alternated_optimization(tmp_path, monkeypatch):
 
 
 def implicit_term(engine, xi):
+    return implicit_term_for(engine, [torch.ones_like(p) * 1e-2 for p in engine.autoencoder.trainable_parameters()], xi)
+
+
+def implicit_term_for(engine, vector, xi):
+    """The engine's Eq. 13 term for ``vector`` (v) at this iteration's batch and pre-step parameters."""
     ae, cb = engine.autoencoder, engine.codebook
-    vector = [torch.ones_like(p) * 1e-2 for p in ae.trainable_parameters()]
     context = dataclasses.replace(ae.hypergradient_context(cb), xi=xi)
     with context.pure_evaluation():
         return hypergradients.mqvae(vector, context)

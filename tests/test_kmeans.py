@@ -116,3 +116,37 @@ def test_rejects_bad_arguments(kwargs, message):
         kmeans_init(torch.randn(10, 2), **arguments)
     with pytest.raises(ValueError, match="N×D"):
         kmeans_init(torch.randn(0, 2), 4)
+
+
+def test_a_new_run_starts_from_kmeans_centres_of_its_encoder_outputs(tmp_path, monkeypatch):
+    # Through the command line, as a user starts a run: when training begins, every code that is nearest to some
+    # encoder output of the first training images is the mean of those outputs (Lloyd's fixed point, computed
+    # here in float64 with a naive search). A codebook the set-up did not fit (random normal codes) is not.
+    import copy
+
+    import run
+    from engines.engine import LevelEngine
+
+    seen = {}
+    original = LevelEngine.run
+
+    def first_look(self):
+        seen["model"] = copy.deepcopy(self.model)
+        seen["images"] = torch.stack([self.datasets.train[i][0] for i in range(min(2048, len(self.datasets.train)))])
+        return original(self)
+
+    monkeypatch.setattr(LevelEngine, "run", first_look)
+    args = ["configs/digits/vqvae.yaml", "--set", "model.hidden_channels=8", "--set", "model.res_channels=4",
+            "--set", "model.num_res_blocks=1", "--set", "quantizer.num_codes=16", "--set", "quantizer.dim=4",
+            "--set", "quantizer.kmeans_iters=200", "--set", "train.iters=1", "--set", "device=cpu",
+            "--set", "eval.image_quality=off", "--out", str(tmp_path / "run")]
+    assert run.main(args) == 0
+    model = seen["model"]
+    codes = model.quantizer.codebook.detach().double()
+    with torch.no_grad():
+        z = model.encoder(seen["images"]).double().movedim(1, -1).reshape(-1, codes.shape[1])
+    nearest = ((z[:, None, :] - codes[None]) ** 2).sum(-1).argmin(1)
+    used = nearest.unique()
+    assert len(used) >= 12  # k-means++ spreads the 16 codes over the data
+    for k in used.tolist():
+        torch.testing.assert_close(codes[k], z[nearest == k].mean(0), rtol=1e-4, atol=1e-5)
