@@ -133,11 +133,14 @@ def _run_sweep(args) -> int:
 def _fault_line(exc: BaseException) -> str:
     """The one line of a fault of the machine: a full disk or read-only folder outside the run files' own writers
     (which name their file themselves), or exhausted memory. Any other RuntimeError is a bug: its traceback stays."""
+    from mqvae.errors import cut
+
     if isinstance(exc, MemoryError) or "OutOfMemoryError" in type(exc).__name__ or "can't allocate memory" in str(exc):
         return ("out of memory during the run; lower data.batch_size or the model's size (model.hidden_channels, "
                 "quantizer.num_codes)")
     if isinstance(exc, OSError):
-        return f"{exc.filename or 'file system'}: {exc.strerror or exc}"
+        # The path quoted short, so that the OS's reason stays on the line whatever the path's length.
+        return f"{cut(str(exc.filename)) if exc.filename else 'file system'}: {exc.strerror or exc}"
     raise exc
 
 

@@ -127,6 +127,12 @@ def run_experiment(cfg: Config, run_dir: Path, resume: bool = False, overwrite: 
             resume = False
             overwrite = True
         checkpoint = load_checkpoint(run_dir / "checkpoint.pt") if resume else None
+        if checkpoint is not None and cfg.train.iters < checkpoint["step"]:
+            # Training cannot go back: the folder would then hold a config of fewer iterations than its checkpoint
+            # and metrics.json.
+            raise UserError(f"--resume: train.iters={cfg.train.iters} is below the {checkpoint['step']} iterations "
+                            f"{run_dir / 'checkpoint.pt'} has trained; resume with train.iters of at least "
+                            f"{checkpoint['step']} (nothing was changed)")
         _share_decision(resume)
         engine = build_engine(cfg, run_dir)
         library_warnings.attach(engine)

@@ -23,7 +23,7 @@ from typing import Any, Optional
 import yaml
 
 from . import plugins
-from .errors import UserError
+from .errors import UserError, cut
 from .registry import did_you_mean
 
 
@@ -222,10 +222,6 @@ class Config:
 # ---------------------------------------------------------------------------------------------
 # User values in one-line messages.
 
-# Most characters of one value quoted in an error message.
-QUOTE_LIMIT = 200
-
-
 class _ShortRepr(reprlib.Repr):
     """reprlib's bounded repr, which never builds the whole text (that of a YAML alias bomb would not fit in
     memory). An integer too large for repr() (over 4300 digits) is told by its size."""
@@ -244,18 +240,14 @@ class _ShortRepr(reprlib.Repr):
 _SHORT_REPR = _ShortRepr()
 
 
-def _cut(text: str) -> str:
-    return text if len(text) <= QUOTE_LIMIT else text[: QUOTE_LIMIT - 3] + "..."
-
-
 def quote(value) -> str:
     """``repr(value)`` for an error message: one line of at most QUOTE_LIMIT characters, however large the value."""
-    return _cut(_SHORT_REPR.repr(value))
+    return cut(_SHORT_REPR.repr(value))
 
 
 def quote_key(key) -> str:
     """A key (or a dotted path of keys) as a message shows it: as written, unless it is no plain one-line string."""
-    return _cut(key) if isinstance(key, str) and key.isprintable() else quote(key)
+    return cut(key) if isinstance(key, str) and key.isprintable() else quote(key)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -392,12 +384,12 @@ def _validate(cfg: Config, where: str) -> None:
         for lower in level.lower:
             if lower not in names or lower == level.name:
                 raise UserError(f"{where}: levels.{quote_key(level.name)}.lower: {quote(lower)} is not another level "
-                                f"(levels: {_cut(', '.join(map(quote, names)))})")
+                                f"(levels: {cut(', '.join(map(quote, names)))})")
     cycle = _lower_cycle(cfg.levels)
     if cycle:
         # Betty would wait on each level of the cycle for the one below it: nothing trains and the run "succeeds".
         raise UserError(f"{where}: levels.{quote_key(cycle[0])}.lower: the lower edges form a cycle "
-                        f"{_cut(' -> '.join(map(quote, cycle)))}; a level cannot be below itself")
+                        f"{cut(' -> '.join(map(quote, cycle)))}; a level cannot be below itself")
     _check_registered(cfg, where)
     if cfg.hypergradient.roll_back and cfg.hypergradient.xi == 0:
         raise UserError(f"{where}: hypergradient.roll_back: needs xi > 0 (with xi = 0 there is no tentative lower step to roll back)")
@@ -553,7 +545,7 @@ def parse_yaml(text: str, where: str):
         mark = getattr(exc, "problem_mark", None)
         line = f" at line {mark.line + 1}" if mark else ""
         problem = getattr(exc, "problem", None) or str(exc)
-        raise UserError(f"{where}: not valid YAML{line}: {_cut(' '.join(problem.split()))}") from None
+        raise UserError(f"{where}: not valid YAML{line}: {cut(' '.join(problem.split()))}") from None
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
@@ -595,7 +587,7 @@ def _list_index(items: list, key: str, where: str, keys: list[str]) -> int:
         if isinstance(item, dict) and item.get("name") == key:
             return i
     names = [item["name"] for item in items if isinstance(item, dict) and isinstance(item.get("name"), str)]
-    named = f"; names: {_cut(', '.join(names))}" if names else ""
+    named = f"; names: {cut(', '.join(names))}" if names else ""
     raise UserError(f"{where}: --set {quote_key('.'.join(keys))}: no list item {quote(key)} (by position below "
                     f"{len(items)} or by name{named}); {did_you_mean(key, names)}".rstrip("; "))
 

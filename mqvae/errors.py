@@ -6,6 +6,15 @@ keeps its traceback.
 """
 
 
+# Most characters of one value (a key, a path, a repr) quoted in an error message, so that the line keeps its reason.
+QUOTE_LIMIT = 200
+
+
+def cut(text: str) -> str:
+    """``text`` cut to QUOTE_LIMIT characters, marked with "..." where it was cut."""
+    return text if len(text) <= QUOTE_LIMIT else text[: QUOTE_LIMIT - 3] + "..."
+
+
 class UserError(Exception):
     """An error caused by the user's input; its message is one self-contained line."""
 

@@ -16,7 +16,7 @@ import secrets
 from pathlib import Path
 from typing import BinaryIO, Callable
 
-from .errors import UserError
+from .errors import UserError, cut
 
 TEMP_SUFFIX = ".tmp"
 LOCK_NAME = ".lock"
@@ -24,7 +24,7 @@ LOCK_NAME = ".lock"
 
 def os_error(path: Path, exc: OSError, kept: str = "") -> UserError:
     reason = exc.strerror or type(exc).__name__
-    return UserError(f"{path}: cannot write ({reason}){kept}")
+    return UserError(f"{cut(str(path))}: cannot write ({reason}){kept}")
 
 
 def _temp_path(path: Path) -> Path:

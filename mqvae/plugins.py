@@ -36,6 +36,10 @@ def import_plugins(entries: list[str], where: str) -> None:
             raise UserError(f"{where}: imports: {entry!r}: {exc}") from None
         except Exception as exc:  # noqa: BLE001 - any failure of a user's module is one line naming it
             raise UserError(f"{where}: imports: {entry!r} could not be imported: {_failure(exc)}") from None
+        except SystemExit as exc:
+            # A module that exits while imported would end the run with its code (0: nothing written, nothing said).
+            raise UserError(f"{where}: imports: {entry!r} called sys.exit({exc.code!r}) while being imported"
+                            f"{_where_raised(exc)}; a plugin module should only define and register") from None
 
 
 def _import(entry: str) -> None:
@@ -62,14 +66,19 @@ def _import(entry: str) -> None:
         raise
 
 
+def _where_raised(exc: BaseException) -> str:
+    """`` (file:line)`` of the deepest frame of the user's code, or "" when there is none."""
+    frames = [f for f in traceback.extract_tb(exc.__traceback__)
+              if not f.filename.startswith("<frozen") and "importlib" not in Path(f.filename).parts
+              and f.filename != _import.__code__.co_filename]  # (this module's own frames)
+    return f" ({Path(frames[-1].filename).name}:{frames[-1].lineno})" if frames else ""
+
+
 def _failure(exc: BaseException) -> str:
     """``Type: message (file:line)``, the line being the deepest frame of the user's code (none when the module
     itself was not found)."""
     message = " ".join(str(exc).split())[:300]
-    frames = [f for f in traceback.extract_tb(exc.__traceback__)
-              if not f.filename.startswith("<frozen") and "importlib" not in Path(f.filename).parts
-              and f.filename != _import.__code__.co_filename]  # (this module's own frames)
-    at = f" ({Path(frames[-1].filename).name}:{frames[-1].lineno})" if frames else ""
-    if isinstance(exc, ModuleNotFoundError) and not frames:
+    at = _where_raised(exc)
+    if isinstance(exc, ModuleNotFoundError) and not at:
         at = " (looked on sys.path and in the working folder; give the module's .py path, or add its folder to PYTHONPATH)"
     return f"{type(exc).__name__}: {message}{at}"

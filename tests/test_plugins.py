@@ -143,12 +143,21 @@ def test_a_plugin_runs_inside_a_sweep(tmp_path, plugin, how):
         assert yaml.safe_load((run_dir / "config.yaml").read_text())["imports"] == [str(plugin.resolve())]
 
 
+def exits(folder: Path, name: str, code: str) -> Path:
+    path = folder / f"{name}.py"
+    path.write_text(f"import sys\nsys.exit({code})\n")
+    return path
+
+
 def test_a_module_that_cannot_be_imported_is_one_line(tmp_path):
     broken = tmp_path / "broken.py"
     broken.write_text("import torch\n\nvalue = 1 / 0\n")
     for entry, needles in [(broken, ["broken.py", "ZeroDivisionError", "broken.py:3"]),
                            ("no_such_module_xyz", ["no_such_module_xyz", "ModuleNotFoundError", "PYTHONPATH"]),
-                           (tmp_path / "missing.py", ["missing.py", "no such file"])]:
+                           (tmp_path / "missing.py", ["missing.py", "no such file"]),
+                           # sys.exit at import: 0 would end the run "successfully" with nothing written or said
+                           (exits(tmp_path, "quits", "0"), ["quits.py", "sys.exit(0)", "quits.py:2"]),
+                           (exits(tmp_path, "complains", "'no GPU here'"), ["complains.py", "sys.exit('no GPU here')"])]:
         result = run_cli(ROOT / "configs/digits/vqvae.yaml", "--import", entry, "--out", "run", cwd=tmp_path)
         assert result.returncode == 2, result.stderr
         assert result.stderr.count("\n") == 1 and result.stderr.startswith("error: "), result.stderr

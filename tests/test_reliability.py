@@ -256,6 +256,11 @@ def test_resume_reads_the_run_folders_config_and_allows_only_extending_changes(t
     assert snapshot(out) == before
     result = run_cli("configs/digits/mqvae.yaml", "--resume", out)
     assert_one_line_error(result, "levels")
+    # Fewer iterations than the checkpoint has trained: training cannot go back, and the folder stays as it was.
+    result = run_cli("--resume", out, "--set", "train.iters=5")
+    assert result.returncode == 2
+    assert_one_line_error(result, "train.iters=5 is below the 6 iterations")
+    assert snapshot(out) == before
 
     assert run_cli("--resume", out, "--set", "train.iters=8", "--set", "train.log_every=2").returncode == 0
     assert yaml.safe_load((out / "config.yaml").read_text())["train"]["iters"] == 8

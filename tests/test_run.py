@@ -65,6 +65,16 @@ def test_a_level_name_betty_would_overwrite_is_one_line(tmp_path, name):
     assert not (tmp_path / "run" / "checkpoint.pt").exists()
 
 
+def test_a_too_long_output_path_keeps_the_os_reason_on_the_line(tmp_path):
+    import errno
+    import os
+
+    result = run_cli("configs/digits/vqvae.yaml", *TINY, "--out", tmp_path / ("a" * 5000))
+    assert result.returncode == 2
+    assert_one_line_error(result, os.strerror(errno.ENAMETOOLONG), "...")
+    assert len(result.stderr) < 400
+
+
 def test_missing_data_folder(tmp_path):
     result = run_cli("configs/digits/vqvae.yaml", "--set", "data.name=cifar10", "--set", f"data.root={tmp_path / 'nowhere'}",
                      "--out", tmp_path / "run")
