@@ -23,7 +23,7 @@ from mqvae.evaluation import latents_and_codes, measures_quality
 from mqvae.files import append_line, os_error, write_text
 from mqvae.hypergradients import batch_norm_buffers
 from mqvae.reports import codebook_figure
-from mqvae.tracking import TensorBoard
+from mqvae.tracking import TensorBoard, drop_after
 
 from .run_folder import write_config
 
@@ -274,6 +274,8 @@ class LevelEngine(Engine):
         if self.cfg.logging.tensorboard and self.tensorboard is None and self.writes:
             # A resumed run drops the events logged after its checkpoint, as it drops those lines of log.jsonl.
             purge_step = None if self.checkpoint_step is None else self.checkpoint_step + 1
+            if purge_step is not None:
+                drop_after(self.run_dir, self.checkpoint_step)
             self.tensorboard = TensorBoard(self.run_dir, purge_step)
         self._write_pending()
         # disable=None: a bar only on a terminal, so a redirected stderr holds nothing but an error's one line

@@ -3,8 +3,9 @@
 Event files are TensorBoard's own append-only record streams, written by ``torch.utils.tensorboard``'s
 ``SummaryWriter``; they cannot be replaced atomically as the other run files are. log.jsonl stays the run's
 record and the event files are a view of it: the engine sends every record to both (``LevelEngine.record``).
-A resumed run opens its writer with ``purge_step`` = the checkpoint's step + 1, so TensorBoard drops the events
-logged after the checkpoint, as the resume drops those lines of log.jsonl.
+A resumed run first rewrites each event file without the events logged after the checkpoint (``drop_after``), as
+the resume drops those lines of log.jsonl, so that every loader (TensorBoard's fast and Python loaders,
+``EventAccumulator``) shows each step once; its writer also opens with ``purge_step`` = the checkpoint's step + 1.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import numbers
 from pathlib import Path
 
 from .errors import UserError
-from .files import os_error
+from .files import atomic_write, os_error
 
 # SummaryWriter names its files events.out.tfevents.<time>.<host>.<pid>.<n>: a new file per writer.
 EVENT_FILES = "events.out.tfevents.*"
@@ -31,6 +32,27 @@ def _summary_writer():
 def require_tensorboard() -> None:
     """Fail at build time, before anything trains, when TensorBoard is missing."""
     _summary_writer()
+
+
+def drop_after(run_dir: Path, step: int) -> None:
+    """Rewrite every event file of ``run_dir`` without the events of steps after ``step`` (each file replaced
+    atomically; events without a step, such as the file version, are kept)."""
+    from tensorboard.backend.event_processing.event_file_loader import RawEventFileLoader
+    from tensorboard.compat.proto.event_pb2 import Event
+    from tensorboard.summary.writer.record_writer import RecordWriter
+
+    for path in sorted(Path(run_dir).glob(EVENT_FILES)):
+        records = list(RawEventFileLoader(str(path)).Load())  # stops at a record torn by a kill
+        kept = [r for r in records if Event.FromString(r).step <= step]
+        if len(kept) == len(records) and path.stat().st_size == sum(len(r) + 16 for r in records):
+            continue  # nothing after the checkpoint, nothing torn (16: a record's length and checksums)
+
+        def write(f, kept=kept):
+            writer = RecordWriter(f)
+            for record in kept:
+                writer.write(record)
+
+        atomic_write(path, write)
 
 
 class TensorBoard:

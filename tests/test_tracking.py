@@ -90,6 +90,17 @@ def test_a_resumed_run_has_no_duplicate_steps(tmp_path, monkeypatch):
     assert run.main(["--resume", str(tmp_path / "cut")]) == 0
     assert [e.step for e in events(tmp_path / "cut").Scalars("codebook.loss")] == [1, 2, 3, 4, 5, 6]
     assert_same_scalars(tmp_path / "cut")
+    # The files themselves hold each (tag, step) as often as log.jsonl does (time_s is in both the training and the
+    # evaluation record of an evaluation step), whatever a loader does with purge events.
+    from collections import Counter
+
+    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+
+    written = Counter((value.tag, event.step) for path in sorted((tmp_path / "cut").glob("events.out.tfevents.*"))
+                      for event in EventFileLoader(str(path)).Load() for value in event.summary.value
+                      if value.metadata.plugin_data.plugin_name != "images")  # the pictures are not in the log
+    logged = Counter((key, step) for key, points in log_scalars(tmp_path / "cut").items() for step, _ in points)
+    assert written[("codebook.loss", 4)] == 1 and written == logged
 
 
 def test_overwrite_removes_the_old_event_files(tmp_path):
