@@ -13,6 +13,7 @@ import copy
 import dataclasses
 import math
 import reprlib
+import stat
 import types
 import typing
 from collections.abc import Hashable
@@ -594,10 +595,16 @@ def _list_index(items: list, key: str, where: str, keys: list[str]) -> int:
 
 def read_yaml(path: str | Path) -> dict:
     path = Path(path)
-    if path.is_dir():
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        raise UserError(f"{path}: config file not found") from None
+    except OSError as exc:  # e.g. a symbolic link loop, a folder without permission, a name too long
+        raise UserError(f"{cut(str(path))}: cannot read the config file: {exc.strerror or exc}") from None
+    if stat.S_ISDIR(mode):
         raise UserError(f"{path}: is a folder, not a config file (a run folder is continued with --resume {path})")
-    if not path.is_file():
-        raise UserError(f"{path}: config file not found")
+    if not stat.S_ISREG(mode):
+        raise UserError(f"{path}: is not a regular file (a device, a pipe or a socket); a config is a YAML file")
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as exc:
