@@ -95,6 +95,8 @@ class LevelEngine(Engine):
             "train_time": self.train_time,
             "rng": rng_state(),
             "world_size": self.ranks,
+            # A prior's source run, as it was when the prior started (mqvae.prior.source_sha256).
+            **({"source_sha256": self.model.source_sha256} if hasattr(self.model, "source_sha256") else {}),
         }
 
     def load_state_dict(self, state: dict, where: str) -> None:
@@ -103,6 +105,12 @@ class LevelEngine(Engine):
             # Each rank's batches are its slice of the global batch: another number of ranks is another run.
             raise UserError(f"--resume: {where} was trained with {state.get('world_size', 1)} data-parallel rank(s); "
                             f"resume it with as many (torchrun --nproc_per_node), not {self.ranks}")
+        recorded, now = state.get("source_sha256"), getattr(self.model, "source_sha256", None)
+        if recorded is not None and recorded != now:
+            raise UserError(f"--resume: {where} is a prior trained on the codes of {self.cfg.prior.run} as it was "
+                            "when the prior started; that run's config.yaml or checkpoint.pt has changed since "
+                            "(extended or retrained), so its codes are no longer the ones learned on; start the prior "
+                            "again (its command with --overwrite)")
         if sorted(state["levels"]) != names:
             raise UserError(f"--resume: {where} holds levels {sorted(state['levels'])}, the config has {names}")
         try:

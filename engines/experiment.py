@@ -19,7 +19,7 @@ from mqvae.files import FolderLock, os_error, read_lines, remove_stale_temps, wr
 from mqvae.models import build_model
 from mqvae.perf import apply_perf, perf_quantizer_config
 from mqvae.pixelcnn import GatedPixelCNN
-from mqvae.prior import PriorModel, code_maps, load_source
+from mqvae.prior import PriorModel, code_maps, load_source, source_sha256
 from mqvae.reports import curve_panels, curves_figure, save_figures, write_report
 from mqvae.tracking import require_tensorboard
 
@@ -75,7 +75,8 @@ def prior_model(cfg: Config, source, datasets: Datasets, device) -> tuple[PriorM
     train, test = (code_maps(source, split, cfg.data.batch_size, device) for split in (datasets.train, datasets.test))
     num_classes = datasets.num_classes if cfg.prior.class_conditional else 0
     pixelcnn = GatedPixelCNN(cfg.quantizer.num_codes, cfg.prior.channels, cfg.prior.layers, cfg.prior.kernel, num_classes)
-    model = PriorModel(source, pixelcnn.to(device), tuple(train.tensors[0].shape[1:]), datasets.test, cfg.seed)
+    model = PriorModel(source, pixelcnn.to(device), tuple(train.tensors[0].shape[1:]), datasets.test, cfg.seed,
+                       source_sha256(cfg.prior.run))
     return model, dataclasses.replace(datasets, train=train, test=test)
 
 

@@ -9,6 +9,7 @@ cross-entropy of the code logits; test score: NLL in bits per code; picture: dec
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from pathlib import Path
@@ -72,6 +73,17 @@ def load_source(cfg: Config, network: nn.Module) -> None:
     network.eval()
 
 
+def source_sha256(run: str) -> str:
+    """sha256 of the source run's config.yaml and checkpoint.pt: a prior trains on the codes of one state of its
+    source, so a resume checks that the source has not changed since (a source run extended or retrained)."""
+    digest = hashlib.sha256()
+    for name in ("config.yaml", "checkpoint.pt"):
+        with open(Path(run, name), "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
 @torch.no_grad()
 def code_maps(network, dataset, batch_size: int, device) -> TensorDataset:
     """(code map (H, W) long, label) of every image of ``dataset``: the quantizer's index of each encoder output
@@ -88,14 +100,17 @@ def code_maps(network, dataset, batch_size: int, device) -> TensorDataset:
 
 class PriorModel(nn.Module):
     """The frozen source network and the PixelCNN on its code maps. ``images``: the test images, the real side
-    of FID; ``seed``: the seed of every draw of samples (so they are the same however the run was cut)."""
+    of FID; ``seed``: the seed of every draw of samples (so they are the same however the run was cut);
+    ``source_sha256``: the source run's fingerprint (``source_sha256``), which the checkpoint records."""
 
     task: "PriorTask"
 
-    def __init__(self, source: nn.Module, pixelcnn: GatedPixelCNN, code_shape: tuple[int, int], images, seed: int):
+    def __init__(self, source: nn.Module, pixelcnn: GatedPixelCNN, code_shape: tuple[int, int], images, seed: int,
+                 source_sha256: str):
         super().__init__()
         self.source, self.pixelcnn = source, pixelcnn
         self.code_shape, self.images, self.seed = code_shape, images, seed
+        self.source_sha256 = source_sha256
         self.task = PRIOR
 
     def train(self, mode: bool = True):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from pathlib import Path
 
 import pytest
@@ -187,6 +188,31 @@ def test_an_interrupted_prior_resumes_exactly(source, tmp_path, monkeypatch):
     for m in metrics:
         m.pop("wall_time_s")
     assert metrics[0] == metrics[1]
+
+
+def test_a_prior_refuses_to_resume_after_its_source_changed(source, tmp_path, monkeypatch, capsys):
+    # A copy of the source, extended after the prior started: the prior's codes were learned on the old source.
+    own = tmp_path / "source"
+    shutil.copytree(source, own, ignore=shutil.ignore_patterns(".lock"))
+    args = prior_args(own, "--set", "train.iters=8", "--set", "train.checkpoint_every=4", "--out", str(tmp_path / "p"))
+    monkeypatch.setattr(LevelEngine, "train_step", interrupt_after(LevelEngine.train_step, 6))
+    assert run.main(args) == 130
+    monkeypatch.undo()
+    assert run.main(["--resume", str(own), "--set", "train.iters=45"]) == 0
+    capsys.readouterr()
+    before = {p.name: p.read_bytes() for p in (tmp_path / "p").iterdir() if p.is_file() and p.name != ".lock"}
+    line = one_line_error(capsys, ["--resume", str(tmp_path / "p")])
+    assert "--resume:" in line and str(own) in line and "has changed since" in line, line
+    assert {p.name: p.read_bytes() for p in (tmp_path / "p").iterdir() if p.is_file() and p.name != ".lock"} == before
+
+
+def interrupt_after(train_step, step: int):
+    def interrupted(self):
+        if self.global_step == step:
+            raise KeyboardInterrupt
+        train_step(self)
+
+    return interrupted
 
 
 # -- sweeps ---------------------------------------------------------------------------------------------------
