@@ -1,0 +1,64 @@
+"""Suite-wide guard: a test that trains a shipped config (configs/**) must shorten it with ``--set train.iters=N``.
+
+A shipped config trains for minutes (1500 iterations on digits); two tests that forgot to shorten their runs once
+took the suite past CI's limit. Every ``run.main`` call and every ``run.py`` subprocess that names a shipped config
+or sweep, finishes with exit 0, and sets no ``train.iters`` fails its test, unless the test is marked
+``@pytest.mark.full_run("why it must train at full length")``.
+"""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pytest
+
+import run
+
+ROOT = Path(run.__file__).resolve().parent  # the repository: run.py's folder
+SHIPPED = ROOT / "configs"
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "full_run(reason): the test trains a shipped config at its full length")
+
+
+def full_length_run(argv) -> str | None:
+    """The shipped config ``argv`` (run.py's arguments) trains at its shipped length, or None."""
+    args = [str(a) for a in argv]
+    if "--resume" in args or any(a.startswith("train.iters=") for a in args):
+        return None
+    for arg in args:
+        path = Path(arg) if Path(arg).is_absolute() else ROOT / arg
+        if arg.endswith(".yaml") and path.resolve().is_relative_to(SHIPPED):
+            return arg
+    return None
+
+
+@pytest.fixture(autouse=True)
+def shipped_configs_are_shortened(request, monkeypatch):
+    if request.node.get_closest_marker("full_run") is not None:
+        yield
+        return
+    found = []
+    main, subprocess_run = run.main, subprocess.run
+
+    def checked_main(argv=None):
+        code = main(argv)
+        if code == 0 and argv is not None and full_length_run(argv):
+            found.append(full_length_run(argv))
+        return code
+
+    def checked_subprocess_run(command, *args, **kwargs):
+        result = subprocess_run(command, *args, **kwargs)
+        words = [str(w) for w in command] if isinstance(command, (list, tuple)) else []
+        starts = [i for i, word in enumerate(words) if word.endswith("run.py")]
+        if starts and result.returncode == 0 and full_length_run(words[starts[0] + 1:]):
+            found.append(full_length_run(words[starts[0] + 1:]))
+        return result
+
+    monkeypatch.setattr(run, "main", checked_main)
+    monkeypatch.setattr(subprocess, "run", checked_subprocess_run)
+    yield
+    assert not found, (f"{request.node.nodeid} trained the shipped {found[0]} at its full length: add --set "
+                       "train.iters=N, or mark the test @pytest.mark.full_run('why')")
