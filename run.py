@@ -1,5 +1,8 @@
 """Run an experiment: ``python run.py CONFIG [--set key=value ...] [--import MODULE ...] [--out DIR] [--overwrite]``.
 
+``--nproc N`` trains on N data-parallel processes on this machine: torchrun, started by run.py, whose report of a
+failed job is condensed to the toolkit's one line (engines/launch.py).
+
 Continue a run: ``python run.py --resume RUN_DIR [--set train.iters=N ...]``. It reads RUN_DIR/config.yaml;
 ``--set`` may change only the number of iterations, the logging, evaluation and checkpoint intervals and
 the device.
@@ -49,9 +52,18 @@ def main(argv=None) -> int:
     parser.add_argument("--out", type=Path, help="run folder (default: runs/<config name>)")
     parser.add_argument("--resume", type=Path, metavar="RUN_DIR", help="continue the run in RUN_DIR from its checkpoint")
     parser.add_argument("--overwrite", action="store_true", help="replace the run that the run folder holds")
+    parser.add_argument("--nproc", type=int, metavar="N",
+                        help="train on N data-parallel processes on this machine (torchrun), reported as one run")
+    argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
     args = parser.parse_args(argv)
     if args.config is None and args.resume is None:
         parser.error("name a CONFIG file, or a run folder with --resume RUN_DIR")
+    if args.nproc is not None:
+        if args.nproc < 1:
+            parser.error(f"--nproc: at least 1 process, got {args.nproc}")
+        from engines.launch import launch
+
+        return launch(args.nproc, __file__, _without_nproc(argv))
 
     try:
         from engines.experiment import run_experiment
@@ -88,10 +100,24 @@ def main(argv=None) -> int:
             return 1
         return _error(_fault_line(exc))
     except KeyboardInterrupt:
-        print(f"interrupted; continue with --resume {run_dir} (from the last checkpoint)", file=sys.stderr)
+        if int(os.environ.get("RANK", "0")) == 0:  # torchrun interrupts every rank; rank 0 says so
+            print(f"interrupted; continue with --resume {run_dir} (from the last checkpoint)", file=sys.stderr)
         return 130
     print(summary_line(run_dir, metrics))
     return 0
+
+
+def _without_nproc(argv: list[str]) -> list[str]:
+    """run.py's arguments without ``--nproc N`` (or ``--nproc=N``): what each rank runs."""
+    kept, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--nproc":
+            skip = True
+        elif not arg.startswith("--nproc="):
+            kept.append(arg)
+    return kept
 
 
 def summary_line(run_dir, metrics: dict) -> str:
@@ -150,11 +176,11 @@ def _error(exc) -> int:
     from the rank where the error began: rank 0 for what every rank meets alike (the config, a diverged loss, which
     the ranks check together), the rank itself (named) for its own (its data); a rank that only lost its peers says
     nothing."""
-    from mqvae.errors import Diverged
+    from mqvae.errors import AllRanksError
 
     lines = str(exc).strip().splitlines() or [type(exc).__name__]
     rank = int(os.environ.get("RANK", "0"))
-    if rank == 0 or (_training_in_parallel() and not isinstance(exc, Diverged)):
+    if rank == 0 or (_training_in_parallel() and not isinstance(exc, AllRanksError)):
         print(f"error: {f'rank {rank}: ' if rank else ''}{lines[0][:2000]}", file=sys.stderr)
     return 2
 

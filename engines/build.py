@@ -15,7 +15,7 @@ import mqvae.hypergradients  # noqa: F401  (registers the hypergradient types wi
 from mqvae import distributed
 from mqvae.config import Config, HypergradientConfig
 from mqvae.data import holdout_split
-from mqvae.errors import UserError
+from mqvae.errors import AllRanksError, UserError
 from mqvae.loader import BatchStream
 from mqvae.optim import make_optimizer, make_scheduler
 from problems import PROBLEMS, FastRollBack
@@ -112,7 +112,7 @@ def build_problems(cfg: Config, model, datasets, device) -> tuple[list, dict]:
                 f"trains the network, but this config trains a prior on the codes of {cfg.prior.run} (a Prior level)"))
         if cls.trains_prior and ranks > 1:
             # Its evaluation (NLL, and FID of samples every rank would draw alike) is not sharded.
-            raise UserError(f"levels.{level.name}.problem: a prior trains in one process; run it without torchrun")
+            raise AllRanksError(f"levels.{level.name}.problem: a prior trains in one process; run it without torchrun")
         if level.name in reserved_names(cls):
             raise UserError(f"levels.{level.name}.name: '{level.name}' is taken by an attribute of Betty's engine or of "
                             f"the level class {cls.__name__}, which Betty would overwrite with the level; choose another "

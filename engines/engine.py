@@ -17,7 +17,7 @@ from tqdm import tqdm
 
 from mqvae import distributed
 from mqvae.checkpoint import check_hyperparameters, non_finite_entries, rng_state, save_checkpoint, set_rng_state
-from mqvae.errors import Diverged, UserError
+from mqvae.errors import AllRanksError, Diverged, UserError
 from mqvae import evaluation as evaluation_fns  # make_image_quality looked up at each call: stand-ins can replace it
 from mqvae.evaluation import latents_and_codes, measures_quality
 from mqvae.files import append_line, os_error, write_text
@@ -103,16 +103,16 @@ class LevelEngine(Engine):
         names = sorted(p.name for p in self.problems)
         if state.get("world_size", 1) != self.ranks:
             # Each rank's batches are its slice of the global batch: another number of ranks is another run.
-            raise UserError(f"--resume: {where} was trained with {state.get('world_size', 1)} data-parallel rank(s); "
+            raise AllRanksError(f"--resume: {where} was trained with {state.get('world_size', 1)} data-parallel rank(s); "
                             f"resume it with as many (torchrun --nproc_per_node), not {self.ranks}")
         recorded, now = state.get("source_sha256"), getattr(self.model, "source_sha256", None)
         if recorded is not None and recorded != now:
-            raise UserError(f"--resume: {where} is a prior trained on the codes of {self.cfg.prior.run} as it was "
+            raise AllRanksError(f"--resume: {where} is a prior trained on the codes of {self.cfg.prior.run} as it was "
                             "when the prior started; that run's config.yaml or checkpoint.pt has changed since "
                             "(extended or retrained), so its codes are no longer the ones learned on; start the prior "
                             "again (its command with --overwrite)")
         if sorted(state["levels"]) != names:
-            raise UserError(f"--resume: {where} holds levels {sorted(state['levels'])}, the config has {names}")
+            raise AllRanksError(f"--resume: {where} holds levels {sorted(state['levels'])}, the config has {names}")
         try:
             for p in self.problems:
                 p.module.load_state_dict(state["levels"][p.name])
@@ -126,7 +126,7 @@ class LevelEngine(Engine):
                     p.train_data_iterator = [iter(p.stream)]
                 p._count = state["step"]
         except (KeyError, RuntimeError, ValueError) as exc:
-            raise UserError(f"--resume: {where} does not match this config: {_mismatch(exc)}") from None
+            raise AllRanksError(f"--resume: {where} does not match this config: {_mismatch(exc)}") from None
         self.global_step = self.checkpoint_step = state["step"]
         self.train_time = state.get("train_time", 0.0)
         set_rng_state(state["rng"])

@@ -19,6 +19,12 @@ class UserError(Exception):
     """An error caused by the user's input; its message is one self-contained line."""
 
 
-class Diverged(UserError):
+class AllRanksError(UserError):
+    """An error every data-parallel rank meets alike (the same config, checkpoint or number of ranks): under
+    torchrun rank 0 alone reports it, so the user reads it once."""
+
+
+class Diverged(AllRanksError):
     """Training stopped because a loss became NaN or infinite: a result of the configuration, not a typo.
-    A single run exits with its one line; a sweep records the run as diverged and goes on."""
+    A single run exits with its one line; a sweep records the run as diverged and goes on. The ranks of a
+    data-parallel run check their losses together, so they meet it alike."""

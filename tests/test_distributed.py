@@ -192,6 +192,40 @@ def test_resuming_with_another_number_of_ranks_is_one_line(tmp_path, plugin):
     assert "trained with 2 data-parallel rank(s)" in result.stderr and "not 1" in result.stderr
 
 
+def test_resuming_under_torchrun_with_another_number_of_ranks_is_said_once(tmp_path, plugin):
+    # Every rank meets the checkpoint's number of ranks alike: rank 0 alone says so (plain torchrun, no launcher).
+    common = [*MODES["vqvae"], *TINY, "--set", "train.iters=2", "--set", f"data.batch_size={BATCH}",
+              "--import", plugin]
+    run(one_process(*common, "--out", tmp_path / "run"))
+    result = subprocess.run(torchrun("--resume", tmp_path / "run", "--set", "train.iters=3"), cwd=ROOT, env=env(),
+                            capture_output=True, text=True, timeout=300)
+    ours = [text for text in result.stderr.splitlines() if text.startswith("error: ")]
+    assert result.returncode != 0 and len(ours) == 1 and "not 2" in ours[0], result.stderr[-3000:]
+
+
+def test_run_nproc_ends_a_failed_job_with_the_one_line(tmp_path):
+    # run.py --nproc N starts torchrun itself and condenses its report: on a folder that holds a run, stderr is the
+    # toolkit's one line, not torchrun's ChildFailedError traceback after it.
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "config.yaml").write_text("seed: 0\n")
+    (out / "metrics.json").write_text("{}")
+    result = subprocess.run(one_process("configs/digits/vqvae.yaml", *TINY, "--set", "data.name=digits", "--set",
+                                        "train.iters=2", "--nproc", "2", "--out", out),
+                            cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert result.stderr.count("\n") == 1 and result.stderr.startswith("error: "), result.stderr[-3000:]
+    assert "holds another run" in result.stderr
+
+
+def test_run_nproc_trains_like_torchrun(tmp_path, plugin):
+    common = [*MODES["vqvae"], *TINY, "--set", "train.iters=2", "--set", f"data.batch_size={BATCH}", "--import", plugin]
+    run(torchrun(*common, "--out", tmp_path / "torchrun"))
+    result = run(one_process(*common, "--nproc=2", "--out", tmp_path / "nproc"))
+    assert result.stderr == "" and result.stdout.startswith(f"{tmp_path / 'nproc'}: ")
+    assert_same_model(levels(tmp_path / "torchrun" / "checkpoint.pt"), levels(tmp_path / "nproc" / "checkpoint.pt"))
+
+
 POISON = '''
 import os
 import signal

@@ -75,6 +75,17 @@ def test_a_too_long_output_path_keeps_the_os_reason_on_the_line(tmp_path):
     assert len(result.stderr) < 400
 
 
+@pytest.mark.parametrize("rank, says", [("0", True), ("1", False)])
+def test_ctrl_c_is_said_by_rank_0_alone(tmp_path, monkeypatch, capsys, rank, says):
+    # torchrun interrupts every rank; one "interrupted" line is enough (the rank is torchrun's RANK variable).
+    monkeypatch.setenv("RANK", rank)
+    restore = interrupt_at(monkeypatch, 2)
+    assert run.main(["configs/digits/vqvae.yaml", *TINY, "--set", "train.iters=4", "--out", str(tmp_path / "run")]) == 130
+    restore()
+    err = capsys.readouterr().err
+    assert (err.startswith("interrupted; continue with --resume") and err.count("\n") == 1) if says else err == ""
+
+
 def test_missing_data_folder(tmp_path):
     result = run_cli("configs/digits/vqvae.yaml", "--set", "data.name=cifar10", "--set", f"data.root={tmp_path / 'nowhere'}",
                      "--out", tmp_path / "run")
