@@ -203,6 +203,16 @@ def test_resuming_under_torchrun_with_another_number_of_ranks_is_said_once(tmp_p
     assert result.returncode != 0 and len(ours) == 1 and "not 2" in ours[0], result.stderr[-3000:]
 
 
+def test_a_prior_under_torchrun_is_refused_once(tmp_path):
+    source = [*TINY, "--set", "data.name=digits", "--set", "train.iters=2"]
+    run(one_process("configs/digits/vqvae.yaml", *source, "--out", tmp_path / "source"))
+    result = subprocess.run(torchrun("configs/digits/prior.yaml", "--set", f"prior.run={tmp_path / 'source'}",
+                                     "--set", "train.iters=2", "--set", "device=cpu", "--out", tmp_path / "prior"),
+                            cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300)
+    ours = [text for text in result.stderr.splitlines() if text.startswith("error: ")]
+    assert result.returncode != 0 and len(ours) == 1 and "a prior trains in one process" in ours[0], result.stderr[-3000:]
+
+
 def test_run_nproc_ends_a_failed_job_with_the_one_line(tmp_path):
     # run.py --nproc N starts torchrun itself and condenses its report: on a folder that holds a run, stderr is the
     # toolkit's one line, not torchrun's ChildFailedError traceback after it.
