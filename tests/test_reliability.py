@@ -136,6 +136,40 @@ def test_kill_9_at_any_point_then_resume_ends_like_an_uninterrupted_run(tmp_path
     assert steps == list(range(1, 41))
 
 
+def test_kill_9_in_the_middle_of_a_shipped_sweep_then_a_rerun_keeps_the_finished_runs(tmp_path):
+    # From a scratch working folder, as a researcher runs a shipped sweep: killed while its second run trains
+    # (after that run's first checkpoint); the rerun keeps the first run, resumes the second, runs the rest.
+    sweep = ROOT / "configs" / "tables" / "table3_ablation_digits.yaml"
+    args = [sys.executable, str(ROOT / "run.py"), str(sweep), *TINY, "--set", "train.iters=60",
+            "--set", "train.checkpoint_every=5", "--set", "train.eval_every=0", "--set", "eval.image_quality=off",
+            "--seeds", "0", "--out", "sweep"]
+    proc = subprocess.Popen(args, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    second = None
+    deadline = time.monotonic() + 300
+    while proc.poll() is None and time.monotonic() < deadline:
+        runs = sorted(p.parent for p in (tmp_path / "sweep").glob("*/seed0/checkpoint.pt"))
+        finished = [p for p in runs if (p / "metrics.json").exists()]
+        if len(finished) == 1 and len(runs) == 2:
+            second = next(p for p in runs if p not in finished)
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert second is not None and not (second / "metrics.json").exists()
+    first = finished[0]
+    kept = (first / "metrics.json").read_bytes()
+    result = subprocess.run(args, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    assert f"finished earlier with this config, kept ({Path('sweep') / first.relative_to(tmp_path / 'sweep')})" in result.stdout
+    assert f"resuming in {Path('sweep') / second.relative_to(tmp_path / 'sweep')}" in result.stdout, result.stdout
+    assert (first / "metrics.json").read_bytes() == kept
+    results = json.loads((tmp_path / "sweep" / "results.json").read_text())
+    assert all(r["metrics"]["iterations"] == 60 for r in results["runs"])
+    records = map(json.loads, (second / "log.jsonl").read_text().splitlines())
+    steps = [r["step"] for r in records if any(key.endswith(".loss") for key in r)]
+    assert steps == list(range(1, 61))  # each training step logged once: the resume dropped what the kill left
+
+
 def test_resuming_a_run_stopped_before_its_first_checkpoint_starts_it_again(tmp_path, finished):
     out = tmp_path / "run"
     result = run_cli(*ARGS, "--set", "train.checkpoint_every=0", "--set", "levels.0.lr=1.0e38", "--out", out)
