@@ -202,15 +202,19 @@ class Level(ImplicitProblem):
         codebook's gradient needs only the model's ``quantization_terms``: the decoder forward of the
         finite-difference passes would be wasted (docs/design.md, Cost model: the passes an iteration needs).
         Measured saving: 14-18 % of an MQ-VAE step on digits (batch 64), 11-13 % at the paper shape (batch 32).
+        A level with a loss of its own (``loss_terms`` overridden) is differentiated whole: the shortcut knows
+        only the default loss.
         """
         if upper.module is getattr(self.model, "quantizer", None) and self._codebook_needs_encoder_only():
             return self.model.quantization_terms(batch)["loss"]
         return self.training_step(batch)
 
     def _codebook_needs_encoder_only(self) -> bool:
+        """Whether this level's loss reaches the quantizer only through ``quantization_terms``: its loss is the
+        default Eq. 6 (not a level's own ``loss_terms``), with the quantizer's own weights, under plain STE."""
         quantizer = getattr(self.model, "quantizer", None)
         return (quantizer is not None and hasattr(self.model, "encoder") and not quantizer.task_reaches_codebook
-                and not self.loss_weights())
+                and not self.loss_weights() and type(self).loss_terms is Level.loss_terms)
 
     def hypergradient_context(self, upper) -> HypergradientContext:
         """What the hypergradient of ``upper`` through this level's step may use (``mqvae.hypergradients``)."""

@@ -20,7 +20,7 @@ from mqvae import hypergradients
 from mqvae.config import config_from_dict
 from mqvae.errors import UserError
 from mqvae.hypergradients import HypergradientContext, register_hypergradient
-from problems import Level, register_problem
+from problems import AutoEncoder, Level, register_problem
 
 from helpers import float64, snapshot, tiny_engine, two_levels  # noqa: F401  (float64: a fixture)
 
@@ -269,13 +269,30 @@ def test_every_optimizer_step_of_a_roll_back_run_uses_the_scheduled_lr(tmp_path)
     assert seen["autoencoder"] == pytest.approx([x for x in scheduled for _ in range(2)], rel=1e-12)
 
 
-@pytest.mark.parametrize("quantizer", [{"sync_nu": 1.0}, {"sync_nu": 0.5, "affine": "learned"}],
-                         ids=["sync", "sync_affine"])
-def test_eq13_with_a_task_path_to_the_codebook_is_a_plain_finite_difference(tmp_path, float64, quantizer):
+CODEBOOK_WEIGHT = 3.0
+
+
+@register_problem
+class ReweightedAutoEncoder(AutoEncoder):
+    """A lower level with a loss of its own: the codebook term of Eq. 6 weighted 3x."""
+
+    def loss_terms(self, batch):
+        return self.model.loss(batch, weights={"codebook": CODEBOOK_WEIGHT})
+
+
+@pytest.mark.parametrize("quantizer, lower, loss", [
+    ({"sync_nu": 1.0}, "AutoEncoder", lambda model, batch: model.loss(batch)["loss"]),
+    ({"sync_nu": 0.5, "affine": "learned"}, "AutoEncoder", lambda model, batch: model.loss(batch)["loss"]),
+    ({}, "ReweightedAutoEncoder", lambda model, batch: model.loss(batch, weights={"codebook": CODEBOOK_WEIGHT})["loss"]),
+], ids=["sync", "sync_affine", "own_loss"])
+def test_eq13_is_a_plain_finite_difference_of_the_lower_levels_whole_loss(tmp_path, float64, quantizer, lower, loss):
     # With sync_nu > 0 the task loss reaches the codes (and a learned affine map), through the decoder: Eq. 13
-    # must then evaluate the whole loss, and perturb the decoder theta as well as the encoder phi. Reference: the
-    # central difference by hand in float64, every lower parameter at pre-step +- eps v, the full loss.
-    engine = tiny_engine(tmp_path, quantizer=quantizer, data={"name": "digits64", "batch_size": 16})
+    # must then evaluate the whole loss, and perturb the decoder theta as well as the encoder phi. A lower level
+    # with a loss of its own (a plugin's) must have Eq. 13 differentiate that loss, not the default quantizer terms.
+    # Reference: the central difference by hand in float64, every lower parameter at pre-step +- eps v.
+    levels = two_levels()
+    levels[1]["problem"] = lower
+    engine = tiny_engine(tmp_path, levels=levels, quantizer=quantizer, data={"name": "digits64", "batch_size": 16})
     before = copy.deepcopy(engine.model)
     engine.train_step()
     ae, cb = engine.autoencoder, engine.codebook
@@ -294,7 +311,7 @@ def test_eq13_with_a_task_path_to_the_codebook_is_a_plain_finite_difference(tmp_
         with torch.no_grad():
             for p, p0, v in zip(lower, pre, vector):
                 p.copy_(p0 + sign * eps * v)
-        grads.append(torch.autograd.grad(model.loss(ae.cur_batch)["loss"], uppers))
+        grads.append(torch.autograd.grad(loss(model, ae.cur_batch), uppers))
     want = [-xi * (plus - minus) / (2 * eps) for plus, minus in zip(*grads)]
     assert any(w.abs().sum() > 0 for w in want)
     for g, w in zip(got, want):
