@@ -115,9 +115,15 @@ class LevelConfig:
     lr: float = spec(1e-3, above=0.0)
     weight_decay: float = spec(0.0, min=0.0)
     momentum: float = spec(0.0, min=0.0, max=1.0)
+    # Adam and AdamW's (beta1, beta2) and eps; null: torch's (0.9, 0.999) and 1e-8. The authors' MQ-GAN code uses
+    # betas (0.5, 0.9) and eps 1e-7 for its encoder-decoder.
+    betas: Optional[list[float]] = None
+    eps: Optional[float] = spec(None, above=0.0)
     # A registered schedule (mqvae.optim.SCHEDULERS): constant, cosine, warmup_cosine, or a user's.
     scheduler: str = "constant"
     warmup_ratio: float = spec(0.1, min=0.0, max=1.0)
+    # The lr cosine and warmup_cosine anneal to (the authors' min_lr), instead of 0.
+    min_lr: float = spec(0.0, min=0.0)
     grad_clip: float = spec(0.0, min=0.0)
     # Names of the levels directly below this one (Betty's u2l edges; l2u is their reverse).
     lower: list[str] = spec(factory=list)
@@ -392,12 +398,29 @@ def _validate(cfg: Config, where: str) -> None:
         raise UserError(f"{where}: levels.{quote_key(cycle[0])}.lower: the lower edges form a cycle "
                         f"{cut(' -> '.join(map(quote, cycle)))}; a level cannot be below itself")
     _check_registered(cfg, where)
+    for level in cfg.levels:
+        _check_optimizer_settings(level, f"{where}: levels.{quote_key(level.name)}")
     if cfg.hypergradient.roll_back and cfg.hypergradient.xi == 0:
         raise UserError(f"{where}: hypergradient.roll_back: needs xi > 0 (with xi = 0 there is no tentative lower step to roll back)")
     if cfg.quantizer.dim % cfg.quantizer.groups:
         raise UserError(f"{where}: quantizer.groups: {cfg.quantizer.groups} does not divide quantizer.dim = {cfg.quantizer.dim}")
     if cfg.prior.run:
         _take_source(cfg, where)
+
+
+def _check_optimizer_settings(level: LevelConfig, where: str) -> None:
+    """Settings that the level's optimizer or schedule would ignore are refused (for the built-in names; a user's
+    optimizer reads what it needs)."""
+    if level.betas is not None:
+        if len(level.betas) != 2 or not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in level.betas):
+            raise UserError(f"{where}.betas: expected two numbers in [0, 1), e.g. [0.5, 0.9], got {quote(level.betas)}")
+    if level.optimizer == "sgd" and (level.betas is not None or level.eps is not None):
+        raise UserError(f"{where}: betas and eps are Adam's settings; the sgd optimizer does not use them")
+    if level.min_lr and level.scheduler not in ("cosine", "warmup_cosine"):
+        raise UserError(f"{where}.min_lr: the floor of the cosine and warmup_cosine schedules; scheduler "
+                        f"{quote(level.scheduler)} does not use it")
+    if level.min_lr > level.lr:
+        raise UserError(f"{where}.min_lr: {level.min_lr} is above the level's lr {level.lr}; a schedule anneals down to it")
 
 
 def _take_source(cfg: Config, where: str) -> None:
