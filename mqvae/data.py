@@ -8,10 +8,11 @@ Built-in names:
 * ``digits`` (default) — scikit-learn's 1797 real 8×8 handwritten digits, shipped
   inside scikit-learn so a run needs no download; upsampled to 16×16 so a VQ-VAE
   with two stride-2 downsamplings has a 4×4 latent.
-* ``mnist``, ``fashion_mnist`` — 28×28 as stored, not padded: zeros around the digit would
-  count in the test MSE and FID. Two stride-2 downsamplings give a 7×7 latent and the
-  decoder's transposed convolutions return 28×28; three would return 24×24, which
-  ``QuantizedNetwork.task_loss`` stops with a one-line error.
+* ``mnist``, ``fashion_mnist`` — the four IDX files, plain or gzipped, read from ``data.root`` itself
+  (Debian's ``dataset-fashion-mnist`` layout) or from torchvision's ``root/<Class>/raw``; 28×28 as
+  stored, not padded: zeros around the digit would count in the test MSE and FID. Two stride-2
+  downsamplings give a 7×7 latent and the decoder's transposed convolutions return 28×28; three would
+  return 24×24, which ``QuantizedNetwork.task_loss`` stops with a one-line error.
 * ``cifar10``, ``cifar100``, ``svhn`` — 32×32 RGB as stored.
 * ``celeba`` — aligned faces, center-cropped to 140×140 then resized to 64×64;
   used unconditionally, so every label is 0.
