@@ -21,6 +21,7 @@ SHIPPED = ROOT / "configs"
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "full_run(reason): the test trains a shipped config at its full length")
+    config.addinivalue_line("markers", "long(reason): the test needs more than 30 s on 2 cores, and why it must")
 
 
 def full_length_run(argv) -> str | None:

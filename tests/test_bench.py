@@ -128,6 +128,8 @@ def test_channels_last_trains_like_nchw(tmp_path):
         torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-6, msg=name)
 
 
+@pytest.mark.long("it starts two gloo ranks and one process per mode, each a torchrun job of its own: most of its "
+                  "time is their start-up, which the timed steps cannot avoid")
 def test_data_parallel_step_times_compare_the_same_global_batch():
     result = bench.data_parallel(batch_size=4, warmup=1, rounds=2)
     assert result["global_batch"] == 8 and set(result["modes"]) == {"vqvae", "mqvae"}
