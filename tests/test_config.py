@@ -280,20 +280,18 @@ def test_a_folder_named_as_config_says_so(tmp_path):
         load_config(tmp_path)
 
 
-def test_a_config_path_that_cannot_be_read_says_why(tmp_path):
+def test_a_config_path_that_cannot_be_read_says_why(tmp_path, capsys):
     # Through the command line: a symbolic link loop, a device, a missing file each get their own reason.
     import errno
     import os
-    import subprocess
-    import sys
 
     (tmp_path / "a.yaml").symlink_to(tmp_path / "b.yaml")
     (tmp_path / "b.yaml").symlink_to(tmp_path / "a.yaml")
     for path, reason in ((tmp_path / "a.yaml", os.strerror(errno.ELOOP)), ("/dev/null", "is not a regular file"),
                          (tmp_path / "missing.yaml", "config file not found")):
-        result = subprocess.run([sys.executable, "run.py", str(path)], cwd=ROOT, capture_output=True, text=True)
-        assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
-        assert result.stderr.startswith(f"error: {path}: ") and reason in result.stderr, result.stderr
+        assert run.main([str(path)]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith(f"error: {path}: ") and reason in err, err
 
 
 # A config's comment may state its optimizer groups, one line per level:
