@@ -100,7 +100,7 @@ def main(argv=None) -> int:
             return 1
         return _error(_fault_line(exc))
     except KeyboardInterrupt:
-        if int(os.environ.get("RANK", "0")) == 0:  # torchrun interrupts every rank; rank 0 says so
+        if _launch_rank() == 0:  # torchrun interrupts every rank; rank 0 says so
             print(f"interrupted; continue with --resume {run_dir} (from the last checkpoint)", file=sys.stderr)
         return 130
     print(summary_line(run_dir, metrics))
@@ -179,10 +179,15 @@ def _error(exc) -> int:
     from mqvae.errors import AllRanksError
 
     lines = str(exc).strip().splitlines() or [type(exc).__name__]
-    rank = int(os.environ.get("RANK", "0"))
+    rank = _launch_rank()
     if rank == 0 or (_training_in_parallel() and not isinstance(exc, AllRanksError)):
         print(f"error: {f'rank {rank}: ' if rank else ''}{lines[0][:2000]}", file=sys.stderr)
     return 2
+
+
+def _launch_rank() -> int:
+    """This process's rank as torchrun set it (RANK; 0 without torchrun), readable before the process group exists."""
+    return int(os.environ.get("RANK", "0"))
 
 
 def _training_in_parallel() -> bool:

@@ -103,14 +103,14 @@ class LevelEngine(Engine):
         names = sorted(p.name for p in self.problems)
         if state.get("world_size", 1) != self.ranks:
             # Each rank's batches are its slice of the global batch: another number of ranks is another run.
-            raise AllRanksError(f"--resume: {where} was trained with {state.get('world_size', 1)} data-parallel rank(s); "
-                            f"resume it with as many (torchrun --nproc_per_node), not {self.ranks}")
+            raise AllRanksError(f"--resume: {where} was trained with {state.get('world_size', 1)} data-parallel "
+                                f"rank(s); resume it with as many (torchrun --nproc_per_node), not {self.ranks}")
         recorded, now = state.get("source_sha256"), getattr(self.model, "source_sha256", None)
         if recorded is not None and recorded != now:
-            raise AllRanksError(f"--resume: {where} is a prior trained on the codes of {self.cfg.prior.run} as it was "
-                            "when the prior started; that run's config.yaml or checkpoint.pt has changed since "
-                            "(extended or retrained), so its codes are no longer the ones learned on; start the prior "
-                            "again (its command with --overwrite)")
+            raise AllRanksError(f"--resume: {where} is a prior trained on the codes of {self.cfg.prior.run} as it "
+                                "was when the prior started; that run's config.yaml or checkpoint.pt has changed since "
+                                "(extended or retrained), so its codes are no longer the ones learned on; start the "
+                                "prior again (its command with --overwrite)")
         if sorted(state["levels"]) != names:
             raise AllRanksError(f"--resume: {where} holds levels {sorted(state['levels'])}, the config has {names}")
         try:

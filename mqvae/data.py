@@ -174,11 +174,11 @@ def read_idx(path: str) -> torch.Tensor:
     return torch.frombuffer(bytearray(data[header:]), dtype=torch.uint8).reshape(shape)
 
 
-def _idx_split(folder: str, split: str, title: str) -> TensorDataset:
-    """One split's images and labels, checked against each other: torchvision's own reader compares neither,
-    so too few labels would end a run with an IndexError at some later batch, too many would be dropped
-    silently, and images of another size would reach the model."""
-    images_path, labels_path = (_idx_file(folder, name) for name in _IDX_NAMES[split])
+def _idx_split(paths: dict[str, str], split: str, title: str) -> TensorDataset:
+    """One split's images and labels (``paths``: file name -> path found), checked against each other:
+    torchvision's own reader compares neither, so too few labels would end a run with an IndexError at some later
+    batch, too many would be dropped silently, and images of another size would reach the model."""
+    images_path, labels_path = (paths[name] for name in _IDX_NAMES[split])
     images, labels = read_idx(images_path), read_idx(labels_path)
     if images.dim() != 3 or images.shape[1:] != (28, 28):
         sides = "×".join(map(str, images.shape[1:])) or "no"
@@ -212,11 +212,12 @@ def _mnist_like(class_name: str, title: str, package: str | None = None):
             raise UserError(
                 f"data.root: no {title} files in '{folders[0]}' or '{folders[1]}' (expected {', '.join(names)}, each "
                 f"plain or .gz{debian}); {_fetch_hint(download)}")
-        missing = [name for name in names if _idx_file(folder, name) is None]
+        paths = {name: _idx_file(folder, name) for name in names}
+        missing = [name for name, path in paths.items() if path is None]
         if missing:
             raise UserError(f"data.root: '{os.path.join(folder, missing[0])}' (or .gz) is missing beside the other "
                             f"{title} files in '{folder}'")
-        return Datasets(_idx_split(folder, "train", title), _idx_split(folder, "test", title),
+        return Datasets(_idx_split(paths, "train", title), _idx_split(paths, "test", title),
                         channels=1, image_size=28, num_classes=10)
 
     return load

@@ -44,18 +44,23 @@ def shipped_configs_are_shortened(request, monkeypatch):
     found = []
     main, subprocess_run = run.main, subprocess.run
 
+    def note(code: int, argv) -> None:
+        config = full_length_run(argv) if code == 0 else None
+        if config is not None:
+            found.append(config)
+
     def checked_main(argv=None):
         code = main(argv)
-        if code == 0 and argv is not None and full_length_run(argv):
-            found.append(full_length_run(argv))
+        if argv is not None:
+            note(code, argv)
         return code
 
     def checked_subprocess_run(command, *args, **kwargs):
         result = subprocess_run(command, *args, **kwargs)
         words = [str(w) for w in command] if isinstance(command, (list, tuple)) else []
         starts = [i for i, word in enumerate(words) if word.endswith("run.py")]
-        if starts and result.returncode == 0 and full_length_run(words[starts[0] + 1:]):
-            found.append(full_length_run(words[starts[0] + 1:]))
+        if starts:
+            note(result.returncode, words[starts[0] + 1:])
         return result
 
     monkeypatch.setattr(run, "main", checked_main)
