@@ -70,6 +70,26 @@ def level_graph(cfg: Config) -> tuple[dict[str, list[str]], dict[str, list[str]]
     return u2l, l2u
 
 
+def level_steps(cfg: Config, l2u: dict[str, list[str]]) -> dict[str, int]:
+    """How many steps each level takes in ``train.iters`` iterations, the length of its lr schedule. A lowest level
+    (Betty's) steps every iteration; a level above steps once every level below it has completed its inner loop
+    (Level._uppers_to_step): every grad_accumulation steps of each, so with the authors' accumulation 4 on both
+    levels the codebook steps every 4th iteration and its optimizer every 16th."""
+    below: dict[str, list[str]] = {}
+    for lower, uppers in l2u.items():
+        for upper in uppers:
+            below.setdefault(upper, []).append(lower)
+    accumulation = {level.name: level.grad_accumulation for level in cfg.levels}
+
+    @functools.lru_cache(maxsize=None)
+    def steps(name: str) -> int:
+        if name not in below:
+            return cfg.train.iters
+        return min(steps(lower) // accumulation[lower] for lower in below[name])
+
+    return {level.name: max(1, steps(level.name)) for level in cfg.levels}
+
+
 def config_warnings(cfg: Config) -> list[str]:
     """Settings that the config gives but that change nothing in this run (each a warning, not an error: a config
     shared by several methods may carry them)."""
@@ -98,6 +118,7 @@ def build_problems(cfg: Config, model, datasets, device) -> tuple[list, dict]:
         for upper in uppers:
             betty_children.setdefault(upper, []).append(lower)
 
+    steps = level_steps(cfg, l2u)
     holdout = None
     main_stream_taken = False
     # Data-parallel: each rank draws its slice of the batches of one process with ranks x data.batch_size.
@@ -126,6 +147,7 @@ def build_problems(cfg: Config, model, datasets, device) -> tuple[list, dict]:
             # The upper loss is differentiated twice (its own parameters, then the lower ones).
             retain_graph=level.name in u2l,
             gradient_clipping=level.grad_clip,
+            gradient_accumulation=level.grad_accumulation,
             log_step=-1,
         )
         data = level.data
@@ -147,7 +169,7 @@ def build_problems(cfg: Config, model, datasets, device) -> tuple[list, dict]:
                                  seed=derived_seed(cfg.seed, level.name), num_workers=cfg.data.num_workers, shard=shard)
         params = [p for p in module.parameters() if p.requires_grad]
         optimizer = make_optimizer(level, params)
-        scheduler = make_scheduler(level, optimizer, cfg.train.iters)
+        scheduler = make_scheduler(level, optimizer, steps[level.name])
         # Algorithm 1's roll-back applies to a level with a level above it (Betty's configure_roll_back).
         fast_roll_back = FastRollBack() if cfg.hypergradient.roll_back and level.name in l2u else None
         problems[level.name] = cls(level.name, betty_cfg, module, optimizer, scheduler, stream, model=model,

@@ -91,6 +91,7 @@ class LevelEngine(Engine):
             "optimizers": {p.name: p.optimizer.state_dict() for p in self.problems},
             "schedulers": {p.name: p.scheduler.state_dict() for p in self.problems if p.scheduler is not None},
             "streams": {p.name: p.stream.state_dict() for p in self.problems if p.stream is not None},
+            "progress": {p.name: p.progress_state() for p in self.problems},
             "step": self.global_step,
             "train_time": self.train_time,
             "rng": rng_state(),
@@ -124,7 +125,10 @@ class LevelEngine(Engine):
                 if p.stream is not None:
                     p.stream.load_state_dict(state["streams"][p.name])
                     p.train_data_iterator = [iter(p.stream)]
-                p._count = state["step"]
+                if "progress" in state:
+                    p.load_progress_state(state["progress"][p.name])
+                else:  # written before the levels' progress was saved: every level stepped every iteration
+                    p._count = state["step"]
         except (KeyError, RuntimeError, ValueError) as exc:
             raise AllRanksError(f"--resume: {where} does not match this config: {_mismatch(exc)}") from None
         self.global_step = self.checkpoint_step = state["step"]
@@ -373,7 +377,8 @@ class LevelEngine(Engine):
         """The levels' latest loss terms as numbers (a host sync, only at logging steps)."""
         keys, values = [], []
         for p in self.problems:
-            for key, value in p.last_stats.items():
+            # The loss terms, and an upper level's Fig. 6 quantities of its latest hypergradient.
+            for key, value in [*p.last_stats.items(), *p.hypergradient_stats().items()]:
                 if torch.is_tensor(value) and value.numel() == 1:
                     keys.append(f"{p.name}.{key}")
                     values.append(value.detach().reshape(1).double())

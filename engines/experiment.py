@@ -20,7 +20,7 @@ from mqvae.models import build_model
 from mqvae.perf import apply_perf, perf_quantizer_config
 from mqvae.pixelcnn import GatedPixelCNN
 from mqvae.prior import PriorModel, code_maps, load_source, source_sha256
-from mqvae.reports import curve_panels, curves_figure, save_figures, write_report
+from mqvae.reports import curve_panels, curves_figure, implicit_ratio, save_figures, write_report
 from mqvae.tracking import require_tensorboard
 
 from .build import build_problems, config_warnings
@@ -184,8 +184,9 @@ def finish(engine: LevelEngine) -> dict:
     also to TensorBoard) and report.md."""
     cfg, run_dir, model = engine.cfg, engine.run_dir, engine.model
     metrics, counts = final_metrics(model, engine.datasets.test, cfg.data.batch_size, engine.device, cfg.eval)
+    records = read_lines(run_dir / "log.jsonl")
     metrics.update(iterations=engine.global_step, wall_time_s=round(engine.train_time, 3),
-                   config_sha256=config_sha256(cfg))
+                   config_sha256=config_sha256(cfg), **implicit_ratio(records))
     pictures = engine.pictures(counts)
     engine.track_pictures(pictures)
     # The scalars a level learns (e.g. a learned beta) get a panel each; the batch perplexity is the one of the
@@ -193,7 +194,7 @@ def finish(engine: LevelEngine) -> dict:
     # or batches).
     learned = [f"{p.name}.{key}" for p in engine.problems for key in p.learned_scalars]
     perplexity = f"{engine.encoder_level.name}.perplexity" if engine.encoder_level is not None else None
-    panels = curve_panels(read_lines(run_dir / "log.jsonl"), model.task, learned, perplexity)
+    panels = curve_panels(records, model.task, learned, perplexity)
     save_figures({**pictures, "curves": curves_figure(panels)}, run_dir)
     write_report(run_dir, metrics, title=str(run_dir))
     # metrics.json last: its presence marks a finished run (sweeps skip such runs when restarted).

@@ -130,6 +130,9 @@ def _check_schema(state) -> None:
             _expect(key in stream, f"'streams.{name}.{key}' is missing")
             _count(stream[key], f"streams.{name}.{key}")
     _count(state["step"], "step")
+    if "progress" in state:  # (absent from checkpoints written before it was saved)
+        for name, progress in _named_dicts(state["progress"], "progress").items():
+            _check_progress(progress, f"progress.{name}")
     if "train_time" in state:
         seconds = state["train_time"]
         ok = isinstance(seconds, (int, float)) and not isinstance(seconds, bool) and math.isfinite(seconds)
@@ -138,6 +141,29 @@ def _check_schema(state) -> None:
     if "world_size" in state:  # data-parallel ranks it was trained with (absent: one process)
         _count(state["world_size"], "world_size")
         _expect(state["world_size"] >= 1, "'world_size' is 0, not a number of ranks")
+
+
+def _check_progress(progress: dict, name: str) -> None:
+    for key in ("count", "grads", "last_stats", "hypergradient_terms"):
+        _expect(key in progress, f"'{name}.{key}' is missing")
+    _count(progress["count"], f"{name}.count")
+    _expect(isinstance(progress["last_stats"], dict), f"'{name}.last_stats' is {_shown(progress['last_stats'])}, not a dict")
+    for key, value in progress["last_stats"].items():
+        _expect(isinstance(key, str) and torch.is_tensor(value),
+                f"'{name}.last_stats' has {_shown(key)}: {_shown(value)}, not a name and a tensor")
+    _tensor_list(progress["grads"], f"{name}.grads")
+    terms = progress["hypergradient_terms"]
+    if terms is not None:
+        _expect(isinstance(terms, dict), f"'{name}.hypergradient_terms' is {_shown(terms)}, not a dict")
+        for key in ("direct", "implicit"):
+            _expect(key in terms, f"'{name}.hypergradient_terms.{key}' is missing")
+            _tensor_list(terms[key], f"{name}.hypergradient_terms.{key}")
+
+
+def _tensor_list(value, name: str) -> None:
+    _expect(isinstance(value, list), f"'{name}' is {_shown(value)}, not a list")
+    for i, entry in enumerate(value):
+        _expect(entry is None or torch.is_tensor(entry), f"'{name}.{i}' is {_shown(entry)}, not a tensor or None")
 
 
 def _check_rng(rng) -> None:

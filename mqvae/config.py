@@ -125,6 +125,9 @@ class LevelConfig:
     # The lr cosine and warmup_cosine anneal to (the authors' min_lr), instead of 0.
     min_lr: float = spec(0.0, min=0.0)
     grad_clip: float = spec(0.0, min=0.0)
+    # Betty's gradient_accumulation: the level's gradients (and an upper level's hypergradients) are averaged over
+    # this many of its steps before each optimizer step. The authors' MQ-GAN runs 4 on both levels.
+    grad_accumulation: int = spec(1, min=1)
     # Names of the levels directly below this one (Betty's u2l edges; l2u is their reverse).
     lower: list[str] = spec(factory=list)
     # Which batches the level trains on: its own draw from the training split, the batch of the
@@ -402,6 +405,11 @@ def _validate(cfg: Config, where: str) -> None:
         _check_optimizer_settings(level, f"{where}: levels.{quote_key(level.name)}")
     if cfg.hypergradient.roll_back and cfg.hypergradient.xi == 0:
         raise UserError(f"{where}: hypergradient.roll_back: needs xi > 0 (with xi = 0 there is no tentative lower step to roll back)")
+    accumulating = [level.name for level in cfg.levels if level.grad_accumulation > 1]
+    if cfg.hypergradient.roll_back and accumulating:
+        raise UserError(f"{where}: levels.{quote_key(accumulating[0])}.grad_accumulation: Algorithm 1's roll-back "
+                        "redoes one lower step per codebook step; it is not defined with gradient accumulation (set "
+                        "grad_accumulation: 1 or hypergradient.roll_back: false)")
     if cfg.quantizer.dim % cfg.quantizer.groups:
         raise UserError(f"{where}: quantizer.groups: {cfg.quantizer.groups} does not divide quantizer.dim = {cfg.quantizer.dim}")
     if cfg.prior.run:

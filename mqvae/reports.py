@@ -105,6 +105,7 @@ def curve_panels(records: list[dict], task, learned_scalars=(), perplexity: str 
     for key in learned_scalars:
         line = _series(train, key)
         panels.append(Panel(f"learned {key}", {key: line} if line[0] else {}, "" if line[0] else f"{key} not logged"))
+    panels.extend(hypergradient_panels(train))
     panels.append(Panel(task.curve_title, {metric: _series(tests, metric)} if tests else {},
                         "" if tests else "no evaluation during training", marker="o"))
     for key, title in task.extra_curves:
@@ -113,6 +114,40 @@ def curve_panels(records: list[dict], task, learned_scalars=(), perplexity: str 
         panels.append(Panel(title, {key: _series(measured, key)} if measured else {},
                             "" if measured else f"{key} not measured (see metrics.json)", marker="o"))
     return panels
+
+
+# The Fig. 6 quantities an upper level logs (problems.Level.hypergradient_stats), as <level>.<key>.
+FIG6_KEYS = ("direct_norm", "implicit_norm", "cosine", "implicit_ratio")
+
+
+def _levels_with(records: list[dict], key: str) -> list[str]:
+    return sorted({k[: -len(key) - 1] for r in records for k in r if k.endswith(f".{key}")})
+
+
+def hypergradient_panels(records: list[dict]) -> list[Panel]:
+    """MQ-VAE Fig. 6 from the training records: the norms of each upper level's direct and implicit terms, and
+    their cosine similarity. None for a run that took no hypergradient."""
+    levels = _levels_with(records, "implicit_norm")
+    if not levels:
+        return []
+    norms = {f"{level}.{key}": _series(records, f"{level}.{key}") for level in levels
+             for key in ("direct_norm", "implicit_norm")}
+    positive = all(v > 0 for _, values in norms.values() for v in values)
+    cosines = {f"{level}.cosine": _series(records, f"{level}.cosine") for level in levels}
+    return [Panel("hypergradient terms' norms (Fig. 6)", norms, log_scale=positive),
+            Panel("cosine(direct, implicit) (Fig. 6)", cosines)]
+
+
+def implicit_ratio(records: list[dict]) -> dict:
+    """metrics.json's ``implicit_ratio``: ||implicit|| / ||direct|| (Fig. 6) averaged over the logged training
+    steps, for a run with one level that takes a hypergradient; null with the reason otherwise."""
+    levels = _levels_with(records, "implicit_ratio")
+    if len(levels) != 1:
+        reason = ("no level took a hypergradient (one level, or xi = 0)" if not levels else
+                  f"{len(levels)} levels took a hypergradient; see their <level>.implicit_ratio in log.jsonl")
+        return {"implicit_ratio": None, "implicit_ratio_reason": reason}
+    _, values = _series(records, f"{levels[0]}.implicit_ratio")
+    return {"implicit_ratio": sum(values) / len(values)}
 
 
 def curves_figure(panels: list[Panel]) -> Figure:

@@ -108,6 +108,11 @@ class Level(ImplicitProblem):
         self._longest_zero_run: torch.Tensor | None = None
         # Warnings met inside the level's step (e.g. by a hypergradient method), for the engine to report once.
         self.warnings: list[str] = []
+        # An upper level's direct and implicit terms of its latest step, kept by reference so that the Fig. 6
+        # quantities cost nothing until a logging step asks for them (hypergradient_stats). Nothing writes them in
+        # place: the implicit term is added to .grad as a new tensor, and the implicit term is the level's copy.
+        self._direct: list | None = None
+        self._terms: tuple[list, list] | None = None
 
     # -- what the level trains --------------------------------------------------------------
     @classmethod
@@ -232,6 +237,43 @@ class Level(ImplicitProblem):
             pure_evaluation=self._purity,
         )
 
+    # -- checkpoints -------------------------------------------------------------------------------
+    def progress_state(self) -> dict:
+        """What a checkpoint needs of the level beyond its module, optimizer, schedule and batch stream, so that a
+        run resumed inside a gradient-accumulation window continues exactly: Betty's step count (where the window
+        stands), the gradients accumulated so far (None where there are none), and what the next logging step
+        reports of a level that has not stepped since: its loss terms and the Fig. 6 terms of its latest
+        hypergradient."""
+        def detached(tensors):
+            return [None if t is None else t.detach() for t in tensors]
+
+        return {"count": self._count, "grads": detached(p.grad for p in self.trainable_parameters()),
+                "last_stats": dict(self.last_stats),
+                "hypergradient_terms": None if self._terms is None else
+                {"direct": detached(self._terms[0]), "implicit": detached(self._terms[1])}}
+
+    def load_progress_state(self, state: dict) -> None:
+        """``progress_state``'s inverse; a ValueError names what does not fit this level's parameters."""
+        params = self.trainable_parameters()
+
+        def placed(tensors, what):
+            if len(tensors) != len(params):
+                raise ValueError(f"{what} of level '{self.name}': {len(tensors)} tensors for {len(params)} parameters")
+            for t, p in zip(tensors, params):
+                if t is not None and t.shape != p.shape:
+                    raise ValueError(f"{what} of level '{self.name}': shape {tuple(t.shape)} for a parameter of "
+                                     f"shape {tuple(p.shape)}")
+            return [None if t is None else t.to(device=p.device, dtype=p.dtype) for t, p in zip(tensors, params)]
+
+        grads = placed(state["grads"], "accumulated gradients")
+        terms = state["hypergradient_terms"]
+        self._terms = None if terms is None else (placed(terms["direct"], "direct term"),
+                                                  placed(terms["implicit"], "implicit term"))
+        self._count = state["count"]
+        self.last_stats = {key: value.to(self.device) for key, value in state["last_stats"].items()}
+        for p, g in zip(params, grads):
+            p.grad = g
+
     def remember_pre_step(self) -> None:
         """Keep the parameters (phi, theta) before the tentative step, which Eq. 13 perturbs, and xi."""
         if self.xi_follows_lr:
@@ -346,6 +388,7 @@ class Level(ImplicitProblem):
             grads = torch.autograd.grad(loss, params, create_graph=not self._first_order,
                                         retain_graph=self._retain_graph, allow_unused=self._allow_unused)
             self.set_grads(params, grads)
+            self._direct = grads
         else:
             torch.autograd.backward(loss, inputs=params, create_graph=not self._first_order,
                                     retain_graph=self._retain_graph)
@@ -358,12 +401,35 @@ class Level(ImplicitProblem):
         if not self._config.first_order:
             return
         params = self.trainable_parameters()
+        implicit = None
         for index, path in enumerate(self._paths):
-            last = index == len(self._paths) - 1
-            sync = last and self.gradient_accumulation_boundary()  # the hypergradient adds to .grad itself
-            grads = get_grads(loss, path, not last, sync)
-            if not sync:
-                self.set_grads(params, grads)
+            # Not Betty's sync mode (the method adding to .grad itself, for DDP's hooks, which the toolkit does
+            # not use: Level.optimizer_step averages): the terms come back, so that they can be logged (Fig. 6).
+            grads = get_grads(loss, path, index < len(self._paths) - 1, False)
+            self.set_grads(params, grads)
+            # (A copy of the first: set_grads hands .grad a term itself where .grad was None, and clipping and
+            # data-parallel averaging write .grad in place.)
+            implicit = [g.clone() for g in grads] if implicit is None else torch._foreach_add(implicit, grads)
+        if implicit is not None:
+            self._terms = (self._direct, implicit)
+
+    def hypergradient_stats(self) -> dict[str, torch.Tensor]:
+        """MQ-VAE Fig. 6 for an upper level's latest step: the norms of the direct term (grad_C L(phi', theta', C))
+        and of the implicit term (the sum over the paths below it), their cosine similarity (0 where either is
+        zero) and implicit_ratio = ||implicit|| / ||direct||. Tensors on the device; reading them is the caller's
+        host sync, at logging steps only. Empty for a level that took no hypergradient (no level below it, or
+        xi = 0). Data-parallel: a collective, so every rank calls it."""
+        if self._terms is None:
+            return {}
+        direct, implicit = (torch.cat([(torch.zeros_like(p) if g is None else g).detach().reshape(-1).double()
+                                       for g, p in zip(terms, self.trainable_parameters())]) for terms in self._terms)
+        # Data-parallel: each rank holds its share; Level.optimizer_step steps on their mean, so measure that.
+        distributed.average_([direct, implicit])
+        direct_norm, implicit_norm = torch.linalg.vector_norm(direct), torch.linalg.vector_norm(implicit)
+        tiny = torch.finfo(torch.float64).tiny
+        return {"direct_norm": direct_norm, "implicit_norm": implicit_norm,
+                "cosine": (direct @ implicit) / (direct_norm * implicit_norm).clamp_min(tiny),
+                "implicit_ratio": implicit_norm / direct_norm.clamp_min(tiny)}
 
     def take_optimizer_step(self) -> None:
         """The end of Betty's ``one_step_descent``: its callbacks and, once gradients are accumulated, the

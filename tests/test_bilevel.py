@@ -145,9 +145,10 @@ def set_grads(params, grads):
         p.grad = g.clone()
 
 
-def algorithm_1(model, batch, lr, xi, alpha, roll_back, optimizers=None):
+def algorithm_1(model, batch, lr, xi, alpha, roll_back, optimizers=None, terms=None):
     """MQ-VAE Algorithm 1 / Eq. 10-13 in plain torch, with the toolkit's default order (roll_back=False).
-    One iteration; pass the returned optimizers back in to continue."""
+    One iteration; pass the returned optimizers back in to continue. ``terms`` (a dict) receives the direct and
+    implicit terms of the codebook's step."""
     lower, codebook = enc_dec_parameters(model), [model.quantizer.codebook]
     opt_lower, opt_upper = optimizers or (torch.optim.Adam(lower, lr=lr), torch.optim.Adam(codebook, lr=lr))
     pre = [p.detach().clone() for p in lower]
@@ -180,6 +181,8 @@ def algorithm_1(model, batch, lr, xi, alpha, roll_back, optimizers=None):
         for b, saved in zip(model.buffers(), statistics):
             b.copy_(saved)
     implicit = -xi * (fd[0] - fd[1]) / (2 * eps)
+    if terms is not None:
+        terms.update(direct=direct.detach().clone(), implicit=implicit.detach().clone())
     # 4. codebook step
     codebook[0].grad = direct + implicit
     opt_upper.step()
@@ -208,7 +211,8 @@ def test_one_iteration_equals_plain_torch_algorithm_1(tmp_path, roll_back):
     reference = copy.deepcopy(engine.model)
     engine.train_step()
     batch = engine.autoencoder.cur_batch
-    opt_lower, opt_upper = algorithm_1(reference, batch, lr=1e-2, xi=1e-2, alpha=0.01, roll_back=roll_back)
+    terms = {}
+    opt_lower, opt_upper = algorithm_1(reference, batch, lr=1e-2, xi=1e-2, alpha=0.01, roll_back=roll_back, terms=terms)
 
     for (name, got), (_, want) in zip(engine.model.state_dict().items(), reference.state_dict().items()):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6, msg=lambda m: f"{name}: {m}")
@@ -216,6 +220,13 @@ def test_one_iteration_equals_plain_torch_algorithm_1(tmp_path, roll_back):
     assert_optimizer_states_close(engine.codebook.optimizer, opt_upper)
     # The codebook moved, and roll-back on and off give different lower parameters (they are different orders).
     assert not torch.equal(engine.model.quantizer.codebook, tiny_engine(tmp_path / "fresh").model.quantizer.codebook)
+    # Fig. 6's quantities of the step, from the terms the reference took.
+    d, i = terms["direct"].reshape(-1).double(), terms["implicit"].reshape(-1).double()
+    stats = engine.codebook.hypergradient_stats()
+    want = {"direct_norm": d.norm(), "implicit_norm": i.norm(), "cosine": d @ i / (d.norm() * i.norm()),
+            "implicit_ratio": i.norm() / d.norm()}
+    for key, value in want.items():
+        torch.testing.assert_close(stats[key], value, rtol=1e-3, atol=1e-9, msg=lambda m: f"{key}: {m}")
 
 
 def assert_models_close(got, want):

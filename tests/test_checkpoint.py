@@ -35,8 +35,8 @@ def test_real_checkpoint_loads(trained, tmp_path):
 
 
 def test_optional_entries_may_be_absent_or_present(trained, tmp_path):
-    without_time = {k: v for k, v in trained.items() if k != "train_time"}
-    load_checkpoint(_save(without_time, tmp_path))
+    for optional in ("train_time", "progress"):  # (progress: checkpoints written before it was saved)
+        load_checkpoint(_save({k: v for k, v in trained.items() if k != optional}, tmp_path))
     # What a CUDA machine writes: one generator state per device.
     with_cuda = {**trained, "rng": {**trained["rng"], "cuda": [torch.zeros(16, dtype=torch.uint8)]}}
     load_checkpoint(_save(with_cuda, tmp_path))
@@ -96,6 +96,13 @@ INVALID = {
     "step a str": (_set("step", "3"), "'step' is '3', not a non-negative integer"),
     "step a bool": (_set("step", True), "'step' is True, not a non-negative integer"),
     "step a float": (_set("step", 2.0), "'step' is 2.0, not a non-negative integer"),
+    "progress count negative": (_set("progress.codebook.count", -1), "'progress.codebook.count' is -1, not a"),
+    "progress grads a tensor": (_set("progress.autoencoder.grads", torch.zeros(2)),
+                                "'progress.autoencoder.grads' is a torch.float32 tensor, not a list"),
+    "progress grad a str": (_set("progress.autoencoder.grads", ["g"]), "'progress.autoencoder.grads.0' is 'g', not a tensor"),
+    "progress terms a list": (_set("progress.codebook.hypergradient_terms", []),
+                              "'progress.codebook.hypergradient_terms' is a list, not a dict"),
+    "progress stats a list": (_set("progress.codebook.last_stats", []), "'progress.codebook.last_stats' is a list, not a dict"),
     "train_time nan": (_set("train_time", float("nan")), "'train_time' is nan, not a finite number"),
     "train_time a str": (_set("train_time", "1.5"), "'train_time' is '1.5', not a finite number"),
     "rng empty": (_set("rng", {}), "'rng.torch' is missing"),
