@@ -61,6 +61,11 @@ def test_shipped_experiments_use_kmeans_init_and_alternated_ones_beta_zero():
     ({"device": "tpu"}, ["device", "auto, cpu, cuda"]),
     ({"train": {"iters": 1.5}}, ["train.iters", "integer"]),
     ({"hypergradient": {"xi": 0.0, "roll_back": True}}, ["roll_back", "xi > 0"]),
+    # Huh Table 10's inner codebook steps are alternated optimization's (xi: null is the default), on equal parts.
+    ({"hypergradient": {"inner_steps": 2}}, ["hypergradient.inner_steps: 2", "needs xi: 0"]),
+    ({"hypergradient": {"xi": 0.01, "inner_steps": 2}}, ["hypergradient.inner_steps: 2", "needs xi: 0"]),
+    ({"hypergradient": {"xi": 0.0, "inner_steps": 3}}, ["hypergradient.inner_steps: 3", "data.batch_size = 64"]),
+    ({"hypergradient": {"xi": 0.0, "inner_steps": 0}}, ["hypergradient.inner_steps", "minimum 1"]),
     ({"levels": [{"name": "a", "problem": "VQVAE", "lower": ["b"]}]}, ["levels.a.lower", "'b'"]),
     ({"eval": {"image_quality": "always"}}, ["eval.image_quality", "auto, off"]),
     ({"eval": {"image_quality": True}}, ["eval.image_quality", "expected a string"]),
