@@ -167,6 +167,14 @@ def build_problems(cfg: Config, model, datasets, device) -> tuple[list, dict]:
                 _, holdout = holdout_split(datasets.train, cfg.data.holdout_fraction, seed=cfg.seed)
             stream = BatchStream(holdout, min(cfg.data.batch_size * ranks, len(holdout) // ranks * ranks),
                                  seed=derived_seed(cfg.seed, level.name), num_workers=cfg.data.num_workers, shard=shard)
+        # Huh Table 10's k inner steps belong to the level that steps first in alternated optimization: the upper
+        # level of the config (level_graph reverses Betty's edge at xi = 0).
+        inner_steps = cfg.hypergradient.inner_steps if cfg.hypergradient.xi == 0 and level.lower else 1
+        if data == "holdout" and (stream.batch_size // ranks) % inner_steps:
+            # The config checks data.batch_size; a holdout split smaller than the batch gives smaller batches.
+            raise UserError(f"hypergradient.inner_steps: {inner_steps} does not divide the {stream.batch_size // ranks} "
+                            f"items per rank of the batches of level '{level.name}' (its holdout split is smaller than "
+                            "data.batch_size); raise data.holdout_fraction or choose inner_steps to divide them")
         params = [p for p in module.parameters() if p.requires_grad]
         optimizer = make_optimizer(level, params)
         scheduler = make_scheduler(level, optimizer, steps[level.name])
@@ -174,7 +182,8 @@ def build_problems(cfg: Config, model, datasets, device) -> tuple[list, dict]:
         fast_roll_back = FastRollBack() if cfg.hypergradient.roll_back and level.name in l2u else None
         problems[level.name] = cls(level.name, betty_cfg, module, optimizer, scheduler, stream, model=model,
                                    level_cfg=level, xi=cfg.hypergradient.xi if has_upper else 0.0,
-                                   alpha=cfg.hypergradient.alpha, data=data, fast_roll_back=fast_roll_back)
+                                   alpha=cfg.hypergradient.alpha, inner_steps=inner_steps, data=data,
+                                   fast_roll_back=fast_roll_back)
 
     for name, problem in problems.items():
         if problem.data == "shared" and not betty_children.get(name):

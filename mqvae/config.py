@@ -146,6 +146,10 @@ class HypergradientConfig:
     alpha: float = spec(0.01, above=0.0)
     # Algorithm 1 lines 3-5: undo the tentative lower step and redo it with the updated codebook.
     roll_back: bool = False
+    # Alternated optimization with k inner steps (Huh Table 10; needs xi = 0): per iteration the upper level (the
+    # codebook) takes k optimizer steps, the i-th on the i-th of k equal sub-batches, before the lower level's one
+    # step on the whole batch. 1 is Huh Eq. 17-18 as written.
+    inner_steps: int = spec(1, min=1)
 
 
 @dataclass
@@ -410,6 +414,18 @@ def _validate(cfg: Config, where: str) -> None:
         raise UserError(f"{where}: levels.{quote_key(accumulating[0])}.grad_accumulation: Algorithm 1's roll-back "
                         "redoes one lower step per codebook step; it is not defined with gradient accumulation (set "
                         "grad_accumulation: 1 or hypergradient.roll_back: false)")
+    inner_steps = cfg.hypergradient.inner_steps
+    if inner_steps > 1 and cfg.hypergradient.xi != 0:
+        raise UserError(f"{where}: hypergradient.inner_steps: {inner_steps} needs xi: 0; inner codebook steps are "
+                        "alternated optimization's (Huh Table 10), and with xi != 0 the codebook takes one step per "
+                        "iteration, on the hypergradient through the lower level's step")
+    if inner_steps > 1 and accumulating:
+        raise UserError(f"{where}: hypergradient.inner_steps: {inner_steps} with levels.{quote_key(accumulating[0])}."
+                        "grad_accumulation > 1: Huh Table 10's inner steps are optimizer steps on parts of one batch; "
+                        "accumulating across them is not defined (set one of the two to 1)")
+    if cfg.data.batch_size % inner_steps:
+        raise UserError(f"{where}: hypergradient.inner_steps: {inner_steps} does not divide data.batch_size = "
+                        f"{cfg.data.batch_size}; each inner step takes an equal 1/{inner_steps} of the batch")
     if cfg.quantizer.dim % cfg.quantizer.groups:
         raise UserError(f"{where}: quantizer.groups: {cfg.quantizer.groups} does not divide quantizer.dim = {cfg.quantizer.dim}")
     if cfg.prior.run:

@@ -80,7 +80,7 @@ class Level(ImplicitProblem):
     trains_prior = False
 
     def __init__(self, name, config, module, optimizer, scheduler, train_data_loader, *, model, level_cfg, xi=0.0,
-                 alpha=0.01, data="train", fast_roll_back: "FastRollBack | None" = None):
+                 alpha=0.01, inner_steps=1, data="train", fast_roll_back: "FastRollBack | None" = None):
         super().__init__(name, config, module, optimizer, scheduler, train_data_loader)
         self.model = model
         self.level_cfg = level_cfg
@@ -92,6 +92,10 @@ class Level(ImplicitProblem):
         self.xi_follows_lr = xi is None
         self.xi = level_cfg.lr if xi is None else xi
         self.alpha = alpha
+        # hypergradient.inner_steps (Huh Table 10): the optimizer steps this level takes per iteration, each on its
+        # 1/k of the batch (inner_step_descent). engines.build gives k > 1 only to the level that steps first in
+        # alternated optimization (xi = 0), the codebook in the shipped configs.
+        self.inner_steps = inner_steps
         # The config's ``levels.*.data``, resolved by engines.build: "train" or "holdout" (the level's own batch
         # stream) or "shared" (the batch of the first level below it, get_batch).
         self.data = data
@@ -298,7 +302,8 @@ class Level(ImplicitProblem):
         ``_begin_step``, ``_end_step`` and ``_uppers_to_step``. Other configurations run the same sequence with
         parts absent: VQ-VAE (one level) is step 1 alone, its one step; with xi = 0 (alternated optimization, Huh
         §4.2) Betty's graph is reversed (``engines.build.level_graph``), so that step 1 is the codebook's step
-        on its direct gradient and the encoder-decoder steps in step 4's place, without an implicit term.
+        on its direct gradient (``hypergradient.inner_steps`` of them, one per sub-batch: ``inner_step_descent``)
+        and the encoder-decoder steps in step 4's place, without an implicit term.
         """
         self._global_step = global_step
         if not self.check_ready():  # (a lowest level always is)
@@ -488,7 +493,33 @@ class Level(ImplicitProblem):
         fast = self.fast_roll_back
         if fast is not None and self._training and fast.takes(self, batch):
             return fast.one_step_descent(self, batch)
+        if self.inner_steps > 1:
+            return self.inner_step_descent(batch)
         return super().one_step_descent(batch)
+
+    def inner_step_descent(self, batch=None):
+        """Huh Table 10's inner loop (``hypergradient.inner_steps`` = k): k optimizer steps on the k sub-batches of
+        the iteration's batch, in order (``sub_batches``), each at the parameters the previous one left; the
+        iteration's batch stays ``cur_batch``, which the level above steps on whole (its data is shared).
+
+        Each step goes through ``take_optimizer_step``, so the data-parallel gradient averaging and the zero-gradient
+        count see every one. The lr schedule is per iteration: ``_end_step`` steps the scheduler once, after the k
+        steps, which all take the iteration's lr. Quantizer maintenance is unchanged, once per iteration on the
+        forward of the level that trains the encoder (``LevelEngine.maintain``), so no statistic counts a sub-batch.
+        The logged terms (``last_stats``: ``<level>.loss``, ``<level>.perplexity``, ...) are the means over the k
+        steps, each taken on its sub-batch before its step: with k = 1 that is the one step's."""
+        if batch is None:
+            self.cur_batch = batch = self.get_batch()
+        params = self.trainable_parameters()
+        steps = []
+        for part in sub_batches(batch, self.inner_steps):
+            loss, terms = self.get_loss(part)
+            self.backward(loss, params, self._paths, create_graph=not self._first_order,
+                          retain_graph=self._retain_graph, allow_unused=self._allow_unused)
+            self.take_optimizer_step()
+            steps.append(terms)
+        self.last_stats = {key: torch.stack([terms[key] for terms in steps]).mean(0) for key in steps[0]}
+        return self.last_stats
 
     @in_phase("backward")
     def backward(self, loss, params, paths, create_graph=False, retain_graph=True, allow_unused=True):
@@ -514,6 +545,15 @@ class Level(ImplicitProblem):
         if self.fast_roll_back is not None:
             return self.fast_roll_back.recover_states(self)
         return super().recover_states(clean)
+
+
+def sub_batches(batch, k: int) -> list[tuple]:
+    """The k equal sub-batches of Huh Table 10's inner steps: the i-th takes items i, i + k, i + 2k, ... of every
+    tensor of ``batch``. Strided rather than consecutive, because a data-parallel rank holds a consecutive slice of
+    the global batch (``mqvae.loader.BatchStream``): the ranks' i-th sub-batches are then together the i-th
+    sub-batch of the global batch, and N ranks stay one process with N times the batch. The config makes k divide
+    the per-rank batch."""
+    return [tuple(t[i::k] for t in batch) for i in range(k)]
 
 
 class FastRollBack:
