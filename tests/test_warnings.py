@@ -110,12 +110,16 @@ def test_hypergradient_settings_in_a_one_level_config_are_reported(tmp_path):
 
 # -- no warning on any shipped config --------------------------------------------------------------------------
 
-SHIPPED = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "configs").glob("*/*.yaml") if "tables" not in p.parts)
+# The authors' paper presets are the paper MQ-VAE configs' data and network with configs/digits/mqvae_authors.yaml's
+# levels and hypergradient, which are covered here: run at the paper's data they would add time and no case.
+SHIPPED = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "configs").glob("*/*.yaml")
+                 if "tables" not in p.parts and not (p.parent.name == "paper" and p.stem.endswith("_authors")))
 
 
 def test_every_shipped_config_is_covered():
     assert len([p for p in SHIPPED if p.startswith("configs/digits/")]) >= 15
     assert len([p for p in SHIPPED if p.startswith("configs/paper/")]) == 11
+    assert "configs/digits/mqvae_authors.yaml" in SHIPPED
     assert len([p for p in SHIPPED if p.startswith("configs/fashion_mnist/")]) == 3
 
 
