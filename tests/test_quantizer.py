@@ -27,7 +27,7 @@ MODES = {
     "plain": {},
     "sync": {"sync_nu": 0.5},
     "affine_learned": {"affine": "learned"},
-    "affine_learned_sync": {"affine": "learned", "sync_nu": 0.5},
+    "affine_learned_sync": {"affine": "learned", "sync_nu": 0.5, "affine_lr": 3.0},
     "affine_ema": {"affine": "ema"},
     "l2": {"l2": True},
     "group": {"groups": 2},
@@ -75,9 +75,9 @@ def make(mode: str, num_codes=K, dim=D, **extra):
     q = build_quantizer(cfg).double()
     with torch.no_grad():
         q.codebook.copy_(torch.randn_like(q.codebook))
-        if cfg.affine == "learned":
-            q.affine.scale.copy_(1 + 0.3 * torch.randn_like(q.affine.scale))
-            q.affine.bias.copy_(0.2 * torch.randn_like(q.affine.bias))
+        if cfg.affine == "learned":  # scale = 1 + r·s, bias = r·t (Huh A.1)
+            q.affine.s.copy_(0.3 * torch.randn_like(q.affine.s) / cfg.affine_lr)
+            q.affine.t.copy_(0.2 * torch.randn_like(q.affine.t) / cfg.affine_lr)
     if cfg.affine == "ema" or cfg.replace_freq:
         z = _z(seed=7, d=dim)
         q.maintain(z, q(z).detached())
@@ -144,7 +144,8 @@ def test_sync_codebook_gets_nu_times_task_gradient(mode):
     d = D // groups
     c = q.codebook.detach()
     if mode == "affine_learned_sync":
-        scale, bias = q.affine.scale.detach()[0], q.affine.bias.detach()[0]
+        r = q.cfg.affine_lr
+        scale, bias = 1 + r * q.affine.s.detach()[0], r * q.affine.t.detach()[0]  # Huh A.1
         effective = c * scale + bias
     else:
         effective = c
@@ -154,10 +155,10 @@ def test_sync_codebook_gets_nu_times_task_gradient(mode):
 
     assert torch.allclose(z_e.grad, from_vectors(g.reshape(n, D), z_e), rtol=1e-12, atol=1e-12)
     if mode == "affine_learned_sync":
-        # effective_k = scale ⊙ c_k + bias: chain rule by hand.
+        # effective_k = (1 + r·s) ⊙ c_k + r·t: chain rule by hand.
         assert torch.allclose(q.codebook.grad, nu * scale * per_code, rtol=1e-12, atol=1e-12)
-        assert torch.allclose(q.affine.scale.grad[0], nu * (c * per_code).sum(0), rtol=1e-12, atol=1e-12)
-        assert torch.allclose(q.affine.bias.grad[0], nu * per_code.sum(0), rtol=1e-12, atol=1e-12)
+        assert torch.allclose(q.affine.s.grad[0], nu * r * (c * per_code).sum(0), rtol=1e-12, atol=1e-12)
+        assert torch.allclose(q.affine.t.grad[0], nu * r * per_code.sum(0), rtol=1e-12, atol=1e-12)
     else:
         assert torch.allclose(q.codebook.grad, nu * per_code, rtol=1e-12, atol=1e-12)
 
@@ -165,7 +166,7 @@ def test_sync_codebook_gets_nu_times_task_gradient(mode):
 def test_affine_learned_moves_codes_never_selected():
     """Huh §4.1 / A.9: unselected codes are updated through the shared affine parameters. The raw
     vector of an unselected code gets exactly zero gradient (it is not in the graph); its effective
-    code c̃_j = scale ⊙ c_j + bias still moves, because scale and bias get gradient."""
+    code c̃_j = scale ⊙ c_j + bias still moves, because the affine parameters s, t get gradient."""
     q = make("affine_learned", num_codes=64)
     z_e = _z(b=1, h=2, w=2)  # 4 vectors, 64 codes: most codes unselected
     out = q(z_e)
@@ -173,7 +174,7 @@ def test_affine_learned_moves_codes_never_selected():
     assert unused.sum() >= 60
     out.losses["codebook"].backward()
     assert torch.equal(q.codebook.grad[unused], torch.zeros_like(q.codebook.grad[unused]))
-    assert q.affine.scale.grad.abs().min() > 0 and q.affine.bias.grad.abs().min() > 0
+    assert q.affine.s.grad.abs().min() > 0 and q.affine.t.grad.abs().min() > 0
 
     before = q.effective_codebook().detach().clone()
     with torch.no_grad():
@@ -471,15 +472,14 @@ def test_meaningless_combinations_are_user_errors(keys, named):
     assert "\n" not in message and all(name in message for name in named)
 
 
-def test_param_groups_scale_the_affine_learning_rate():
+def test_param_groups_are_one_group_of_the_codebook_and_the_affine_parameters():
+    # affine_lr acts inside the map (Huh A.1), so the affine parameters need no group, nor lr, of their own.
     q = make("affine_learned", affine_lr=10.0)
-    groups = q.param_groups()
-    assert [g.get("lr_scale", 1.0) for g in groups] == [1.0, 10.0]
-    listed = [p for g in groups for p in g["params"]]
-    assert len(listed) == len({id(p) for p in listed}) and {id(p) for p in listed} == {id(p) for p in q.parameters()}
+    (only,) = q.param_groups()
+    assert list(only) == ["params"] and only["params"] == [q.codebook, q.affine.s, q.affine.t]
     plain = make("plain")
     (only,) = plain.param_groups()
-    assert only["params"] == [plain.codebook] and "lr_scale" not in only
+    assert list(only) == ["params"] and only["params"] == [plain.codebook]
 
 
 @pytest.mark.parametrize("name,expected", [
@@ -499,3 +499,4 @@ def test_baseline_configs_differ_from_vqvae_only_in_the_quantizer(name, expected
         assert getattr(cfg.quantizer, key) == value
     q = build_quantizer(cfg.quantizer)
     assert q.num_codes == cfg.quantizer.num_codes
+
