@@ -8,12 +8,14 @@ GRADIENT_PATHS says, for each mode and each loss term, which parameter sets rece
 
 from __future__ import annotations
 
+import copy
 import math
 from pathlib import Path
 
 import pytest
 import torch
 
+from helpers import float64, tiny_engine  # noqa: F401  (float64: a fixture)
 from mqvae.config import QuantizerConfig, load_config
 from mqvae.errors import UserError
 from mqvae.quantizers import GumbelQuantizer, QuantizerOutput, VectorQuantizer, build_quantizer, from_vectors
@@ -375,6 +377,13 @@ def test_ema_affine_statistics_match_huh_eq_38_45(affine_groups, groups):
         ratio = (running["ze_var"] / (running["code_var"] + VAR_EPS)).sqrt()
         expected = ratio[:, None] * (c - running["code_mean"][:, None]) + running["ze_mean"][:, None]
         assert torch.allclose(q.effective_codebook().detach(), expected.reshape(K, d), rtol=1e-10, atol=1e-12)
+        # The forward's z_q: each vector's nearest of these codes, within its latent group's slice of the codebook.
+        effective = expected.reshape(K, d)
+        z_q = _vec(q(z_e).z_q).reshape(-1, groups, d)
+        for g in range(groups):
+            codes = effective[g * per_latent:(g + 1) * per_latent]
+            nearest = ((sub[:, g, None] - codes[None]) ** 2).sum(-1).argmin(1)
+            assert torch.allclose(z_q[:, g], codes[nearest], rtol=1e-10, atol=1e-12)
 
 
 def test_ema_affine_is_identity_until_first_update():
@@ -500,3 +509,89 @@ def test_baseline_configs_differ_from_vqvae_only_in_the_quantizer(name, expected
     q = build_quantizer(cfg.quantizer)
     assert q.num_codes == cfg.quantizer.num_codes
 
+
+# ---------------------------------------------------------------------------------------------
+# The learned affine map (Huh A.1): scale = 1 + r·s, bias = r·t, stepped by the level's own optimizer
+
+AFFINE_LR, LEVEL_LR, QUANTIZER_LR, AFFINE_DECAY = 10.0, 1e-3, 2e-3, 0.1
+# A start away from the identity, scales on both sides of 1 (0.5 to 1.5) and biases on both sides of 0.
+OFF_IDENTITY_S = torch.linspace(-0.05, 0.05, 8, dtype=torch.float64).reshape(2, 4)
+OFF_IDENTITY_T = torch.linspace(0.03, -0.03, 8, dtype=torch.float64).reshape(2, 4)
+
+
+class _ReferenceAffine(torch.nn.Module):
+    """scale ⊙ c + bias per affine group, with scale and bias themselves the leaves, written here: it gives the
+    gradient with respect to (scale, bias) without the code's parameterization."""
+
+    def __init__(self, scale: torch.Tensor, bias: torch.Tensor):
+        super().__init__()
+        self.scale, self.bias = torch.nn.Parameter(scale.clone()), torch.nn.Parameter(bias.clone())
+
+    def forward(self, codes):
+        grouped = codes.reshape(self.scale.shape[0], -1, codes.shape[1])
+        return (grouped * self.scale[:, None] + self.bias[:, None]).reshape(codes.shape)
+
+
+def _affine_step(tmp_path, optimizer: str, weight_decay: float, start: tuple | None):
+    """One step of a VQ-VAE level (codebook_lr: QUANTIZER_LR) with a learned affine map in 2 affine groups, built
+    from a config as a run builds it, from ``start`` = (s, t) (None: as built). Returns the engine's (scale, bias)
+    before and after the step, the gradient of the level's loss with respect to (scale, bias) at the start, and the
+    engine's affine map."""
+    level = {"name": "vqvae", "problem": "VQVAE", "optimizer": optimizer, "lr": LEVEL_LR, "weight_decay": weight_decay,
+             "params": {"codebook_lr": QUANTIZER_LR}, **({"momentum": 0.0} if optimizer == "sgd" else {})}
+    engine = tiny_engine(tmp_path, levels=[level], data={"name": "digits64", "batch_size": 16},
+                         quantizer={"affine": "learned", "affine_lr": AFFINE_LR, "affine_groups": 2})
+    affine = engine.model.quantizer.affine
+    with torch.no_grad():
+        if start is not None:
+            affine.s.copy_(start[0])
+            affine.t.copy_(start[1])
+        # Effective codes spread over the encoder's outputs, so that codes of both affine groups are selected (as
+        # after k-means init) and both groups' parameters get gradient.
+        z_e = engine.model.encoder(engine.datasets.train.tensors[0][:64]).movedim(1, -1).reshape(-1, 4)
+        picked = z_e[torch.randperm(len(z_e), generator=torch.Generator().manual_seed(0))[:16]]
+        engine.model.quantizer.codebook.copy_(affine.invert(picked))
+    s0, t0 = start if start is not None else (torch.zeros(2, 4), torch.zeros(2, 4))
+    before = [x.detach().clone() for x in affine.scale_bias()]
+    reference = copy.deepcopy(engine.model)
+    reference.quantizer.affine = _ReferenceAffine(1 + AFFINE_LR * s0, AFFINE_LR * t0)  # Huh A.1
+    engine.train_step()
+    loss = reference.loss(engine.vqvae.cur_batch)["loss"]
+    grads = torch.autograd.grad(loss, [reference.quantizer.affine.scale, reference.quantizer.affine.bias])
+    assert all(g.abs().min() > 0 for g in grads)
+    return before, [x.detach() for x in affine.scale_bias()], grads, affine
+
+
+@pytest.mark.parametrize("start", [None, (OFF_IDENTITY_S, OFF_IDENTITY_T)], ids=["identity", "off_identity"])
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
+def test_learned_affine_step_is_the_optimizer_step_on_s_and_t(tmp_path, float64, optimizer, start):
+    """The affine parameters s, t take the plain step of the optimizer group they are in (the quantizer's, at
+    codebook_lr), on their gradient r·∂L/∂scale, r·∂L/∂bias; the map follows as scale = 1 + r·s, bias = r·t. So
+    under SGD the scale moves by lr·r² times its gradient, and AdamW's decay pulls s, t to 0."""
+    _, (scale, bias), (grad_scale, grad_bias), affine = _affine_step(tmp_path, optimizer, AFFINE_DECAY, start)
+    s0, t0 = start if start is not None else (torch.zeros(2, 4), torch.zeros(2, 4))
+    r, lr = AFFINE_LR, QUANTIZER_LR
+
+    def step(p, g):  # torch's first step of each optimizer, by its formula (AdamW: betas 0.9, 0.999, eps 1e-8)
+        if optimizer == "sgd":
+            return p - lr * (g + AFFINE_DECAY * p)
+        return p * (1 - lr * AFFINE_DECAY) - lr * g / (g.abs() + 1e-8)
+
+    s1, t1 = step(s0, r * grad_scale), step(t0, r * grad_bias)  # chain rule through scale = 1 + r·s, bias = r·t
+    torch.testing.assert_close(scale, 1 + r * s1, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(bias, r * t1, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(affine.s.detach(), s1, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(affine.t.detach(), t1, rtol=1e-12, atol=1e-12)
+
+
+def test_weight_decay_pulls_the_learned_affine_map_toward_the_identity(tmp_path, float64):
+    """AdamW, from a map away from the identity: the decay alone (the difference of one step with and without it)
+    moves the scale toward 1 and the bias toward 0 by lr·decay of their distance, whatever the gradient and
+    whatever r, measured on the engine's own map (no formula of the test's)."""
+    start = (OFF_IDENTITY_S, OFF_IDENTITY_T)
+    (scale0, bias0), (scale, bias), _, _ = _affine_step(tmp_path / "decay", "adamw", AFFINE_DECAY, start)
+    _, (free_scale, free_bias), _, _ = _affine_step(tmp_path / "free", "adamw", 0.0, start)
+    assert (scale0 - 1).abs().min() > 0 and bias0.abs().min() > 0  # away from the identity in every entry
+    pull = QUANTIZER_LR * AFFINE_DECAY
+    torch.testing.assert_close(scale - free_scale, -pull * (scale0 - 1), rtol=1e-9, atol=1e-15)
+    torch.testing.assert_close(bias - free_bias, -pull * bias0, rtol=1e-9, atol=1e-15)
