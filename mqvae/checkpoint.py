@@ -53,7 +53,25 @@ def load_checkpoint(path: Path, why: str = "--resume") -> dict:
         _check_finite(state)
     except _Invalid as exc:
         raise UserError(f"{why}: {path} is not a valid checkpoint: {exc}") from None
+    old_affine = _scale_bias_affine(state["levels"])
+    if old_affine:
+        raise UserError(f"{why}: {path} holds a learned affine map as scale and bias ('levels.{old_affine}.scale'), "
+                        "which predates Huh A.1's parameterization (scale = 1 + affine_lr * s, bias = affine_lr * t) "
+                        "that this version trains; it cannot be resumed or loaded")
     return state
+
+
+def _scale_bias_affine(levels: dict) -> str | None:
+    """The dotted name (level.module) of a learned affine map saved as parameters scale and bias, the form before
+    Huh A.1's s and t (quantizers/affine.py), or None. Both names, so that a layer called affine with a weight and
+    a bias is not taken for one; the EMA map's state (running_*) has neither."""
+    for level, tensors in levels.items():
+        for key in tensors:
+            if key == "affine.scale" or key.endswith(".affine.scale"):
+                prefix = key[: -len("scale")]
+                if prefix + "bias" in tensors:
+                    return f"{level}.{prefix[:-1]}"
+    return None
 
 
 def _damaged_record(path: Path) -> str | None:

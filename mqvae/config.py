@@ -78,6 +78,8 @@ class QuantizerConfig:
     sync_nu: float = spec(0.0, min=0.0)
     # Huh et al.'s affine re-parameterization (§4.1): none, learned scale/bias, or running statistics.
     affine: str = spec("none", choices=["none", "learned", "ema"])
+    # r of the learned map, Huh A.1: scale = 1 + r*s, bias = r*t, with s, t trained at their optimizer group's lr;
+    # the scale's step is lr*r^2 times its gradient under SGD, about lr*r under Adam (Huh Tables 4-6 "affine lr scale").
     affine_lr: float = spec(1.0, above=0.0)
     affine_groups: int = spec(1, min=1)
     # Momentum m of the running-statistics variant, Huh Eq. 38-45 (new = m * batch + (1 - m) * old).

@@ -104,7 +104,7 @@ def quantizer_size(q: QuantizerConfig) -> tuple[int, int]:
     if q.kind == "gumbel":
         return q.num_codes * q.dim + q.dim * q.num_codes + q.num_codes, 0  # codebook, logit projection and its bias
     code_dim = q.dim // q.groups
-    affine = 2 * q.affine_groups * code_dim if q.affine == "learned" else 0  # scale and bias
+    affine = 2 * q.affine_groups * code_dim if q.affine == "learned" else 0  # s and t
     parameters = q.num_codes * code_dim + affine
     # One int64 per code: its latent group, and with replacement its idle iterations.
     per_code = 8 * (2 if q.replace_freq else 1)

@@ -125,25 +125,25 @@ class Level(ImplicitProblem):
         raise NotImplementedError
 
     def param_groups(self):
-        """Optimizer parameter groups. A quantizer trained by this level may ask for its own groups with an
-        ``lr_scale`` (e.g. ``affine_lr`` for the affine parameters, Huh et al. A.1)."""
+        """Optimizer parameter groups. A quantizer trained by this level may ask for its own groups, which get
+        ``quantizer_lr``."""
         params = self.trainable_parameters()
         quantizer = getattr(self.model, "quantizer", None)
         if quantizer is None or not hasattr(quantizer, "param_groups") or not self._trains(quantizer):
             return [{"params": params}]
-        groups = [{"params": list(g["params"]), "lr": self.quantizer_lr() * g.get("lr_scale", 1.0)} for g in quantizer.param_groups()]
+        groups = [{"params": list(g["params"]), "lr": self.quantizer_lr()} for g in quantizer.param_groups()]
         owned = {id(p) for g in groups for p in g["params"]}
         rest = [p for p in params if id(p) not in owned]
         return ([{"params": rest}] if rest else []) + [g for g in groups if g["params"]]
 
     def quantizer_lr(self) -> float:
-        """The learning rate the quantizer's groups scale (``lr_scale``): the level's, unless a level kind has
-        its own setting (``VQVAE.Params.codebook_lr``)."""
+        """The learning rate of the quantizer's groups: the level's, unless a level kind has its own setting
+        (``VQVAE.Params.codebook_lr``)."""
         return self.level_cfg.lr
 
     def patch_scheduler(self):
         # Betty rebuilds LambdaLR with one lr_lambda per group of the optimizer it was first given; a level's
-        # rebuilt optimizer may have more groups (quantizer lr scales), which all follow the level's schedule.
+        # rebuilt optimizer may have more groups (the quantizer's, param_groups), which all follow the level's schedule.
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self.scheduler.lr_lambdas[0])
 
     def patch_module(self):
@@ -283,7 +283,7 @@ class Level(ImplicitProblem):
         if self.xi_follows_lr:
             # The lr the coming optimizer step uses. Betty steps the scheduler right after the tentative step,
             # before the upper level computes Eq. 13, so it must be read now. The first group holds the
-            # level's own parameters at the level's lr (later groups are quantizer lr scales, param_groups).
+            # level's own parameters at the level's lr (later groups are the quantizer's, at quantizer_lr).
             self.xi = self.optimizer.param_groups[0]["lr"]
         params = self.trainable_parameters()
         if self._pre_step is None:

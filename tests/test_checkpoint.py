@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import pytest
 import torch
@@ -10,6 +11,8 @@ import torch
 from helpers import snapshot, tiny_engine
 from mqvae.checkpoint import load_checkpoint
 from mqvae.errors import UserError
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -132,3 +135,47 @@ def test_not_a_dict_at_all(tmp_path):
     path = _save([1, 2], tmp_path)
     with pytest.raises(UserError, match=r"is not a valid checkpoint: it holds a list, not a dict$"):
         load_checkpoint(path)
+
+
+@pytest.mark.parametrize("why", ["--resume", "prior.run"])
+@pytest.mark.parametrize("level, module", [("codebook", "affine"), ("vqvae", "quantizer.affine")])
+def test_learned_affine_as_scale_and_bias_is_refused_in_one_line(trained, tmp_path, why, level, module):
+    # A learned affine map saved before Huh A.1's parameterization, in a codebook level or a VQ-VAE level: parameters
+    # scale (1 at the start) and bias, written by hand. Read as s and t they would be another map, so neither a
+    # resume nor a prior takes them.
+    state = copy.deepcopy(trained)
+    state["levels"].setdefault(level, {}).update({f"{module}.scale": torch.ones(1, 4), f"{module}.bias": torch.zeros(1, 4)})
+    path = _save(state, tmp_path)
+    with pytest.raises(UserError) as error:
+        load_checkpoint(path, why)
+    message = str(error.value)
+    assert "\n" not in message
+    assert message.startswith(f"{why}: {path} holds a learned affine map as scale and bias ('levels.{level}.{module}.scale')")
+    assert "predates Huh A.1's parameterization" in message and message.endswith("it cannot be resumed or loaded")
+
+
+def test_run_py_refuses_to_resume_it_in_one_line(trained, tmp_path, capsys):
+    import run
+
+    state = copy.deepcopy(trained)
+    state["levels"]["codebook"].update({"affine.scale": torch.ones(1, 4), "affine.bias": torch.zeros(1, 4)})
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    _save(state, run_dir)
+    config = ROOT / "configs/digits/affine.yaml"
+    (run_dir / "config.yaml").write_text(config.read_text())
+    assert run.main([str(config), "--resume", str(run_dir)]) != 0
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: --resume: ") and "predates Huh A.1" in err, err
+    assert (run_dir / "checkpoint.pt").is_file()  # nothing already written is lost
+
+
+def test_learned_affine_checkpoints_of_this_version_load(tmp_path):
+    # The refusal above keys on the old names only: today's learned map (s, t), the EMA map's statistics, and a
+    # layer that happens to be called affine (a weight and a bias) load.
+    learned = tiny_engine(tmp_path / "learned", quantizer={"affine": "learned"}).state_dict()
+    assert {"affine.s", "affine.t"} <= set(learned["levels"]["codebook"])
+    load_checkpoint(_save(learned, tmp_path))
+    ema = tiny_engine(tmp_path / "ema", quantizer={"affine": "ema"}).state_dict()
+    ema["levels"]["autoencoder"].update({"decoder.affine.weight": torch.ones(2, 2), "decoder.affine.bias": torch.zeros(2)})
+    load_checkpoint(_save(ema, tmp_path))

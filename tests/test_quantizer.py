@@ -8,12 +8,14 @@ GRADIENT_PATHS says, for each mode and each loss term, which parameter sets rece
 
 from __future__ import annotations
 
+import copy
 import math
 from pathlib import Path
 
 import pytest
 import torch
 
+from helpers import float64, tiny_engine  # noqa: F401  (float64: a fixture)
 from mqvae.config import QuantizerConfig, load_config
 from mqvae.errors import UserError
 from mqvae.quantizers import GumbelQuantizer, QuantizerOutput, VectorQuantizer, build_quantizer, from_vectors
@@ -27,7 +29,7 @@ MODES = {
     "plain": {},
     "sync": {"sync_nu": 0.5},
     "affine_learned": {"affine": "learned"},
-    "affine_learned_sync": {"affine": "learned", "sync_nu": 0.5},
+    "affine_learned_sync": {"affine": "learned", "sync_nu": 0.5, "affine_lr": 3.0},
     "affine_ema": {"affine": "ema"},
     "l2": {"l2": True},
     "group": {"groups": 2},
@@ -75,9 +77,9 @@ def make(mode: str, num_codes=K, dim=D, **extra):
     q = build_quantizer(cfg).double()
     with torch.no_grad():
         q.codebook.copy_(torch.randn_like(q.codebook))
-        if cfg.affine == "learned":
-            q.affine.scale.copy_(1 + 0.3 * torch.randn_like(q.affine.scale))
-            q.affine.bias.copy_(0.2 * torch.randn_like(q.affine.bias))
+        if cfg.affine == "learned":  # scale = 1 + r·s, bias = r·t (Huh A.1)
+            q.affine.s.copy_(0.3 * torch.randn_like(q.affine.s) / cfg.affine_lr)
+            q.affine.t.copy_(0.2 * torch.randn_like(q.affine.t) / cfg.affine_lr)
     if cfg.affine == "ema" or cfg.replace_freq:
         z = _z(seed=7, d=dim)
         q.maintain(z, q(z).detached())
@@ -144,7 +146,8 @@ def test_sync_codebook_gets_nu_times_task_gradient(mode):
     d = D // groups
     c = q.codebook.detach()
     if mode == "affine_learned_sync":
-        scale, bias = q.affine.scale.detach()[0], q.affine.bias.detach()[0]
+        r = q.cfg.affine_lr
+        scale, bias = 1 + r * q.affine.s.detach()[0], r * q.affine.t.detach()[0]  # Huh A.1
         effective = c * scale + bias
     else:
         effective = c
@@ -154,10 +157,10 @@ def test_sync_codebook_gets_nu_times_task_gradient(mode):
 
     assert torch.allclose(z_e.grad, from_vectors(g.reshape(n, D), z_e), rtol=1e-12, atol=1e-12)
     if mode == "affine_learned_sync":
-        # effective_k = scale ⊙ c_k + bias: chain rule by hand.
+        # effective_k = (1 + r·s) ⊙ c_k + r·t: chain rule by hand.
         assert torch.allclose(q.codebook.grad, nu * scale * per_code, rtol=1e-12, atol=1e-12)
-        assert torch.allclose(q.affine.scale.grad[0], nu * (c * per_code).sum(0), rtol=1e-12, atol=1e-12)
-        assert torch.allclose(q.affine.bias.grad[0], nu * per_code.sum(0), rtol=1e-12, atol=1e-12)
+        assert torch.allclose(q.affine.s.grad[0], nu * r * (c * per_code).sum(0), rtol=1e-12, atol=1e-12)
+        assert torch.allclose(q.affine.t.grad[0], nu * r * per_code.sum(0), rtol=1e-12, atol=1e-12)
     else:
         assert torch.allclose(q.codebook.grad, nu * per_code, rtol=1e-12, atol=1e-12)
 
@@ -165,7 +168,7 @@ def test_sync_codebook_gets_nu_times_task_gradient(mode):
 def test_affine_learned_moves_codes_never_selected():
     """Huh §4.1 / A.9: unselected codes are updated through the shared affine parameters. The raw
     vector of an unselected code gets exactly zero gradient (it is not in the graph); its effective
-    code c̃_j = scale ⊙ c_j + bias still moves, because scale and bias get gradient."""
+    code c̃_j = scale ⊙ c_j + bias still moves, because the affine parameters s, t get gradient."""
     q = make("affine_learned", num_codes=64)
     z_e = _z(b=1, h=2, w=2)  # 4 vectors, 64 codes: most codes unselected
     out = q(z_e)
@@ -173,7 +176,7 @@ def test_affine_learned_moves_codes_never_selected():
     assert unused.sum() >= 60
     out.losses["codebook"].backward()
     assert torch.equal(q.codebook.grad[unused], torch.zeros_like(q.codebook.grad[unused]))
-    assert q.affine.scale.grad.abs().min() > 0 and q.affine.bias.grad.abs().min() > 0
+    assert q.affine.s.grad.abs().min() > 0 and q.affine.t.grad.abs().min() > 0
 
     before = q.effective_codebook().detach().clone()
     with torch.no_grad():
@@ -374,6 +377,13 @@ def test_ema_affine_statistics_match_huh_eq_38_45(affine_groups, groups):
         ratio = (running["ze_var"] / (running["code_var"] + VAR_EPS)).sqrt()
         expected = ratio[:, None] * (c - running["code_mean"][:, None]) + running["ze_mean"][:, None]
         assert torch.allclose(q.effective_codebook().detach(), expected.reshape(K, d), rtol=1e-10, atol=1e-12)
+        # The forward's z_q: each vector's nearest of these codes, within its latent group's slice of the codebook.
+        effective = expected.reshape(K, d)
+        z_q = _vec(q(z_e).z_q).reshape(-1, groups, d)
+        for g in range(groups):
+            codes = effective[g * per_latent:(g + 1) * per_latent]
+            nearest = ((sub[:, g, None] - codes[None]) ** 2).sum(-1).argmin(1)
+            assert torch.allclose(z_q[:, g], codes[nearest], rtol=1e-10, atol=1e-12)
 
 
 def test_ema_affine_is_identity_until_first_update():
@@ -471,15 +481,14 @@ def test_meaningless_combinations_are_user_errors(keys, named):
     assert "\n" not in message and all(name in message for name in named)
 
 
-def test_param_groups_scale_the_affine_learning_rate():
+def test_param_groups_are_one_group_of_the_codebook_and_the_affine_parameters():
+    # affine_lr acts inside the map (Huh A.1), so the affine parameters need no group, nor lr, of their own.
     q = make("affine_learned", affine_lr=10.0)
-    groups = q.param_groups()
-    assert [g.get("lr_scale", 1.0) for g in groups] == [1.0, 10.0]
-    listed = [p for g in groups for p in g["params"]]
-    assert len(listed) == len({id(p) for p in listed}) and {id(p) for p in listed} == {id(p) for p in q.parameters()}
+    (only,) = q.param_groups()
+    assert list(only) == ["params"] and only["params"] == [q.codebook, q.affine.s, q.affine.t]
     plain = make("plain")
     (only,) = plain.param_groups()
-    assert only["params"] == [plain.codebook] and "lr_scale" not in only
+    assert list(only) == ["params"] and only["params"] == [plain.codebook]
 
 
 @pytest.mark.parametrize("name,expected", [
@@ -499,3 +508,90 @@ def test_baseline_configs_differ_from_vqvae_only_in_the_quantizer(name, expected
         assert getattr(cfg.quantizer, key) == value
     q = build_quantizer(cfg.quantizer)
     assert q.num_codes == cfg.quantizer.num_codes
+
+
+# ---------------------------------------------------------------------------------------------
+# The learned affine map (Huh A.1): scale = 1 + r·s, bias = r·t, stepped by the level's own optimizer
+
+AFFINE_LR, LEVEL_LR, QUANTIZER_LR, AFFINE_DECAY = 10.0, 1e-3, 2e-3, 0.1
+# A start away from the identity, scales on both sides of 1 (0.5 to 1.5) and biases on both sides of 0.
+OFF_IDENTITY_S = torch.linspace(-0.05, 0.05, 8, dtype=torch.float64).reshape(2, 4)
+OFF_IDENTITY_T = torch.linspace(0.03, -0.03, 8, dtype=torch.float64).reshape(2, 4)
+
+
+class _ReferenceAffine(torch.nn.Module):
+    """scale ⊙ c + bias per affine group, with scale and bias themselves the leaves, written here: it gives the
+    gradient with respect to (scale, bias) without the code's parameterization."""
+
+    def __init__(self, scale: torch.Tensor, bias: torch.Tensor):
+        super().__init__()
+        self.scale, self.bias = torch.nn.Parameter(scale.clone()), torch.nn.Parameter(bias.clone())
+
+    def forward(self, codes):
+        grouped = codes.reshape(self.scale.shape[0], -1, codes.shape[1])
+        return (grouped * self.scale[:, None] + self.bias[:, None]).reshape(codes.shape)
+
+
+def _affine_step(tmp_path, optimizer: str, weight_decay: float, start: tuple | None):
+    """One step of a VQ-VAE level (codebook_lr: QUANTIZER_LR) with a learned affine map in 2 affine groups, built
+    from a config as a run builds it, from ``start`` = (s, t) (None: as built). Returns the engine's (scale, bias)
+    before and after the step, the gradient of the level's loss with respect to (scale, bias) at the start, and the
+    engine's affine map."""
+    level = {"name": "vqvae", "problem": "VQVAE", "optimizer": optimizer, "lr": LEVEL_LR, "weight_decay": weight_decay,
+             "params": {"codebook_lr": QUANTIZER_LR}, **({"momentum": 0.0} if optimizer == "sgd" else {})}
+    engine = tiny_engine(tmp_path, levels=[level], data={"name": "digits64", "batch_size": 16},
+                         quantizer={"affine": "learned", "affine_lr": AFFINE_LR, "affine_groups": 2})
+    affine = engine.model.quantizer.affine
+    with torch.no_grad():
+        if start is not None:
+            affine.s.copy_(start[0])
+            affine.t.copy_(start[1])
+        # Effective codes spread over the encoder's outputs, so that codes of both affine groups are selected (as
+        # after k-means init) and both groups' parameters get gradient.
+        z_e = engine.model.encoder(engine.datasets.train.tensors[0][:64]).movedim(1, -1).reshape(-1, 4)
+        picked = z_e[torch.randperm(len(z_e), generator=torch.Generator().manual_seed(0))[:16]]
+        engine.model.quantizer.codebook.copy_(affine.invert(picked))
+    s0, t0 = start if start is not None else (torch.zeros(2, 4), torch.zeros(2, 4))
+    before = [x.detach().clone() for x in affine.scale_bias()]
+    reference = copy.deepcopy(engine.model)
+    reference.quantizer.affine = _ReferenceAffine(1 + AFFINE_LR * s0, AFFINE_LR * t0)  # Huh A.1
+    engine.train_step()
+    loss = reference.loss(engine.vqvae.cur_batch)["loss"]
+    grads = torch.autograd.grad(loss, [reference.quantizer.affine.scale, reference.quantizer.affine.bias])
+    assert all(g.abs().min() > 0 for g in grads)
+    return before, [x.detach() for x in affine.scale_bias()], grads, affine
+
+
+@pytest.mark.parametrize("start", [None, (OFF_IDENTITY_S, OFF_IDENTITY_T)], ids=["identity", "off_identity"])
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
+def test_learned_affine_step_is_the_optimizer_step_on_s_and_t(tmp_path, float64, optimizer, start):
+    """The affine parameters s, t take the plain step of the optimizer group they are in (the quantizer's, at
+    codebook_lr), on their gradient r·∂L/∂scale, r·∂L/∂bias; the map follows as scale = 1 + r·s, bias = r·t. So
+    under SGD the scale moves by lr·r² times its gradient, and AdamW's decay pulls s, t to 0."""
+    _, (scale, bias), (grad_scale, grad_bias), affine = _affine_step(tmp_path, optimizer, AFFINE_DECAY, start)
+    s0, t0 = start if start is not None else (torch.zeros(2, 4), torch.zeros(2, 4))
+    r, lr = AFFINE_LR, QUANTIZER_LR
+
+    def step(p, g):  # torch's first step of each optimizer, by its formula (AdamW: betas 0.9, 0.999, eps 1e-8)
+        if optimizer == "sgd":
+            return p - lr * (g + AFFINE_DECAY * p)
+        return p * (1 - lr * AFFINE_DECAY) - lr * g / (g.abs() + 1e-8)
+
+    s1, t1 = step(s0, r * grad_scale), step(t0, r * grad_bias)  # chain rule through scale = 1 + r·s, bias = r·t
+    torch.testing.assert_close(scale, 1 + r * s1, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(bias, r * t1, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(affine.s.detach(), s1, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(affine.t.detach(), t1, rtol=1e-12, atol=1e-12)
+
+
+def test_weight_decay_pulls_the_learned_affine_map_toward_the_identity(tmp_path, float64):
+    """AdamW, from a map away from the identity: the decay alone (the difference of one step with and without it)
+    moves the scale toward 1 and the bias toward 0 by lr·decay of their distance, whatever the gradient and
+    whatever r, measured on the engine's own map (no formula of the test's)."""
+    start = (OFF_IDENTITY_S, OFF_IDENTITY_T)
+    (scale0, bias0), (scale, bias), _, _ = _affine_step(tmp_path / "decay", "adamw", AFFINE_DECAY, start)
+    _, (free_scale, free_bias), _, _ = _affine_step(tmp_path / "free", "adamw", 0.0, start)
+    assert (scale0 - 1).abs().min() > 0 and bias0.abs().min() > 0  # away from the identity in every entry
+    pull = QUANTIZER_LR * AFFINE_DECAY
+    torch.testing.assert_close(scale - free_scale, -pull * (scale0 - 1), rtol=1e-9, atol=1e-15)
+    torch.testing.assert_close(bias - free_bias, -pull * bias0, rtol=1e-9, atol=1e-15)

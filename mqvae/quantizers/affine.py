@@ -6,9 +6,11 @@ blocks of codes; 1 = one pair shared by the whole codebook). Because every effec
 the shared pair, a step on the pair moves every code, including codes no vector selected (A.9).
 
 Two variants:
-- ``LearnedAffine`` (``affine: learned``): scale and bias are parameters trained with the codebook,
-  their learning rate multiplied by ``affine_lr`` (``VectorQuantizer.param_groups``; Huh A.1 uses a
-  re-parameterization ``1 + affine_lr·s`` for the same purpose, here the optimizer does it exactly).
+- ``LearnedAffine`` (``affine: learned``): scale = 1 + r·s and bias = r·t with r = ``affine_lr`` and
+  parameters s, t (zero at the start) trained with the codebook at the learning rate of its optimizer
+  group (Huh A.1). The factor r sets the pair's step: under SGD the scale moves by lr·r² times its
+  gradient; under Adam, whose step on s is about lr whatever the gradient's size, by about lr·r. Weight
+  decay pulls s and t to 0, so the map toward the identity.
 - ``RunningAffine`` (``affine: ema``): scale and bias are read off running statistics of z_e and of
   the codes (Huh A.12, Eq. 38-45). The statistics are buffers updated only by the explicit
   maintenance call, never by a forward.
@@ -50,15 +52,18 @@ class CodeAffine(nn.Module):
 
 
 class LearnedAffine(CodeAffine):
-    """Learned shared scale and bias (Huh §4.1, A.1); starts at the identity."""
+    """Shared scale and bias learned through parameters s and t (Huh §4.1, A.1); starts at the identity."""
 
-    def __init__(self, num_codes: int, code_dim: int, affine_groups: int):
+    def __init__(self, num_codes: int, code_dim: int, affine_groups: int, affine_lr: float):
         super().__init__(num_codes, code_dim, affine_groups)
-        self.scale = nn.Parameter(torch.ones(affine_groups, code_dim))
-        self.bias = nn.Parameter(torch.zeros(affine_groups, code_dim))
+        self.affine_lr = affine_lr
+        self.s = nn.Parameter(torch.zeros(affine_groups, code_dim))
+        self.t = nn.Parameter(torch.zeros(affine_groups, code_dim))
 
     def scale_bias(self):
-        return self.scale, self.bias
+        # Huh A.1: scale = 1 + affine_lr·s, bias = affine_lr·t. The zero that weight decay pulls s, t to is the
+        # identity map.
+        return 1 + self.affine_lr * self.s, self.affine_lr * self.t
 
 
 class RunningAffine(CodeAffine):

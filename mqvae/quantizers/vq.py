@@ -47,7 +47,7 @@ class VectorQuantizer(Quantizer):
         self.codes_per_group = cfg.num_codes // cfg.groups
         self.codebook = nn.Parameter(torch.empty(cfg.num_codes, self.code_dim).uniform_(-1 / cfg.num_codes, 1 / cfg.num_codes))
         if cfg.affine == "learned":
-            self.affine = LearnedAffine(cfg.num_codes, self.code_dim, cfg.affine_groups)
+            self.affine = LearnedAffine(cfg.num_codes, self.code_dim, cfg.affine_groups, cfg.affine_lr)
         elif cfg.affine == "ema":
             self.affine = RunningAffine(cfg.num_codes, self.code_dim, cfg.affine_groups, cfg.groups, cfg.affine_momentum)
         else:
@@ -68,12 +68,9 @@ class VectorQuantizer(Quantizer):
         return self.cfg.sync_nu > 0
 
     def param_groups(self) -> list[dict]:
-        """Optimizer groups for the level that trains the quantizer: the learned affine parameters get
-        the level's learning rate times ``affine_lr`` (Huh A.1, Tables 4-6 "affine lr scale")."""
-        groups = [{"params": [self.codebook]}]
-        if isinstance(self.affine, LearnedAffine):
-            groups.append({"params": list(self.affine.parameters()), "lr_scale": self.cfg.affine_lr})
-        return groups
+        """Optimizer groups for the level that trains the quantizer, at the quantizer's learning rate: one, the
+        codebook and the learned affine parameters (``affine_lr`` acts inside the affine map, Huh A.1)."""
+        return [{"params": list(self.parameters())}]
 
     # -- the pure part ---------------------------------------------------------------------------
     def effective_codebook(self) -> torch.Tensor:
