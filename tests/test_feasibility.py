@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import problems  # noqa: F401  (registers the level kinds the configs name)
 from mqvae import feasibility
 from mqvae.config import QuantizerConfig, config_from_dict, load_config, read_yaml
 from mqvae.errors import UserError
