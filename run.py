@@ -4,8 +4,9 @@
 failed job is condensed to the toolkit's one line (engines/launch.py).
 
 Continue a run: ``python run.py --resume RUN_DIR [--set train.iters=N ...]``. It reads RUN_DIR/config.yaml;
-``--set`` may change only the number of iterations, the logging, evaluation and checkpoint intervals and
-the device.
+``--set`` may change only the number of iterations, the logging, evaluation and checkpoint intervals,
+TensorBoard logging, the device and thread count, the ``eval`` keys and the ``distributed`` keys
+(``engines.run_folder.RESUMABLE_KEYS``).
 
 ``--import MODULE`` (a module name or a .py file, repeatable) imports a user's module before the config is
 read, so that the levels, hypergradients, data sets, optimizers and schedules it registers can be named; the
@@ -70,11 +71,13 @@ def main(argv=None) -> int:
         from engines.run_folder import resume_config
         from mqvae.config import load_config, read_yaml
         from mqvae.errors import UserError
+        from mqvae.provenance import set_code_folder
         from mqvae.sweep import is_sweep_file
     except ImportError as exc:  # e.g. the Betty version check in mqvae/__init__.py
         print(f"error: {exc}", file=sys.stderr)
         return 1
 
+    set_code_folder(Path(__file__).resolve().parent)  # the commit runs record
     run_dir = "RUN_DIR"
     try:
         if args.config is not None and args.config.is_file() and is_sweep_file(read_yaml(args.config)):
@@ -122,7 +125,8 @@ def _without_nproc(argv: list[str]) -> list[str]:
 
 def summary_line(run_dir, metrics: dict) -> str:
     """The run's one line: each measured metric, then those not measured (their reasons are in metrics.json)."""
-    shown = {k: v for k, v in metrics.items() if not k.endswith("_reason") and k not in ("scales", "config_sha256")}
+    shown = {k: v for k, v in metrics.items()
+             if not k.endswith("_reason") and k not in ("scales", "config_sha256", "provenance")}
     measured = ", ".join(f"{k} {v:.5g}" if isinstance(v, float) else f"{k} {v}" for k, v in shown.items() if v is not None)
     missing = [k for k, v in shown.items() if v is None]
     return f"{run_dir}: {measured}" + (f"; not measured: {', '.join(missing)} (see metrics.json)" if missing else "")

@@ -22,6 +22,7 @@ from mqvae import evaluation as evaluation_fns  # make_image_quality looked up a
 from mqvae.evaluation import latents_and_codes, measures_quality
 from mqvae.files import append_line, os_error, write_text
 from mqvae.hypergradients import batch_norm_buffers
+from mqvae.provenance import provenance
 from mqvae.reports import codebook_figure
 from mqvae.tracking import TensorBoard, drop_after
 
@@ -175,7 +176,7 @@ class LevelEngine(Engine):
 
     def write_config(self) -> None:
         """run_dir/config.yaml := this engine's resolved config."""
-        write_config(self.run_dir, self.cfg)
+        write_config(self.run_dir, self.cfg, provenance(self.device))
         self.config_written = True
 
     # -- finiteness -------------------------------------------------------------------------------

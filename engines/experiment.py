@@ -20,6 +20,7 @@ from mqvae.models import build_model
 from mqvae.perf import apply_perf, perf_quantizer_config
 from mqvae.pixelcnn import GatedPixelCNN
 from mqvae.prior import PriorModel, code_maps, load_source, source_sha256
+from mqvae.provenance import provenance
 from mqvae.reports import curve_panels, curves_figure, implicit_ratio, save_figures, write_report
 from mqvae.tracking import require_tensorboard
 
@@ -110,6 +111,8 @@ def run_experiment(cfg: Config, run_dir: Path, resume: bool = False, overwrite: 
     """Train ``cfg`` into ``run_dir`` and evaluate it. A new run needs a folder that holds no other run (or
     ``overwrite``); ``resume`` continues from the folder's checkpoint. The folder is locked meanwhile."""
     run_dir = Path(run_dir)
+    if cfg.threads is not None:
+        torch.set_num_threads(cfg.threads)
     distributed.start(cfg.distributed.backend, cfg.distributed.timeout_s, cfg.device)
     if distributed.rank() != 0:
         return _other_rank(cfg, run_dir, resume)
@@ -186,7 +189,8 @@ def finish(engine: LevelEngine) -> dict:
     metrics, counts = final_metrics(model, engine.datasets.test, cfg.data.batch_size, engine.device, cfg.eval)
     records = read_lines(run_dir / "log.jsonl")
     metrics.update(iterations=engine.global_step, wall_time_s=round(engine.train_time, 3),
-                   config_sha256=config_sha256(cfg), **implicit_ratio(records))
+                   config_sha256=config_sha256(cfg), **implicit_ratio(records),
+                   provenance=provenance(engine.device))  # (of the process that finished a resumed run)
     pictures = engine.pictures(counts)
     engine.track_pictures(pictures)
     # The scalars a level learns (e.g. a learned beta) get a panel each; the batch perplexity is the one of the

@@ -2,7 +2,8 @@
 
 - A new run refuses a folder that holds another run unless asked to replace it (``--overwrite``).
 - ``config.yaml`` is the resolved config (every key, defaults filled in); its first line is the sha256 of
-  that mapping, which ``metrics.json`` repeats as ``config_sha256``.
+  that mapping, which ``metrics.json`` repeats as ``config_sha256``, and its second what made the run
+  (``mqvae.provenance``: versions, device, threads, commit, start time).
 - ``--resume`` continues the run from its own ``config.yaml``; only ``RESUMABLE_KEYS`` may change.
 """
 
@@ -24,7 +25,7 @@ RUN_FILES = ("config.yaml", "log.jsonl", "checkpoint.pt", "metrics.json", "recon
 # Extending a run, its logging, evaluation and checkpoint intervals, its TensorBoard logging, the device, what the
 # final evaluation measures and how its ranks talk leave what was trained valid.
 RESUMABLE_KEYS = ("train.iters", "train.log_every", "train.eval_every", "train.checkpoint_every", "logging.tensorboard",
-                  "device", "eval.image_quality", "eval.download_weights", "distributed.backend", "distributed.timeout_s")
+                  "device", "threads", "eval.image_quality", "eval.download_weights", "distributed.backend", "distributed.timeout_s")
 
 
 def check_folder(run_dir: Path) -> None:
@@ -53,8 +54,10 @@ def config_sha256(cfg: Config) -> str:
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
-def write_config(run_dir: Path, cfg: Config) -> None:
+def write_config(run_dir: Path, cfg: Config, provenance: dict | None = None) -> None:
     header = f"# config_sha256: {config_sha256(cfg)} (sha256 of this mapping as canonical JSON)\n"
+    if provenance is not None:  # what made the run (mqvae.provenance), a comment: not part of the config
+        header += f"# provenance: {json.dumps(provenance)}\n"
     write_text(run_dir / "config.yaml", header + yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
 

@@ -218,6 +218,9 @@ class Config:
     # the seed (engines/build.py derived_seed), whatever its size.
     seed: int = spec(0, min=0, max=2**32 - 1)
     device: str = spec("auto", choices=["auto", "cpu", "cuda"])
+    # torch's intra-op threads (torch.set_num_threads), set before anything runs; null: what torch picks (the cores,
+    # or OMP_NUM_THREADS). The count changes each seed's numbers (float sums in another order); runs record it.
+    threads: Optional[int] = spec(None, min=1)
     # Python modules imported before the rest of the config is read (mqvae.plugins), so that what they register
     # (levels, hypergradients, data sets, optimizers, schedules) can be named: module names, or .py file paths
     # (kept absolute). run.py --import adds to them; a resumed run or a sweep imports them again.

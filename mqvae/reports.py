@@ -221,7 +221,7 @@ def write_report(run_dir: Path, metrics: dict, pictures=("recon.png", "samples.p
     run_dir = Path(run_dir)
     lines = [f"# {title or run_dir.name}", "", "| metric | value |", "|---|---|"]
     for key, value in metrics.items():
-        if key.endswith("_reason") or key == "scales":
+        if key.endswith("_reason") or key in ("scales", "provenance"):
             continue
         cell = _fmt(value)
         reason = metrics.get(f"{key}_reason")
@@ -232,6 +232,9 @@ def write_report(run_dir: Path, metrics: dict, pictures=("recon.png", "samples.p
     if scales:
         lines += ["", "The papers report " + ", ".join(f"{k} in units of {v:g}" for k, v in scales.items())
                   + " (metrics.json holds unscaled values)."]
+    provenance = metrics.get("provenance")
+    if provenance:
+        lines += ["", "Made by: " + ", ".join(f"{k} {v}" for k, v in provenance.items()) + "."]
     lines.append("")
     for name in pictures:
         if (run_dir / name).is_file():

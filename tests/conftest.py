@@ -8,10 +8,12 @@ or sweep, finishes with exit 0, and sets no ``train.iters`` fails its test, unle
 
 from __future__ import annotations
 
+import os
 import subprocess
 from pathlib import Path
 
 import pytest
+import torch
 
 import run
 
@@ -20,6 +22,10 @@ SHIPPED = ROOT / "configs"
 
 
 def pytest_configure(config):
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        # Workers share the cores: one thread each, and the same for the runs they start in subprocesses.
+        os.environ["OMP_NUM_THREADS"] = "1"
+        torch.set_num_threads(1)
     config.addinivalue_line("markers", "full_run(reason): the test trains a shipped config at its full length")
     config.addinivalue_line("markers", "long(reason): the test needs more than 30 s on 2 cores, and why it must")
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import platform
 import subprocess
 import sys
 from pathlib import Path
@@ -181,3 +182,28 @@ def test_every_hypergradient_type_runs_an_mqvae_iteration(tmp_path, kind):
     assert run.main(["configs/digits/mqvae.yaml", *TINY, "--set", "train.iters=1", "--set", f"hypergradient.type={kind}",
                      "--out", str(out)]) == 0
     assert json.loads((out / "metrics.json").read_text())["iterations"] == 1
+
+
+def test_a_run_records_what_made_it(tmp_path):
+    # The thread count changes a seed's numbers, so it is applied first and recorded with the versions and commit.
+    out = tmp_path / "run"
+    before = torch.get_num_threads()
+    try:
+        assert run.main(["configs/digits/vqvae.yaml", *TINY, "--set", "train.iters=2", "--set", "threads=1",
+                         "--out", str(out)]) == 0
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+    recorded = json.loads((out / "metrics.json").read_text())["provenance"]
+    header = (out / "config.yaml").read_text().splitlines()[1]
+    assert header.startswith("# provenance: ")
+    started = json.loads(header.removeprefix("# provenance: "))
+    for made in (recorded, started):
+        assert made["threads"] == 1 and made["torch"] == torch.__version__ and made["betty"] == "0.2.1"
+        assert made["device"].startswith("cpu") and made["python"] == platform.python_version()
+        head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True)
+        if head.returncode == 0:  # a git checkout (an unpacked archive records why there is no commit)
+            assert made["commit"] == head.stdout.strip() and isinstance(made["dirty"], bool)
+        else:
+            assert made["commit"] is None and made["commit_reason"]
+    assert "provenance" not in yaml.safe_load((out / "config.yaml").read_text())  # a comment, not a config key
