@@ -44,6 +44,12 @@ def tiny_engine(tmp_path, **kwargs):
     return build_engine(cfg, tmp_path)
 
 
+def results(metrics: dict) -> dict:
+    """A metrics.json without what differs between two runs of one config on one machine: the wall time and the
+    start time of the process that made it (``provenance``)."""
+    return {k: v for k, v in metrics.items() if k not in ("wall_time_s", "provenance")}
+
+
 def snapshot(module: torch.nn.Module) -> dict:
     return {k: v.detach().clone() for k, v in module.state_dict().items()}
 

@@ -21,7 +21,7 @@ import yaml
 
 import run
 from engines.engine import LevelEngine
-from helpers import interrupt_at
+from helpers import interrupt_at, results
 from test_run import ROOT, TINY, assert_one_line_error, run_cli
 
 ARGS = ["configs/digits/vqvae.yaml", *TINY, "--set", "train.iters=6", "--set", "train.checkpoint_every=2"]
@@ -32,9 +32,7 @@ def snapshot(folder: Path) -> dict:
 
 
 def final_metrics(folder: Path) -> dict:
-    metrics = json.loads((folder / "metrics.json").read_text())
-    metrics.pop("wall_time_s")
-    return metrics
+    return results(json.loads((folder / "metrics.json").read_text()))
 
 
 @pytest.fixture(scope="module")
