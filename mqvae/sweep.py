@@ -107,6 +107,10 @@ class Sweep:
     baseline: str = ""
     # the (method, baseline) pairs whose paired differences are reported; default every run against ``baseline``
     comparisons: list[SweepComparison] = spec(factory=list)
+    # How "significant" accounts for testing every comparison x metric of the sweep at once: holm (Holm's
+    # step-down correction of the paired t-tests' p-values, over the metrics that have a better side) or none
+    # (each 95% interval alone).
+    correction: str = spec("holm", choices=["holm", "none"])
 
 
 @dataclass
@@ -244,11 +248,11 @@ def _number(value) -> Optional[float]:
 
 
 def summarize(values: list) -> dict:
-    """Mean and sample standard deviation (n - 1; 0 for one seed) of the non-null values."""
+    """Mean and sample standard deviation (n - 1; None for one seed, which has no spread) of the non-null values."""
     numbers = [v for v in map(_number, values) if v is not None]
     if not numbers:
         return {"mean": None, "std": None, "n": 0}
-    std = statistics.stdev(numbers) if len(numbers) > 1 else 0.0
+    std = statistics.stdev(numbers) if len(numbers) > 1 else None
     return {"mean": statistics.fmean(numbers), "std": std, "n": len(numbers)}
 
 
@@ -260,20 +264,41 @@ def _gain(difference: float, better: str) -> float:
 def paired_difference(method: list, baseline: list, better: Optional[str]) -> dict:
     """Method minus baseline over the seeds where both have a value (``method[i]`` and ``baseline[i]`` are
     the same seed): mean, 95% t-interval (None below 2 seeds: one difference has no spread), whether the
-    interval excludes 0, and in how many seeds the method did better (None for a metric without a side)."""
+    interval excludes 0 (``significant``, before any correction for many tests: ``correct``), the paired t-test's
+    two-sided p-value, and in how many seeds the method did better (None for a metric without a side)."""
     pairs = [(_number(m), _number(b)) for m, b in zip(method, baseline)]
     differences = [m - b for m, b in pairs if m is not None and b is not None]
     n = len(differences)
     if n == 0:
-        return {"mean": None, "ci95": None, "n": 0, "better_seeds": None, "significant": None}
+        return {"mean": None, "ci95": None, "n": 0, "better_seeds": None, "significant": None, "p": None}
     mean = statistics.fmean(differences)
-    ci95 = None
+    ci95 = p = None
     if n > 1:
-        half = float(student_t.ppf(0.975, n - 1)) * statistics.stdev(differences) / math.sqrt(n)
+        error = statistics.stdev(differences) / math.sqrt(n)
+        half = float(student_t.ppf(0.975, n - 1)) * error
         ci95 = [mean - half, mean + half]
+        # (No spread: the same difference in every seed, certain unless it is 0.)
+        p = 2 * float(student_t.sf(abs(mean) / error, n - 1)) if error > 0 else float(mean == 0)
     better_seeds = sum(_gain(d, better) > 0 for d in differences) if better else None
     significant = None if ci95 is None else (ci95[0] > 0 or ci95[1] < 0)
-    return {"mean": mean, "ci95": ci95, "n": n, "better_seeds": better_seeds, "significant": significant}
+    return {"mean": mean, "ci95": ci95, "n": n, "better_seeds": better_seeds, "significant": significant, "p": p}
+
+
+def correct(paired: list[dict], better: dict, method: str) -> int:
+    """Holm's step-down correction over every tested cell (comparison x metric with a better side) of a sweep:
+    each such cell gets ``p_holm`` and is ``significant`` when p_holm < 0.05, which holds the chance of any false
+    "significant" in the whole table at 5 %. Cells of metrics without a side (costs such as the wall time, and
+    diagnostics such as the Fig. 6 ratio) keep their own 95 % interval. Returns the number of tests corrected."""
+    if method == "none":
+        return 0
+    cells = [row["metrics"][m] for row in paired for m in row["metrics"]
+             if better.get(m) is not None and row["metrics"][m]["p"] is not None]
+    running = 0.0
+    for rank, cell in enumerate(sorted(cells, key=lambda c: c["p"])):
+        running = max(running, min(1.0, (len(cells) - rank) * cell["p"]))  # adjusted p-values never decrease
+        cell["p_holm"] = running
+        cell["significant"] = running < 0.05
+    return len(cells)
 
 
 def paired_table(sweep: Sweep, runs: list[dict], table: list[dict]) -> list[dict]:
@@ -327,17 +352,22 @@ def aggregate(sweep: Sweep, planned: list[PlannedRun], curve_key: Optional[str])
                 summary["reason"] = reasons[0]
             row["metrics"][metric] = summary
         table.append(row)
+    paired = paired_table(sweep, runs, table)
+    tests = correct(paired, BETTER, sweep.correction)
     return {"title": sweep.title, "name": sweep.name, "seeds": sweep.seeds, "metrics": sweep.metrics,
             "main_metric": sweep.main_metric, "curve_key": curve_key, "scales": {m: COLUMNS[m][1] for m in sweep.metrics},
             "better": {m: BETTER.get(m) for m in sweep.metrics}, "baseline": sweep.baseline,
             "comparisons": [[pair.method, pair.baseline] for pair in sweep.comparisons],
-            "aggregate": table, "paired": paired_table(sweep, runs, table), "runs": runs}
+            "aggregate": table, "paired": paired, "correction": sweep.correction, "tests": tests, "runs": runs}
 
 
 def format_cell(summary: dict, scale: float) -> str:
-    """'mean ± std' in the column's unit (two decimals), 'n/a' when no seed has the metric."""
+    """'mean ± std' in the column's unit (two decimals), 'mean (1 seed)' without a spread, 'n/a' when no seed
+    has the metric."""
     if summary.get("mean") is None:
         return "n/a"
+    if summary.get("std") is None:
+        return f"{_shown(summary['mean'] / scale)} (1 seed)"
     return f"{_shown(summary['mean'] / scale)} ± {_shown(summary['std'] / scale)}"
 
 
@@ -365,6 +395,8 @@ def format_paired_cell(cell: dict, scale: float) -> str:
         text += "[" + ", ".join(_shown(bound / scale, "+") for bound in cell["ci95"]) + "]"
     if cell["better_seeds"] is not None:
         text += f"; {cell['better_seeds']}/{cell['n']} better"
+    if cell.get("p_holm") is not None:
+        text += f"; p {cell['p_holm']:.2g} (Holm)"
     return text
 
 
@@ -373,8 +405,14 @@ def _table(header: list[str], rows: list[tuple[str, list[str]]]) -> list[str]:
     return lines + [f"| {label} | " + " | ".join(cells) + " |" for label, cells in rows]
 
 
+def _measured(results: dict) -> list[str]:
+    """The sweep's metrics that some run measured: a column that is n/a in every row is left out of the
+    tables (results_markdown says which and why)."""
+    return [m for m in results["metrics"] if any(row["metrics"][m].get("mean") is not None for row in results["aggregate"])]
+
+
 def _mean_table(results: dict, dataset: Optional[str], notes: dict) -> list[str]:
-    metrics = results["metrics"]
+    metrics = _measured(results)
     rows = []
     for row in (r for r in results["aggregate"] if r["dataset"] == dataset):
         cells = []
@@ -393,7 +431,7 @@ def _row_label(row: dict) -> str:
 
 def _paired_table(results: dict, baseline: str, paired: list[dict], notes: dict) -> list[str]:
     """The paired differences of ``paired`` (rows with one baseline)."""
-    metrics = results["metrics"]
+    metrics = _measured(results)
     rows = []
     for row in paired:
         cells = []
@@ -430,9 +468,9 @@ def _verdict(cell: dict, better: Optional[str]) -> str:
 
 
 def _significance(results: dict, baseline: str, paired: list[dict]) -> list[str]:
-    """One sentence per metric: which methods differ from ``baseline`` at 95% (CI excludes 0), or none."""
+    """One sentence per metric: which methods differ from ``baseline`` (Holm-corrected, or CI excludes 0), or none."""
     lines = []
-    for m in results["metrics"]:
+    for m in _measured(results):
         cells = [(row["label"], row["metrics"][m]) for row in paired]
         groups = {}
         for label, cell in cells:
@@ -469,8 +507,8 @@ def results_markdown(results: dict) -> str:
         # One table per baseline, in the order the comparisons name them.
         for baseline in dict.fromkeys(row["baseline"] for row in paired):
             rows = [row for row in paired if row["baseline"] == baseline]
-            lines += [*_paired_table(results, baseline, rows, notes), "",
-                      "Significant at 95% (the interval excludes 0):", *_significance(results, baseline, rows), ""]
+            lines += [*_paired_table(results, baseline, rows, notes), "", _significance_header(results),
+                      *_significance(results, baseline, rows), ""]
     seeds = results["seeds"]
     lines.append(f"Mean ± sample standard deviation over {len(seeds)} seed(s) {seeds}; a column header's "
                  "(10^-k) means the values are shown divided by 10^-k (metrics.json and results.json hold unscaled values).")
@@ -478,11 +516,29 @@ def results_markdown(results: dict) -> str:
         lines += ["", f"Paired difference: per seed{' and data set' if datasets != [None] else ''}, the method's "
                   "value minus its baseline's, in the column's unit; mean over the seeds, its 95% "
                   "t-interval [mean ± t(0.975, n−1)·sd/√n] and in how many of the n seeds the method did "
-                  "better (lower for a ↓ column, higher for ↑ and active codes). An interval that excludes 0 is "
-                  "significant at 95%; one seed gives no interval."]
+                  "better (lower for a ↓ column, higher for ↑ and active codes); with Holm's correction (the sweep's "
+                  "`correction`, on by default) also the paired t-test's p-value after the correction, and a "
+                  "difference is significant when it is below 0.05, so an interval that excludes 0 need not be; "
+                  "one seed gives no interval."]
+    left_out = [m for m in results["metrics"] if m not in _measured(results)]
+    if left_out:
+        lines += ["", "Left out, measured in no run: " + "; ".join(
+            f"{COLUMNS[m][0]} ({_reason(results, m) or 'no value'})" for m in left_out) + "."]
     for metric, reason in notes.items():
         lines += ["", f"[{metric}] not measured: {reason}"]
     return "\n".join(lines) + "\n"
+
+
+def _reason(results: dict, metric: str) -> Optional[str]:
+    return next((row["metrics"][metric]["reason"] for row in results["aggregate"] if row["metrics"][metric].get("reason")),
+                None)
+
+
+def _significance_header(results: dict) -> str:
+    if results.get("correction", "none") == "holm":
+        return (f"Significant (Holm-corrected over the sweep's {results['tests']} paired tests of metrics with a "
+                "better side, family-wise error 5 %; a column without a side: its 95% interval excludes 0):")
+    return "Significant at 95% (the interval excludes 0; each test alone, no correction for their number):"
 
 
 def _curve_points(run: dict, key: str) -> list[tuple[float, float]]:
@@ -501,23 +557,49 @@ def _curve_points(run: dict, key: str) -> list[tuple[float, float]]:
     return points
 
 
+def _paired_panel(ax, results: dict) -> None:
+    """The main metric's paired differences (method − baseline, seed by seed) with their 95% intervals, the
+    intervals the text's verdicts read; a symmetric-log axis, so that a collapsed method's difference does not
+    squash the others (linear within the typical difference, logarithmic beyond it)."""
+    main = results["main_metric"]
+    header, scale = COLUMNS[main]
+    cells = [(row, row["metrics"][main]) for row in results["paired"]]
+    cells = [(row, cell) for row, cell in cells if cell["mean"] is not None]
+    ax.set_title(f"{header}: method − baseline (paired 95% interval)", fontsize=9)
+    ax.set_ylabel(f"difference in {header}")
+    if not cells:
+        ax.text(0.5, 0.5, "no paired difference measured", ha="center", va="center", transform=ax.transAxes,
+                color="gray")
+        return
+    names = [f"{row['label']}\nvs {row['baseline']}" + (f" ({row['dataset']})" if row["dataset"] else "")
+             for row, _ in cells]
+    means = [cell["mean"] / scale for _, cell in cells]
+    low = [cell["mean"] / scale - (cell["ci95"][0] / scale if cell["ci95"] else cell["mean"] / scale) for _, cell in cells]
+    high = [(cell["ci95"][1] / scale if cell["ci95"] else cell["mean"] / scale) - cell["mean"] / scale for _, cell in cells]
+    colors = ["tab:red" if cell["significant"] else "tab:gray" for _, cell in cells]
+    for i, (mean, lo, hi, color) in enumerate(zip(means, low, high, colors)):
+        ax.errorbar(i, mean, yerr=[[lo], [hi]], fmt="o", color=color, capsize=4)
+    ax.axhline(0.0, color="black", linewidth=0.8)
+    typical = sorted(abs(m) for m in means if m != 0)
+    if typical:
+        ax.set_yscale("symlog", linthresh=typical[len(typical) // 2])
+    ax.set_xticks(range(len(cells)), names, rotation=30, ha="right", fontsize=7)
+    ax.set_xlim(-0.5, len(cells) - 0.5)
+    ax.text(0.01, 0.99, "red: significant" + (" (Holm)" if results.get("correction") == "holm" else ""),
+            transform=ax.transAxes, va="top", fontsize=7, color="tab:red")
+
+
 def save_results_plot(results: dict, path: Path) -> None:
-    """Bars of the main metric per method (std error bars), and the test metric against training wall-clock
-    time per method and seed (MQ-VAE Fig. 4)."""
+    """The main metric's paired differences with their 95% intervals (``_paired_panel``), and the test metric
+    against training wall-clock time per method and seed (MQ-VAE Fig. 4)."""
     from matplotlib import rcParams
     from matplotlib.figure import Figure
 
-    main = results["main_metric"]
-    header, scale = COLUMNS[main]
     rows = results["aggregate"]
-    fig = Figure(figsize=(13, 4.2), dpi=110)
+    fig = Figure(figsize=(13, 4.6), dpi=110)
     axes = fig.subplots(1, 2)
     names = [row["label"] if row["dataset"] is None else f"{row['label']}\n{row['dataset']}" for row in rows]
-    means = [(row["metrics"].get(main, {}).get("mean") or 0.0) / scale for row in rows]
-    stds = [(row["metrics"].get(main, {}).get("std") or 0.0) / scale for row in rows]
-    axes[0].bar(range(len(rows)), means, yerr=stds, capsize=4, color="tab:blue")
-    axes[0].set_xticks(range(len(rows)), names, rotation=30, ha="right", fontsize=8)
-    axes[0].set_title(f"{header} (mean ± std over seeds)")
+    _paired_panel(axes[0], results)
 
     curve_key = results["curve_key"]
     colors = rcParams["axes.prop_cycle"].by_key()["color"]
@@ -540,6 +622,8 @@ def save_results_plot(results: dict, path: Path) -> None:
                              alpha=0.8, label=names[i].replace("\n", " ") if first else None)
                 first = False
     axes[1].set_xlabel("training wall-clock time (s)")
+    if curve_key is not None:
+        axes[1].set_ylabel(f"test {COLUMNS[curve_key][0]}")
     if axes[1].lines:
         axes[1].legend(fontsize=7)
     fig.tight_layout()

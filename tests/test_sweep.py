@@ -58,7 +58,8 @@ def test_tiny_sweep_writes_results_matching_the_runs(tmp_path):
     md = (out / "results.md").read_text()
     results = json.loads((out / "results.json").read_text())
     assert len(results["runs"]) == 4
-    assert "| Method | MSE (10^-3) ↓ | Perplexity ↑ | Δgap (10^-5) ↓ | FID ↓ |" in md
+    # FID is measured in no run here: its column is left out, with the reason.
+    assert "| Method | MSE (10^-3) ↓ | Perplexity ↑ | Δgap (10^-5) ↓ |\n" in md
     for label in ("VQ-VAE", "MQ-VAE (direct)"):
         per_seed = [json.loads((out / slugify(label) / f"seed{s}" / "metrics.json").read_text()) for s in (0, 1)]
         assert [m["iterations"] for m in per_seed] == [2, 2]
@@ -66,7 +67,7 @@ def test_tiny_sweep_writes_results_matching_the_runs(tmp_path):
         for key, scale in (("test_mse", 1e-3), ("perplexity", 1.0), ("gradient_gap", 1e-5)):
             values = [m[key] for m in per_seed]
             cells.append(f"{statistics.fmean(values) / scale:.2f} ± {statistics.stdev(values) / scale:.2f}")
-        assert f"| {label} | " + " | ".join(cells) + " | n/a [fid] |" in md
+        assert f"| {label} | " + " | ".join(cells) + " |" in md
         row = next(r for r in results["aggregate"] if r["label"] == label)
         assert row["metrics"]["test_mse"]["mean"] == pytest.approx(statistics.fmean(m["test_mse"] for m in per_seed))
     # seeds really differ, and the method's override reached its runs
@@ -75,7 +76,7 @@ def test_tiny_sweep_writes_results_matching_the_runs(tmp_path):
     assert "type: direct" in (out / "mq-vae-direct" / "seed0" / "config.yaml").read_text()
     # The reason of the runs' null FID (here: torch-fidelity is not installed, or its weights are not cached).
     reason = per_seed[0]["fid_reason"]
-    assert reason.startswith("FID Inception") and f"[fid] not measured: {reason}" in md
+    assert reason.startswith("FID Inception") and f"Left out, measured in no run: FID ↓ ({reason})." in md
 
 
 def test_killed_sweep_finishes_only_the_missing_runs(tmp_path, monkeypatch):
@@ -197,6 +198,14 @@ def fake_sweep(tmp_path, metrics, per_run: dict, seeds, extra=""):
 T_975_4 = 2.7764451051977987  # Student t, 0.975 quantile, 4 degrees of freedom (from a table)
 
 
+def two_sided_p_4(t: float) -> float:
+    """The paired t-test's two-sided p-value at 4 degrees of freedom, from the t distribution's closed-form CDF
+    for 4 degrees: F(t) = 1/2 + (3/8) a (1 - t^2 / (12 (1 + t^2/4))), a = t / sqrt(1 + t^2/4)."""
+    t = abs(t)
+    a = t / math.sqrt(1 + t * t / 4)
+    return 2 * (1 - (0.5 + 3 / 8 * a * (1 - t * t / (12 * (1 + t * t / 4)))))
+
+
 def test_paired_differences_match_a_hand_computed_t_interval(tmp_path):
     # Method minus baseline per seed, by hand: MSE -0.5, -0.3, -0.4, +0.1, -0.2 (x1e-3; lower is better, so the
     # method is better in 4 of 5 seeds), perplexity +2, +1, +3, +2, +2 (higher is better: 5 of 5), Δgap +1, +2,
@@ -217,37 +226,48 @@ def test_paired_differences_match_a_hand_computed_t_interval(tmp_path):
         mean = sum(differences) / 5
         sd = math.sqrt(sum((d - mean) ** 2 for d in differences) / 4)
         half = T_975_4 * sd / math.sqrt(5)
-        return mean, [mean - half, mean + half]
+        return mean, [mean - half, mean + half], two_sided_p_4(mean / (sd / math.sqrt(5)))
 
-    for metric, differences, better, significant in (
-            ("test_mse", [-0.5e-3, -0.3e-3, -0.4e-3, 0.1e-3, -0.2e-3], 4, False),
-            ("perplexity", [2.0, 1.0, 3.0, 2.0, 2.0], 5, True),
-            ("gradient_gap", [1e-5, 2e-5, 1e-5, 2e-5, 1e-5], 0, True)):
-        mean, ci95 = by_hand(differences)
+    tests = {"test_mse": ([-0.5e-3, -0.3e-3, -0.4e-3, 0.1e-3, -0.2e-3], 4),
+             "perplexity": ([2.0, 1.0, 3.0, 2.0, 2.0], 5), "gradient_gap": ([1e-5, 2e-5, 1e-5, 2e-5, 1e-5], 0)}
+    p = {metric: by_hand(differences)[2] for metric, (differences, _) in tests.items()}
+    # Holm over the 3 tests (FID has none): the smallest p times 3, the next times 2, the largest times 1, each
+    # at least the one before: perplexity 0.0032 -> 0.0096, Δgap 0.0047 -> 0.0094 -> 0.0096, MSE 0.065.
+    order = sorted(p, key=p.get)
+    holm, running = {}, 0.0
+    for rank, metric in enumerate(order):
+        running = max(running, min(1.0, (3 - rank) * p[metric]))
+        holm[metric] = running
+    assert order == ["perplexity", "gradient_gap", "test_mse"] and holm["gradient_gap"] == holm["perplexity"]
+    for metric, (differences, better) in tests.items():
+        mean, ci95, _ = by_hand(differences)
         cell = cells[metric]
-        assert cell["n"] == 5 and cell["better_seeds"] == better and cell["significant"] is significant, metric
+        assert cell["n"] == 5 and cell["better_seeds"] == better, metric
+        assert cell["significant"] is (holm[metric] < 0.05), metric
         assert cell["mean"] == pytest.approx(mean, rel=1e-9)
         assert cell["ci95"] == pytest.approx(ci95, rel=1e-9), metric
-    assert cells["fid"] == {"mean": None, "ci95": None, "n": 0, "better_seeds": None, "significant": None,
+        assert cell["p"] == pytest.approx(p[metric], rel=1e-9) and cell["p_holm"] == pytest.approx(holm[metric], rel=1e-9)
+    assert results["tests"] == 3 and results["correction"] == "holm"
+    assert cells["fid"] == {"mean": None, "ci95": None, "n": 0, "better_seeds": None, "significant": None, "p": None,
                             "reason": "weights absent (test)"}
     assert results["better"] == {"test_mse": "lower", "perplexity": "higher", "gradient_gap": "lower", "fid": "lower"}
 
     # the md table, in the columns' display factors (MSE x1e-3, Δgap x1e-5), below the mean ± std table
-    mse, mse_ci = by_hand([-0.5, -0.3, -0.4, 0.1, -0.2])
-    ppl, ppl_ci = by_hand([2.0, 1.0, 3.0, 2.0, 2.0])
-    gap, gap_ci = by_hand([1.0, 2.0, 1.0, 2.0, 1.0])
-    row = (f"| MQ-VAE | {mse:+.2f} [{mse_ci[0]:+.2f}, {mse_ci[1]:+.2f}]; 4/5 better | "
-           f"{ppl:+.2f} [{ppl_ci[0]:+.2f}, {ppl_ci[1]:+.2f}]; 5/5 better | "
-           f"{gap:+.2f} [{gap_ci[0]:+.2f}, {gap_ci[1]:+.2f}]; 0/5 better | n/a [fid] |")
-    assert row == "| MQ-VAE | -0.26 [-0.55, +0.03]; 4/5 better | +2.00 [+1.12, +2.88]; 5/5 better | " \
-                  "+1.40 [+0.72, +2.08]; 0/5 better | n/a [fid] |"
+    mse, mse_ci, _ = by_hand([-0.5, -0.3, -0.4, 0.1, -0.2])
+    ppl, ppl_ci, _ = by_hand([2.0, 1.0, 3.0, 2.0, 2.0])
+    gap, gap_ci, _ = by_hand([1.0, 2.0, 1.0, 2.0, 1.0])
+    row = (f"| MQ-VAE | {mse:+.2f} [{mse_ci[0]:+.2f}, {mse_ci[1]:+.2f}]; 4/5 better; p {holm['test_mse']:.2g} (Holm) | "
+           f"{ppl:+.2f} [{ppl_ci[0]:+.2f}, {ppl_ci[1]:+.2f}]; 5/5 better; p {holm['perplexity']:.2g} (Holm) | "
+           f"{gap:+.2f} [{gap_ci[0]:+.2f}, {gap_ci[1]:+.2f}]; 0/5 better; p {holm['gradient_gap']:.2g} (Holm) |")
+    assert row == "| MQ-VAE | -0.26 [-0.55, +0.03]; 4/5 better; p 0.065 (Holm) | +2.00 [+1.12, +2.88]; 5/5 better; " \
+                  "p 0.0096 (Holm) | +1.40 [+0.72, +2.08]; 0/5 better; p 0.0096 (Holm) |"
     assert row in md
     assert md.index("| VQ-VAE | ") < md.index("Paired difference from VQ-VAE") < md.index(row)
     assert "- MSE (10^-3) ↓: no method differs significantly from VQ-VAE." in md
     assert "- Perplexity ↑: significantly better than VQ-VAE: MQ-VAE." in md
     assert "- Δgap (10^-5) ↓: significantly worse than VQ-VAE: MQ-VAE." in md
-    assert "- FID ↓: not measured, no difference." in md
-    assert "[fid] not measured: weights absent (test)" in md
+    assert "Holm-corrected over the sweep's 3 paired tests" in md
+    assert "FID ↓: not measured" not in md and "Left out, measured in no run: FID ↓ (weights absent (test))." in md
 
 
 def test_named_baseline_and_better_counts_in_each_direction(tmp_path):
@@ -282,7 +302,7 @@ def test_default_baseline_is_the_first_run(tmp_path):
     assert results["baseline"] == "B" and [row["label"] for row in results["paired"]] == ["A"]
     # one seed: a difference, but no interval and nothing called significant
     assert results["paired"][0]["metrics"]["test_mse"] == {"mean": pytest.approx(-1e-3), "ci95": None, "n": 1,
-                                                         "better_seeds": 1, "significant": None}
+                                                         "better_seeds": 1, "significant": None, "p": None}
     assert "| A | -1.00 CI n/a (1 seed); 1/1 better |" in md
     assert "- MSE (10^-3) ↓: no interval (fewer than 2 seeds with a value), so nothing is significant." in md
 
@@ -297,12 +317,13 @@ def test_differences_are_paired_within_each_data_set(tmp_path):
     assert md.index("## d1") < md.index("| B | +1.50 ") < md.index("## d2") < md.index("| B | -0.50 ")
 
 
-def test_comparisons_pair_each_method_with_its_own_baseline(tmp_path):
+@pytest.mark.parametrize("correction", ["holm", "none"])
+def test_comparisons_pair_each_method_with_its_own_baseline(tmp_path, correction):
     # An ablation table compares one change at a time: here C - B and B - A, not everything against A.
     per_run = {"A": {"test_mse": [4e-3, 5e-3, 6e-3]}, "B": {"test_mse": [3e-3, 3e-3, 4.5e-3]},
                "C": {"test_mse": [3e-3, 4e-3, 5e-3]}}
     extra = ('  comparisons:\n    - {method: "C", baseline: "B"}\n    - {method: "B", baseline: "A"}\n'
-             '    - {method: "C", baseline: "A"}\n')
+             f'    - {{method: "C", baseline: "A"}}\n  correction: {correction}\n')
     results, md = fake_sweep(tmp_path, ["test_mse"], per_run, [0, 1, 2], extra=extra)
     assert results["comparisons"] == [["C", "B"], ["B", "A"], ["C", "A"]]
     assert [(row["label"], row["baseline"]) for row in results["paired"]] == [("C", "B"), ("B", "A"), ("C", "A")]
@@ -317,7 +338,17 @@ def test_comparisons_pair_each_method_with_its_own_baseline(tmp_path):
     assert md.index("Paired difference from B") < md.index("| C | +0.50 ") < md.index("Paired difference from A")
     assert md.index("Paired difference from A") < md.index("| B | -1.50 ") < md.index("| C | -1.00 ")
     assert "- MSE (10^-3) ↓: no method differs significantly from B." in md
-    assert "- MSE (10^-3) ↓: significantly better than A: B, C." in md
+    # Paired t-tests at 2 degrees of freedom, p = 1 - |t| / sqrt(2 + t^2): C - B t = 1.73, p 0.225; B - A t = 5.20,
+    # p 0.0351; C - A no spread, p 0. Alone, B's interval excludes 0; Holm over the 3 tests multiplies B's p by 2
+    # (0.070): only C is significantly better than A.
+    assert b_a["p"] == pytest.approx(1 - 5.196152 / math.sqrt(2 + 27), rel=1e-5) and c_a["p"] == 0
+    if correction == "holm":
+        assert b_a["p_holm"] == pytest.approx(2 * b_a["p"]) and b_a["significant"] is False and c_a["significant"]
+        assert "- MSE (10^-3) ↓: significantly better than A: C." in md
+    else:
+        assert "p_holm" not in b_a and b_a["significant"] is True
+        assert "- MSE (10^-3) ↓: significantly better than A: B, C." in md
+        assert "each test alone, no correction for their number" in md
 
 
 @pytest.mark.parametrize("pair, needle", [
