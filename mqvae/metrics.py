@@ -16,16 +16,38 @@ from pathlib import Path
 from typing import Callable, Optional
 from urllib.parse import urlparse
 
+import importlib
+import sys
+
 import torch
 import torch.hub
 from torch import Tensor, nn
-from torchmetrics.functional.image.lpips import _lpips_update
 
 from . import distributed
-from torchmetrics.functional.image.lpips import _NoTrainLpips as LpipsNetwork  # LPIPS's AlexNet with its linear heads
-from torchmetrics.image.fid import FrechetInceptionDistance
-from torchmetrics.image.inception import InceptionScore
-from torchvision.models import AlexNet_Weights
+
+# The image-quality networks come from torchmetrics and torchvision, whose imports take seconds (most of what a run
+# imports before it reads its config): they are imported on first use, so that a config's typo answers at once.
+# Each is a module attribute all the same (``metrics.FrechetInceptionDistance``), which tests replace.
+_LAZY = {
+    "_lpips_update": ("torchmetrics.functional.image.lpips", "_lpips_update"),
+    "LpipsNetwork": ("torchmetrics.functional.image.lpips", "_NoTrainLpips"),  # LPIPS's AlexNet with its linear heads
+    "FrechetInceptionDistance": ("torchmetrics.image.fid", "FrechetInceptionDistance"),
+    "InceptionScore": ("torchmetrics.image.inception", "InceptionScore"),
+    "AlexNet_Weights": ("torchvision.models", "AlexNet_Weights"),
+}
+
+
+def __getattr__(name: str):
+    if name not in _LAZY:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    module, attribute = _LAZY[name]
+    value = globals()[name] = getattr(importlib.import_module(module), attribute)
+    return value
+
+
+def _lazy(name: str):
+    """The attribute ``name`` of this module, imported on first use (or as a test replaced it)."""
+    return getattr(sys.modules[__name__], name)
 
 # The metrics ImageQuality computes, each with its "<name>_reason".
 IMAGE_QUALITY = ("fid", "is", "lpips")
@@ -132,7 +154,7 @@ def inception_url() -> str:
 
 def alexnet_url() -> str:
     """The weights of the AlexNet that torchmetrics' LPIPS builds (torchvision's ``AlexNet_Weights.DEFAULT``)."""
-    return AlexNet_Weights.DEFAULT.url
+    return _lazy("AlexNet_Weights").DEFAULT.url
 
 
 # What loading a network's weights raises: URLError (no network) and cache errors are OSError; a truncated or
@@ -179,7 +201,7 @@ def _lpips_with_backbone(backbone: nn.Module) -> nn.Module:
     ``backbone`` must map a scaled N×3×H×W batch to 5 feature maps with AlexNet's channel counts
     (64, 192, 384, 256, 256), because those heads are sized for AlexNet.
     """
-    lpips = LpipsNetwork(net="alex", pnet_rand=True)
+    lpips = _lazy("LpipsNetwork")(net="alex", pnet_rand=True)
     lpips.net = backbone
     return lpips.eval()
 
@@ -215,25 +237,25 @@ class ImageQuality:
         # to 299 itself); a custom FID module then gets the floats unchanged.
         if fid_feature is None:
             self._fid, self.reasons["fid"] = _build_pretrained(
-                lambda: FrechetInceptionDistance(feature=2048, normalize=True), "FID Inception", inception_url,
+                lambda: _lazy("FrechetInceptionDistance")(feature=2048, normalize=True), "FID Inception", inception_url,
                 download_weights)
         else:
-            self._fid, self.reasons["fid"] = FrechetInceptionDistance(feature=fid_feature, normalize=True), None
+            self._fid, self.reasons["fid"] = _lazy("FrechetInceptionDistance")(feature=fid_feature, normalize=True), None
 
         # InceptionScore casts to uint8 whenever normalize=True, custom module or not; a stand-in gets
         # normalize=False so that it sees the same [0, 1] floats as the FID stand-in.
         if is_feature is None:
             self._is, self.reasons["is"] = _build_pretrained(
-                lambda: InceptionScore(normalize=True), "IS Inception", inception_url, download_weights)
+                lambda: _lazy("InceptionScore")(normalize=True), "IS Inception", inception_url, download_weights)
         else:
-            self._is, self.reasons["is"] = InceptionScore(feature=is_feature, normalize=False), None
+            self._is, self.reasons["is"] = _lazy("InceptionScore")(feature=is_feature, normalize=False), None
 
         # AlexNet is built at the first batch, once its size shows that AlexNet can take it: no weights are loaded,
         # or fetched, for images LPIPS cannot measure anyway (digits, MNIST).
         self._lpips, self.reasons["lpips"], self._build_lpips = None, None, None
         if lpips_net is None:
             # The same network LearnedPerceptualImagePatchSimilarity(net_type="alex") builds.
-            self._build_lpips = lambda: _build_pretrained(lambda: LpipsNetwork(net="alex"), "LPIPS AlexNet",
+            self._build_lpips = lambda: _build_pretrained(lambda: _lazy("LpipsNetwork")(net="alex"), "LPIPS AlexNet",
                                                           alexnet_url, download_weights)
         else:
             self._lpips = _lpips_with_backbone(lpips_net)
@@ -273,7 +295,7 @@ class ImageQuality:
             if self._lpips is not None:
                 self._lpips.to(self.device)
         if self._lpips is not None:
-            scores = _lpips_update(real, fake, net=self._lpips, normalize=True)
+            scores = _lazy("_lpips_update")(real, fake, net=self._lpips, normalize=True)
             self._lpips_sum += float(scores.double().sum())
         self._num_pairs += real.shape[0]
 
