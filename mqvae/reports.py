@@ -81,6 +81,7 @@ class Panel:
     note: str = ""
     log_scale: bool = False
     marker: str = ""
+    ylabel: str = ""
 
 
 def _series(records: list[dict], key: str) -> tuple[list, list]:
@@ -97,22 +98,28 @@ def curve_panels(records: list[dict], task, learned_scalars=(), perplexity: str 
     tests = [r for r in records if metric in r]
     losses = {key: _series(train, key) for key in sorted({k for r in train for k in r if k.endswith(".loss")})}
     positive = all(v > 0 for _, values in losses.values() for v in values)
-    panels = [Panel("training loss per level", losses, "" if losses else "nothing logged", log_scale=positive)]
+    panels = [Panel("training loss per level", losses, "" if losses else "nothing logged", log_scale=positive,
+                    ylabel="loss (each level's)")]
     if perplexity is not None:
         line = _series(train, perplexity)
         panels.append(Panel(f"batch perplexity ({perplexity})", {perplexity: line} if line[0] else {},
-                            "" if line[0] else f"{perplexity} not logged"))
+                            "" if line[0] else f"{perplexity} not logged", ylabel="perplexity (2^H of the batch's codes)"))
     for key in learned_scalars:
         line = _series(train, key)
-        panels.append(Panel(f"learned {key}", {key: line} if line[0] else {}, "" if line[0] else f"{key} not logged"))
+        panels.append(Panel(f"learned {key}", {key: line} if line[0] else {}, "" if line[0] else f"{key} not logged",
+                            ylabel=key.split(".")[-1]))
     panels.extend(hypergradient_panels(train))
     panels.append(Panel(task.curve_title, {metric: _series(tests, metric)} if tests else {},
-                        "" if tests else "no evaluation during training", marker="o"))
+                        "" if tests else "no evaluation during training", marker="o", ylabel=metric))
+    # Code usage on the test split at each evaluation: a codebook that collapses shows here first.
+    usage = {key: _series(tests, key) for key in ("perplexity", "active_codes") if any(key in r for r in tests)}
+    if usage:
+        panels.append(Panel("test code usage", usage, marker="o", ylabel="codes (perplexity: 2^H)"))
     for key, title in task.extra_curves:
         # Where it was not measured, the reason is in log.jsonl and metrics.json (too long for a panel).
         measured = [r for r in tests if r.get(key) is not None]
         panels.append(Panel(title, {key: _series(measured, key)} if measured else {},
-                            "" if measured else f"{key} not measured (see metrics.json)", marker="o"))
+                            "" if measured else f"{key} not measured (see metrics.json)", marker="o", ylabel=key))
     return panels
 
 
@@ -134,8 +141,8 @@ def hypergradient_panels(records: list[dict]) -> list[Panel]:
              for key in ("direct_norm", "implicit_norm")}
     positive = all(v > 0 for _, values in norms.values() for v in values)
     cosines = {f"{level}.cosine": _series(records, f"{level}.cosine") for level in levels}
-    return [Panel("hypergradient terms' norms (Fig. 6)", norms, log_scale=positive),
-            Panel("cosine(direct, implicit) (Fig. 6)", cosines)]
+    return [Panel("hypergradient terms' norms (Fig. 6)", norms, log_scale=positive, ylabel="L2 norm"),
+            Panel("cosine(direct, implicit) (Fig. 6)", cosines, ylabel="cosine similarity")]
 
 
 def implicit_ratio(records: list[dict]) -> dict:
@@ -158,6 +165,7 @@ def curves_figure(panels: list[Panel]) -> Figure:
             ax.plot(steps, values, label=label, marker=panel.marker or ("o" if len(steps) == 1 else None))
         ax.set_title(panel.title)
         ax.set_xlabel("iteration")
+        ax.set_ylabel(panel.ylabel)
         if panel.note:
             ax.text(0.5, 0.5, panel.note, ha="center", va="center", transform=ax.transAxes, color="gray")
         if panel.log_scale:

@@ -186,3 +186,13 @@ def test_recon_png_is_labelled_large_and_keeps_each_input_above_its_reconstructi
     save_figures({"recon": figure}, tmp_path)
     width, height = Image.open(tmp_path / "recon.png").size
     assert width >= 16 * MIN_CELL_PX and height >= 4 * MIN_CELL_PX  # 16 per row, 2 rows of pairs
+
+
+def test_curves_show_test_code_usage_and_label_every_axis():
+    records = [{"step": 1, "vqvae.loss": 0.5, "vqvae.perplexity": 3.0},
+               {"step": 2, "time_s": 0.1, "test_mse": 0.2, "perplexity": 7.5, "active_codes": 9},
+               {"step": 4, "time_s": 0.2, "test_mse": 0.1, "perplexity": 9.5, "active_codes": 12}]
+    panels = curve_panels(records, TASK_OF_KIND["vqvae"], perplexity="vqvae.perplexity")
+    usage = next(panel for panel in panels if panel.title == "test code usage")
+    assert usage.lines == {"perplexity": ([2, 4], [7.5, 9.5]), "active_codes": ([2, 4], [9, 12])}
+    assert all(panel.ylabel for panel in panels), [panel.title for panel in panels if not panel.ylabel]
