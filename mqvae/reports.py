@@ -5,10 +5,13 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
-from matplotlib.figure import Figure
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 from .files import save_figure, write_text
 
@@ -17,6 +20,14 @@ from .files import save_figure, write_text
 
 # recon.png: each image at least this many pixels on a side (digits are 16 px), upscaled by nearest neighbour.
 MIN_CELL_PX = 64
+
+
+def _figure(**kwargs):
+    """A matplotlib Figure. matplotlib is imported here, on the first picture, not when a run starts (a config's
+    typo should not wait for it)."""
+    from matplotlib.figure import Figure
+
+    return Figure(**kwargs)
 
 
 def recon_figure(originals: torch.Tensor, recons: torch.Tensor, per_row: int = 16) -> Figure:
@@ -37,7 +48,7 @@ def recon_figure(originals: torch.Tensor, recons: torch.Tensor, per_row: int = 1
             upscaled = picture[i].permute(1, 2, 0).numpy().repeat(scale, 0).repeat(scale, 1)
             canvas[y: y + cell_h, left: left + cell_w] = upscaled
     dpi, label_w = 100, 130
-    fig = Figure(figsize=((label_w + canvas.shape[1]) / dpi, canvas.shape[0] / dpi), dpi=dpi)
+    fig = _figure(figsize=((label_w + canvas.shape[1]) / dpi, canvas.shape[0] / dpi), dpi=dpi)
     total_w = label_w + canvas.shape[1]
     ax = fig.add_axes((label_w / total_w, 0, canvas.shape[1] / total_w, 1))
     ax.imshow(canvas[..., 0] if channels == 1 else canvas, cmap="gray", vmin=0, vmax=1, interpolation="nearest",
@@ -64,7 +75,7 @@ def samples_figure(images: torch.Tensor, per_row: int = 8) -> Figure:
         top, left = row * (cell_h + gap), column * (cell_w + gap)
         canvas[top: top + cell_h, left: left + cell_w] = images[i].permute(1, 2, 0).numpy().repeat(scale, 0).repeat(scale, 1)
     dpi = 100
-    fig = Figure(figsize=(canvas.shape[1] / dpi, canvas.shape[0] / dpi), dpi=dpi)
+    fig = _figure(figsize=(canvas.shape[1] / dpi, canvas.shape[0] / dpi), dpi=dpi)
     ax = fig.add_axes((0, 0, 1, 1))
     ax.imshow(canvas[..., 0] if channels == 1 else canvas, cmap="gray", vmin=0, vmax=1, interpolation="nearest",
               aspect="auto")
@@ -158,7 +169,7 @@ def implicit_ratio(records: list[dict]) -> dict:
 
 
 def curves_figure(panels: list[Panel]) -> Figure:
-    fig = Figure(figsize=(4.3 * len(panels), 3.6), dpi=110)
+    fig = _figure(figsize=(4.3 * len(panels), 3.6), dpi=110)
     for ax, panel in zip(fig.subplots(1, len(panels), squeeze=False)[0], panels):
         for label, (steps, values) in panel.lines.items():
             # A line of one point (a run logged once) is invisible without a marker.
@@ -192,7 +203,7 @@ def codebook_figure(counts: torch.Tensor, vectors: torch.Tensor, codes: torch.Te
     unused ones hollow. ``vectors`` and ``codes`` are (N, d) and (K, d) with the same d."""
     counts = counts.detach().cpu().long()
     vectors, codes = vectors.detach().cpu().float(), codes.detach().cpu().float()
-    fig = Figure(figsize=(11, 4), dpi=110)
+    fig = _figure(figsize=(11, 4), dpi=110)
     axes = fig.subplots(1, 2)
     ordered = counts.sort(descending=True).values
     total = max(int(counts.sum()), 1)
@@ -254,7 +265,7 @@ def prediction_figure(images: torch.Tensor, predicted: torch.Tensor, labels: tor
     """Classification's counterpart of the reconstruction grid: test images titled 'predicted (true)'."""
     n = images.shape[0]
     rows = (n + per_row - 1) // per_row
-    fig = Figure(figsize=(per_row * 1.2, rows * 1.35), dpi=100)
+    fig = _figure(figsize=(per_row * 1.2, rows * 1.35), dpi=100)
     axes = fig.subplots(rows, per_row, squeeze=False)
     for i, ax in enumerate(axes.flat):
         ax.axis("off")

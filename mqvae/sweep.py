@@ -42,7 +42,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from scipy.stats import t as student_t
 
 from .config import build, did_you_mean, quote, quote_key, read_yaml, spec
 from .errors import UserError
@@ -274,6 +273,8 @@ def paired_difference(method: list, baseline: list, better: Optional[str]) -> di
     mean = statistics.fmean(differences)
     ci95 = p = None
     if n > 1:
+        from scipy.stats import t as student_t  # (half a second of imports, not paid by a run that makes no table)
+
         error = statistics.stdev(differences) / math.sqrt(n)
         half = float(student_t.ppf(0.975, n - 1)) * error
         ci95 = [mean - half, mean + half]
