@@ -25,6 +25,8 @@ import os
 import sys
 from pathlib import Path
 
+import yaml
+
 
 def default_run_dir(config_path: Path) -> Path:
     """runs/<config name>, keeping the config's folder under configs/ (configs/digits/mqvae.yaml -> runs/digits/mqvae)."""
@@ -55,8 +57,14 @@ def main(argv=None) -> int:
     parser.add_argument("--overwrite", action="store_true", help="replace the run that the run folder holds")
     parser.add_argument("--nproc", type=int, metavar="N",
                         help="train on N data-parallel processes on this machine (torchrun), reported as one run")
+    parser.add_argument("--print-config", action="store_true",
+                        help="print the resolved config (defaults filled in, --set and --import applied) and exit")
+    parser.add_argument("--list", action="store_true",
+                        help="print the names every registry holds (with --import's), the choices a config may name")
     argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
     args = parser.parse_args(argv)
+    if args.list:
+        return _list(args.imports)
     if args.config is None and args.resume is None:
         parser.error("name a CONFIG file, or a run folder with --resume RUN_DIR")
     if args.nproc is not None:
@@ -69,7 +77,7 @@ def main(argv=None) -> int:
     try:
         from engines.experiment import run_experiment
         from engines.run_folder import resume_config
-        from mqvae.config import load_config, read_yaml
+        from mqvae.config import load_config, read_yaml, to_dict
         from mqvae.errors import UserError
         from mqvae.provenance import set_code_folder
         from mqvae.sweep import is_sweep_file
@@ -81,6 +89,9 @@ def main(argv=None) -> int:
     run_dir = "RUN_DIR"
     try:
         if args.config is not None and args.config.is_file() and is_sweep_file(read_yaml(args.config)):
+            if args.print_config:
+                raise UserError(f"--print-config: prints one experiment's config; {args.config} is a sweep (print a "
+                                "run of it with its config file and the run's --set)")
             return _run_sweep(args)
         if args.seeds is not None:
             raise UserError(f"--seeds: replaces a sweep file's seeds; {args.config or args.resume} is one run (set its "
@@ -93,6 +104,9 @@ def main(argv=None) -> int:
         else:
             run_dir = args.out or default_run_dir(args.config)
             cfg = load_config(args.config, args.overrides, args.imports)
+        if args.print_config:
+            print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
+            return 0
         metrics = run_experiment(cfg, run_dir, resume=args.resume is not None, overwrite=args.overwrite)
         if not metrics:
             return 0  # a data-parallel rank other than 0: rank 0 reports the run
@@ -130,6 +144,29 @@ def summary_line(run_dir, metrics: dict) -> str:
     measured = ", ".join(f"{k} {v:.5g}" if isinstance(v, float) else f"{k} {v}" for k, v in shown.items() if v is not None)
     missing = [k for k, v in shown.items() if v is None]
     return f"{run_dir}: {measured}" + (f"; not measured: {', '.join(missing)} (see metrics.json)" if missing else "")
+
+
+def _list(imports: list[str]) -> int:
+    """--list: each registry's names, after the --import modules registered theirs."""
+    try:
+        import engines.experiment  # noqa: F401  (registers the shipped levels and hypergradient methods)
+        from mqvae.data import DATASETS
+        from mqvae.errors import UserError
+        from mqvae.hypergradients import TYPES
+        from mqvae.optim import OPTIMIZERS, SCHEDULERS
+        from mqvae.plugins import import_plugins
+        from mqvae.registry import PROBLEMS
+    except ImportError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    try:
+        import_plugins(imports, "--import")
+    except UserError as exc:
+        return _error(exc)
+    for key, registry in (("data.name", DATASETS), ("levels.*.problem", PROBLEMS), ("hypergradient.type", TYPES),
+                          ("levels.*.optimizer", OPTIMIZERS), ("levels.*.scheduler", SCHEDULERS)):
+        print(f"{key} ({registry.kind}s): {', '.join(sorted(registry))}")
+    return 0
 
 
 def _run_sweep(args) -> int:

@@ -61,7 +61,8 @@ class Registry(dict):
 
         listed = ", ".join(sorted(self)) or "none"
         return (f"{quote(name)} is not a registered {self.kind}; {did_you_mean(str(name), self)}registered: {listed} "
-                f"(a new one is registered with {self.register_with})")
+                f"(a new one is registered with {self.register_with}, in a module the config names under imports: "
+                "or run.py --import)")
 
 
 def _origin(value) -> str:

@@ -206,3 +206,29 @@ def test_a_run_records_what_made_it(tmp_path):
         else:
             assert made["commit"] is None and made["commit_reason"]
     assert "provenance" not in yaml.safe_load((out / "config.yaml").read_text())  # a comment, not a config key
+
+
+def test_list_names_every_registry_with_a_plugins(tmp_path, capsys, monkeypatch):
+    import mqvae.data
+
+    monkeypatch.setattr(mqvae.data, "DATASETS", mqvae.data.DATASETS.copy())  # no other test sees the plugin's
+    plugin = tmp_path / "my_data.py"
+    plugin.write_text("from mqvae.data import register_dataset\n"
+                      "register_dataset('my_digits_for_list')(lambda root, download, seed: None)\n")
+    assert run.main(["--list", "--import", str(plugin)]) == 0
+    lines = dict(line.split(": ", 1) for line in capsys.readouterr().out.splitlines())
+    assert {"digits", "fashion_mnist", "my_digits_for_list"} <= set(lines["data.name (data sets)"].split(", "))
+    assert {"Codebook", "AutoEncoder", "VQVAE"} <= set(lines["levels.*.problem (problems)"].split(", "))
+    assert {"mqvae", "darts", "direct"} <= set(lines["hypergradient.type (hypergradient methods)"].split(", "))
+    assert lines["levels.*.optimizer (optimizers)"].split(", ") == ["adam", "adamw", "sgd"]
+    assert "warmup_cosine" in lines["levels.*.scheduler (schedulers)"]
+
+
+def test_print_config_prints_the_resolved_config_and_runs_nothing(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert run.main([ROOT / "configs/digits/mqvae.yaml", "--print-config", "--set", "train.iters=7"]) == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["train"]["iters"] == 7 and printed["hypergradient"]["type"] == "mqvae" and printed["threads"] is None
+    assert list(tmp_path.iterdir()) == []  # no run folder
+    assert run.main([ROOT / "configs/tables/table1_digits.yaml", "--print-config"]) == 2
+    assert "--print-config: prints one experiment's config" in capsys.readouterr().err
