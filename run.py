@@ -150,12 +150,9 @@ def _list(imports: list[str]) -> int:
     """--list: each registry's names, after the --import modules registered theirs."""
     try:
         import engines.experiment  # noqa: F401  (registers the shipped levels and hypergradient methods)
-        from mqvae.data import DATASETS
+        from mqvae.config import registries
         from mqvae.errors import UserError
-        from mqvae.hypergradients import TYPES
-        from mqvae.optim import OPTIMIZERS, SCHEDULERS
         from mqvae.plugins import import_plugins
-        from mqvae.registry import PROBLEMS
     except ImportError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
@@ -163,8 +160,7 @@ def _list(imports: list[str]) -> int:
         import_plugins(imports, "--import")
     except UserError as exc:
         return _error(exc)
-    for key, registry in (("data.name", DATASETS), ("levels.*.problem", PROBLEMS), ("hypergradient.type", TYPES),
-                          ("levels.*.optimizer", OPTIMIZERS), ("levels.*.scheduler", SCHEDULERS)):
+    for key, registry in registries().items():
         print(f"{key} ({registry.kind}s): {', '.join(sorted(registry))}")
     return 0
 

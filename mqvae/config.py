@@ -471,26 +471,34 @@ def _take_source(cfg: Config, where: str) -> None:
                         f"on {quote(source.data.name)}; a prior learns the codes of the source's data set")
 
 
-def _check_registered(cfg: Config, where: str) -> None:
-    """Registered names are the choices (``mqvae.registry``); each level's ``params`` becomes its kind's Params."""
+def registries() -> dict:
+    """The config keys whose values are registered names (``mqvae.registry``), each with its registry (``run.py
+    --list`` prints them)."""
     # Imported here: the registries bring in torch, which reading a config's text does not need.
     from .data import DATASETS
     from .hypergradients import TYPES
     from .optim import OPTIMIZERS, SCHEDULERS
     from .registry import PROBLEMS
 
-    def check(value, registry, path):
-        if value not in registry:
-            raise UserError(f"{where}: {path}: {registry.unknown(value)}")
+    return {"data.name": DATASETS, "levels.*.problem": PROBLEMS, "hypergradient.type": TYPES,
+            "levels.*.optimizer": OPTIMIZERS, "levels.*.scheduler": SCHEDULERS}
 
-    check(cfg.data.name, DATASETS, "data.name")
-    check(cfg.hypergradient.type, TYPES, "hypergradient.type")
+
+def _check_registered(cfg: Config, where: str) -> None:
+    """Registered names are the choices (``registries``); each level's ``params`` becomes its kind's Params."""
+    choices = registries()
+
+    def check(value, key, path):
+        if value not in choices[key]:
+            raise UserError(f"{where}: {path}: {choices[key].unknown(value)}")
+
+    check(cfg.data.name, "data.name", "data.name")
+    check(cfg.hypergradient.type, "hypergradient.type", "hypergradient.type")
     for level in cfg.levels:
         path = f"levels.{quote_key(level.name)}"
-        check(level.problem, PROBLEMS, f"{path}.problem")
-        check(level.optimizer, OPTIMIZERS, f"{path}.optimizer")
-        check(level.scheduler, SCHEDULERS, f"{path}.scheduler")
-        params_cls = getattr(PROBLEMS[level.problem], "Params", None)
+        for field in ("problem", "optimizer", "scheduler"):
+            check(getattr(level, field), f"levels.*.{field}", f"{path}.{field}")
+        params_cls = getattr(choices["levels.*.problem"][level.problem], "Params", None)
         if not dataclasses.is_dataclass(params_cls):
             raise UserError(f"{where}: {path}.problem: {level.problem}.Params is not a dataclass; a level's settings are "
                             "declared as one (problems.Level's contract)")

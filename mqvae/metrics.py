@@ -7,17 +7,16 @@ under ``LPIPS_MIN_SIDE`` px. A metric that is not measured is ``None`` together 
 number is ever substituted.
 """
 
+import importlib
 import io
 import os
 import pickle
+import sys
 import warnings
 from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 from typing import Callable, Optional
 from urllib.parse import urlparse
-
-import importlib
-import sys
 
 import torch
 import torch.hub

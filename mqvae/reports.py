@@ -134,10 +134,6 @@ def curve_panels(records: list[dict], task, learned_scalars=(), perplexity: str 
     return panels
 
 
-# The Fig. 6 quantities an upper level logs (problems.Level.hypergradient_stats), as <level>.<key>.
-FIG6_KEYS = ("direct_norm", "implicit_norm", "cosine", "implicit_ratio")
-
-
 def _levels_with(records: list[dict], key: str) -> list[str]:
     return sorted({k[: -len(key) - 1] for r in records for k in r if k.endswith(f".{key}")})
 
