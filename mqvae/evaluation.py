@@ -95,7 +95,8 @@ def evaluate(model, dataset, batch_size: int, device, image_quality=None) -> tup
             scores.update(batch, out.output)
     counts = distributed.sum_(counts).cpu()
     metrics = {"perplexity": metric_fns.perplexity(counts), "active_codes": metric_fns.active_codes(counts),
-               "gradient_gap": _mean_gap(gaps, len(range(0, len(dataset), batch_size * distributed.world_size())))}
+               "gradient_gap": _mean_gap(gaps, len(range(0, len(dataset), batch_size * distributed.world_size()))),
+               **metric_fns.code_rate(counts, getattr(model.quantizer, "groups", 1))}
     metrics.update(scores.compute())
     return metrics, counts
 

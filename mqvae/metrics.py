@@ -9,6 +9,7 @@ number is ever substituted.
 
 import importlib
 import io
+import math
 import os
 import pickle
 import sys
@@ -74,6 +75,21 @@ def perplexity(counts: Tensor) -> float:
 def active_codes(counts: Tensor) -> int:
     """Number of codewords selected at least once."""
     return int((counts > 0).sum())
+
+
+def code_rate(counts: Tensor, groups: int) -> dict:
+    """What a spatial position's codes carry, so that rows with other code layouts are not compared silently:
+    ``rate_bits``, the bits a position's codes can hold (G·log2(K/G) for G groups of K/G codes each: 7 for 128
+    codes, 12 for 2 groups of 64); ``entropy_bits``, the bits they carry over the test set when each group is coded
+    alone (Σ_g log2 of group g's perplexity; equal to log2(perplexity) with one group); and the perplexity and
+    active codes of each group, whose codes are ``counts``' consecutive slices. ``perplexity`` and
+    ``active_codes`` count the whole codebook."""
+    per_group = counts.reshape(groups, -1)
+    perplexities = [perplexity(c) if c.sum() > 0 else None for c in per_group]
+    return {"rate_bits": groups * math.log2(per_group.shape[1]),
+            "entropy_bits": sum(math.log2(p) for p in perplexities if p is not None),
+            "perplexity_per_group": perplexities,
+            "active_codes_per_group": [active_codes(c) for c in per_group]}
 
 
 def macro_f1(predictions: Tensor, labels: Tensor) -> float:

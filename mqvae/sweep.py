@@ -65,7 +65,14 @@ COLUMNS = {
     "wall_time_s": ("Train time (s)", 1.0),
     "iterations": ("Iterations", 1.0),
     "implicit_ratio": ("‖implicit‖/‖direct‖ (10^-3)", 1e-3),  # Fig. 6; Eq. 13 gives about xi, darts about 1
+    "rate_bits": ("Rate (bits/position)", 1.0),
+    "entropy_bits": ("Code entropy (bits/position)", 1.0),
 }
+
+# Shown in every mean table, before the sweep's metrics, and never tested: what a position's codes can hold and
+# what they carry (metrics.code_rate), so that rows whose code layouts differ (grouped codes, another codebook size)
+# are not compared silently. Perplexity and active codes count the whole codebook; metrics.json has them per group.
+RATE_COLUMNS = ["rate_bits", "entropy_bits"]
 
 # Which way a metric improves (the ↓ / ↑ of its header); it decides "better in k of n seeds" and whether a
 # significant difference is better or worse. Train time and iterations are costs, not results: no side.
@@ -346,7 +353,7 @@ def aggregate(sweep: Sweep, planned: list[PlannedRun], curve_key: Optional[str])
         # A diverged seed has no metrics: the means are over the other seeds, and the row says how many diverged.
         row = {"label": label, "dataset": dataset, "seeds": len(per_seed),
                "diverged": sum("diverged" in m for m in per_seed), "metrics": {}}
-        for metric in sweep.metrics:
+        for metric in [*RATE_COLUMNS, *(m for m in sweep.metrics if m not in RATE_COLUMNS)]:
             summary = summarize([m.get(metric) for m in per_seed])
             reasons = sorted({m[f"{metric}_reason"] for m in per_seed if m.get(f"{metric}_reason")})
             if reasons:
@@ -373,9 +380,12 @@ def format_cell(summary: dict, scale: float) -> str:
 
 
 def _shown(value: float, sign: str = "") -> str:
-    """Two decimals in the column's unit; a magnitude of a million or more (a collapsed run's Δgap) in
-    scientific notation, so that it reads as what it is."""
-    return f"{value:{sign}.2e}" if abs(value) >= 1e6 else f"{value:{sign}.2f}"
+    """Two decimals in the column's unit; a magnitude of a million or more (a collapsed run's Δgap) as
+    m×10^k, so that it reads as what it is: 1.25×10^13, not 12500000000000.00 or 1.25e+13."""
+    if abs(value) < 1e6 or not math.isfinite(value):
+        return f"{value:{sign}.2f}"
+    mantissa, exponent = f"{value:{sign}.2e}".split("e")
+    return f"{mantissa}×10^{int(exponent)}"
 
 
 def _na_cell(summary: dict, metric: str, notes: dict) -> str:
@@ -413,11 +423,15 @@ def _measured(results: dict) -> list[str]:
 
 
 def _mean_table(results: dict, dataset: Optional[str], notes: dict) -> list[str]:
-    metrics = _measured(results)
+    # The rate columns of runs made before metrics.json held them are n/a; a sweep's metrics may list them too.
+    metrics = [*(m for m in RATE_COLUMNS if m not in results["metrics"]), *_measured(results)]
     rows = []
     for row in (r for r in results["aggregate"] if r["dataset"] == dataset):
         cells = []
         for m in metrics:
+            if m not in row["metrics"]:  # a results.json written before the rate columns
+                cells.append("n/a")
+                continue
             cell = format_cell(row["metrics"][m], COLUMNS[m][1])
             cells.append(_na_cell(row["metrics"][m], m, notes) if cell == "n/a" else cell)
         rows.append((_row_label(row), cells))

@@ -68,6 +68,10 @@ def test_gradient_gap_equals_two_explicit_passes(task):
     assert metrics["gradient_gap"] > 0
 
 
+# metrics.code_rate's keys (tests/test_metrics.py checks their values).
+RATE = {"rate_bits", "entropy_bits", "perplexity_per_group", "active_codes_per_group"}
+
+
 @pytest.mark.parametrize("task", [RECONSTRUCTION, CLASSIFICATION], ids=lambda task: task.name)
 def test_task_metrics_equal_an_independent_pass_and_training_mode_comes_back(task):
     from sklearn.metrics import f1_score
@@ -81,10 +85,10 @@ def test_task_metrics_equal_an_independent_pass_and_training_mode_comes_back(tas
         outputs = torch.cat([model(x).output for x, _ in DataLoader(dataset, batch_size=8)]).double()
     x, y = dataset.tensors
     if task is RECONSTRUCTION:
-        assert set(metrics) == {"perplexity", "active_codes", "gradient_gap", "test_mse"}
+        assert set(metrics) == {"perplexity", "active_codes", "gradient_gap", "test_mse", *RATE}
         assert metrics["test_mse"] == pytest.approx(float(((outputs - x.double()) ** 2).mean()), rel=1e-6)
     else:
-        assert set(metrics) == {"perplexity", "active_codes", "gradient_gap", "accuracy", "f1", "cross_entropy"}
+        assert set(metrics) == {"perplexity", "active_codes", "gradient_gap", "accuracy", "f1", "cross_entropy", *RATE}
         predicted = outputs.argmax(1)
         assert metrics["accuracy"] == pytest.approx(float((predicted == y).double().mean()), rel=1e-6)  # a float32 mean
         assert metrics["f1"] == pytest.approx(f1_score(y.numpy(), predicted.numpy(), average="macro"), abs=1e-12)

@@ -337,3 +337,21 @@ def test_real_images_outside_unit_range_are_rejected():
     quality, _ = _stand_in_quality()
     with pytest.raises(ValueError):
         quality.update(_blobs(4, 32, seed=10) * 2 - 1, _blobs(4, 32, seed=10))
+
+
+def test_code_rate_by_hand():
+    from mqvae.metrics import code_rate
+
+    # 2 groups of 4 codes: group 0 uses one code (0 bits), group 1 its four equally (2 bits).
+    rate = code_rate(torch.tensor([4, 0, 0, 0, 1, 1, 1, 1]), groups=2)
+    assert rate["rate_bits"] == 4.0  # 2 * log2(4)
+    assert rate["entropy_bits"] == pytest.approx(2.0)
+    assert rate["perplexity_per_group"] == [pytest.approx(1.0), pytest.approx(4.0)]
+    assert rate["active_codes_per_group"] == [1, 4]
+    # One group of 8: log2(8) bits can be held; p = (1/2, 1/6, 1/6, 1/6) carries H = 1/2 + 3 * log2(6) / 6 bits.
+    rate = code_rate(torch.tensor([3, 1, 1, 1, 0, 0, 0, 0]), groups=1)
+    assert rate["rate_bits"] == 3.0
+    assert rate["entropy_bits"] == pytest.approx(0.5 + 0.5 * math.log2(6))
+    # A group whose codes the test set never chose has no perplexity and adds no bits.
+    rate = code_rate(torch.tensor([0, 0, 2, 2]), groups=2)
+    assert rate["perplexity_per_group"][0] is None and rate["entropy_bits"] == pytest.approx(1.0)

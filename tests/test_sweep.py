@@ -59,11 +59,15 @@ def test_tiny_sweep_writes_results_matching_the_runs(tmp_path):
     results = json.loads((out / "results.json").read_text())
     assert len(results["runs"]) == 4
     # FID is measured in no run here: its column is left out, with the reason.
-    assert "| Method | MSE (10^-3) ↓ | Perplexity ↑ | Δgap (10^-5) ↓ |\n" in md
+    # Every mean table shows the rate first: what a position's codes can hold, and carry (metrics.code_rate).
+    assert ("| Method | Rate (bits/position) | Code entropy (bits/position) | MSE (10^-3) ↓ | Perplexity ↑ | "
+            "Δgap (10^-5) ↓ |\n") in md
     for label in ("VQ-VAE", "MQ-VAE (direct)"):
         per_seed = [json.loads((out / slugify(label) / f"seed{s}" / "metrics.json").read_text()) for s in (0, 1)]
         assert [m["iterations"] for m in per_seed] == [2, 2]
-        cells = []
+        assert [m["rate_bits"] for m in per_seed] == [7.0, 7.0]  # 128 codes, one group
+        entropy = [math.log2(m["perplexity"]) for m in per_seed]
+        cells = ["7.00 ± 0.00", f"{statistics.fmean(entropy):.2f} ± {statistics.stdev(entropy):.2f}"]
         for key, scale in (("test_mse", 1e-3), ("perplexity", 1.0), ("gradient_gap", 1e-5)):
             values = [m[key] for m in per_seed]
             cells.append(f"{statistics.fmean(values) / scale:.2f} ± {statistics.stdev(values) / scale:.2f}")
@@ -392,11 +396,13 @@ def test_shipped_sweeps_load():
         assert sweep.runs and sweep.seeds and sweep.metrics
 
 
-def test_huge_values_read_in_scientific_notation():
-    # A collapsed run's gradient gap reaches 1e18 in the column's unit: 20 digits of fixed-point say nothing.
+def test_huge_values_read_as_powers_of_ten():
+    # A collapsed run's gradient gap reaches 1e18 in the column's unit: 20 digits of fixed-point say nothing, and
+    # "1.70e+18" is a program's notation.
     from mqvae.sweep import format_cell, format_paired_cell
 
-    assert format_cell({"mean": 1.7e13, "std": 1.2e13}, 1e-5) == "1.70e+18 ± 1.20e+18"
+    assert format_cell({"mean": 1.7e13, "std": 1.2e13}, 1e-5) == "1.70×10^18 ± 1.20×10^18"
     assert format_cell({"mean": 1.5e-3, "std": 4e-4}, 1e-3) == "1.50 ± 0.40"
+    assert format_cell({"mean": -3.2e-9, "std": 999999e-5}, 1e-5) == "-0.00 ± 999999.00"  # below 10^6: fixed
     cell = {"mean": 2.0e13, "ci95": [-1.0e14, 1.4e14], "better_seeds": 0, "n": 2}
-    assert format_paired_cell(cell, 1e-5) == "+2.00e+18 [-1.00e+19, +1.40e+19]; 0/2 better"
+    assert format_paired_cell(cell, 1e-5) == "+2.00×10^18 [-1.00×10^19, +1.40×10^19]; 0/2 better"
