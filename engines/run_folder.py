@@ -15,7 +15,7 @@ from pathlib import Path
 
 import yaml
 
-from mqvae.config import Config, config_from_dict, read_yaml, to_dict
+from mqvae.config import Config, config_from_dict, read_config, read_yaml, to_dict
 from mqvae.errors import UserError
 from mqvae.files import write_text
 from mqvae.tracking import EVENT_FILES
@@ -79,7 +79,7 @@ def resume_config(run_dir: Path, overrides: list[str] = (), config_path: Path | 
         raise UserError(f"--resume: {run_dir} holds no config.yaml, so it is not a run folder to resume")
     saved = config_from_dict(read_yaml(run_dir / "config.yaml"), where)
     if config_path is not None:
-        cfg = config_from_dict(read_yaml(config_path), str(config_path), overrides, imports)
+        cfg = config_from_dict(read_config(config_path), str(config_path), overrides, imports)
     else:
         cfg = config_from_dict(to_dict(saved), where, overrides, imports)
     changed = [key for key in differing_keys(to_dict(saved), to_dict(cfg)) if key not in RESUMABLE_KEYS]

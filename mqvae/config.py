@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
+import os
 import reprlib
 import stat
 import types
@@ -66,13 +67,13 @@ class ModelConfig:
 class QuantizerConfig:
     kind: str = spec("vq", choices=["vq", "gumbel"])
     num_codes: int = spec(128, min=1)
-    dim: int = spec(32, min=1)
+    dim: int = spec(16, min=1)
     # MQ-VAE Eq. 6: L = L_task + beta * L_commit + codebook_weight * L_codebook (both terms are MSEs).
     # Huh et al.'s Eq. 8-10, L_task + alpha * [(1 - b) * d(z_e, sg[z_q]) + b * d(sg[z_e], z_q)] (their b
     # weights the codebook side), is beta = alpha * (1 - b), codebook_weight = alpha * b; e.g. their
     # ResNet-18 alpha = 5, b = 0.98 -> beta = 0.1, codebook_weight = 4.9. (With their d = ½‖·‖² summed
     # over D instead of an MSE, multiply both by D/2.)
-    beta: float = spec(0.25, min=0.0)
+    beta: float = spec(0.1, min=0.0)
     codebook_weight: float = spec(1.0, min=0.0)
     # Huh et al.'s synchronized update (Eq. 21): the codebook also receives sync_nu * dL_task/dz_q.
     sync_nu: float = spec(0.0, min=0.0)
@@ -87,10 +88,13 @@ class QuantizerConfig:
     # Dead-code (LRU) replacement: a code idle for replace_freq iterations is re-seeded (0 = off).
     replace_freq: int = spec(0, min=0)
     # k-means init of the codes from encoder outputs before training (Huh §3.2; MQ-VAE §5.1 uses it for every
-    # model, and every shipped config but Gumbel-VQ's sets it). Off here so that a Gumbel-VQ config, whose
-    # codes are not found by distance, needs no key to turn it off.
-    kmeans_init: bool = False
+    # model). A Gumbel-VQ config turns it off: its codes are not found by distance.
+    kmeans_init: bool = True
     kmeans_iters: int = spec(10, min=0)
+    # Steps of the encoder-decoder without its quantizer (z_q = z_e) before the k-means fit, so that the codes are
+    # fitted where the encoder's outputs will be; with 0 they are fitted on the untrained encoder, whose outputs
+    # leave them in the first few steps (engines/experiment.py, warm_up_encoder_decoder). Needs kmeans_init.
+    kmeans_warmup: int = spec(100, min=0)
     # l2-normalized inputs and codes, cosine search, losses on the normalized vectors (Yu et al.; Huh Table 3).
     l2: bool = False
     # Grouped latents: each D-vector is split into `groups` sub-vectors of dim/groups, each quantized against
@@ -113,16 +117,16 @@ class LevelConfig:
     # The level kind's own settings: a mapping in the file, its class's Params dataclass once validated.
     params: dict = spec(factory=dict)
     # A registered optimizer (mqvae.optim.OPTIMIZERS): adam, adamw, sgd, or a user's.
-    optimizer: str = "adam"
-    lr: float = spec(1e-3, above=0.0)
-    weight_decay: float = spec(0.0, min=0.0)
+    optimizer: str = "adamw"
+    lr: float = spec(2e-3, above=0.0)
+    weight_decay: float = spec(1e-4, min=0.0)
     momentum: float = spec(0.0, min=0.0, max=1.0)
     # Adam and AdamW's (beta1, beta2) and eps; null: torch's (0.9, 0.999) and 1e-8. The authors' MQ-GAN code uses
     # betas (0.5, 0.9) and eps 1e-7 for its encoder-decoder.
     betas: Optional[list[float]] = None
     eps: Optional[float] = spec(None, above=0.0)
     # A registered schedule (mqvae.optim.SCHEDULERS): constant, cosine, warmup_cosine, or a user's.
-    scheduler: str = "constant"
+    scheduler: str = "cosine"
     warmup_ratio: float = spec(0.1, min=0.0, max=1.0)
     # The lr cosine and warmup_cosine anneal to (the authors' min_lr), instead of 0.
     min_lr: float = spec(0.0, min=0.0)
@@ -156,11 +160,11 @@ class HypergradientConfig:
 
 @dataclass
 class TrainConfig:
-    iters: int = spec(1000, min=1)
-    log_every: int = spec(10, min=1)
+    iters: int = spec(2000, min=1)
+    log_every: int = spec(25, min=1)
     # Evaluate on the test set every eval_every iterations (0 = only at the end).
-    eval_every: int = spec(0, min=0)
-    checkpoint_every: int = spec(0, min=0)
+    eval_every: int = spec(200, min=0)
+    checkpoint_every: int = spec(500, min=0)
 
 
 @dataclass
@@ -679,10 +683,40 @@ def read_yaml(path: str | Path) -> dict:
     return data
 
 
-def load_config(path: str | Path, overrides: list[str] = (), imports: list[str] = ()) -> Config:
-    """Read a YAML experiment file, apply ``--set`` overrides and ``--import`` modules, validate, and return the
-    typed config."""
+def read_config(path: str | Path, chain: tuple[Path, ...] = ()) -> dict:
+    """An experiment file's keys with its ``base:`` chain resolved: ``base: FILE`` (relative to the file's folder)
+    names a config whose keys this file overrides key by key. Mappings merge recursively; any other value, a list
+    such as ``levels`` included, replaces the base's whole. A base may have a base; a cycle is refused."""
+    path = Path(path)
     data = read_yaml(path)
+    if "base" not in data:
+        return data
+    base = data.pop("base")
+    if not isinstance(base, str) or not base:
+        raise UserError(f"{path}: base: expected the path of a config file (relative to {path.parent}), got {quote(base)}")
+    here = path.resolve()
+    base_path = path.parent / base
+    if base_path.resolve() in (*chain, here):
+        start = (*chain, here)[0].parent
+        names = " -> ".join(os.path.relpath(p, start) for p in (*chain, here, base_path.resolve()))
+        raise UserError(f"{path}: base: {base} makes a cycle ({cut(names)})")
+    if not base_path.exists():
+        raise UserError(f"{path}: base: {base_path} not found (the path is relative to the config's folder)")
+    return _merged(read_config(base_path, (*chain, here)), data)
+
+
+def _merged(base: dict, file: dict) -> dict:
+    merged = dict(base)
+    for key, value in file.items():
+        both_mappings = isinstance(value, dict) and isinstance(merged.get(key), dict)
+        merged[key] = _merged(merged[key], value) if both_mappings else value
+    return merged
+
+
+def load_config(path: str | Path, overrides: list[str] = (), imports: list[str] = ()) -> Config:
+    """Read a YAML experiment file (its ``base:`` chain resolved), apply ``--set`` overrides and ``--import``
+    modules, validate, and return the typed config."""
+    data = read_config(path)
     return config_from_dict(data, str(path), overrides, imports)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import pytest
 import torch
@@ -17,10 +18,23 @@ TINY_MODEL = {"kind": "vqvae", "hidden_channels": 8, "res_channels": 4, "num_res
 TINY_QUANTIZER = {"num_codes": 16, "dim": 4, "beta": 0.25}
 
 
+def is_base_config(path) -> bool:
+    """A config that experiments inherit (``base:``) and that runs nothing on its own: by the repository's naming,
+    ``base.yaml`` or ``*_base.yaml``."""
+    name = Path(path).name
+    return name == "base.yaml" or name.endswith("_base.yaml")
+
+
+# The optimizer settings the plain-torch references of the tests are written for: no weight decay, a constant lr
+# (the shipped defaults add both, configs/digits/base.yaml).
+PLAIN = {"weight_decay": 0.0, "scheduler": "constant"}
+
+
 def two_levels(codebook_lr=1e-2, autoencoder_lr=1e-2, optimizer="adam"):
     return [
-        {"name": "codebook", "problem": "Codebook", "optimizer": optimizer, "lr": codebook_lr, "lower": ["autoencoder"]},
-        {"name": "autoencoder", "problem": "AutoEncoder", "optimizer": optimizer, "lr": autoencoder_lr},
+        {"name": "codebook", "problem": "Codebook", "optimizer": optimizer, "lr": codebook_lr, **PLAIN,
+         "lower": ["autoencoder"]},
+        {"name": "autoencoder", "problem": "AutoEncoder", "optimizer": optimizer, "lr": autoencoder_lr, **PLAIN},
     ]
 
 

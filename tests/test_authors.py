@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from engines.build import level_steps
-from helpers import float64, tiny_config, tiny_engine  # noqa: F401  (float64: a fixture)
+from helpers import PLAIN, float64, tiny_config, tiny_engine  # noqa: F401  (float64: a fixture)
 from test_run import ROOT, TINY
 
 GAS = 4
@@ -25,9 +25,9 @@ LOWER_LR, CODEBOOK_LR, ALPHA = 1e-2, 5e-2, 0.01
 def authors_levels(gas=GAS):
     return [
         {"name": "codebook", "problem": "Codebook", "optimizer": "sgd", "lr": CODEBOOK_LR, "momentum": 0.9,
-         "grad_accumulation": gas, "lower": ["autoencoder"]},
+         "grad_accumulation": gas, **PLAIN, "lower": ["autoencoder"]},
         {"name": "autoencoder", "problem": "AutoEncoder", "optimizer": "adamw", "lr": LOWER_LR, "betas": [0.5, 0.9],
-         "eps": 1e-7, "grad_accumulation": gas},
+         "eps": 1e-7, "grad_accumulation": gas, **PLAIN},
     ]
 
 

@@ -22,7 +22,7 @@ from mqvae.errors import UserError
 from mqvae.hypergradients import HypergradientContext, register_hypergradient
 from problems import AutoEncoder, Level, register_problem
 
-from helpers import float64, snapshot, tiny_engine, two_levels  # noqa: F401  (float64: a fixture)
+from helpers import PLAIN, float64, snapshot, tiny_engine, two_levels  # noqa: F401  (float64: a fixture)
 
 # ---------------------------------------------------------------------------------------------
 # 1. A smooth toy two-level problem in float64: the engine's hypergradient equals autograd's
@@ -74,8 +74,8 @@ def toy_engine(tmp_path, xi, hypergradient_type="mqvae"):
         "device": "cpu",
         "data": {"batch_size": 12},
         "levels": [
-            {"name": "upper", "problem": "ToyUpper", "optimizer": "sgd", "lr": 0.1, "lower": ["lower"]},
-            {"name": "lower", "problem": "ToyLower", "optimizer": "sgd", "lr": xi},
+            {"name": "upper", "problem": "ToyUpper", "optimizer": "sgd", "lr": 0.1, **PLAIN, "lower": ["lower"]},
+            {"name": "lower", "problem": "ToyLower", "optimizer": "sgd", "lr": xi, **PLAIN},
         ],
         "hypergradient": {"type": hypergradient_type, "xi": None, "alpha": 0.01},
     }, "<toy>")

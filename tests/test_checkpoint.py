@@ -7,9 +7,11 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from helpers import snapshot, tiny_engine
 from mqvae.checkpoint import load_checkpoint
+from mqvae.config import load_config, to_dict
 from mqvae.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -163,7 +165,7 @@ def test_run_py_refuses_to_resume_it_in_one_line(trained, tmp_path, capsys):
     run_dir.mkdir()
     _save(state, run_dir)
     config = ROOT / "configs/digits/affine.yaml"
-    (run_dir / "config.yaml").write_text(config.read_text())
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(load_config(config))))  # resolved, as a run writes it
     assert run.main([str(config), "--resume", str(run_dir)]) != 0
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("error: --resume: ") and "predates Huh A.1" in err, err

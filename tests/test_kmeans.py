@@ -150,3 +150,56 @@ def test_a_new_run_starts_from_kmeans_centres_of_its_encoder_outputs(tmp_path, m
     assert len(used) >= 12  # k-means++ spreads the 16 codes over the data
     for k in used.tolist():
         torch.testing.assert_close(codes[k], z[nearest == k].mean(0), rtol=1e-4, atol=1e-5)
+
+
+def early_perplexities(tmp_path, name, *extra):
+    import json
+
+    import run
+
+    out = tmp_path / name
+    assert run.main(["configs/digits/vqvae.yaml", "--set", "train.iters=20", "--set", "train.log_every=1",
+                     "--set", "train.eval_every=0", "--set", "device=cpu", "--set", "eval.image_quality=off",
+                     *extra, "--out", str(out)]) == 0
+    records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    return [r["vqvae.perplexity"] for r in records if "vqvae.perplexity" in r]
+
+
+# The stated floor: in the first 20 iterations after the fit, the batch perplexity stays above half of its value at
+# the first iteration.
+EARLY_FLOOR = 0.5
+
+
+def test_codes_fitted_after_the_warm_up_stay_in_use_in_the_first_iterations(tmp_path):
+    # Without the warm-up the fit is on the untrained encoder, whose outputs the first Adam steps carry away from
+    # every code but a few (engines/experiment.py, warm_up_encoder_decoder): the floor would fail there.
+    warmed = early_perplexities(tmp_path, "warmed")
+    assert len(warmed) == 20 and warmed[0] > 50
+    assert min(warmed) >= EARLY_FLOOR * warmed[0], warmed
+    cold = early_perplexities(tmp_path, "cold", "--set", "quantizer.kmeans_warmup=0")
+    assert min(cold) < 0.2 * cold[0], cold
+
+
+def test_the_warm_up_trains_the_encoder_decoder_only_and_leaves_the_training_batches_alone(tmp_path):
+    from engines.experiment import build_engine, initialize_codebook
+    from mqvae.config import load_config
+
+    tiny = ["model.hidden_channels=8", "model.res_channels=4", "model.num_res_blocks=1", "device=cpu"]
+    engines = {}
+    for steps in (0, 5):
+        cfg = load_config("configs/digits/mqvae.yaml", [*tiny, f"quantizer.kmeans_warmup={steps}"])
+        engine = engines[steps] = build_engine(cfg, tmp_path / str(steps))
+        start = {k: v.clone() for k, v in engine.model.state_dict().items()}
+        initialize_codebook(engine)
+        moved = {k for k, v in engine.model.state_dict().items() if not torch.equal(v, start[k])}
+        assert moved == ({"quantizer.codebook"} if steps == 0 else
+                         {k for k in start if k.startswith(("encoder.", "decoder."))} | {"quantizer.codebook"})
+        # No gradient is left behind; the training's optimizers hold the warm-up's moments of the encoder and
+        # decoder (so that the training does not start with a fresh Adam's large first steps) and nothing else.
+        assert all(p.grad is None for p in engine.model.parameters())
+        names = {param: name for name, param in engine.model.named_parameters()}
+        with_state = {names[p] for problem in engine.problems for p in problem.optimizer.state}
+        assert with_state == (set() if steps == 0 else {k for k in moved if k != "quantizer.codebook"})
+        engine.train_step()
+    first = [engines[s].encoder_level.cur_batch[0] for s in (0, 5)]
+    assert torch.equal(*first)

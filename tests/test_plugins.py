@@ -44,9 +44,11 @@ def plugin(tmp_path) -> Path:
 
 
 def write_config(folder: Path, **changes) -> Path:
-    """The README's YAML block merged into a tiny config."""
+    """The README's YAML block merged into a tiny config (its base: the shipped digits base)."""
     (block,) = code_blocks(plugin_section(), "yaml")
     data = {**TINY, **yaml.safe_load(block)}
+    # The README's config sits in the repository's root, where its base path is relative to: here it is elsewhere.
+    data["base"] = str(ROOT / data["base"])
     for key, value in changes.items():
         data[key] = {**data.get(key, {}), **value} if isinstance(value, dict) else value
     path = folder / "my_config.yaml"

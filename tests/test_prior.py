@@ -157,9 +157,14 @@ def test_fid_and_is_of_samples_over_training_with_stand_in_networks(source, tmp_
 
 def test_a_class_conditional_prior_trains(source, tmp_path):
     out = tmp_path / "conditional"
-    assert run.main([*prior_args(source, "--set", "train.iters=10", "--set", "prior.class_conditional=true"),
-                     "--out", str(out)]) == 0
-    assert json.loads((out / "metrics.json").read_text())["test_nll_bits"] < math.log2(16)
+    assert run.main([*prior_args(source, "--set", "train.iters=10", "--set", "train.eval_every=1",
+                                "--set", "prior.class_conditional=true"), "--out", str(out)]) == 0
+    # It learns: the test NLL falls at every evaluation. (Below log2(16) bits, uniform over the 16 codes, is
+    # not a bound after 10 steps: the source's codes are used almost uniformly since k-means follows a warm-up.)
+    nll = [r["test_nll_bits"] for r in map(json.loads, (out / "log.jsonl").read_text().splitlines())
+           if "test_nll_bits" in r]
+    assert len(nll) == 10 and all(later < earlier for earlier, later in zip(nll, nll[1:])), nll
+    assert json.loads((out / "metrics.json").read_text())["test_nll_bits"] == pytest.approx(nll[-1])
     state = torch.load(out / "checkpoint.pt", weights_only=True)
     assert state["levels"]["prior"]["layers.0.condition.weight"].shape[0] == 10
 

@@ -35,7 +35,7 @@ MODES = {
     "group": {"groups": 2},
     "group_sync": {"groups": 2, "sync_nu": 0.5},
     "replace": {"replace_freq": 2},
-    "gumbel": {"kind": "gumbel"},
+    "gumbel": {"kind": "gumbel", "kmeans_init": False},
 }
 
 # Which parameter sets get a non-zero gradient from which loss term. ν = 0: the task loss never
@@ -461,11 +461,11 @@ def test_gumbel_kl_and_modes():
 
 
 @pytest.mark.parametrize("keys,named", [
-    ({"kind": "gumbel", "affine": "learned"}, ["quantizer.affine", "quantizer.kind"]),
-    ({"kind": "gumbel", "sync_nu": 0.2}, ["quantizer.sync_nu", "quantizer.kind"]),
-    ({"kind": "gumbel", "replace_freq": 20}, ["quantizer.replace_freq"]),
-    ({"kind": "gumbel", "l2": True}, ["quantizer.l2"]),
-    ({"kind": "gumbel", "groups": 2}, ["quantizer.groups"]),
+    ({"kind": "gumbel", "kmeans_init": False, "affine": "learned"}, ["quantizer.affine", "quantizer.kind"]),
+    ({"kind": "gumbel", "kmeans_init": False, "sync_nu": 0.2}, ["quantizer.sync_nu", "quantizer.kind"]),
+    ({"kind": "gumbel", "kmeans_init": False, "replace_freq": 20}, ["quantizer.replace_freq"]),
+    ({"kind": "gumbel", "kmeans_init": False, "l2": True}, ["quantizer.l2"]),
+    ({"kind": "gumbel", "kmeans_init": False, "groups": 2}, ["quantizer.groups"]),
     ({"kind": "gumbel", "kmeans_init": True}, ["quantizer.kmeans_init"]),
     ({"groups": 3, "num_codes": 16, "dim": 6}, ["quantizer.groups", "quantizer.num_codes"]),
     ({"affine_groups": 2}, ["quantizer.affine_groups", "quantizer.affine"]),
@@ -497,7 +497,7 @@ def test_param_groups_are_one_group_of_the_codebook_and_the_affine_parameters():
     ("l2", {"l2": True}),
     ("affine", {"affine": "learned", "affine_lr": 10.0}),
     ("sync", {"sync_nu": 0.2}),
-    ("gumbel", {"kind": "gumbel"}),
+    ("gumbel", {"kind": "gumbel", "kmeans_init": False}),
 ])
 def test_baseline_configs_differ_from_vqvae_only_in_the_quantizer(name, expected):
     base = load_config(ROOT / "configs/digits/vqvae.yaml")
