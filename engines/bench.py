@@ -150,6 +150,10 @@ def phase_times(engine, rounds: int) -> dict:
 
     from mqvae.perf import PHASE_PREFIX
 
+    # Kineto, the profiler's C++ side, writes to stderr: "USDT: ... profiler_start" and "profiler_stop" around each
+    # profile, and on a CPU-only machine "gpuGetDeviceCount failed" as an ERROR. Its level is KINETO_LOG_LEVEL, read
+    # when the profiler first starts in the process; 6 is above its highest kind (USDT, 5). A level set outside stays.
+    os.environ.setdefault("KINETO_LOG_LEVEL", "6")
     cuda = engine.device.type == "cuda"
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     _sync(engine.device)
@@ -604,8 +608,6 @@ def main(argv=None) -> int:
     if missing:
         parser.error(f"--configs {args.configs}: no {', '.join(missing)} there (run from the repository root, or name "
                      "the folder of the digits configs)")
-    # The profiler's C++ side (Kineto) otherwise logs "gpuGetDeviceCount failed" as an ERROR on CPU-only machines.
-    os.environ.setdefault("KINETO_LOG_LEVEL", "5")
     result = run_bench(args.quick, None if args.seeds is None else {"ttq_seeds": args.seeds}, args.configs)
     write_json(Path(args.out), result)
     print(summary(result))

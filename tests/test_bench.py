@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,6 +15,8 @@ from engines import bench
 from mqvae.perf import apply_perf
 
 from helpers import tiny_config, tiny_engine
+
+ROOT = Path(__file__).resolve().parents[1]
 
 TINY = ["model.hidden_channels=8", "model.res_channels=4", "model.num_res_blocks=1", "quantizer.num_codes=16",
         "quantizer.dim=4", "device=cpu"]
@@ -76,6 +82,31 @@ def test_bench_writes_the_documented_schema(tmp_path, monkeypatch):
     if 2 * ttq["seeds_reached"] <= len(ttq["per_seed"]):
         assert ttq["median_ratio_to_vqvae_time_reason"].startswith("not reached")
     assert "|" in bench.summary(result)
+
+
+# Three profiled iterations of a tiny engine, in a process of their own.
+PROFILED = """
+import sys
+from pathlib import Path
+
+from engines import bench
+from helpers import tiny_engine
+
+engine = tiny_engine(Path(sys.argv[1]))
+engine.train()
+bench.phase_times(engine, 3)
+"""
+
+
+def test_the_profiler_writes_nothing_on_stderr(tmp_path):
+    """Kineto's own lines ("USDT: ... profiler_start", and on a CPU-only machine "gpuGetDeviceCount failed") stay off
+    stderr. In a fresh process without KINETO_LOG_LEVEL, because Kineto reads its level once, at its first start."""
+    env = {k: v for k, v in os.environ.items() if k != "KINETO_LOG_LEVEL"}
+    env.update(PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "tests")]), OMP_NUM_THREADS="1")
+    result = subprocess.run([sys.executable, "-c", PROFILED, str(tmp_path)], cwd=ROOT, capture_output=True, text=True,
+                            timeout=600, env=env)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == ""
 
 
 def _seed(ratio, mqvae_time=2.0, vqvae_time=1.0):
