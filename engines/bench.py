@@ -1,13 +1,15 @@
 """Benchmarks: bi-level training-step cost, nearest-neighbour search, time to quality.
 
 ``python -m engines.bench [--out FILE] [--quick] [--seeds S ...] [--configs DIR]`` writes one JSON file and
-prints a markdown summary. The training modes' configs are ``vqvae.yaml``, ``alt.yaml`` and ``mqvae.yaml`` in
-``--configs`` (default ``configs/digits``, relative to the working folder: run it from the repository root).
+prints a markdown summary; a line on stderr as each part starts says how far it is. The training modes' configs
+are ``vqvae.yaml``, ``alt.yaml`` and ``mqvae.yaml`` in ``--configs`` (default ``configs/digits``, relative to the
+working folder: run it from the repository root).
 
 The functions that build engines import ``.experiment`` when they run, not at the top: the nearest-neighbour
 measurements run in fresh processes (``--nn-worker``), which then load only torch and ``mqvae.search``.
 
-Wall-clock numbers live here and in the JSON it writes; tests never assert them.
+Wall-clock numbers live here and in the JSON it writes, with the machine's load average before and after (a
+figure taken while other processes wanted the cores is flagged ``under_load``); tests never assert them.
 """
 
 from __future__ import annotations
@@ -150,6 +152,10 @@ def phase_times(engine, rounds: int) -> dict:
 
     from mqvae.perf import PHASE_PREFIX
 
+    # Kineto, the profiler's C++ side, writes to stderr: "USDT: ... profiler_start" and "profiler_stop" around each
+    # profile, and on a CPU-only machine "gpuGetDeviceCount failed" as an ERROR. Its level is KINETO_LOG_LEVEL, read
+    # when the profiler first starts in the process; 6 is above its highest kind (USDT, 5). A level set outside stays.
+    os.environ.setdefault("KINETO_LOG_LEVEL", "6")
     cuda = engine.device.type == "cuda"
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     _sync(engine.device)
@@ -473,6 +479,17 @@ def environment(device: torch.device) -> dict:
     return env
 
 
+def machine_load(before: tuple[float, float, float]) -> dict:
+    """The load averages (1, 5 and 15 minutes) ``before`` the benchmark and now, after it, against the machine's
+    cores (both count the whole machine, not this process's share of it). The figures were taken ``under_load`` when
+    the 1-minute average, the one nearest the run's start and end, was above the cores before or after: other
+    processes then wanted cores the benchmark was using, and its times are not an idle machine's."""
+    after = os.getloadavg()
+    cores = os.cpu_count()
+    return {"cores": cores, "before": [round(v, 2) for v in before], "after": [round(v, 2) for v in after],
+            "under_load": before[0] > cores or after[0] > cores}
+
+
 def run_bench(quick: bool, sizes: dict | None = None, configs: Path = CONFIGS) -> dict:
     """All three benchmarks. ``sizes`` overrides the settings (used by the smoke test); ``configs`` is the folder
     of the training modes' configs."""
@@ -496,21 +513,37 @@ def run_bench(quick: bool, sizes: dict | None = None, configs: Path = CONFIGS) -
     }
     s.update(sizes or {})
     started = time.perf_counter()
-    steps = {
-        "digits": step_times("digits", s["digits_batch"], s["warmup"], s["rounds"]["digits"], s["overrides"],
-                             s["profile_rounds"]["digits"], configs),
-        "paper": step_times("paper", s["paper_batch"], s["paper_warmup"], s["rounds"]["paper"], s["overrides"],
-                            s["profile_rounds"]["paper"], configs),
+    load_before = os.getloadavg()
+    parts = {  # key in the result: what the progress line calls the part, and the part
+        "digits": ("training-step cost, digits shape",
+                   lambda: step_times("digits", s["digits_batch"], s["warmup"], s["rounds"]["digits"], s["overrides"],
+                                      s["profile_rounds"]["digits"], configs)),
+        "paper": ("training-step cost, paper shape",
+                  lambda: step_times("paper", s["paper_batch"], s["paper_warmup"], s["rounds"]["paper"], s["overrides"],
+                                     s["profile_rounds"]["paper"], configs)),
+        "finite_check": ("cost of the per-step checks",
+                         lambda: finite_check_cost(s["digits_batch"], s["rounds"]["digits"], s["overrides"],
+                                                   configs=configs)),
+        "data_parallel": ("data-parallel step time",
+                          lambda: data_parallel(s["digits_batch"] // 2, s["warmup"], s["rounds"]["digits"], configs)),
+        "nn_search": ("nearest-neighbour search", lambda: nn_search(s["nn_grid"], device, s["nn_min_time"])),
+        "time_to_quality": ("time to quality",
+                            lambda: time_to_quality(s["ttq_iters"], s["ttq_eval_every"], s["digits_batch"],
+                                                    s["ttq_seeds"], s["overrides"], configs)),
     }
+    if not s["data_parallel"]:
+        del parts["data_parallel"]
+    measured = {}
+    for i, (key, (name, part)) in enumerate(parts.items(), 1):
+        # On stderr: a full run takes minutes, and stdout is the summary's.
+        print(f"engines.bench {i}/{len(parts)}: {name} ({time.perf_counter() - started:.0f} s so far)",
+              file=sys.stderr, flush=True)
+        measured[key] = part()
+    steps = {"digits": measured["digits"], "paper": measured["paper"]}
     steps["digits"]["config"] = f"{Path(configs).as_posix()}/{{vqvae,alt,mqvae}}.yaml (+ hypergradient.roll_back=true)"
     steps["paper"]["config"] = ("MQ-VAE App. I: random 32x32x3 inputs, hidden 256, res 256, 2 residual blocks, "
                                 "downsample 2, 1024 codes x 512 dims, beta 0.1, AdamW; batch 512 on GPU, "
                                 f"{s['paper_batch']} here" if not cuda else "MQ-VAE App. I, batch 512")
-    finite = finite_check_cost(s["digits_batch"], s["rounds"]["digits"], s["overrides"], configs=configs)
-    parallel = data_parallel(s["digits_batch"] // 2, s["warmup"], s["rounds"]["digits"], configs) if s["data_parallel"] else None
-    nn_rows = nn_search(s["nn_grid"], device, s["nn_min_time"])
-    ttq = time_to_quality(s["ttq_iters"], s["ttq_eval_every"], s["digits_batch"], s["ttq_seeds"], s["overrides"],
-                          configs)
     return {
         "quick": quick,
         "settings": {k: v for k, v in s.items() if k != "nn_grid"},
@@ -518,21 +551,27 @@ def run_bench(quick: bool, sizes: dict | None = None, configs: Path = CONFIGS) -
         "environment": environment(device),
         "step_time_ratio": {shape: steps[shape]["ratio_to_vqvae"] for shape in steps},
         "step_time": steps,
-        "nn_search": {"memory_budget_bytes": _memory_budget(device), "rows": nn_rows,
+        "nn_search": {"memory_budget_bytes": _memory_budget(device), "rows": measured["nn_search"],
                       "chunked": f"mqvae.search.nearest_codes (default chunk_elements for {device.type}: "
                                  f"{DEFAULT_CHUNK_ELEMENTS.get(device.type)}, fp32)",
                       "naive": "torch.cdist(z, codebook).argmin(dim=1)"},
-        "finite_check": finite,
-        "data_parallel": parallel,
-        "time_to_quality": ttq,
+        "finite_check": measured["finite_check"],
+        "data_parallel": measured.get("data_parallel"),
+        "time_to_quality": measured["time_to_quality"],
         "total_bench_s": round(time.perf_counter() - started, 1),
+        "load": machine_load(load_before),
     }
 
 
 def summary(result: dict) -> str:
     lines = [f"## engines.bench ({result['grid']}, {result['environment']['device']}, torch {result['environment']['torch']}, "
-             f"{result['environment']['threads']} threads)", "",
-             "| shape | batch | VQ-VAE s/it | alt (xi=0) | MQ-VAE | MQ-VAE roll-back |", "|---|---|---|---|---|---|"]
+             f"{result['environment']['threads']} threads)", ""]
+    load = result["load"]
+    if load["under_load"]:
+        lines += [f"warning: the machine was under load, its 1-minute load average above its {load['cores']} cores "
+                  f"({load['before'][0]:.2f} before, {load['after'][0]:.2f} after): other processes competed for "
+                  "the cores, so these times are not an idle machine's", ""]
+    lines += ["| shape | batch | VQ-VAE s/it | alt (xi=0) | MQ-VAE | MQ-VAE roll-back |", "|---|---|---|---|---|---|"]
     for shape, st in result["step_time"].items():
         m, r = st["median_s"], st["ratio_to_vqvae"]
         lines.append(f"| {shape} {tuple(st['input_shape'])} | {st['batch_size']} | {m['vqvae']:.4f} | "
@@ -604,8 +643,6 @@ def main(argv=None) -> int:
     if missing:
         parser.error(f"--configs {args.configs}: no {', '.join(missing)} there (run from the repository root, or name "
                      "the folder of the digits configs)")
-    # The profiler's C++ side (Kineto) otherwise logs "gpuGetDeviceCount failed" as an ERROR on CPU-only machines.
-    os.environ.setdefault("KINETO_LOG_LEVEL", "5")
     result = run_bench(args.quick, None if args.seeds is None else {"ttq_seeds": args.seeds}, args.configs)
     write_json(Path(args.out), result)
     print(summary(result))

@@ -363,6 +363,8 @@ class LevelEngine(Engine):
                                   counts=distributed.sum_(out.counts.clone()))
         if self.writes:
             quantizer.maintain(z_e, out)
+        else:  # rank 0's maintenance, broadcast below, is this rank's: its forwards were maintained
+            quantizer.unmaintained_forwards = 0
         distributed.broadcast_([*quantizer.parameters(), *quantizer.buffers()])
 
     def share_batch_norm_statistics(self) -> None:

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,6 +16,8 @@ from mqvae.perf import apply_perf
 
 from helpers import tiny_config, tiny_engine
 
+ROOT = Path(__file__).resolve().parents[1]
+
 TINY = ["model.hidden_channels=8", "model.res_channels=4", "model.num_res_blocks=1", "quantizer.num_codes=16",
         "quantizer.dim=4", "device=cpu"]
 SIZES = {"digits_batch": 8, "paper_batch": 2, "warmup": 1, "paper_warmup": 1, "rounds": {"digits": 2, "paper": 1},
@@ -20,11 +26,27 @@ SIZES = {"digits_batch": 8, "paper_batch": 2, "warmup": 1, "paper_warmup": 1, "r
          "data_parallel": False}  # test_data_parallel_step_times_compare_the_same_global_batch runs it alone
 
 
-def test_bench_writes_the_documented_schema(tmp_path, monkeypatch):
+def test_bench_writes_the_documented_schema(tmp_path, monkeypatch, capsys):
     # An N x K matrix over the budget is reported as skipped, not dropped.
     monkeypatch.setattr(bench, "_memory_budget", lambda device: 64 * 1024)
+    # An idle machine before, a loaded one after.
+    loads = iter([(0.5, 0.25, 0.75), (os.cpu_count() + 1.5, 0.5, 0.25)])
+    monkeypatch.setattr(os, "getloadavg", lambda: next(loads))
     result = bench.run_bench(quick=True, sizes={**SIZES, "nn_grid": [(256, 32, 8), (1024, 64, 8)]})
     result = json.loads(json.dumps(result))  # JSON-serializable
+
+    # One line on stderr as each part starts (the data-parallel part is left out here).
+    stderr = capsys.readouterr().err.splitlines()
+    assert [line.split(" (")[0] for line in stderr if line.startswith("engines.bench ")] == [
+        "engines.bench 1/5: training-step cost, digits shape", "engines.bench 2/5: training-step cost, paper shape",
+        "engines.bench 3/5: cost of the per-step checks", "engines.bench 4/5: nearest-neighbour search",
+        "engines.bench 5/5: time to quality"]
+    assert result["load"] == {"cores": os.cpu_count(), "before": [0.5, 0.25, 0.75],
+                              "after": [os.cpu_count() + 1.5, 0.5, 0.25], "under_load": True}
+    warning = [line for line in bench.summary(result).splitlines() if line.startswith("warning: ")]
+    assert len(warning) == 1 and f"above its {os.cpu_count()} cores" in warning[0], warning
+    result["load"]["under_load"] = False
+    assert "warning: " not in bench.summary(result)
 
     env = result["environment"]
     assert {"device", "torch", "threads"} <= env.keys()
@@ -76,6 +98,42 @@ def test_bench_writes_the_documented_schema(tmp_path, monkeypatch):
     if 2 * ttq["seeds_reached"] <= len(ttq["per_seed"]):
         assert ttq["median_ratio_to_vqvae_time_reason"].startswith("not reached")
     assert "|" in bench.summary(result)
+
+
+@pytest.mark.parametrize("before, after, under_load", [(2.0, 1.5, False), (2.01, 0.5, True), (0.5, 2.5, True)],
+                         ids=["at-most-the-cores", "loaded-before", "loaded-after"])
+def test_a_figure_taken_under_load_is_flagged(monkeypatch, before, after, under_load):
+    """On 2 cores: a 1-minute load average above 2, before or after the run, flags it; the 5- and 15-minute averages,
+    which reach back before the run's start, are recorded and do not decide."""
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(os, "getloadavg", lambda: (after, 7.0, 9.0))
+    assert bench.machine_load((before, 7.0, 9.0)) == {"cores": 2, "before": [before, 7.0, 9.0],
+                                                      "after": [after, 7.0, 9.0], "under_load": under_load}
+
+
+# Three profiled iterations of a tiny engine, in a process of their own.
+PROFILED = """
+import sys
+from pathlib import Path
+
+from engines import bench
+from helpers import tiny_engine
+
+engine = tiny_engine(Path(sys.argv[1]))
+engine.train()
+bench.phase_times(engine, 3)
+"""
+
+
+def test_the_profiler_writes_nothing_on_stderr(tmp_path):
+    """Kineto's own lines ("USDT: ... profiler_start", and on a CPU-only machine "gpuGetDeviceCount failed") stay off
+    stderr. In a fresh process without KINETO_LOG_LEVEL, because Kineto reads its level once, at its first start."""
+    env = {k: v for k, v in os.environ.items() if k != "KINETO_LOG_LEVEL"}
+    env.update(PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "tests")]), OMP_NUM_THREADS="1")
+    result = subprocess.run([sys.executable, "-c", PROFILED, str(tmp_path)], cwd=ROOT, capture_output=True, text=True,
+                            timeout=600, env=env)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == ""
 
 
 def _seed(ratio, mqvae_time=2.0, vqvae_time=1.0):

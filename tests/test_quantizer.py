@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
 from pathlib import Path
 
 import pytest
@@ -20,7 +21,7 @@ from mqvae.config import QuantizerConfig, load_config
 from mqvae.errors import UserError
 from mqvae.quantizers import GumbelQuantizer, QuantizerOutput, VectorQuantizer, build_quantizer, from_vectors
 from mqvae.quantizers.affine import VAR_EPS
-from mqvae.quantizers.vq import REPLACE_NOISE
+from mqvae.quantizers.vq import REPLACE_NOISE, UNMAINTAINED_FORWARDS
 
 K, D = 16, 8  # codes, latent channels
 ROOT = Path(__file__).resolve().parents[1]
@@ -389,6 +390,60 @@ def test_ema_affine_statistics_match_huh_eq_38_45(affine_groups, groups):
 def test_ema_affine_is_identity_until_first_update():
     q = build_quantizer(QuantizerConfig(num_codes=K, dim=D, affine="ema")).double()
     assert torch.equal(q.effective_codebook(), q.codebook)
+
+
+def _forwards(q, n: int) -> tuple[list[str], QuantizerOutput | None]:
+    """The maintain() warnings of ``n`` forwards of ``q`` (every one Python lets through), and the last output."""
+    z, out = _z(), None
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(n):
+            out = q(z)
+    return [str(w.message) for w in caught if "maintain()" in str(w.message)], out
+
+
+@pytest.mark.parametrize("mode, maintains", [("replace", True), ("affine_ema", True), ("plain", False),
+                                             ("affine_learned", False), ("group_sync", False)])
+def test_a_quantizer_never_maintained_warns_once(mode, maintains):
+    q = make(mode)
+    assert _forwards(q, UNMAINTAINED_FORWARDS - 1)[0] == []
+    told, _ = _forwards(q, UNMAINTAINED_FORWARDS + 1)  # the UNMAINTAINED_FORWARDS-th forward, then as many more
+    if maintains:
+        assert len(told) == 1 and "call quantizer.maintain(z_e.detach(), out.detached())" in told[0], told
+    else:  # nothing to maintain: nothing to say
+        assert told == []
+    # The count is no state: a checkpoint of the quantizer is the same, and loads into a fresh one.
+    fresh = make(mode)
+    assert q.state_dict().keys() == fresh.state_dict().keys()
+    fresh.load_state_dict(q.state_dict())
+
+
+def test_maintenance_and_evaluation_forwards_keep_the_warning_away():
+    q = make("replace")
+    told, out = _forwards(q, UNMAINTAINED_FORWARDS - 1)
+    q.maintain(_z(), out.detached())
+    told += _forwards(q, UNMAINTAINED_FORWARDS - 1)[0]
+    q.eval()  # evaluation needs no maintenance
+    told += _forwards(q, UNMAINTAINED_FORWARDS)[0]
+    assert told == []
+    q.train()  # the count since maintain() went on: this is its UNMAINTAINED_FORWARDS-th training forward
+    assert len(_forwards(q, 1)[0]) == 1
+
+
+def test_the_count_does_not_recompile_a_compiled_quantizer():
+    """Under torch.compile the forward does not count: the graph would read the count as a constant and guard on
+    it, so that each new value compiled the forward again."""
+    from torch._dynamo.testing import CompileCounter
+
+    torch._dynamo.reset()
+    q, frames = make("replace"), CompileCounter()
+    compiled, z = torch.compile(q, backend=frames), _z()
+    compiled(z)
+    first = frames.frame_count
+    for _ in range(3):
+        compiled(z)
+    torch._dynamo.reset()
+    assert first >= 1 and frames.frame_count == first
 
 
 # ---------------------------------------------------------------------------------------------

@@ -4,6 +4,9 @@ log.jsonl; none fires on any shipped config.
 - a level whose parameters get a zero gradient for ZERO_GRADIENT_STEPS optimizer steps in a row;
 - a hypergradient type whose implicit term is exactly zero (Betty's neumann and cg under the plain STE);
 - hypergradient settings in a config where no level has a level below it.
+
+The standalone quantizer's own warning, for a training loop that never calls its ``maintain``, is never the
+engine's: the engine maintains after every iteration, on every rank.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ import json
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -22,7 +26,8 @@ from engines import experiment
 from engines.engine import ZERO_GRADIENT_STEPS, LevelEngine
 from mqvae.config import load_config
 from mqvae.hypergradients import WATCHED_STEPS
-from helpers import is_base_config
+from helpers import is_base_config, tiny_engine
+from mqvae.quantizers.vq import UNMAINTAINED_FORWARDS
 from test_paper_configs import SMALL, WRITERS
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -107,6 +112,44 @@ def test_hypergradient_settings_in_a_one_level_config_are_reported(tmp_path):
     result = run_cli("configs/digits/vqvae.yaml", *TINY, "--set", "train.iters=2", "--set", "hypergradient.type=mqvae",
                      "--out", tmp_path / "defaults")
     assert warnings_of(result, tmp_path / "defaults") == ([], [])
+
+
+# A run whose engine skips the quantizer's maintenance, the case the quantizer's warning is for.
+SKIPPED_MAINTENANCE = '''
+from engines.engine import LevelEngine
+
+LevelEngine.maintain = lambda self: None
+'''
+
+
+def test_the_engine_maintains_its_quantizer_so_it_never_warns_of_unmaintained_forwards(tmp_path):
+    plugin = tmp_path / "skip_maintenance.py"
+    plugin.write_text(SKIPPED_MAINTENANCE)
+    # Both kinds of maintenance on, and UNMAINTAINED_FORWARDS forwards and more: an MQ-VAE iteration runs the
+    # quantizer 4 times (each level's forward, Eq. 13's two perturbed passes), as the run without maintenance shows.
+    common = ["configs/digits/mqvae.yaml", *TINY, "--set", f"train.iters={UNMAINTAINED_FORWARDS // 4 + 5}",
+              "--set", "train.log_every=50", "--set", "quantizer.replace_freq=2", "--set", "quantizer.affine=ema"]
+    result = run_cli(*common, "--out", tmp_path / "run")
+    assert warnings_of(result, tmp_path / "run") == ([], [])
+    # Without the engine's maintenance the quantizer says so, once, in log.jsonl (as a library's warning).
+    result = run_cli(*common, "--import", plugin, "--out", tmp_path / "skipped")
+    terminal, logged = warnings_of(result, tmp_path / "skipped")
+    assert terminal == [] and len(logged) == 1 and "without a maintain() call" in logged[0], logged
+
+
+def test_a_rank_that_takes_rank_0s_maintenance_is_not_warned(tmp_path):
+    """Data-parallel: rank 0 maintains on the global batch and broadcasts the quantizer; the other ranks never call
+    ``maintain``, and their forwards count as maintained. (In one process the collectives are the identity.)"""
+    engine = tiny_engine(tmp_path, quantizer={"replace_freq": 2})
+    engine.ranks, engine.writes = 2, False  # a rank other than 0
+    engine.train()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for step in range(1, UNMAINTAINED_FORWARDS + 5):
+            engine.global_step = step
+            engine.train_step()
+            engine.maintain()
+    assert [str(w.message) for w in caught if "maintain()" in str(w.message)] == []
 
 
 # -- no warning on any shipped config --------------------------------------------------------------------------

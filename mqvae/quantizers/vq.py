@@ -14,11 +14,14 @@ One class covers every option of the nearest-code family, because they compose:
   ``counts`` = what evaluation counts), and indices are global: group g's codes are
   [g·K/G, (g+1)·K/G);
 - maintenance (explicit, ``maintain``): running statistics of the EMA affine map (Huh Eq. 38-41) and
-  LRU dead-code replacement (Huh §3, lifespan ``replace_freq``);
+  LRU dead-code replacement (Huh §3, lifespan ``replace_freq``); a training loop that never calls it is told so
+  (``UNMAINTAINED_FORWARDS``);
 - data-dependent initialization (``initialize``): k-means++ then k-means per latent group (Huh §3.2).
 """
 
 from __future__ import annotations
+
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -33,6 +36,14 @@ from .base import Quantizer, QuantizerOutput, batch_perplexity, from_vectors, st
 # A replaced code is a batch vector v plus Gaussian noise of std REPLACE_NOISE·‖v‖ (the reference
 # library's rho = 0.01), so that codes re-seeded from the same vector differ.
 REPLACE_NOISE = 0.01
+
+# Training-mode forwards without a ``maintain`` call after which a quantizer whose maintenance is on (EMA affine
+# statistics, LRU replacement) warns, once for such a run of forwards: a standalone training loop that forgot the
+# call otherwise trains on statistics that never move and dead codes never replaced, and is not told. The engine
+# maintains after every iteration, which runs the quantizer 1 to 7 times on the shipped configs (each level's
+# forward, Eq. 13's two perturbed passes, a roll-back's real step) and k + 1 times with hypergradient.inner_steps
+# k (9 at Table 3's k = 8): 100 is well above that, and a small part of any training run.
+UNMAINTAINED_FORWARDS = 100
 
 
 class VectorQuantizer(Quantizer):
@@ -57,6 +68,9 @@ class VectorQuantizer(Quantizer):
             self.register_buffer("idle_iters", torch.zeros(cfg.num_codes, dtype=torch.long))
         # Latent group of each code, for replacement (not state: derived from the config).
         self.register_buffer("code_group", torch.arange(cfg.num_codes) // self.codes_per_group, persistent=False)
+        # Training-mode forwards since the last ``maintain`` (UNMAINTAINED_FORWARDS). A plain attribute, not a buffer:
+        # it is a usage check, not state, so checkpoints neither hold nor need it.
+        self.unmaintained_forwards = 0
 
     # -- configuration-derived facts -------------------------------------------------------------
     def loss_weights(self) -> dict:
@@ -97,6 +111,7 @@ class VectorQuantizer(Quantizer):
         return torch.stack(indices, dim=1)
 
     def forward(self, z_e: torch.Tensor) -> QuantizerOutput:
+        self._count_unmaintained_forward()
         z = self._vectors(z_e)
         codes = self.effective_codebook()
         indices = self._search(z, codes)
@@ -116,6 +131,19 @@ class VectorQuantizer(Quantizer):
         return QuantizerOutput(from_vectors(z_q, z_e), indices, losses, batch_perplexity(counts), counts)
 
     # -- explicit maintenance --------------------------------------------------------------------
+    def _count_unmaintained_forward(self) -> None:
+        """The forward's one side effect, on a plain attribute (no parameter, no buffer): the count behind the
+        UNMAINTAINED_FORWARDS warning. Evaluation forwards need no maintenance and do not count. Under torch.compile
+        nothing counts: the graph would read the number as a constant and guard on it, so each new value would
+        compile the forward again. (nn.DataParallel counts on its replicas, whose copies are dropped: no warning.)"""
+        if not self.training or not self.maintains or torch.compiler.is_compiling():
+            return
+        self.unmaintained_forwards += 1
+        if self.unmaintained_forwards == UNMAINTAINED_FORWARDS:
+            warnings.warn(f"VectorQuantizer: {UNMAINTAINED_FORWARDS} training forwards without a maintain() call, "
+                          "and its maintenance (EMA affine statistics, dead-code replacement) runs only there: call "
+                          "quantizer.maintain(z_e.detach(), out.detached()) after each optimizer step")
+
     @torch.no_grad()
     def local_statistics(self, z_e: torch.Tensor, out: QuantizerOutput) -> dict:
         """What maintenance needs from this process's batch, as sums (all-reducible)."""
@@ -147,6 +175,7 @@ class VectorQuantizer(Quantizer):
         broadcasts the result (``LevelEngine.maintain``), so the statistics and the replacement candidates are
         those of one process with the global batch.
         """
+        self.unmaintained_forwards = 0
         stats = self.local_statistics(z_e, out)
         if isinstance(self.affine, RunningAffine):
             self.affine.update(stats, self.codebook)
