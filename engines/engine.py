@@ -244,8 +244,9 @@ class LevelEngine(Engine):
             self.tensorboard.scalars(record)
 
     def evaluation(self) -> tuple[dict, torch.Tensor | None]:
-        """The test metrics of a ``train.eval_every`` step (and the code counts behind them): FID / IS too where
-        the task follows them over training (``quality_during_training``) and ``eval`` allows."""
+        """The test metrics of a ``train.eval_every`` step or of the last iteration (and the code counts behind
+        them): FID / IS too where the task follows them over training (``quality_during_training``) and ``eval``
+        allows."""
         task, settings = self.model.task, self.cfg.eval
         quality = (evaluation_fns.make_image_quality(self.device, settings.download_weights)
                    if task.quality_during_training and measures_quality(task, settings) else None)
@@ -315,7 +316,8 @@ class LevelEngine(Engine):
                                      for k, v in record.items() if k.endswith((".loss", ".perplexity"))}, refresh=False)
                 else:
                     self.train_time += time.perf_counter() - start
-                if cfg.eval_every and step % cfg.eval_every == 0:  # every rank: each evaluates its shard
+                # The last iteration is evaluated too, as it is logged: the test curve ends where training does.
+                if cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.iters):  # every rank: its shard
                     metrics, counts = self.evaluation()
                     self.record(log, log_path, {"step": step, "time_s": round(self.train_time, 4), **metrics})
                     if self.tensorboard is not None:  # (rank 0's alone)

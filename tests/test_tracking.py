@@ -133,12 +133,40 @@ def test_curves_plot_the_learned_beta_of_three_levels(tmp_path, monkeypatch):
     titles = [panel.title for panel in panels]
     # three_levels.yaml's CommitmentWeight level is named commitment_weight and learns beta.
     beta = next(panel for panel in panels if "commitment_weight.beta" in panel.lines)
-    logged = [r["commitment_weight.beta"] for r in read_lines(tmp_path / "three" / "log.jsonl")]
+    records = read_lines(tmp_path / "three" / "log.jsonl")
+    logged = [r["commitment_weight.beta"] for r in records if "commitment_weight.beta" in r]
     assert beta.lines["commitment_weight.beta"][1] == logged and len(logged) == 2
     # One perplexity line, the encoder-decoder level's; no panel plots another level's perplexity.
     perplexity = [panel for panel in panels if any(k.endswith(".perplexity") for k in panel.lines)]
     assert len(perplexity) == 1 and list(perplexity[0].lines) == ["autoencoder.perplexity"]
-    assert titles[-1] == "test MSE (per pixel)" and panels[-1].note == "no evaluation during training"
+    # 2 iterations, eval_every 250 (three_levels.yaml): the one evaluation is the last iteration's.
+    test = panels[titles.index("test MSE (per pixel)")]
+    assert test.lines == {"test_mse": ([2], [next(r["test_mse"] for r in records if "test_mse" in r)])}
+
+
+def test_the_last_iteration_is_evaluated_and_plotted_when_eval_every_does_not_divide_iters(tmp_path, monkeypatch):
+    panels = []
+    draw = experiment.curves_figure
+    monkeypatch.setattr(experiment, "curves_figure", lambda p: panels.extend(p) or draw(p))
+    out = tmp_path / "run"
+    assert run.main(["configs/digits/vqvae.yaml", *TINY[:-2], "--set", "train.iters=5", "--set", "train.eval_every=2",
+                     "--out", str(out)]) == 0
+    evaluations = [r for r in read_lines(out / "log.jsonl") if "test_mse" in r]
+    assert [r["step"] for r in evaluations] == [2, 4, 5]
+    assert set(evaluations[-1]) == set(evaluations[0])  # the final record is an evaluation record like the others
+    test = next(panel for panel in panels if panel.title == "test MSE (per pixel)")
+    assert test.lines["test_mse"] == ([2, 4, 5], [r["test_mse"] for r in evaluations])
+
+
+def test_a_resume_after_the_last_checkpoint_logs_the_final_evaluation_once(tmp_path):
+    out = tmp_path / "run"
+    args = ["configs/digits/vqvae.yaml", *TINY[:-2], "--set", "train.iters=5", "--set", "train.eval_every=2"]
+    assert run.main([*args, "--out", str(out)]) == 0
+    finished = read_lines(out / "log.jsonl")
+    # As if killed in the final evaluation, after the last checkpoint (iteration 5) and before metrics.json.
+    (out / "metrics.json").unlink()
+    assert run.main(["--resume", str(out)]) == 0
+    assert read_lines(out / "log.jsonl") == finished
 
 
 def test_the_test_panel_is_titled_by_the_task_with_or_without_evaluations():
