@@ -191,7 +191,7 @@ def finish(engine: LevelEngine) -> dict:
     metrics.update(iterations=engine.global_step, wall_time_s=round(engine.train_time, 3),
                    config_sha256=config_sha256(cfg), **implicit_ratio(records),
                    provenance=provenance(engine.device))  # (of the process that finished a resumed run)
-    pictures = engine.pictures(counts)
+    pictures = engine.pictures(metrics, counts)
     engine.track_pictures(pictures)
     # The scalars a level learns (e.g. a learned beta) get a panel each; the batch perplexity is the one of the
     # level whose forward is the real training forward (the others run the same quantizer on other parameters

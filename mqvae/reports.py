@@ -20,6 +20,8 @@ from .files import save_figure, write_text
 
 # recon.png: each image at least this many pixels on a side (digits are 16 px), upscaled by nearest neighbour.
 MIN_CELL_PX = 64
+# The band above recon.png's and samples.png's images that holds the title, in pixels.
+TITLE_PX = 30
 
 
 def _figure(**kwargs):
@@ -30,9 +32,9 @@ def _figure(**kwargs):
     return Figure(**kwargs)
 
 
-def recon_figure(originals: torch.Tensor, recons: torch.Tensor, per_row: int = 16) -> Figure:
+def recon_figure(originals: torch.Tensor, recons: torch.Tensor, title: str, per_row: int = 16) -> Figure:
     """Test inputs in labelled rows, each directly above its reconstruction, upscaled by an integer factor
-    (nearest neighbour, so pixels stay pixels) to at least MIN_CELL_PX per image."""
+    (nearest neighbour, so pixels stay pixels) to at least MIN_CELL_PX per image, under ``title``."""
     n = originals.shape[0] - originals.shape[0] % per_row or originals.shape[0]
     columns, rows = min(per_row, n), math.ceil(n / per_row)
     pictures = [t[:n].detach().float().clamp(0, 1).cpu() for t in (originals, recons)]
@@ -48,22 +50,24 @@ def recon_figure(originals: torch.Tensor, recons: torch.Tensor, per_row: int = 1
             upscaled = picture[i].permute(1, 2, 0).numpy().repeat(scale, 0).repeat(scale, 1)
             canvas[y: y + cell_h, left: left + cell_w] = upscaled
     dpi, label_w = 100, 130
-    fig = _figure(figsize=((label_w + canvas.shape[1]) / dpi, canvas.shape[0] / dpi), dpi=dpi)
-    total_w = label_w + canvas.shape[1]
-    ax = fig.add_axes((label_w / total_w, 0, canvas.shape[1] / total_w, 1))
+    total_w, total_h = label_w + canvas.shape[1], TITLE_PX + canvas.shape[0]
+    fig = _figure(figsize=(total_w / dpi, total_h / dpi), dpi=dpi)
+    ax = fig.add_axes((label_w / total_w, 0, canvas.shape[1] / total_w, canvas.shape[0] / total_h))
     ax.imshow(canvas[..., 0] if channels == 1 else canvas, cmap="gray", vmin=0, vmax=1, interpolation="nearest",
               aspect="auto")
     ax.axis("off")
     for row in range(rows):
         for j, label in enumerate(("input", "reconstruction")):
             center = row * (2 * cell_h + gap + pair_gap) + j * (cell_h + gap) + cell_h / 2
-            fig.text((label_w - 8) / total_w, 1 - center / canvas.shape[0], label, ha="right", va="center", fontsize=11)
+            fig.text((label_w - 8) / total_w, (canvas.shape[0] - center) / total_h, label, ha="right", va="center",
+                     fontsize=11)
+    fig.suptitle(title, y=1 - TITLE_PX / 2 / total_h, va="center", fontsize=11)
     return fig
 
 
-def samples_figure(images: torch.Tensor, per_row: int = 8) -> Figure:
+def samples_figure(images: torch.Tensor, title: str, per_row: int = 8) -> Figure:
     """A grid of generated images (samples.png), upscaled by an integer factor (nearest neighbour) to at least
-    MIN_CELL_PX per image."""
+    MIN_CELL_PX per image, under ``title``."""
     images = images.detach().float().clamp(0, 1).cpu()
     n, (channels, height, width) = images.shape[0], images.shape[1:]
     columns, rows = min(per_row, n), math.ceil(n / per_row)
@@ -74,12 +78,13 @@ def samples_figure(images: torch.Tensor, per_row: int = 8) -> Figure:
         row, column = divmod(i, per_row)
         top, left = row * (cell_h + gap), column * (cell_w + gap)
         canvas[top: top + cell_h, left: left + cell_w] = images[i].permute(1, 2, 0).numpy().repeat(scale, 0).repeat(scale, 1)
-    dpi = 100
-    fig = _figure(figsize=(canvas.shape[1] / dpi, canvas.shape[0] / dpi), dpi=dpi)
-    ax = fig.add_axes((0, 0, 1, 1))
+    dpi, total_h = 100, TITLE_PX + canvas.shape[0]
+    fig = _figure(figsize=(canvas.shape[1] / dpi, total_h / dpi), dpi=dpi)
+    ax = fig.add_axes((0, 0, 1, canvas.shape[0] / total_h))
     ax.imshow(canvas[..., 0] if channels == 1 else canvas, cmap="gray", vmin=0, vmax=1, interpolation="nearest",
               aspect="auto")
     ax.axis("off")
+    fig.suptitle(title, y=1 - TITLE_PX / 2 / total_h, va="center", fontsize=9)
     return fig
 
 
@@ -257,8 +262,10 @@ def write_report(run_dir: Path, metrics: dict, pictures=("recon.png", "samples.p
     write_text(run_dir / "report.md", "\n".join(lines))
 
 
-def prediction_figure(images: torch.Tensor, predicted: torch.Tensor, labels: torch.Tensor, per_row: int = 8) -> Figure:
-    """Classification's counterpart of the reconstruction grid: test images titled 'predicted (true)'."""
+def prediction_figure(images: torch.Tensor, predicted: torch.Tensor, labels: torch.Tensor, title: str,
+                      per_row: int = 8) -> Figure:
+    """Classification's counterpart of the reconstruction grid: test images titled 'predicted (true)', wrong
+    predictions in red, under ``title``."""
     n = images.shape[0]
     rows = (n + per_row - 1) // per_row
     fig = _figure(figsize=(per_row * 1.2, rows * 1.35), dpi=100)
@@ -270,6 +277,7 @@ def prediction_figure(images: torch.Tensor, predicted: torch.Tensor, labels: tor
             ax.imshow(image[..., 0] if image.shape[-1] == 1 else image, cmap="gray" if image.shape[-1] == 1 else None)
             ok = int(predicted[i]) == int(labels[i])
             ax.set_title(f"{int(predicted[i])} ({int(labels[i])})", fontsize=8, color="black" if ok else "red")
+    fig.suptitle(f"{title}\npredicted (true)", fontsize=9)
     fig.tight_layout()
     return fig
 

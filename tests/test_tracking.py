@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -197,8 +198,11 @@ def test_recon_png_is_labelled_large_and_keeps_each_input_above_its_reconstructi
     n, side = 32, 16  # the digits: 1x16x16
     originals = torch.stack([torch.full((1, side, side), 0.1 + 0.012 * i) for i in range(n)])
     recons = torch.stack([torch.full((1, side, side), 0.5 + 0.012 * i) for i in range(n)])
-    figure = recon_figure(originals, recons)
+    figure = recon_figure(originals, recons, "run: iteration 3, test_mse 0.01")
     assert {"input", "reconstruction"} <= {text.get_text() for text in figure.texts}
+    # The title in a band of its own above the images.
+    assert figure._suptitle.get_text() == "run: iteration 3, test_mse 0.01"
+    assert figure._suptitle.get_position()[1] > figure.axes[0].get_position().y1
     canvas = np.asarray(figure.axes[0].images[0].get_array())
 
     def box(value):
@@ -214,6 +218,17 @@ def test_recon_png_is_labelled_large_and_keeps_each_input_above_its_reconstructi
     save_figures({"recon": figure}, tmp_path)
     width, height = Image.open(tmp_path / "recon.png").size
     assert width >= 16 * MIN_CELL_PX and height >= 4 * MIN_CELL_PX  # 16 per row, 2 rows of pairs
+
+
+def test_recon_png_is_titled_by_the_run_the_iteration_and_its_test_mse(tmp_path, monkeypatch):
+    saved = {}
+    monkeypatch.setattr(experiment, "save_figures", lambda figures, run_dir: saved.update(figures))
+    out = tmp_path / "tiny"
+    assert run.main(["configs/digits/vqvae.yaml", *TINY[:-2], "--set", "train.iters=3", "--out", str(out)]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert saved["recon"]._suptitle.get_text() == f"tiny: iteration 3, test_mse {metrics['test_mse']:.5g}"
+
+
 
 
 def test_curves_show_test_code_usage_and_label_every_axis():
