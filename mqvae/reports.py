@@ -200,16 +200,19 @@ def _pca_2d(points: torch.Tensor, fit_on: torch.Tensor) -> torch.Tensor:
 
 def codebook_figure(counts: torch.Tensor, vectors: torch.Tensor, codes: torch.Tensor) -> Figure:
     """Huh et al. Fig. 2: code usage over the test set (sorted, most used first) and a 2-D PCA of a sample of
-    encoder outputs with the codebook in the same projection (fitted on both together), used codes filled,
-    unused ones hollow. ``vectors`` and ``codes`` are (N, d) and (K, d) with the same d."""
+    encoder outputs with the codebook in the same projection (fitted on both together), used codes filled red on
+    top, unused ones hollow blue below them, each counted in the legend. ``vectors`` and ``codes`` are (N, d) and
+    (K, d) with the same d."""
     counts = counts.detach().cpu().long()
     vectors, codes = vectors.detach().cpu().float(), codes.detach().cpu().float()
     fig = _figure(figsize=(11, 4), dpi=110)
     axes = fig.subplots(1, 2)
     ordered = counts.sort(descending=True).values
     total = max(int(counts.sum()), 1)
-    axes[0].bar(range(len(ordered)), (ordered.double() / total).numpy(), width=1.0, color="tab:blue")
-    axes[0].set_title(f"code usage over the test set ({int((counts > 0).sum())}/{len(counts)} codes used)")
+    # Red as the used codes in the projection: a bar is a used code.
+    axes[0].bar(range(len(ordered)), (ordered.double() / total).numpy(), width=1.0, color="tab:red")
+    used_of = f"{int((counts > 0).sum())} of {len(counts)} codes used"
+    axes[0].set_title(f"code usage over the test set ({used_of})")
     axes[0].set_xlabel("code (sorted by usage)")
     axes[0].set_ylabel("fraction of test vectors")
     both = torch.cat([vectors, codes])
@@ -218,11 +221,18 @@ def codebook_figure(counts: torch.Tensor, vectors: torch.Tensor, codes: torch.Te
     used = (counts > 0).numpy() if len(counts) == len(codes) else None
     axes[1].scatter(pv[:, 0], pv[:, 1], s=3, alpha=0.3, color="tab:gray", label=f"encoder outputs ({len(vectors)})")
     if used is None:
-        axes[1].scatter(pc[:, 0], pc[:, 1], s=18, color="tab:red", label="codes")
+        axes[1].scatter(pc[:, 0], pc[:, 1], s=18, color="tab:red", label=f"codes ({len(codes)})")
+        axes[1].set_title("PCA of encoder outputs and codebook")
     else:
-        axes[1].scatter(pc[used, 0], pc[used, 1], s=18, color="tab:red", label="codes (used)")
-        axes[1].scatter(pc[~used, 0], pc[~used, 1], s=18, facecolors="none", edgecolors="tab:red", label="codes (unused)")
-    axes[1].set_title("PCA of encoder outputs and codebook")
+        # Used codes on top of unused ones: after a collapse the few used codes sit among many unused ones and
+        # would vanish under them. Unused in another colour, as a hollow red marker hides a filled red one.
+        axes[1].scatter(pc[~used, 0], pc[~used, 1], s=18, facecolors="none", edgecolors="tab:blue", linewidths=0.8,
+                        zorder=2, label=f"unused codes ({int((~used).sum())})")
+        axes[1].scatter(pc[used, 0], pc[used, 1], s=18, color="tab:red", zorder=3,
+                        label=f"used codes ({int(used.sum())})")
+        axes[1].set_title(f"PCA of encoder outputs and codebook ({used_of})")
+    axes[1].set_xlabel("principal component 1")
+    axes[1].set_ylabel("principal component 2")
     axes[1].legend(fontsize=7)
     fig.tight_layout()
     return fig

@@ -16,7 +16,7 @@ import run
 from engines import experiment
 from mqvae.errors import UserError
 from mqvae.files import read_lines
-from mqvae.reports import MIN_CELL_PX, curve_panels, recon_figure, save_figures
+from mqvae.reports import MIN_CELL_PX, codebook_figure, curve_panels, recon_figure, save_figures
 from mqvae.config import load_config
 from mqvae.sweep import aggregate, curve_key, expand, load_sweep, write_results
 from mqvae.tasks import TASK_OF_KIND
@@ -239,3 +239,21 @@ def test_curves_show_test_code_usage_and_label_every_axis():
     usage = next(panel for panel in panels if panel.title == "test code usage")
     assert usage.lines == {"perplexity": ([2, 4], [7.5, 9.5]), "active_codes": ([2, 4], [9, 12])}
     assert all(panel.ylabel for panel in panels), [panel.title for panel in panels if not panel.ylabel]
+
+
+# -- codebook.png -------------------------------------------------------------------------------------
+
+def test_codebook_png_draws_used_codes_over_unused_ones_and_counts_both():
+    counts = torch.tensor([5, 0, 0, 3, 0])
+    codes = torch.zeros(5, 2)  # every code in one place: what is on top is all that shows
+    vectors = torch.randn(20, 2, generator=torch.Generator().manual_seed(0))
+    usage, projection = codebook_figure(counts, vectors, codes).axes
+    assert "2 of 5 codes used" in usage.get_title() and "2 of 5 codes used" in projection.get_title()
+    drawn = {collection.get_label(): collection for collection in projection.collections}
+    used, unused = drawn["used codes (2)"], drawn["unused codes (3)"]
+    assert (len(used.get_offsets()), len(unused.get_offsets())) == (2, 3)
+    assert used.get_zorder() > unused.get_zorder()
+    # Unused codes stay visible: an opaque edge of another colour than the used codes' fill.
+    edge, fill = unused.get_edgecolor()[0], used.get_facecolor()[0]
+    assert edge[3] == 1 and not np.allclose(edge[:3], fill[:3])
+    assert all(axes.get_xlabel() and axes.get_ylabel() for axes in (usage, projection))
