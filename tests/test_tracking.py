@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 from tensorboard.backend.event_processing import event_accumulator  # the test extra installs TensorBoard
 
+import mqvae.sweep
 import run
 from engines import experiment
 from mqvae.errors import UserError
@@ -181,7 +182,7 @@ def test_the_test_panel_is_titled_by_the_task_with_or_without_evaluations():
     assert curve_panels(evaluated, TASK_OF_KIND["vqvae"])[-1].title == "test MSE (per pixel)"
 
 
-def test_a_sweeps_curves_name_its_task_also_before_any_run_finished(tmp_path):
+def test_a_sweeps_curves_name_its_task_also_before_any_run_finished(tmp_path, monkeypatch):
     sweep_file = tmp_path / "sweep.yaml"
     sweep_file.write_text("sweep:\n  seeds: [0]\n  metrics: [accuracy]\n  runs:\n"
                           f"    - {{label: A, config: {Path('configs/digits/classify_vqvae.yaml').resolve()}}}\n")
@@ -189,7 +190,20 @@ def test_a_sweeps_curves_name_its_task_also_before_any_run_finished(tmp_path):
     planned = expand(sweep, tmp_path / "out")
     key = curve_key([load_config(run.config, run.overrides) for run in planned])
     assert key == "accuracy"
+    drawn = []
+    monkeypatch.setattr(mqvae.sweep, "save_figure", lambda figure, path: drawn.append(figure))
     write_results(aggregate(sweep, planned, key), tmp_path / "out")  # no run has metrics: the plot still draws
+    assert all(axes.get_xlabel() and axes.get_ylabel() for axes in drawn[0].axes)
+
+
+def test_curves_show_test_code_usage_and_label_every_axis():
+    records = [{"step": 1, "vqvae.loss": 0.5, "vqvae.perplexity": 3.0},
+               {"step": 2, "time_s": 0.1, "test_mse": 0.2, "perplexity": 7.5, "active_codes": 9},
+               {"step": 4, "time_s": 0.2, "test_mse": 0.1, "perplexity": 9.5, "active_codes": 12}]
+    panels = curve_panels(records, TASK_OF_KIND["vqvae"], perplexity="vqvae.perplexity")
+    usage = next(panel for panel in panels if panel.title == "test code usage")
+    assert usage.lines == {"perplexity": ([2, 4], [7.5, 9.5]), "active_codes": ([2, 4], [9, 12])}
+    assert all(panel.ylabel for panel in panels), [panel.title for panel in panels if not panel.ylabel]
 
 
 # -- recon.png ----------------------------------------------------------------------------------------
@@ -229,16 +243,6 @@ def test_recon_png_is_titled_by_the_run_the_iteration_and_its_test_mse(tmp_path,
     assert saved["recon"]._suptitle.get_text() == f"tiny: iteration 3, test_mse {metrics['test_mse']:.5g}"
 
 
-
-
-def test_curves_show_test_code_usage_and_label_every_axis():
-    records = [{"step": 1, "vqvae.loss": 0.5, "vqvae.perplexity": 3.0},
-               {"step": 2, "time_s": 0.1, "test_mse": 0.2, "perplexity": 7.5, "active_codes": 9},
-               {"step": 4, "time_s": 0.2, "test_mse": 0.1, "perplexity": 9.5, "active_codes": 12}]
-    panels = curve_panels(records, TASK_OF_KIND["vqvae"], perplexity="vqvae.perplexity")
-    usage = next(panel for panel in panels if panel.title == "test code usage")
-    assert usage.lines == {"perplexity": ([2, 4], [7.5, 9.5]), "active_codes": ([2, 4], [9, 12])}
-    assert all(panel.ylabel for panel in panels), [panel.title for panel in panels if not panel.ylabel]
 
 
 # -- codebook.png -------------------------------------------------------------------------------------
