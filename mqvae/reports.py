@@ -104,11 +104,13 @@ def _series(records: list[dict], key: str) -> tuple[list, list]:
     return [r["step"] for r in records if key in r], [r[key] for r in records if key in r]
 
 
-def curve_panels(records: list[dict], task, learned_scalars=(), perplexity: str | None = None) -> list[Panel]:
+def curve_panels(records: list[dict], task, learned_scalars: dict[str, bool] | None = None,
+                 perplexity: str | None = None) -> list[Panel]:
     """The panels of curves.png from log.jsonl's records: every level's training loss; the batch perplexity of
     ``perplexity`` (the level whose forward is the real training forward; every level runs the same quantizer,
-    so one line says it); one panel per learned scalar (``<level>.<term>`` keys, e.g. a learned beta); and the
-    ``task``'s test metric (its ``curve_key``; the records that hold it are the evaluations)."""
+    so one line says it); one panel per level's learned scalar (``<level>.<term>`` keys, e.g. a learned beta,
+    each with whether its level's parameters reach it: only then is it titled learned); and the ``task``'s test
+    metric (its ``curve_key``; the records that hold it are the evaluations)."""
     metric = task.curve_key
     train = [r for r in records if metric not in r]
     tests = [r for r in records if metric in r]
@@ -120,10 +122,10 @@ def curve_panels(records: list[dict], task, learned_scalars=(), perplexity: str 
         line = _series(train, perplexity)
         panels.append(Panel(f"batch perplexity ({perplexity})", {perplexity: line} if line[0] else {},
                             "" if line[0] else f"{perplexity} not logged", ylabel="perplexity (2^H of the batch's codes)"))
-    for key in learned_scalars:
+    for key, learned in (learned_scalars or {}).items():
         line = _series(train, key)
-        panels.append(Panel(f"learned {key}", {key: line} if line[0] else {}, "" if line[0] else f"{key} not logged",
-                            ylabel=key.split(".")[-1]))
+        panels.append(Panel(f"learned {key}" if learned else f"{key} (not learned)", {key: line} if line[0] else {},
+                            "" if line[0] else f"{key} not logged", ylabel=key.split(".")[-1]))
     panels.extend(hypergradient_panels(train))
     panels.append(Panel(task.curve_title, {metric: _series(tests, metric)} if tests else {},
                         "" if tests else "no evaluation during training", marker="o", ylabel=metric))

@@ -19,9 +19,11 @@ from mqvae.errors import UserError
 from mqvae.files import read_lines
 from mqvae.reports import MIN_CELL_PX, codebook_figure, curve_panels, recon_figure, save_figures
 from mqvae.config import load_config
+from mqvae.registry import PROBLEMS
 from mqvae.sweep import aggregate, curve_key, expand, load_sweep, write_results
 from mqvae.tasks import TASK_OF_KIND
-from helpers import interrupt_at, tiny_config
+from problems import CommitmentWeight, register_problem
+from helpers import interrupt_at, tiny_config, two_levels
 
 TINY = ["--set", "model.hidden_channels=8", "--set", "model.res_channels=4", "--set", "model.num_res_blocks=1",
         "--set", "train.log_every=1", "--set", "device=cpu", "--set", "logging.tensorboard=true"]
@@ -204,6 +206,41 @@ def test_curves_show_test_code_usage_and_label_every_axis():
     usage = next(panel for panel in panels if panel.title == "test code usage")
     assert usage.lines == {"perplexity": ([2, 4], [7.5, 9.5]), "active_codes": ([2, 4], [9, 12])}
     assert all(panel.ylabel for panel in panels), [panel.title for panel in panels if not panel.ylabel]
+
+
+class ScheduledWarmUp(CommitmentWeight):
+    """CommitmentWeight that also logs a warm-up factor following its step count, named as learned by mistake."""
+
+    learned_scalars = ("beta", "warmup")
+
+    def loss_terms(self, batch):
+        return {**super().loss_terms(batch), "warmup": torch.tensor(min(1.0, self._count / 4))}
+
+
+@pytest.fixture
+def scheduled_warm_up():
+    saved = PROBLEMS.copy()
+    register_problem(ScheduledWarmUp)
+    yield
+    PROBLEMS.clear()
+    PROBLEMS.update(saved)
+
+
+def test_only_a_scalar_its_levels_parameters_reach_is_called_learned(tmp_path, monkeypatch, scheduled_warm_up):
+    panels = []
+    draw = experiment.curves_figure
+    monkeypatch.setattr(experiment, "curves_figure", lambda p: panels.extend(p) or draw(p))
+    levels = [{"name": "commitment_weight", "problem": "ScheduledWarmUp", "lower": ["autoencoder"], "data": "holdout"},
+              *two_levels()]
+    cfg, out = tiny_config(levels=levels), tmp_path / "run"
+    experiment.run_experiment(cfg, out)
+    expected = {"learned commitment_weight.beta", "commitment_weight.warmup (not learned)"}
+    assert expected <= {panel.title for panel in panels}
+    # Resumed at its end (a kill before metrics.json): no step in this process, the checkpoint says which.
+    (out / "metrics.json").unlink()
+    panels.clear()
+    experiment.run_experiment(cfg, out, resume=True)
+    assert expected <= {panel.title for panel in panels}
 
 
 # -- recon.png ----------------------------------------------------------------------------------------
