@@ -244,19 +244,22 @@ class LevelEngine(Engine):
             self.tensorboard.scalars(record)
 
     def evaluation(self) -> tuple[dict, torch.Tensor | None]:
-        """The test metrics of a ``train.eval_every`` step (and the code counts behind them): FID / IS too where
-        the task follows them over training (``quality_during_training``) and ``eval`` allows."""
+        """The test metrics of a ``train.eval_every`` step or of the last iteration (and the code counts behind
+        them): FID / IS too where the task follows them over training (``quality_during_training``) and ``eval``
+        allows."""
         task, settings = self.model.task, self.cfg.eval
         quality = (evaluation_fns.make_image_quality(self.device, settings.download_weights)
                    if task.quality_during_training and measures_quality(task, settings) else None)
         return task.evaluate(self.model, self.datasets.test, self.cfg.data.batch_size, self.device, quality)
 
-    def pictures(self, counts: torch.Tensor | None) -> dict:
+    def pictures(self, metrics: dict, counts: torch.Tensor | None) -> dict:
         """The pictures of the model as it is now, by file name without .png: the task's picture (``recon``,
-        ``samples``) and, where the evaluation counted codes (``counts``: code usage over the test set),
-        ``codebook``."""
-        model, test = self.model, self.datasets.test
-        pictures = {model.task.picture_name: model.task.picture(model, test, self.device)}
+        ``samples``), titled by the run, the iteration and the task's test metric over the whole test split
+        (``metrics``: the evaluation of this iteration), and, where the evaluation counted codes (``counts``:
+        code usage over the test set), ``codebook``."""
+        model, test, key = self.model, self.datasets.test, self.model.task.curve_key
+        title = f"{self.run_dir.name}: iteration {self.global_step}, {key} {metrics[key]:.5g}"
+        pictures = {model.task.picture_name: model.task.picture(model, test, self.device, title)}
         if counts is not None:
             pictures["codebook"] = codebook_figure(counts, *latents_and_codes(model, test, self.device))
         return pictures
@@ -315,11 +318,12 @@ class LevelEngine(Engine):
                                      for k, v in record.items() if k.endswith((".loss", ".perplexity"))}, refresh=False)
                 else:
                     self.train_time += time.perf_counter() - start
-                if cfg.eval_every and step % cfg.eval_every == 0:  # every rank: each evaluates its shard
+                # The last iteration is evaluated too, as it is logged: the test curve ends where training does.
+                if cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.iters):  # every rank: its shard
                     metrics, counts = self.evaluation()
                     self.record(log, log_path, {"step": step, "time_s": round(self.train_time, 4), **metrics})
                     if self.tensorboard is not None:  # (rank 0's alone)
-                        self.track_pictures(self.pictures(counts))
+                        self.track_pictures(self.pictures(metrics, counts))
                 if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
                     self.save()
                 bar.update(1)

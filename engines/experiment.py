@@ -234,12 +234,14 @@ def finish(engine: LevelEngine) -> dict:
     metrics.update(iterations=engine.global_step, wall_time_s=round(engine.train_time, 3),
                    config_sha256=config_sha256(cfg), **implicit_ratio(records),
                    provenance=provenance(engine.device))  # (of the process that finished a resumed run)
-    pictures = engine.pictures(counts)
+    pictures = engine.pictures(metrics, counts)
     engine.track_pictures(pictures)
-    # The scalars a level learns (e.g. a learned beta) get a panel each; the batch perplexity is the one of the
-    # level whose forward is the real training forward (the others run the same quantizer on other parameters
-    # or batches).
-    learned = [f"{p.name}.{key}" for p in engine.problems for key in p.learned_scalars]
+    # The scalars a level learns (e.g. a learned beta) get a panel each, called learned where the level's
+    # parameters reach them (Level.learned; where no step has shown it since a checkpoint written before it was
+    # kept, the level's declaration stands); the batch perplexity is the one of the level whose forward is the
+    # real training forward (the others run the same quantizer on other parameters or batches).
+    learned = {f"{p.name}.{key}": p.learned is None or key in p.learned for p in engine.problems
+               for key in p.learned_scalars}
     perplexity = f"{engine.encoder_level.name}.perplexity" if engine.encoder_level is not None else None
     panels = curve_panels(records, model.task, learned, perplexity)
     save_figures({**pictures, "curves": curves_figure(panels)}, run_dir)

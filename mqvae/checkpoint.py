@@ -170,6 +170,9 @@ def _check_progress(progress: dict, name: str) -> None:
         _expect(isinstance(key, str) and torch.is_tensor(value),
                 f"'{name}.last_stats' has {_shown(key)}: {_shown(value)}, not a name and a tensor")
     _tensor_list(progress["grads"], f"{name}.grads")
+    learned = progress.get("learned")  # (absent from checkpoints written before it was saved)
+    _expect(learned is None or (isinstance(learned, list) and all(isinstance(key, str) for key in learned)),
+            f"'{name}.learned' is {_shown(learned)}, not a list of names")
     terms = progress["hypergradient_terms"]
     if terms is not None:
         _expect(isinstance(terms, dict), f"'{name}.hypergradient_terms' is {_shown(terms)}, not a dict")

@@ -162,7 +162,8 @@ class HypergradientConfig:
 class TrainConfig:
     iters: int = spec(2000, min=1)
     log_every: int = spec(25, min=1)
-    # Evaluate on the test set every eval_every iterations (0 = only at the end).
+    # Evaluate on the test set every eval_every iterations and at the last one, each a record in log.jsonl
+    # (0 = only the final evaluation, in metrics.json).
     eval_every: int = spec(200, min=0)
     checkpoint_every: int = spec(500, min=0)
 

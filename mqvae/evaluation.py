@@ -10,7 +10,7 @@ from __future__ import annotations
 from contextlib import contextmanager
 
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Subset, TensorDataset
 
 from . import distributed
 from . import metrics as metric_fns
@@ -51,6 +51,38 @@ def evaluating(model):
 def first_images(dataset, count: int) -> torch.Tensor:
     """The first ``count`` images of ``dataset`` (all of them if it holds fewer), as one batch."""
     return torch.stack([dataset[i][0] for i in range(min(count, len(dataset)))])
+
+
+def labels_of(dataset) -> torch.Tensor | None:
+    """The class label of every item of ``dataset``, read without loading an image: a TensorDataset's second
+    tensor, torchvision's ``targets`` (ImageFolder, CIFAR, MNIST) or ``labels`` (SVHN), a Subset's of its items.
+    None where the data set keeps no such list (CelebA, a user's set), or it is not one integer per item."""
+    if isinstance(dataset, Subset):
+        labels = labels_of(dataset.dataset)
+        return None if labels is None else labels[torch.as_tensor(dataset.indices, dtype=torch.long)]
+    if isinstance(dataset, TensorDataset):
+        labels = dataset.tensors[1] if len(dataset.tensors) > 1 else None
+    else:
+        labels = next((getattr(dataset, name) for name in ("targets", "labels") if hasattr(dataset, name)), None)
+        labels = None if labels is None else torch.as_tensor(labels)
+    fits = labels is not None and labels.dim() == 1 and len(labels) == len(dataset) and not labels.is_floating_point()
+    return labels if fits else None
+
+
+def shown_indices(dataset, count: int) -> list[int]:
+    """The ``count`` items of ``dataset`` a picture shows (all of them if it holds fewer): the classes in turn, the
+    first item of each class, then the second, ..., where ``labels_of`` reads two classes or more; else evenly
+    spaced over the set. The first items alone can all be one class: an image folder's test split is sorted by
+    class folder."""
+    size = len(dataset)
+    count = min(count, size)
+    labels = labels_of(dataset)
+    classes = labels.unique() if labels is not None else None
+    if classes is None or len(classes) < 2:
+        return [i * size // count for i in range(count)]
+    members = [torch.nonzero(labels == c).flatten().tolist() for c in classes]
+    turns = [items[rank] for rank in range(max(map(len, members))) for items in members if rank < len(items)]
+    return turns[:count]
 
 
 def slices(size: int, batch_size: int) -> list[tuple[int, int, int]]:
@@ -148,8 +180,8 @@ def latents_and_codes(model, dataset, device) -> tuple[torch.Tensor, torch.Tenso
 
 @torch.no_grad()
 def reconstructions(model, dataset, count: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """The first ``count`` test images and their reconstructions, on the CPU."""
-    x = first_images(dataset, count).to(device)
+    """``count`` test images spread over the classes (``shown_indices``) and their reconstructions, on the CPU."""
+    x = torch.stack([dataset[i][0] for i in shown_indices(dataset, count)]).to(device)
     with evaluating(model):
         recon = model(x).output.clamp(0, 1)
     return x.cpu(), recon.cpu()
@@ -157,9 +189,11 @@ def reconstructions(model, dataset, count: int, device) -> tuple[torch.Tensor, t
 
 @torch.no_grad()
 def predictions(model, dataset, count: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The first ``count`` test images, the classes predicted for them and their true classes, on the CPU."""
-    images = first_images(dataset, count)
-    labels = torch.tensor([int(dataset[i][1]) for i in range(len(images))])
+    """``count`` test images spread over the classes (``shown_indices``), the classes predicted for them and their
+    true classes, on the CPU."""
+    items = [dataset[i] for i in shown_indices(dataset, count)]
+    images = torch.stack([image for image, _ in items])
+    labels = torch.tensor([int(label) for _, label in items])
     with evaluating(model):
         predicted = model(images.to(device)).output.argmax(1).cpu()
     return images, predicted, labels

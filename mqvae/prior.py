@@ -191,10 +191,10 @@ class PriorTask(Task):
             metrics.update({key: quality[key] for name in self.image_metrics for key in (name, f"{name}_reason")})
         return metrics, None
 
-    def picture(self, model, dataset, device):
+    def picture(self, model, dataset, device, title):
         from .reports import samples_figure
 
-        return samples_figure(model.samples(64, torch.Generator(device).manual_seed(model.seed), device))
+        return samples_figure(model.samples(64, torch.Generator(device).manual_seed(model.seed), device), title)
 
 
 PRIOR = PriorTask()

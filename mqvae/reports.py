@@ -20,6 +20,8 @@ from .files import save_figure, write_text
 
 # recon.png: each image at least this many pixels on a side (digits are 16 px), upscaled by nearest neighbour.
 MIN_CELL_PX = 64
+# The band above recon.png's and samples.png's images that holds the title, in pixels.
+TITLE_PX = 30
 
 
 def _figure(**kwargs):
@@ -30,9 +32,9 @@ def _figure(**kwargs):
     return Figure(**kwargs)
 
 
-def recon_figure(originals: torch.Tensor, recons: torch.Tensor, per_row: int = 16) -> Figure:
+def recon_figure(originals: torch.Tensor, recons: torch.Tensor, title: str, per_row: int = 16) -> Figure:
     """Test inputs in labelled rows, each directly above its reconstruction, upscaled by an integer factor
-    (nearest neighbour, so pixels stay pixels) to at least MIN_CELL_PX per image."""
+    (nearest neighbour, so pixels stay pixels) to at least MIN_CELL_PX per image, under ``title``."""
     n = originals.shape[0] - originals.shape[0] % per_row or originals.shape[0]
     columns, rows = min(per_row, n), math.ceil(n / per_row)
     pictures = [t[:n].detach().float().clamp(0, 1).cpu() for t in (originals, recons)]
@@ -48,22 +50,24 @@ def recon_figure(originals: torch.Tensor, recons: torch.Tensor, per_row: int = 1
             upscaled = picture[i].permute(1, 2, 0).numpy().repeat(scale, 0).repeat(scale, 1)
             canvas[y: y + cell_h, left: left + cell_w] = upscaled
     dpi, label_w = 100, 130
-    fig = _figure(figsize=((label_w + canvas.shape[1]) / dpi, canvas.shape[0] / dpi), dpi=dpi)
-    total_w = label_w + canvas.shape[1]
-    ax = fig.add_axes((label_w / total_w, 0, canvas.shape[1] / total_w, 1))
+    total_w, total_h = label_w + canvas.shape[1], TITLE_PX + canvas.shape[0]
+    fig = _figure(figsize=(total_w / dpi, total_h / dpi), dpi=dpi)
+    ax = fig.add_axes((label_w / total_w, 0, canvas.shape[1] / total_w, canvas.shape[0] / total_h))
     ax.imshow(canvas[..., 0] if channels == 1 else canvas, cmap="gray", vmin=0, vmax=1, interpolation="nearest",
               aspect="auto")
     ax.axis("off")
     for row in range(rows):
         for j, label in enumerate(("input", "reconstruction")):
             center = row * (2 * cell_h + gap + pair_gap) + j * (cell_h + gap) + cell_h / 2
-            fig.text((label_w - 8) / total_w, 1 - center / canvas.shape[0], label, ha="right", va="center", fontsize=11)
+            fig.text((label_w - 8) / total_w, (canvas.shape[0] - center) / total_h, label, ha="right", va="center",
+                     fontsize=11)
+    fig.suptitle(title, y=1 - TITLE_PX / 2 / total_h, va="center", fontsize=11)
     return fig
 
 
-def samples_figure(images: torch.Tensor, per_row: int = 8) -> Figure:
+def samples_figure(images: torch.Tensor, title: str, per_row: int = 8) -> Figure:
     """A grid of generated images (samples.png), upscaled by an integer factor (nearest neighbour) to at least
-    MIN_CELL_PX per image."""
+    MIN_CELL_PX per image, under ``title``."""
     images = images.detach().float().clamp(0, 1).cpu()
     n, (channels, height, width) = images.shape[0], images.shape[1:]
     columns, rows = min(per_row, n), math.ceil(n / per_row)
@@ -74,12 +78,13 @@ def samples_figure(images: torch.Tensor, per_row: int = 8) -> Figure:
         row, column = divmod(i, per_row)
         top, left = row * (cell_h + gap), column * (cell_w + gap)
         canvas[top: top + cell_h, left: left + cell_w] = images[i].permute(1, 2, 0).numpy().repeat(scale, 0).repeat(scale, 1)
-    dpi = 100
-    fig = _figure(figsize=(canvas.shape[1] / dpi, canvas.shape[0] / dpi), dpi=dpi)
-    ax = fig.add_axes((0, 0, 1, 1))
+    dpi, total_h = 100, TITLE_PX + canvas.shape[0]
+    fig = _figure(figsize=(canvas.shape[1] / dpi, total_h / dpi), dpi=dpi)
+    ax = fig.add_axes((0, 0, 1, canvas.shape[0] / total_h))
     ax.imshow(canvas[..., 0] if channels == 1 else canvas, cmap="gray", vmin=0, vmax=1, interpolation="nearest",
               aspect="auto")
     ax.axis("off")
+    fig.suptitle(title, y=1 - TITLE_PX / 2 / total_h, va="center", fontsize=9)
     return fig
 
 
@@ -99,11 +104,13 @@ def _series(records: list[dict], key: str) -> tuple[list, list]:
     return [r["step"] for r in records if key in r], [r[key] for r in records if key in r]
 
 
-def curve_panels(records: list[dict], task, learned_scalars=(), perplexity: str | None = None) -> list[Panel]:
+def curve_panels(records: list[dict], task, learned_scalars: dict[str, bool] | None = None,
+                 perplexity: str | None = None) -> list[Panel]:
     """The panels of curves.png from log.jsonl's records: every level's training loss; the batch perplexity of
     ``perplexity`` (the level whose forward is the real training forward; every level runs the same quantizer,
-    so one line says it); one panel per learned scalar (``<level>.<term>`` keys, e.g. a learned beta); and the
-    ``task``'s test metric (its ``curve_key``; the records that hold it are the evaluations)."""
+    so one line says it); one panel per level's learned scalar (``<level>.<term>`` keys, e.g. a learned beta,
+    each with whether its level's parameters reach it: only then is it titled learned); and the ``task``'s test
+    metric (its ``curve_key``; the records that hold it are the evaluations)."""
     metric = task.curve_key
     train = [r for r in records if metric not in r]
     tests = [r for r in records if metric in r]
@@ -115,10 +122,10 @@ def curve_panels(records: list[dict], task, learned_scalars=(), perplexity: str 
         line = _series(train, perplexity)
         panels.append(Panel(f"batch perplexity ({perplexity})", {perplexity: line} if line[0] else {},
                             "" if line[0] else f"{perplexity} not logged", ylabel="perplexity (2^H of the batch's codes)"))
-    for key in learned_scalars:
+    for key, learned in (learned_scalars or {}).items():
         line = _series(train, key)
-        panels.append(Panel(f"learned {key}", {key: line} if line[0] else {}, "" if line[0] else f"{key} not logged",
-                            ylabel=key.split(".")[-1]))
+        panels.append(Panel(f"learned {key}" if learned else f"{key} (not learned)", {key: line} if line[0] else {},
+                            "" if line[0] else f"{key} not logged", ylabel=key.split(".")[-1]))
     panels.extend(hypergradient_panels(train))
     panels.append(Panel(task.curve_title, {metric: _series(tests, metric)} if tests else {},
                         "" if tests else "no evaluation during training", marker="o", ylabel=metric))
@@ -195,16 +202,19 @@ def _pca_2d(points: torch.Tensor, fit_on: torch.Tensor) -> torch.Tensor:
 
 def codebook_figure(counts: torch.Tensor, vectors: torch.Tensor, codes: torch.Tensor) -> Figure:
     """Huh et al. Fig. 2: code usage over the test set (sorted, most used first) and a 2-D PCA of a sample of
-    encoder outputs with the codebook in the same projection (fitted on both together), used codes filled,
-    unused ones hollow. ``vectors`` and ``codes`` are (N, d) and (K, d) with the same d."""
+    encoder outputs with the codebook in the same projection (fitted on both together), used codes filled red on
+    top, unused ones hollow blue below them, each counted in the legend. ``vectors`` and ``codes`` are (N, d) and
+    (K, d) with the same d."""
     counts = counts.detach().cpu().long()
     vectors, codes = vectors.detach().cpu().float(), codes.detach().cpu().float()
     fig = _figure(figsize=(11, 4), dpi=110)
     axes = fig.subplots(1, 2)
     ordered = counts.sort(descending=True).values
     total = max(int(counts.sum()), 1)
-    axes[0].bar(range(len(ordered)), (ordered.double() / total).numpy(), width=1.0, color="tab:blue")
-    axes[0].set_title(f"code usage over the test set ({int((counts > 0).sum())}/{len(counts)} codes used)")
+    # Red as the used codes in the projection: a bar is a used code.
+    axes[0].bar(range(len(ordered)), (ordered.double() / total).numpy(), width=1.0, color="tab:red")
+    used_of = f"{int((counts > 0).sum())} of {len(counts)} codes used"
+    axes[0].set_title(f"code usage over the test set ({used_of})")
     axes[0].set_xlabel("code (sorted by usage)")
     axes[0].set_ylabel("fraction of test vectors")
     both = torch.cat([vectors, codes])
@@ -213,11 +223,18 @@ def codebook_figure(counts: torch.Tensor, vectors: torch.Tensor, codes: torch.Te
     used = (counts > 0).numpy() if len(counts) == len(codes) else None
     axes[1].scatter(pv[:, 0], pv[:, 1], s=3, alpha=0.3, color="tab:gray", label=f"encoder outputs ({len(vectors)})")
     if used is None:
-        axes[1].scatter(pc[:, 0], pc[:, 1], s=18, color="tab:red", label="codes")
+        axes[1].scatter(pc[:, 0], pc[:, 1], s=18, color="tab:red", label=f"codes ({len(codes)})")
+        axes[1].set_title("PCA of encoder outputs and codebook")
     else:
-        axes[1].scatter(pc[used, 0], pc[used, 1], s=18, color="tab:red", label="codes (used)")
-        axes[1].scatter(pc[~used, 0], pc[~used, 1], s=18, facecolors="none", edgecolors="tab:red", label="codes (unused)")
-    axes[1].set_title("PCA of encoder outputs and codebook")
+        # Used codes on top of unused ones: after a collapse the few used codes sit among many unused ones and
+        # would vanish under them. Unused in another colour, as a hollow red marker hides a filled red one.
+        axes[1].scatter(pc[~used, 0], pc[~used, 1], s=18, facecolors="none", edgecolors="tab:blue", linewidths=0.8,
+                        zorder=2, label=f"unused codes ({int((~used).sum())})")
+        axes[1].scatter(pc[used, 0], pc[used, 1], s=18, color="tab:red", zorder=3,
+                        label=f"used codes ({int(used.sum())})")
+        axes[1].set_title(f"PCA of encoder outputs and codebook ({used_of})")
+    axes[1].set_xlabel("principal component 1")
+    axes[1].set_ylabel("principal component 2")
     axes[1].legend(fontsize=7)
     fig.tight_layout()
     return fig
@@ -257,8 +274,10 @@ def write_report(run_dir: Path, metrics: dict, pictures=("recon.png", "samples.p
     write_text(run_dir / "report.md", "\n".join(lines))
 
 
-def prediction_figure(images: torch.Tensor, predicted: torch.Tensor, labels: torch.Tensor, per_row: int = 8) -> Figure:
-    """Classification's counterpart of the reconstruction grid: test images titled 'predicted (true)'."""
+def prediction_figure(images: torch.Tensor, predicted: torch.Tensor, labels: torch.Tensor, title: str,
+                      per_row: int = 8) -> Figure:
+    """Classification's counterpart of the reconstruction grid: test images titled 'predicted (true)', wrong
+    predictions in red, under ``title``."""
     n = images.shape[0]
     rows = (n + per_row - 1) // per_row
     fig = _figure(figsize=(per_row * 1.2, rows * 1.35), dpi=100)
@@ -270,6 +289,7 @@ def prediction_figure(images: torch.Tensor, predicted: torch.Tensor, labels: tor
             ax.imshow(image[..., 0] if image.shape[-1] == 1 else image, cmap="gray" if image.shape[-1] == 1 else None)
             ok = int(predicted[i]) == int(labels[i])
             ax.set_title(f"{int(predicted[i])} ({int(labels[i])})", fontsize=8, color="black" if ok else "red")
+    fig.suptitle(f"{title}\npredicted (true)", fontsize=9)
     fig.tight_layout()
     return fig
 

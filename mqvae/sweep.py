@@ -582,6 +582,7 @@ def _paired_panel(ax, results: dict) -> None:
     cells = [(row, cell) for row, cell in cells if cell["mean"] is not None]
     ax.set_title(f"{header}: method − baseline (paired 95% interval)", fontsize=9)
     ax.set_ylabel(f"difference in {header}")
+    ax.set_xlabel("method vs its baseline")
     if not cells:
         ax.text(0.5, 0.5, "no paired difference measured", ha="center", va="center", transform=ax.transAxes,
                 color="gray")

@@ -62,8 +62,9 @@ class Task:
 
         return evaluate(model, dataset, batch_size, device, image_quality)
 
-    def picture(self, model, dataset, device):  # pragma: no cover - interface
-        """The matplotlib figure of <picture_name>.png: what the network makes of the first test images."""
+    def picture(self, model, dataset, device, title: str):  # pragma: no cover - interface
+        """The matplotlib figure of <picture_name>.png under ``title``: what the network makes of test images
+        (``evaluation.shown_indices``: spread over the classes)."""
         raise NotImplementedError
 
 
@@ -112,11 +113,11 @@ class Reconstruction(Task):
     def scores(self, image_quality=None):
         return _ReconstructionScores(image_quality)
 
-    def picture(self, model, dataset, device):
+    def picture(self, model, dataset, device, title):
         from .evaluation import reconstructions
         from .reports import recon_figure
 
-        return recon_figure(*reconstructions(model, dataset, 32, device))
+        return recon_figure(*reconstructions(model, dataset, 32, device), title)
 
 
 class _ClassificationScores(Scores):
@@ -156,11 +157,11 @@ class Classification(Task):
     def scores(self, image_quality=None):
         return _ClassificationScores()
 
-    def picture(self, model, dataset, device):
+    def picture(self, model, dataset, device, title):
         from .evaluation import predictions
         from .reports import prediction_figure
 
-        return prediction_figure(*predictions(model, dataset, 32, device))
+        return prediction_figure(*predictions(model, dataset, 32, device), title)
 
 
 RECONSTRUCTION = Reconstruction()

@@ -62,7 +62,9 @@ class Level(ImplicitProblem):
     - ``provided_weights(self)`` (optional): loss weights this level learns for the levels below it (a dict of
       tensors, e.g. ``{"commitment": beta}``); a level below reads them with ``loss_weights()``.
     - ``learned_scalars`` (optional, a class attribute): names of ``loss_terms`` entries that are learned
-      scalars, which curves.png plots.
+      scalars, which curves.png plots, each in a panel titled "learned" where the level's trained parameters
+      reach the value in autograd's graph (``learned``); a scheduled or constant value, which they do not reach,
+      is plotted as not learned.
     - Reserved: a level's name may not be an attribute of its class or of the engine
       (``engines.build.reserved_names``: Betty makes every level an attribute of the engine and of the others
       under its name); ``levels.*.params`` may not hold a key its ``Params`` lacks.
@@ -101,6 +103,9 @@ class Level(ImplicitProblem):
         self.data = data
         self.fast_roll_back = fast_roll_back
         self.last_stats: dict = {}
+        # The learned_scalars that the level's first step found its trained parameters to reach (a value that only
+        # follows a schedule is not learned); None before that step. Kept in checkpoints (progress_state).
+        self.learned: set[str] | None = None
         self.last_forward = None  # (z_e, quantizer output) of the latest real step, for quantizer maintenance
         self.stream = train_data_loader
         self._trainable: list[torch.Tensor] | None = None
@@ -246,13 +251,14 @@ class Level(ImplicitProblem):
         """What a checkpoint needs of the level beyond its module, optimizer, schedule and batch stream, so that a
         run resumed inside a gradient-accumulation window continues exactly: Betty's step count (where the window
         stands), the gradients accumulated so far (None where there are none), and what the next logging step
-        reports of a level that has not stepped since: its loss terms and the Fig. 6 terms of its latest
-        hypergradient."""
+        reports of a level that has not stepped since: its loss terms, the Fig. 6 terms of its latest
+        hypergradient and which of its learned_scalars it learns (``learned``, for curves.png)."""
         def detached(tensors):
             return [None if t is None else t.detach() for t in tensors]
 
         return {"count": self._count, "grads": detached(p.grad for p in self.trainable_parameters()),
                 "last_stats": dict(self.last_stats),
+                "learned": None if self.learned is None else sorted(self.learned),
                 "hypergradient_terms": None if self._terms is None else
                 {"direct": detached(self._terms[0]), "implicit": detached(self._terms[1])}}
 
@@ -275,6 +281,8 @@ class Level(ImplicitProblem):
                                                   placed(terms["implicit"], "implicit term"))
         self._count = state["count"]
         self.last_stats = {key: value.to(self.device) for key, value in state["last_stats"].items()}
+        learned = state.get("learned")  # (absent from checkpoints written before it was saved)
+        self.learned = None if learned is None else set(learned)
         for p, g in zip(params, grads):
             p.grad = g
 
@@ -476,6 +484,9 @@ class Level(ImplicitProblem):
         # Betty's version calls loss.item() every step, a host sync in the hot loop; keep tensors and
         # let the engine read them at logging steps only. ``terms`` replaces step_terms (FastRollBack).
         stats = (terms or self.step_terms)(batch)
+        if self.learned is None and torch.is_grad_enabled():
+            params = self.trainable_parameters()
+            self.learned = {key for key in self.learned_scalars if key in stats and _reaches(stats[key], params)}
         out = stats.pop("_out", None)
         if out is not None:
             self.last_forward = (out.z_e.detach(), out.quant.detached())
@@ -545,6 +556,15 @@ class Level(ImplicitProblem):
         if self.fast_roll_back is not None:
             return self.fast_roll_back.recover_states(self)
         return super().recover_states(clean)
+
+
+def _reaches(value: torch.Tensor, params: list[torch.Tensor]) -> bool:
+    """Whether a gradient flows from ``value`` to any of ``params`` (it is computed from them), without touching
+    their ``.grad``: a learned scalar, rather than one that follows a schedule."""
+    if not (params and value.requires_grad):
+        return False
+    grads = torch.autograd.grad(value, params, retain_graph=True, allow_unused=True)
+    return any(grad is not None for grad in grads)
 
 
 def sub_batches(batch, k: int) -> list[tuple]:

@@ -13,6 +13,7 @@ import mqvae.data
 from engines.engine import LevelEngine
 from engines.experiment import build_engine
 from mqvae.config import config_from_dict
+from mqvae.files import read_lines
 
 TINY_MODEL = {"kind": "vqvae", "hidden_channels": 8, "res_channels": 4, "num_res_blocks": 1, "downsample": 2}
 TINY_QUANTIZER = {"num_codes": 16, "dim": 4, "beta": 0.25}
@@ -62,6 +63,13 @@ def results(metrics: dict) -> dict:
     """A metrics.json without what differs between two runs of one config on one machine: the wall time and the
     start time of the process that made it (``provenance``)."""
     return {k: v for k, v in metrics.items() if k not in ("wall_time_s", "provenance")}
+
+
+def measured(run_dir) -> list[dict]:
+    """log.jsonl's training and evaluation records without what differs between two runs of one config on one
+    machine: the training time (``time_s``); warning records left out (a library warns once per process)."""
+    return [{k: v for k, v in record.items() if k != "time_s"} for record in read_lines(Path(run_dir) / "log.jsonl")
+            if "warning" not in record]
 
 
 def snapshot(module: torch.nn.Module) -> dict:

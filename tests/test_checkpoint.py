@@ -42,6 +42,10 @@ def test_real_checkpoint_loads(trained, tmp_path):
 def test_optional_entries_may_be_absent_or_present(trained, tmp_path):
     for optional in ("train_time", "progress"):  # (progress: checkpoints written before it was saved)
         load_checkpoint(_save({k: v for k, v in trained.items() if k != optional}, tmp_path))
+    older = copy.deepcopy(trained)
+    for progress in older["progress"].values():
+        del progress["learned"]  # (checkpoints written before it was saved)
+    load_checkpoint(_save(older, tmp_path))
     # What a CUDA machine writes: one generator state per device.
     with_cuda = {**trained, "rng": {**trained["rng"], "cuda": [torch.zeros(16, dtype=torch.uint8)]}}
     load_checkpoint(_save(with_cuda, tmp_path))
@@ -108,6 +112,8 @@ INVALID = {
     "progress terms a list": (_set("progress.codebook.hypergradient_terms", []),
                               "'progress.codebook.hypergradient_terms' is a list, not a dict"),
     "progress stats a list": (_set("progress.codebook.last_stats", []), "'progress.codebook.last_stats' is a list, not a dict"),
+    "progress learned a str": (_set("progress.codebook.learned", "beta"),
+                               "'progress.codebook.learned' is 'beta', not a list of names"),
     "train_time nan": (_set("train_time", float("nan")), "'train_time' is nan, not a finite number"),
     "train_time a str": (_set("train_time", "1.5"), "'train_time' is '1.5', not a finite number"),
     "rng empty": (_set("rng", {}), "'rng.torch' is missing"),

@@ -19,6 +19,7 @@ from fake_datasets import (
 import mqvae.data
 from mqvae.data import DATASETS, Datasets, holdout_split, load_datasets, register_dataset
 from mqvae.errors import UserError
+from mqvae.evaluation import labels_of
 from mqvae.loader import BatchStream
 
 
@@ -152,6 +153,23 @@ def test_image_folder_round_trip(tmp_path):
             assert image.shape == (3, 64, 64)
             assert torch.allclose(image, torch.full_like(image, value / 255), atol=1e-6)
             assert label == class_index
+
+
+def test_the_labels_of_every_format_are_read_without_its_images(tmp_path, monkeypatch):
+    # recon.png takes the classes in turn (evaluation.shown_indices) from each format's own list of labels, which
+    # must be the labels its items carry; CelebA has no class label.
+    skip_md5_checks(monkeypatch)
+    write_mnist(tmp_path / "mnist", n_train=5, n_test=3)
+    write_cifar10(tmp_path / "cifar10", n_per_batch=2)
+    write_svhn(tmp_path / "svhn", n=12)  # SVHN's label 10 is 0
+    write_image_folder(tmp_path / "image_folder", n=2, classes=("dog", "cat"))
+    for name in ("digits", "mnist", "cifar10", "svhn", "image_folder"):
+        sets = _load(name, tmp_path / name)
+        _, held_out = holdout_split(sets.train, 0.5, seed=0)  # a Subset, for the sets that are not tensors
+        for dataset in (sets.test, held_out):
+            assert labels_of(dataset).tolist() == [int(dataset[i][1]) for i in range(len(dataset))], name
+    write_celeba(tmp_path / "celeba", n=9)
+    assert labels_of(_load("celeba", tmp_path / "celeba").test) is None
 
 
 def test_image_folder_class_mismatch(tmp_path):

@@ -151,6 +151,21 @@ def test_two_cpu_ranks_equal_one_process_with_the_doubled_batch(tmp_path, plugin
         assert metrics[key] == pytest.approx(alone[key], rel=1e-5), key
 
 
+def test_every_rank_takes_part_in_the_final_evaluation_off_the_eval_every_grid(tmp_path, plugin):
+    # eval_every 2 does not divide 3 iterations: the last iteration's evaluation is a collective too, so a rank that
+    # skipped it would leave the other waiting until distributed.timeout_s; the 2-rank log holds the one process's.
+    common = [*MODES["vqvae"], *TINY, "--set", "train.iters=3", "--set", "train.eval_every=2",
+              "--set", "distributed.timeout_s=60", "--import", plugin]
+    run(torchrun(*common, "--set", f"data.batch_size={BATCH}", "--out", tmp_path / "two"))
+    run(one_process(*common, "--set", f"data.batch_size={2 * BATCH}", "--out", tmp_path / "one"))
+    two, one = ([r for r in map(json.loads, (tmp_path / name / "log.jsonl").read_text().splitlines()) if "test_mse" in r]
+                for name in ("two", "one"))
+    assert [r["step"] for r in two] == [r["step"] for r in one] == [2, 3]
+    for sharded, alone in zip(two, one):
+        for key in ("test_mse", "perplexity", "active_codes", "gradient_gap"):
+            assert sharded[key] == pytest.approx(alone[key], rel=1e-5), (sharded["step"], key)
+
+
 @pytest.mark.long("three torchrun jobs of two ranks each (the killed run, its resume, the uninterrupted reference): "
                   "their start-up is most of the time")
 def test_a_killed_two_rank_run_resumes_like_the_uninterrupted_one(tmp_path, plugin):

@@ -209,3 +209,23 @@ def test_lpips_at_the_data_sets_own_size_through_the_run(tmp_path, monkeypatch, 
     else:  # null with the reason, not measured on resized images
         assert metrics["lpips"] is None and f"cannot take {side}x{side} images" in metrics["lpips_reason"]
         assert backbone.sizes == []
+
+
+# -- the test images a picture shows ------------------------------------------------------------------
+
+def test_the_shown_images_take_the_classes_in_turn_where_the_first_would_all_be_one_class():
+    labels = torch.arange(4).repeat_interleave(10)  # an image folder's test split: class folder by class folder
+    dataset = TensorDataset(torch.rand(40, 1, 16, 16, generator=torch.Generator().manual_seed(2)), labels)
+    assert evaluation.shown_indices(dataset, 6) == [0, 10, 20, 30, 1, 11]
+    assert sorted(evaluation.shown_indices(dataset, 100)) == list(range(40))  # all of them, each once
+    # recon.png's and the classification picture's images are those items.
+    x, _ = evaluation.reconstructions(tiny_model(), dataset, 6, "cpu")
+    assert torch.equal(x, dataset.tensors[0][[0, 10, 20, 30, 1, 11]])
+    _, _, true = evaluation.predictions(tiny_model(CLASSIFICATION), dataset, 6, "cpu")
+    assert true.tolist() == [0, 1, 2, 3, 0, 1]
+
+
+def test_the_shown_images_are_evenly_spaced_without_two_classes():
+    images = torch.rand(10, 1, 16, 16, generator=torch.Generator().manual_seed(3))
+    for dataset in (TensorDataset(images), TensorDataset(images, torch.zeros(10, dtype=torch.long))):
+        assert evaluation.shown_indices(dataset, 4) == [0, 2, 5, 7]

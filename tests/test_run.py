@@ -14,7 +14,7 @@ import yaml
 
 import run
 from engines.run_folder import RUN_FILES
-from helpers import interrupt_at, is_base_config, results
+from helpers import interrupt_at, is_base_config, measured, results
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--set", "model.hidden_channels=8", "--set", "model.res_channels=4", "--set", "model.num_res_blocks=1",
@@ -124,7 +124,11 @@ def test_run_folder_and_determinism(tmp_path):
     assert set(state["levels"]) == {"vqvae"}
     assert any(k.startswith("quantizer.") for k in state["levels"]["vqvae"])
     assert yaml.safe_load((tmp_path / "a" / "config.yaml").read_text())["train"]["iters"] == 6
-    assert len((tmp_path / "a" / "log.jsonl").read_text().splitlines()) == 6
+    records = measured(tmp_path / "a")
+    # A training record per iteration (log_every 1), and the last iteration evaluated although eval_every (250)
+    # does not divide 6.
+    assert [r["step"] for r in records if "vqvae.loss" in r] == list(range(1, 7))
+    assert [r["step"] for r in records if "test_mse" in r] == [6]
 
     assert tiny_run(tmp_path / "b") == 0
     other = json.loads((tmp_path / "b" / "metrics.json").read_text())
@@ -144,8 +148,9 @@ def test_resume_after_interruption_ends_like_an_uninterrupted_run(tmp_path, monk
     full = json.loads((tmp_path / "full" / "metrics.json").read_text())
     resumed = json.loads((tmp_path / "cut" / "metrics.json").read_text())
     assert results(resumed) == results(full)
-    steps = [json.loads(line)["step"] for line in (tmp_path / "cut" / "log.jsonl").read_text().splitlines()]
-    assert steps == list(range(1, 7))
+    # The log reads as one run: the uninterrupted run's records, its final evaluation once.
+    assert measured(tmp_path / "cut") == measured(tmp_path / "full")
+    assert [r["step"] for r in measured(tmp_path / "cut") if "test_mse" in r] == [6]
 
 
 # -- every shipped digits config runs end to end ------------------------------------------------------

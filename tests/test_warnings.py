@@ -26,8 +26,9 @@ from engines import experiment
 from engines.engine import ZERO_GRADIENT_STEPS, LevelEngine
 from mqvae.config import load_config
 from mqvae.hypergradients import WATCHED_STEPS
-from helpers import is_base_config, tiny_engine
 from mqvae.quantizers.vq import UNMAINTAINED_FORWARDS
+
+from helpers import is_base_config, tiny_engine
 from test_paper_configs import SMALL, WRITERS
 
 ROOT = Path(__file__).resolve().parents[1]
