@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from sklearn.metrics import f1_score
 
+import problems  # noqa: F401  (registers the level kinds the configs name)
 import run
 from mqvae.config import load_config
 from mqvae.metrics import macro_f1
