@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import platform
 import subprocess
 import sys
@@ -239,3 +240,53 @@ def test_print_config_prints_the_resolved_config_and_runs_nothing(tmp_path, caps
     assert list(tmp_path.iterdir()) == []  # no run folder
     assert run.main([ROOT / "configs/tables/table1_digits.yaml", "--print-config"]) == 2
     assert "--print-config: prints one experiment's config" in capsys.readouterr().err
+
+
+# -- a config is read and validated before seconds of imports ----------------------------------------------------
+
+# Started in a subprocess before run.py: any import of these packages (torchmetrics' image-quality networks,
+# matplotlib, TensorBoard, torchvision, scipy) fails loudly.
+IMPORT_GUARD = """
+import importlib.abc, sys
+HEAVY = ("torchmetrics", "matplotlib", "tensorboard", "torch.utils.tensorboard", "torchvision", "scipy")
+class Guard(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if any(name == heavy or name.startswith(heavy + ".") for heavy in HEAVY):
+            raise ImportError(f"heavy import before validation: {name}")
+sys.meta_path.insert(0, Guard())
+sys.path.insert(0, sys.argv.pop(1))
+import run
+sys.exit(run.main(sys.argv[1:]))
+"""
+
+
+def test_a_config_is_validated_before_any_heavy_import(tmp_path):
+    guard = tmp_path / "guard.py"
+    guard.write_text(IMPORT_GUARD)
+    base = ROOT / "configs" / "digits" / "base.yaml"
+    plugin = tmp_path / "my_level.py"
+    plugin.write_text("from problems import AutoEncoder, register_problem\n\n"
+                      "@register_problem\nclass MyLevel(AutoEncoder):\n    pass\n")
+    cases = {
+        "typo": ({"quantizer": {"num_cods": 3}, "levels": [{"name": "vqvae", "problem": "VQVAE"}]}, [],
+                 "did you mean 'num_codes'"),
+        "level": ({"levels": [{"name": "vqvae", "problem": "VQVA"}]}, [], "did you mean 'VQVAE'"),
+        # A plugin's names are validated too: the plugin is imported, its level known, and a misspelt one named.
+        "plugin": ({"levels": [{"name": "codebook", "problem": "Codebook", "lower": ["autoencoder"]},
+                               {"name": "autoencoder", "problem": "MyLeve"}]}, ["--import", plugin],
+                   "did you mean 'MyLevel'"),
+        "base": ({"base": "missing.yaml"}, [], "not found"),
+    }
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for name, (data, extra, needle) in cases.items():
+        config = tmp_path / f"{name}.yaml"
+        config.write_text(yaml.safe_dump({"base": str(base), **data}))
+        result = subprocess.run([sys.executable, guard, ROOT, config, *extra, "--out", tmp_path / name],
+                                capture_output=True, text=True, timeout=300, env=env)
+        assert result.returncode == 2 and needle in result.stderr, (name, result.stderr)
+        assert "heavy import" not in result.stderr, name
+    # The guard bites: a valid config gets past validation and into the imports a run needs.
+    result = subprocess.run([sys.executable, guard, ROOT, ROOT / "configs/digits/vqvae.yaml", "--set", "train.iters=1",
+                             "--set", "device=cpu", "--out", tmp_path / "valid"],
+                            capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode != 0 and "heavy import before validation" in result.stdout + result.stderr
