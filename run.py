@@ -138,9 +138,11 @@ def _without_nproc(argv: list[str]) -> list[str]:
 
 
 def summary_line(run_dir, metrics: dict) -> str:
-    """The run's one line: each measured metric, then those not measured (their reasons are in metrics.json)."""
+    """The run's one line: each measured number, then the metrics not measured (their reasons are in metrics.json).
+    Lists (per group) and records stay in metrics.json."""
     shown = {k: v for k, v in metrics.items()
-             if not k.endswith("_reason") and k not in ("scales", "config_sha256", "provenance")}
+             if not k.endswith("_reason") and k not in ("scales", "config_sha256", "provenance")
+             and not isinstance(v, (list, dict))}
     measured = ", ".join(f"{k} {v:.5g}" if isinstance(v, float) else f"{k} {v}" for k, v in shown.items() if v is not None)
     missing = [k for k, v in shown.items() if v is None]
     return f"{run_dir}: {measured}" + (f"; not measured: {', '.join(missing)} (see metrics.json)" if missing else "")

@@ -135,6 +135,8 @@ def test_on_a_terminal_only_the_progress_bar_and_the_summary_line_show(offline, 
     lines = [line for line in text.replace("\r", "\n").splitlines() if line.strip()]
     summary = [line for line in lines if line.startswith(f"{out}: ")]
     assert len(summary) == 1, text
+    # Numbers only: the per-group lists (rate_bits' companions) stay in metrics.json.
+    assert "rate_bits 7" in summary[0] and "per_group" not in summary[0], summary
     # Everything else is tqdm's bar, named after the run folder: "run: 100%|...| 3/3 [...]".
     bars = [line for line in lines if line not in summary]
     assert bars and all(f"{out.name}:" in line and "/3" in line for line in bars), text
