@@ -24,14 +24,14 @@ def write(path: Path, data: dict) -> Path:
 
 
 def test_a_base_chain_is_merged_key_by_key_and_lists_are_replaced(tmp_path):
-    write(tmp_path / "shared" / "root.yaml", {
+    write(tmp_path / "common" / "root.yaml", {
         "seed": 3, "quantizer": {"num_codes": 32, "dim": 8, "beta": 0.3},
         "levels": [{"name": "codebook", "problem": "Codebook", "lower": ["autoencoder"]},
                    {"name": "autoencoder", "problem": "AutoEncoder"}],
         "train": {"iters": 9, "log_every": 3}})
-    write(tmp_path / "shared" / "middle.yaml", {"base": "root.yaml", "quantizer": {"dim": 4}, "train": {"iters": 7}})
+    write(tmp_path / "common" / "middle.yaml", {"base": "root.yaml", "quantizer": {"dim": 4}, "train": {"iters": 7}})
     # Relative to the file's own folder, not to the working directory.
-    child = write(tmp_path / "exp" / "child.yaml", {"base": "../shared/middle.yaml", "quantizer": {"beta": 0.2},
+    child = write(tmp_path / "exp" / "child.yaml", {"base": "../common/middle.yaml", "quantizer": {"beta": 0.2},
                                                     "levels": [{"name": "vqvae", "problem": "VQVAE"}]})
     data = read_config(child)
     assert "base" not in data
