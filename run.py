@@ -79,8 +79,8 @@ def main(argv=None) -> int:
         from engines.run_folder import resume_config
         from mqvae.config import load_config, read_yaml, to_dict
         from mqvae.errors import UserError
-        from mqvae.provenance import set_code_folder
-        from mqvae.sweep import is_sweep_file
+        from mqvae.io.provenance import set_code_folder
+        from mqvae.evaluation.comparison import is_sweep_file
     except ImportError as exc:  # e.g. the Betty version check in mqvae/__init__.py
         print(f"error: {exc}", file=sys.stderr)
         return 1
@@ -154,7 +154,7 @@ def _list(imports: list[str]) -> int:
         import engines.experiment  # noqa: F401  (registers the shipped levels and hypergradient methods)
         from mqvae.config import registries
         from mqvae.errors import UserError
-        from mqvae.plugins import import_plugins
+        from mqvae.config.plugins import import_plugins
     except ImportError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
@@ -169,9 +169,9 @@ def _list(imports: list[str]) -> int:
 
 def _run_sweep(args) -> int:
     from engines.sweep import run_sweep
-    from mqvae.distributed import launched
+    from mqvae.runtime.distributed import launched
     from mqvae.errors import UserError
-    from mqvae.sweep import load_sweep, parse_seeds
+    from mqvae.evaluation.comparison import load_sweep, parse_seeds
 
     try:
         if launched() > 1:
@@ -230,8 +230,8 @@ def _launch_rank() -> int:
 
 
 def _training_in_parallel() -> bool:
-    """Whether this process has joined torchrun's process group (mqvae.distributed.start)."""
-    distributed = sys.modules.get("mqvae.distributed")
+    """Whether this process has joined torchrun's process group (mqvae.runtime.distributed.start)."""
+    distributed = sys.modules.get("mqvae.runtime.distributed")
     return distributed is not None and distributed.world_size() > 1
 
 
@@ -251,7 +251,7 @@ def _main() -> int:
     finally:
         # A data-parallel rank leaves its process group before the interpreter exits (torch aborts a rank that
         # exits holding one while its peers still run).
-        distributed = sys.modules.get("mqvae.distributed")
+        distributed = sys.modules.get("mqvae.runtime.distributed")
         if distributed is not None:
             distributed.stop()
 

@@ -6,7 +6,7 @@ are ``vqvae.yaml``, ``alt.yaml`` and ``mqvae.yaml`` in ``--configs`` (default ``
 working folder: run it from the repository root).
 
 The functions that build engines import ``.experiment`` when they run, not at the top: the nearest-neighbour
-measurements run in fresh processes (``--nn-worker``), which then load only torch and ``mqvae.search``.
+measurements run in fresh processes (``--nn-worker``), which then load only torch and ``mqvae.nn.search``.
 
 Wall-clock numbers live here and in the JSON it writes, with the machine's load average before and after (a
 figure taken while other processes wanted the cores is flagged ``under_load``); tests never assert them.
@@ -29,8 +29,8 @@ from pathlib import Path
 
 import torch
 
-from mqvae.files import read_lines, write_json
-from mqvae.search import DEFAULT_CHUNK_ELEMENTS
+from mqvae.io.files import read_lines, write_json
+from mqvae.nn.search import DEFAULT_CHUNK_ELEMENTS
 
 CONFIGS = Path("configs") / "digits"  # relative to the working folder; --configs names another
 MODES = ("vqvae", "alt", "mqvae", "mqvae_roll_back")
@@ -141,7 +141,7 @@ def step_times(shape: str, batch_size: int, warmup: int, rounds: int, overrides:
 
 
 def phase_times(engine, rounds: int) -> dict:
-    """Where an iteration's time goes: milliseconds per iteration in each ``mqvae.perf.phase`` region, from
+    """Where an iteration's time goes: milliseconds per iteration in each ``mqvae.runtime.perf.phase`` region, from
     ``torch.profiler`` over ``rounds`` iterations (``<level>.forward`` / ``.backward`` / ``.optimizer_step`` /
     ``.roll_back``, ``hypergradient.<type>``, which runs inside the upper level's ``backward``).
 
@@ -150,7 +150,7 @@ def phase_times(engine, rounds: int) -> dict:
     """
     from torch.profiler import ProfilerActivity, profile
 
-    from mqvae.perf import PHASE_PREFIX
+    from mqvae.runtime.perf import PHASE_PREFIX
 
     # Kineto, the profiler's C++ side, writes to stderr: "USDT: ... profiler_start" and "profiler_stop" around each
     # profile, and on a CPU-only machine "gpuGetDeviceCount failed" as an ERROR. Its level is KINETO_LOG_LEVEL, read
@@ -233,7 +233,7 @@ def data_parallel_worker(mode: str, batch_size: int, warmup: int, rounds: int, c
     """Median seconds of one training iteration of ``mode`` on digits (a ``--dp-worker`` process: under torchrun,
     one rank of a data-parallel run with ``batch_size`` per rank; without it, one process). The ranks start each
     iteration together (a barrier), so the time is that of the slowest rank."""
-    from mqvae import distributed
+    from mqvae.runtime import distributed
 
     from .experiment import build_engine  # here, not at the top: see the module docstring
 
@@ -309,7 +309,7 @@ def _read_proc(key: str, path: str = "/proc/self/status") -> int:
 
 def nn_worker(method: str, n: int, k: int, d: int, device: str, min_time: float) -> dict:
     """One measurement, meant to run in a fresh process so that its peak memory is its own."""
-    from mqvae.search import nearest_codes
+    from mqvae.nn.search import nearest_codes
 
     dev = torch.device(device)
     g = torch.Generator(device=dev).manual_seed(0)
@@ -552,7 +552,7 @@ def run_bench(quick: bool, sizes: dict | None = None, configs: Path = CONFIGS) -
         "step_time_ratio": {shape: steps[shape]["ratio_to_vqvae"] for shape in steps},
         "step_time": steps,
         "nn_search": {"memory_budget_bytes": _memory_budget(device), "rows": measured["nn_search"],
-                      "chunked": f"mqvae.search.nearest_codes (default chunk_elements for {device.type}: "
+                      "chunked": f"mqvae.nn.search.nearest_codes (default chunk_elements for {device.type}: "
                                  f"{DEFAULT_CHUNK_ELEMENTS.get(device.type)}, fp32)",
                       "naive": "torch.cdist(z, codebook).argmin(dim=1)"},
         "finite_check": measured["finite_check"],

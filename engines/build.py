@@ -11,13 +11,13 @@ import textwrap
 
 from betty.configs import Config as BettyConfig
 
-import mqvae.hypergradients  # noqa: F401  (registers the hypergradient types with Betty)
-from mqvae import distributed
+import mqvae.method.hypergradients  # noqa: F401  (registers the hypergradient types with Betty)
+from mqvae.runtime import distributed
 from mqvae.config import Config, HypergradientConfig
 from mqvae.data import holdout_split
 from mqvae.errors import AllRanksError, UserError
-from mqvae.loader import BatchStream
-from mqvae.optim import make_optimizer, make_scheduler
+from mqvae.data.loader import BatchStream
+from mqvae.method.optim import make_optimizer, make_scheduler
 from problems import PROBLEMS, FastRollBack
 
 from .engine import LevelEngine

@@ -15,16 +15,16 @@ from betty.engine import Engine
 from betty.logging.logger_base import get_logger
 from tqdm import tqdm
 
-from mqvae import distributed
-from mqvae.checkpoint import check_hyperparameters, non_finite_entries, rng_state, save_checkpoint, set_rng_state
+from mqvae.runtime import distributed
+from mqvae.io.checkpoint import check_hyperparameters, non_finite_entries, rng_state, save_checkpoint, set_rng_state
 from mqvae.errors import AllRanksError, Diverged, UserError
-from mqvae import evaluation as evaluation_fns  # make_image_quality looked up at each call: stand-ins can replace it
-from mqvae.evaluation import latents_and_codes, measures_quality
-from mqvae.files import append_line, os_error, write_text
-from mqvae.hypergradients import batch_norm_buffers
-from mqvae.provenance import provenance
-from mqvae.reports import codebook_figure
-from mqvae.tracking import TensorBoard, drop_after
+from mqvae.evaluation import evaluate as evaluation_fns  # make_image_quality looked up at each call: stand-ins can replace it
+from mqvae.evaluation.evaluate import latents_and_codes, measures_quality
+from mqvae.io.files import append_line, os_error, write_text
+from mqvae.method.hypergradients import batch_norm_buffers
+from mqvae.io.provenance import provenance
+from mqvae.evaluation.reports import codebook_figure
+from mqvae.io.tracking import TensorBoard, drop_after
 
 from .run_folder import write_config
 
@@ -51,7 +51,7 @@ class LevelEngine(Engine):
     def __init__(self, cfg, problems, dependencies, model, datasets, device, run_dir: Path):
         self.cfg, self.model, self.datasets, self.run_dir = cfg, model, datasets, Path(run_dir)
         self.target_device = device
-        # Data-parallel (mqvae.distributed): only rank 0 writes the run folder, prints and evaluates.
+        # Data-parallel (mqvae.runtime.distributed): only rank 0 writes the run folder, prints and evaluates.
         self.ranks, self.writes = distributed.world_size(), distributed.rank() == 0
         self.train_time = 0.0  # seconds spent in training iterations, excluding evaluation and saving
         self.checkpoint_step = None  # iteration of the last checkpoint written or resumed from
@@ -76,7 +76,7 @@ class LevelEngine(Engine):
     def configure_systems(self):
         # Betty's own version initializes the process group itself and divides by torch.cuda.device_count() for
         # distributed strategies, which fails on a CPU-only machine: the process group is torchrun's, joined
-        # before the model is built (mqvae.distributed.start), and the device is the one it gave this rank.
+        # before the model is built (mqvae.runtime.distributed.start), and the device is the one it gave this rank.
         self.device = self.target_device
         if self.ranks == 1:
             return {"strategy": "default", "backend": None, "world_size": 1, "rank": 0, "local_rank": 0}
@@ -97,7 +97,7 @@ class LevelEngine(Engine):
             "train_time": self.train_time,
             "rng": rng_state(),
             "world_size": self.ranks,
-            # A prior's source run, as it was when the prior started (mqvae.prior.source_sha256).
+            # A prior's source run, as it was when the prior started (mqvae.method.prior.source_sha256).
             **({"source_sha256": self.model.source_sha256} if hasattr(self.model, "source_sha256") else {}),
         }
 

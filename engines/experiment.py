@@ -8,22 +8,22 @@ from pathlib import Path
 
 import torch
 
-from mqvae import distributed
-from mqvae.checkpoint import load_checkpoint
+from mqvae.runtime import distributed
+from mqvae.io.checkpoint import load_checkpoint
 from mqvae.config import Config
 from mqvae.data import Datasets, load_datasets
 from mqvae.errors import UserError
-from mqvae.evaluation import final_metrics, first_images
-from mqvae.feasibility import check_feasible
-from mqvae.files import FolderLock, os_error, read_lines, remove_stale_temps, write_json, write_text
-from mqvae.loader import BatchStream
-from mqvae.models import build_model
-from mqvae.perf import apply_perf, perf_quantizer_config
-from mqvae.pixelcnn import GatedPixelCNN
-from mqvae.prior import PriorModel, code_maps, load_source, source_sha256
-from mqvae.provenance import provenance
-from mqvae.reports import curve_panels, curves_figure, implicit_ratio, save_figures, write_report
-from mqvae.tracking import require_tensorboard
+from mqvae.evaluation.evaluate import final_metrics, first_images
+from mqvae.config.feasibility import check_feasible
+from mqvae.io.files import FolderLock, os_error, read_lines, remove_stale_temps, write_json, write_text
+from mqvae.data.loader import BatchStream
+from mqvae.method.models import build_model
+from mqvae.runtime.perf import apply_perf, perf_quantizer_config
+from mqvae.nn.pixelcnn import GatedPixelCNN
+from mqvae.method.prior import PriorModel, code_maps, load_source, source_sha256
+from mqvae.io.provenance import provenance
+from mqvae.evaluation.reports import curve_panels, curves_figure, implicit_ratio, save_figures, write_report
+from mqvae.io.tracking import require_tensorboard
 
 from .build import build_problems, config_warnings, derived_seed
 from .engine import LevelEngine
@@ -47,7 +47,7 @@ def build_engine(cfg: Config, run_dir: Path) -> LevelEngine:
     torch.manual_seed(cfg.seed)
     datasets = load_datasets(cfg.data.name, cfg.data.root, cfg.data.download, cfg.seed)
     check_feasible(cfg, datasets.channels, datasets.image_size, datasets.num_classes, device)
-    # perf: CUDA-only speed switches (mqvae.perf); on the CPU they are documented no-ops.
+    # perf: CUDA-only speed switches (mqvae.runtime.perf); on the CPU they are documented no-ops.
     model_cfg = dataclasses.replace(cfg, quantizer=perf_quantizer_config(cfg.perf, cfg.quantizer, device))
     model = build_model(model_cfg, datasets.channels, datasets.num_classes).to(device)
     if cfg.prior.run:

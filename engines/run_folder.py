@@ -3,7 +3,7 @@
 - A new run refuses a folder that holds another run unless asked to replace it (``--overwrite``).
 - ``config.yaml`` is the resolved config (every key, defaults filled in); its first line is the sha256 of
   that mapping, which ``metrics.json`` repeats as ``config_sha256``, and its second what made the run
-  (``mqvae.provenance``: versions, device, threads, commit, start time).
+  (``mqvae.io.provenance``: versions, device, threads, commit, start time).
 - ``--resume`` continues the run from its own ``config.yaml``; only ``RESUMABLE_KEYS`` may change.
 """
 
@@ -17,8 +17,8 @@ import yaml
 
 from mqvae.config import Config, config_from_dict, read_config, read_yaml, to_dict
 from mqvae.errors import UserError
-from mqvae.files import write_text
-from mqvae.tracking import EVENT_FILES
+from mqvae.io.files import write_text
+from mqvae.io.tracking import EVENT_FILES
 
 RUN_FILES = ("config.yaml", "log.jsonl", "checkpoint.pt", "metrics.json", "recon.png", "samples.png", "curves.png",
              "codebook.png", "report.md")
@@ -56,7 +56,7 @@ def config_sha256(cfg: Config) -> str:
 
 def write_config(run_dir: Path, cfg: Config, provenance: dict | None = None) -> None:
     header = f"# config_sha256: {config_sha256(cfg)} (sha256 of this mapping as canonical JSON)\n"
-    if provenance is not None:  # what made the run (mqvae.provenance), a comment: not part of the config
+    if provenance is not None:  # what made the run (mqvae.io.provenance), a comment: not part of the config
         header += f"# provenance: {json.dumps(provenance)}\n"
     write_text(run_dir / "config.yaml", header + yaml.safe_dump(to_dict(cfg), sort_keys=False))
 

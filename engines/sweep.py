@@ -10,11 +10,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from mqvae.checkpoint import load_checkpoint
+from mqvae.io.checkpoint import load_checkpoint
 from mqvae.config import config_from_dict, load_config, to_dict
 from mqvae.errors import Diverged, UserError
-from mqvae.files import FolderLock, remove_stale_temps
-from mqvae.sweep import aggregate, curve_key, expand, load_sweep, read_metrics, write_results
+from mqvae.io.files import FolderLock, remove_stale_temps
+from mqvae.evaluation.comparison import aggregate, curve_key, expand, load_sweep, read_metrics, write_results
 
 from . import experiment
 from .run_folder import differing_keys, run_files, saved_config

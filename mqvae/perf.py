@@ -1,87 +1,9 @@
-"""Speed switches of the ``perf`` config section.
+"""Moved to ``mqvae.runtime.perf``; this path re-exports the names plugins use for one release (README "Layout")."""
 
-- ``perf.channels_last`` (on every device, default on): the encoder's and the decoder's convolution weights
-  are stored channels-last (NHWC), so their activations are too. oneDNN runs NHWC convolutions faster: on the
-  2-core CPU a digits encoder forward took ~30 % less time and a digits VQ-VAE step 10-20 % less (neutral at
-  the paper's shape). cuDNN prefers NHWC as well, above all under bf16 (not measured in this project yet).
-  z_e then flattens to N×D vectors without a copy. Values change only by the convolutions' summation order.
+import warnings
 
-The three below act on CUDA only (documented no-ops on the CPU):
-- ``perf.cudnn_benchmark``: let cuDNN pick the fastest convolution algorithms for the (fixed) input shapes.
-- ``perf.bf16``: the encoder and the decoder run under bf16 autocast and return fp32; the nearest-code
-  search scores distances in bf16 and looks the chosen codes up in fp32 (``quantizer.search_precision``,
-  Huh et al. 2023 A.1), so the quantizer's losses, the codebook and its gradients stay fp32.
-- ``perf.compile``: ``torch.compile`` of the encoder and the decoder, in place (``nn.Module.compile``), so
-  parameter names, checkpoints and the in-place parameter edits of the finite-difference passes are unchanged.
+from mqvae.runtime.perf import phase
 
-On the CPU these three are no-ops: bf16 autocast is slower than fp32 on most CPUs, and compilation there needs
-a C++ toolchain and pays off only for long runs. A run with them set on the CPU trains exactly as without.
-"""
+__all__ = ['phase']
 
-from __future__ import annotations
-
-import contextlib
-import dataclasses
-import functools
-
-import torch
-
-# Labels of the regions ``phase`` marks; ``python -m engines.bench`` reports the time spent in each.
-PHASE_PREFIX = "phase:"
-
-
-def phase(name: str):
-    """A region of a training iteration, labelled for ``torch.profiler`` (``PHASE_PREFIX + name``).
-
-    Free when no profiler runs (a check instead of ``record_function``'s ~7 µs enter/exit), so the hot loop
-    carries the labels always and ``engines.bench`` (or a user's own profiler session) can say where the time
-    goes.
-    """
-    if not torch._C._autograd._profiler_enabled():
-        return contextlib.nullcontext()
-    return torch.profiler.record_function(PHASE_PREFIX + name)
-
-
-def perf_quantizer_config(perf, quantizer_cfg, device: torch.device):
-    """The quantizer config to build with: bf16 distance scores under ``perf.bf16`` on CUDA."""
-    if device.type == "cuda" and perf.bf16 and quantizer_cfg.search_precision == "fp32":
-        return dataclasses.replace(quantizer_cfg, search_precision="bf16")
-    return quantizer_cfg
-
-
-def _bf16_forward(forward):
-    @functools.wraps(forward)
-    def wrapped(*args, **kwargs):
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            out = forward(*args, **kwargs)
-        return out.float()
-
-    return wrapped
-
-
-def apply_perf(perf, model, device: torch.device) -> dict:
-    """Apply the switches to ``model`` (already on ``device``); returns what was applied, by name."""
-    applied = {"channels_last": False, "cudnn_benchmark": False, "bf16": False, "compile": False}
-    parts = [m for m in (getattr(model, "encoder", None), getattr(model, "decoder", None)) if m is not None]
-    if perf.channels_last:
-        for part in parts:
-            part.to(memory_format=torch.channels_last)  # 4-d weights only; in place, parameters keep their identity
-        applied["channels_last"] = True
-    if device.type != "cuda":
-        return applied
-    torch.backends.cudnn.benchmark = perf.cudnn_benchmark
-    applied["cudnn_benchmark"] = perf.cudnn_benchmark
-    if perf.bf16:
-        for part in parts:
-            # An instance attribute: state_dict keys and checkpoints stay as without the switch.
-            part.forward = _bf16_forward(part.forward)
-        applied["bf16"] = True
-    if perf.compile:
-        # Compiled backwards "donate" (free early) saved buffers, which forbids retain_graph=True; the upper
-        # level differentiates its loss twice (direct term, then v) and the roll-back's kept encoder forward
-        # is backpropagated twice, so keep them.
-        torch._functorch.config.donated_buffer = False
-        for part in parts:
-            part.compile()
-        applied["compile"] = True
-    return applied
+warnings.warn("mqvae.perf moved to mqvae.runtime.perf; import from there", DeprecationWarning, stacklevel=2)

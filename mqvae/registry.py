@@ -1,21 +1,34 @@
-"""Registries: the names a config may give for one kind of choice, and how a user adds a name.
+"""Every registry: the names a config may give for one kind of choice, and how a user adds a name.
 
-Every choice a user can extend is a ``Registry``: ``data.name`` (``mqvae.data.DATASETS``), ``hypergradient.type``
-(``mqvae.hypergradients.TYPES``), ``levels.*.optimizer`` and ``levels.*.scheduler`` (``mqvae.optim``) and
-``levels.*.problem`` (``PROBLEMS`` below, filled by ``problems.register_problem``). The config is validated against
-them (``mqvae.config``), so what is registered, by the toolkit or by a user's module (``imports``), is exactly
-what a config may name, and an unknown name gets one message listing them.
+A leaf module (it imports only ``mqvae.errors``): the modules that define what a name stands for register into it,
+and the config is validated against it alone (``mqvae.config``), so what is registered, by the toolkit or by a
+user's module (``imports``), is exactly what a config may name, and an unknown name gets one message listing them.
 
-``PROBLEMS`` lives here, below the ``problems`` package that fills it, so that the config can be validated without
-importing the levels (imports point one way, ``problems -> mqvae``); a level kind is known once its module is
-imported, which ``engines`` (the shipped levels) and ``imports`` (a user's) do before any config is read.
+============================  =====================  ==============================================================
+config key                    registry               filled by
+============================  =====================  ==============================================================
+``data.name``                 ``DATASETS``           ``mqvae.data.register_dataset``
+``model.kind``                ``MODELS``             ``mqvae.method.models.register_model`` (a ``ModelKind``)
+``quantizer.kind``            ``QUANTIZERS``         ``mqvae.method.models.register_quantizer`` (a ``Quantizer``)
+``levels.*.problem``          ``PROBLEMS``           ``problems.register_problem``
+``hypergradient.type``        ``HYPERGRADIENTS``     ``mqvae.method.hypergradients.register_hypergradient``
+``levels.*.optimizer``        ``OPTIMIZERS``         ``mqvae.method.optim.register_optimizer``
+``levels.*.scheduler``        ``SCHEDULERS``         ``mqvae.method.optim.register_scheduler``
+============================  =====================  ==============================================================
+
+Two more hold what the config's checks and the reports look up by name: ``TASKS`` (a run's task by its name, e.g.
+the prior's, ``mqvae.method.tasks``) and ``VALIDATORS`` (a config section with checks of its own that need more
+than the config's text, e.g. ``prior.run``: a function ``check(cfg, where)`` that the config's validation calls).
+
+A name is known once the module that registers it is imported: ``mqvae.shipped`` imports every shipped one (and
+``problems``, hence ``engines``, imports it), a user's module is imported from ``imports:`` or ``--import``.
 """
 
 from __future__ import annotations
 
 import difflib
 
-from .errors import UserError
+from mqvae.errors import UserError, quote
 
 
 def did_you_mean(value: str, choices) -> str:
@@ -57,8 +70,6 @@ class Registry(dict):
 
     def unknown(self, name: str) -> str:
         """The message of a name that is not registered: the closest name, every registered one, how to add one."""
-        from .config import quote
-
         listed = ", ".join(sorted(self)) or "none"
         return (f"{quote(name)} is not a registered {self.kind}; {did_you_mean(str(name), self)}registered: {listed} "
                 f"(a new one is registered with {self.register_with}, in a module the config names under imports: "
@@ -71,5 +82,23 @@ def _origin(value) -> str:
     return f"{getattr(value, '__module__', '?')}.{getattr(value, '__qualname__', type(value).__qualname__)}"
 
 
-# levels.*.problem -> a problems.Level subclass (problems.register_problem).
+# name -> function(root: str, download: bool, seed: int) -> mqvae.data.Datasets; the built-in sets ignore seed
+# (their splits are fixed), a user's set may use it for its own split.
+DATASETS = Registry("data set", "mqvae.data.register_dataset")
+# model.kind -> a mqvae.method.models.ModelKind subclass: the encoder and decoder halves, and the task they serve.
+MODELS = Registry("model kind", "mqvae.method.models.register_model")
+# quantizer.kind -> a mqvae.nn.quantizers.Quantizer subclass, built from the quantizer section.
+QUANTIZERS = Registry("quantizer kind", "mqvae.method.models.register_quantizer")
+# levels.*.problem -> a problems.Level subclass.
 PROBLEMS = Registry("problem", "problems.register_problem")
+# hypergradient.type -> Betty's get_grads signature, fn(vector, curr, prev, sync) (Betty's own registry also holds
+# methods this toolkit does not wire, e.g. reinforce).
+HYPERGRADIENTS = Registry("hypergradient method", "mqvae.method.hypergradients.register_hypergradient")
+# levels.*.optimizer -> factory(level: LevelConfig, params) -> torch.optim.Optimizer.
+OPTIMIZERS = Registry("optimizer", "mqvae.method.optim.register_optimizer")
+# levels.*.scheduler -> factory(level: LevelConfig, total_iters: int) -> multiplier or None.
+SCHEDULERS = Registry("scheduler", "mqvae.method.optim.register_scheduler")
+# task name -> a mqvae.method.tasks.Task instance.
+TASKS = Registry("task", "mqvae.registry.TASKS.add")
+# config section -> check(cfg, where), run by the config's validation after its own checks.
+VALIDATORS = Registry("config validator", "mqvae.registry.VALIDATORS.add")

@@ -19,13 +19,13 @@ import torch
 from betty.hypergradient import get_grads
 from betty.problems import ImplicitProblem
 
-from mqvae import distributed
-from mqvae.hypergradients import HypergradientContext, PureEvaluation, batch_norm_buffers
-from mqvae.perf import phase
+from mqvae.runtime import distributed
+from mqvae.method.hypergradients import HypergradientContext, PureEvaluation, batch_norm_buffers
+from mqvae.runtime.perf import phase
 
 
 def in_phase(label: str):
-    """Run the decorated Level method inside the profiler region ``<level name>.<label>`` (``mqvae.perf.phase``)."""
+    """Run the decorated Level method inside the profiler region ``<level name>.<label>`` (``mqvae.runtime.perf.phase``)."""
 
     def decorate(method):
         @functools.wraps(method)
@@ -47,7 +47,7 @@ class Level(ImplicitProblem):
     class name in ``levels.*.problem``):
 
     - ``module_of(cls, model, params)`` (required, a classmethod): the ``nn.Module`` whose parameters the level
-      trains, a part of the shared ``model`` (``mqvae.models.QuantizedNetwork``: ``encoder``, ``quantizer``,
+      trains, a part of the shared ``model`` (``mqvae.nn.networks.QuantizedNetwork``: ``encoder``, ``quantizer``,
       ``decoder``) or a new module of the level's own (``CommitmentWeight``'s rho). Built once; the level's
       optimizer trains its parameters that require a gradient.
     - ``Params`` (optional): a dataclass of the level's own settings, given in the config as
@@ -231,7 +231,7 @@ class Level(ImplicitProblem):
                 and not self.loss_weights() and type(self).loss_terms is Level.loss_terms)
 
     def hypergradient_context(self, upper) -> HypergradientContext:
-        """What the hypergradient of ``upper`` through this level's step may use (``mqvae.hypergradients``)."""
+        """What the hypergradient of ``upper`` through this level's step may use (``mqvae.method.hypergradients``)."""
         if self._purity is None:  # the parameters and the module tree are fixed once built
             self._purity = PureEvaluation(self.trainable_parameters() + batch_norm_buffers(self.model))
         batch = self.cur_batch
@@ -329,7 +329,7 @@ class Level(ImplicitProblem):
             loss = upper.post_step_loss()
             upper.add_direct_term(loss)
             # 3. The implicit term, Eq. 13: v handed to the hypergradient that hypergradient.type names (by default
-            #    mqvae.hypergradients.mqvae: -xi [grad_C L(phi+, theta+, C) - grad_C L(phi-, theta-, C)] / (2 eps)
+            #    mqvae.method.hypergradients.mqvae: -xi [grad_C L(phi+, theta+, C) - grad_C L(phi-, theta-, C)] / (2 eps)
             #    around the pre-step parameters, eps = alpha / ||v||), added to C's .grad.
             upper.add_implicit_terms(loss)
             # 4. The codebook step, on direct + implicit.
@@ -540,7 +540,7 @@ class Level(ImplicitProblem):
     def optimizer_step(self, *args, **kwargs):
         # Every step of the level comes here (Betty's one_step_descent, take_optimizer_step). Data-parallel: the
         # mean of the ranks' gradients (direct and implicit terms alike), as one process with the global batch
-        # has (mqvae.distributed); then the zero-gradient count.
+        # has (mqvae.runtime.distributed); then the zero-gradient count.
         distributed.average_grads(self.trainable_parameters())
         self._note_gradient()
         return super().optimizer_step(*args, **kwargs)
@@ -570,7 +570,7 @@ def _reaches(value: torch.Tensor, params: list[torch.Tensor]) -> bool:
 def sub_batches(batch, k: int) -> list[tuple]:
     """The k equal sub-batches of Huh Table 10's inner steps: the i-th takes items i, i + k, i + 2k, ... of every
     tensor of ``batch``. Strided rather than consecutive, because a data-parallel rank holds a consecutive slice of
-    the global batch (``mqvae.loader.BatchStream``): the ranks' i-th sub-batches are then together the i-th
+    the global batch (``mqvae.data.loader.BatchStream``): the ranks' i-th sub-batches are then together the i-th
     sub-batch of the global batch, and N ranks stay one process with N times the batch. The config makes k divide
     the per-rank batch."""
     return [tuple(t[i::k] for t in batch) for i in range(k)]

@@ -123,7 +123,7 @@ class CommitmentWeight(Level):
 
 class Prior(Level):
     """A PixelCNN prior on the frozen codes of a finished run (``prior.run``; MQ-VAE Fig. 3): it trains the
-    ``GatedPixelCNN`` of the engine's ``mqvae.prior.PriorModel`` on the cross-entropy of the code logits, with
+    ``GatedPixelCNN`` of the engine's ``mqvae.method.prior.PriorModel`` on the cross-entropy of the code logits, with
     the run's encoder, codebook and decoder frozen."""
 
     trains_prior = True

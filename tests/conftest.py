@@ -30,6 +30,19 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "long(reason): the test needs more than 30 s on 2 cores, and why it must")
 
 
+@pytest.fixture(autouse=True)
+def registries_put_back():
+    """What a test registers (a data set, a kind, an optimizer, a level) is gone after it: every registry of
+    mqvae.registry holds again what it held before the test."""
+    from mqvae import registry
+
+    held = {name: dict(value) for name, value in vars(registry).items() if isinstance(value, registry.Registry)}
+    yield
+    for name, entries in held.items():
+        getattr(registry, name).clear()
+        getattr(registry, name).update(entries)
+
+
 def full_length_run(argv) -> str | None:
     """The shipped config ``argv`` (run.py's arguments) trains at its shipped length, or None."""
     args = [str(a) for a in argv]

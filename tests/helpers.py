@@ -13,7 +13,7 @@ import mqvae.data
 from engines.engine import LevelEngine
 from engines.experiment import build_engine
 from mqvae.config import config_from_dict
-from mqvae.files import read_lines
+from mqvae.io.files import read_lines
 
 TINY_MODEL = {"kind": "vqvae", "hidden_channels": 8, "res_channels": 4, "num_res_blocks": 1, "downsample": 2}
 TINY_QUANTIZER = {"num_codes": 16, "dim": 4, "beta": 0.25}
@@ -97,7 +97,7 @@ def interrupt_at(monkeypatch, step: int):
 @pytest.fixture
 def float64(monkeypatch):
     """float64 parameters, and the digits as float64 images under ``data.name: digits64``."""
-    registry = mqvae.data.DATASETS.copy()
+    registry = mqvae.data.DATASETS  # conftest's registries_put_back removes the name afterwards
 
     def digits64(root, download, seed):
         sets = registry["digits"](root, download, seed)
@@ -105,7 +105,6 @@ def float64(monkeypatch):
         return mqvae.data.Datasets(*double, sets.channels, sets.image_size, sets.num_classes)
 
     registry.add("digits64", digits64)
-    monkeypatch.setattr(mqvae.data, "DATASETS", registry)
     torch.set_default_dtype(torch.float64)
     yield
     torch.set_default_dtype(torch.float32)

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from engines import bench
-from mqvae.perf import apply_perf
+from mqvae.runtime.perf import apply_perf
 
 from helpers import tiny_config, tiny_engine
 

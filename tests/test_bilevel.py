@@ -16,10 +16,10 @@ from torch.utils.data import TensorDataset
 
 from engines.build import build_problems
 from engines.engine import LevelEngine
-from mqvae import hypergradients
+from mqvae.method import hypergradients
 from mqvae.config import config_from_dict
 from mqvae.errors import UserError
-from mqvae.hypergradients import HypergradientContext, register_hypergradient
+from mqvae.method.hypergradients import HypergradientContext, register_hypergradient
 from problems import AutoEncoder, Level, register_problem
 
 from helpers import PLAIN, float64, snapshot, tiny_engine, two_levels  # noqa: F401  (float64: a fixture)
@@ -474,7 +474,6 @@ def test_a_registered_method_sees_the_context_and_its_term_is_added_to_the_direc
         seen.append((context, [v.clone() for v in vector]))
         return [torch.full_like(u, 0.5) for u in context.upper]
 
-    monkeypatch.setattr(hypergradients, "TYPES", hypergradients.TYPES.copy())  # put back after the test
     monkeypatch.setitem(jvp_fn_mapping, "constant", None)
     register_hypergradient("constant", constant)
     with pytest.raises(UserError, match="registered twice"):  # a taken name is not silently replaced

@@ -10,7 +10,7 @@ import torch
 import yaml
 
 from helpers import snapshot, tiny_engine
-from mqvae.checkpoint import load_checkpoint
+from mqvae.io.checkpoint import load_checkpoint
 from mqvae.config import load_config, to_dict
 from mqvae.errors import UserError
 

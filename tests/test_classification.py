@@ -13,9 +13,9 @@ from sklearn.metrics import f1_score
 import problems  # noqa: F401  (registers the level kinds the configs name)
 import run
 from mqvae.config import load_config
-from mqvae.metrics import macro_f1
-from mqvae.models import build_model
-from mqvae.resnet import resnet18_halves
+from mqvae.evaluation.metrics import macro_f1
+from mqvae.method.models import build_model
+from mqvae.nn.resnet import resnet18_halves
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -13,7 +13,7 @@ import run
 from engines.experiment import resolve_device
 from mqvae.config import config_from_dict, load_config, read_yaml
 from mqvae.errors import UserError
-from mqvae.sweep import load_sweep
+from mqvae.evaluation.comparison import load_sweep
 
 from helpers import is_base_config
 
@@ -184,7 +184,7 @@ def test_integer_keys_stay_within_64_bits(key, value):
 
 def test_seed_is_a_32_bit_number_and_every_stream_seed_derived_from_it_fits_torch():
     from engines.build import derived_seed
-    from mqvae.loader import _EPOCH_STRIDE, BatchStream
+    from mqvae.data.loader import _EPOCH_STRIDE, BatchStream
 
     largest = 2**32 - 1
     assert config_from_dict({"levels": LEVEL, "seed": largest}, "x.yaml").seed == largest

@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from mqvae import config as config_module
 from mqvae.config import config_from_dict, load_config, read_yaml
 from mqvae.errors import UserError
-from mqvae.sweep import expand, is_sweep_file, load_sweep
+from mqvae.evaluation.comparison import expand, is_sweep_file, load_sweep
 
 ROOT = Path(__file__).resolve().parents[1]
 FILES = {str(path.relative_to(ROOT)): read_yaml(path) for path in sorted((ROOT / "configs").rglob("*.yaml"))}

@@ -19,8 +19,8 @@ from fake_datasets import (
 import mqvae.data
 from mqvae.data import DATASETS, Datasets, holdout_split, load_datasets, register_dataset
 from mqvae.errors import UserError
-from mqvae.evaluation import labels_of
-from mqvae.loader import BatchStream
+from mqvae.evaluation.evaluate import labels_of
+from mqvae.data.loader import BatchStream
 
 
 def _load(name, root):
@@ -390,9 +390,8 @@ def test_unknown_name_lists_registered_names():
     assert all(name in str(error.value) for name in ("digits", "mnist", "cifar10", "image_folder"))
 
 
-def test_register_dataset_adds_a_name(monkeypatch):
-    # Register into a copy so the name does not leak into other tests.
-    monkeypatch.setattr(mqvae.data, "DATASETS", DATASETS.copy())
+def test_register_dataset_adds_a_name():
+    # (conftest's registries_put_back removes the name afterwards, so it does not leak into other tests)
     tiny = TensorDataset(torch.zeros(4, 1, 2, 2), torch.zeros(4, dtype=torch.long))
 
     @register_dataset("tiny")
@@ -400,7 +399,7 @@ def test_register_dataset_adds_a_name(monkeypatch):
         return Datasets(tiny, tiny, channels=1, image_size=2, num_classes=1)
 
     assert load_datasets("tiny", "/x", download=False, seed=0).train is tiny
-    assert "tiny" in mqvae.data.DATASETS and "tiny" not in DATASETS
+    assert "tiny" in mqvae.data.DATASETS
     register_dataset("tiny")(_tiny)  # the same loader again (a module imported twice) changes nothing
     with pytest.raises(UserError, match="twice"):
         register_dataset("tiny")(lambda root, download, seed: None)  # another one would silently replace it

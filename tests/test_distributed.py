@@ -26,7 +26,7 @@ import torch
 from torch.utils.data import TensorDataset
 
 from engines.engine import LevelEngine
-from mqvae import distributed
+from mqvae.runtime import distributed
 from mqvae.data import DATASETS, Datasets, register_dataset
 
 torch.set_default_dtype(torch.float64)
@@ -193,7 +193,7 @@ def test_the_sharded_classification_evaluation_is_the_one_process_evaluation(tmp
     evaluation of its checkpoint in one process."""
     from engines.experiment import build_engine
     from engines.run_folder import resume_config
-    from mqvae.evaluation import final_metrics
+    from mqvae.evaluation.evaluate import final_metrics
 
     run(torchrun("configs/digits/classify_vqvae.yaml", *TINY[6:], "--set", "train.iters=2", "--set",
                  f"data.batch_size={BATCH}", "--set", "data.name=digits", "--out", tmp_path / "run"))
@@ -257,7 +257,7 @@ import os
 import signal
 
 import torch
-from mqvae import distributed
+from mqvae.runtime import distributed
 from mqvae.errors import UserError
 from problems import AutoEncoder, register_problem
 

@@ -14,10 +14,11 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import fake_datasets
 import run
-from mqvae import evaluation, metrics as metric_fns
-from mqvae.metrics import ImageQuality, SCALES
-from mqvae.models import QuantizedNetwork, build_model
-from mqvae.tasks import CLASSIFICATION, RECONSTRUCTION
+from mqvae.evaluation import evaluate as evaluation
+from mqvae.evaluation import metrics as metric_fns
+from mqvae.evaluation.metrics import ImageQuality, SCALES
+from mqvae.nn.networks import QuantizedNetwork, build_model
+from mqvae.method.tasks import CLASSIFICATION, RECONSTRUCTION
 
 from helpers import tiny_config
 

@@ -12,12 +12,12 @@ import pytest
 import torch
 
 import problems  # noqa: F401  (registers the level kinds the configs name)
-from mqvae import feasibility
+from mqvae.config import feasibility
 from mqvae.config import QuantizerConfig, config_from_dict, load_config, read_yaml
 from mqvae.errors import UserError
-from mqvae.feasibility import MemoryEstimate, NetworkSize, check_feasible, estimate_memory, network_size, quantizer_size
-from mqvae.models import build_model
-from mqvae.quantizers import build_quantizer
+from mqvae.config.feasibility import MemoryEstimate, NetworkSize, check_feasible, estimate_memory, network_size, quantizer_size
+from mqvae.method.models import build_model
+from mqvae.method.models import build_quantizer
 
 from helpers import is_base_config
 

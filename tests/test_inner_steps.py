@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from helpers import float64, interrupt_at, snapshot, tiny_engine, two_levels  # noqa: F401  (float64: a fixture)
-from mqvae.checkpoint import load_checkpoint
+from mqvae.io.checkpoint import load_checkpoint
 from mqvae.errors import UserError
 from problems import base
 

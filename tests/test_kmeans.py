@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from mqvae.kmeans import kmeans_init
+from mqvae.nn.kmeans import kmeans_init
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 

@@ -2,7 +2,7 @@
 
 - Imports point one way, ``run.py -> engines -> problems -> mqvae``: ``mqvae`` imports neither ``problems``
   nor ``engines``, and ``problems`` does not import ``engines`` (at the top of a module or inside a function).
-- The quantizers have one import path, ``mqvae.quantizers`` (no ``mqvae.quantizer`` shim).
+- The quantizers have one import path, ``mqvae.nn.quantizers`` (no ``mqvae.quantizer`` shim).
 - No library code computes a path from the repository's own location (``__file__``); a sweep's ``config:``
   paths are read relative to the sweep file's folder, then to the working folder.
 - No code compares a ``task`` with ``==`` / ``!=`` (the task is an object that knows its own behaviour).
@@ -103,7 +103,7 @@ def test_quantizers_have_one_import_path():
              for path in source_files() + sorted((ROOT / "tests").glob("*.py"))
              for line, target in imported_modules(path)
              if target == "mqvae.quantizer" or target.startswith("mqvae.quantizer.")]
-    assert not wrong, "import from mqvae.quantizers:\n" + "\n".join(wrong)
+    assert not wrong, "import from mqvae.nn.quantizers:\n" + "\n".join(wrong)
 
 
 def test_library_code_does_not_locate_the_repository():
@@ -116,7 +116,7 @@ def test_library_code_does_not_locate_the_repository():
 
 def test_a_sweeps_config_paths_are_read_from_its_folder_whatever_the_working_folder(tmp_path, monkeypatch):
     from mqvae.errors import UserError
-    from mqvae.sweep import load_sweep
+    from mqvae.evaluation.comparison import load_sweep
 
     folder, elsewhere = tmp_path / "sweeps", tmp_path / "cwd"
     folder.mkdir()

@@ -3,7 +3,7 @@ import torch
 from torch.utils.data import Dataset, TensorDataset
 
 from mqvae.errors import UserError
-from mqvae.loader import BatchStream
+from mqvae.data.loader import BatchStream
 
 N = 23
 

@@ -11,8 +11,8 @@ import torch
 import torchmetrics.functional.image.lpips as tm_lpips
 from torch import nn
 
-from mqvae import metrics
-from mqvae.metrics import LPIPS_MIN_SIDE, SCALES, ImageQuality, active_codes, gradient_gap, perplexity
+from mqvae.evaluation import metrics
+from mqvae.evaluation.metrics import LPIPS_MIN_SIDE, SCALES, ImageQuality, active_codes, gradient_gap, perplexity
 
 
 # ---------------------------------------------------------------- codebook usage
@@ -340,7 +340,7 @@ def test_real_images_outside_unit_range_are_rejected():
 
 
 def test_code_rate_by_hand():
-    from mqvae.metrics import code_rate
+    from mqvae.evaluation.metrics import code_rate
 
     # 2 groups of 4 codes: group 0 uses one code (0 bits), group 1 its four equally (2 bits).
     rate = code_rate(torch.tensor([4, 0, 0, 0, 1, 1, 1, 1]), groups=2)

@@ -14,7 +14,7 @@ import run
 from mqvae.config import load_config
 from mqvae.data import load_datasets
 from mqvae.errors import UserError
-from mqvae.models import build_model
+from mqvae.nn.networks import build_model
 
 ROOT = Path(__file__).resolve().parents[1]
 PAPER = sorted(p.name for p in (ROOT / "configs" / "paper").glob("*.yaml"))
@@ -73,7 +73,7 @@ def test_paper_config_validates_with_the_papers_settings(name):
 # nothing, with accumulation 4. configs/digits/mqvae_authors.yaml trains in tests/test_authors.py.)
 @pytest.mark.parametrize("name", sorted(set(PAPER) - set(AUTHORS)))
 def test_paper_config_runs_two_iterations_on_stand_in_files(tmp_path, monkeypatch, name):
-    from mqvae import evaluation
+    from mqvae.evaluation import evaluate as evaluation
 
     fake_datasets.skip_md5_checks(monkeypatch)
     # FID/IS/LPIPS construction is covered by test_evaluation; here it would only cost time per config.
@@ -96,7 +96,7 @@ CPU_SCALE = sorted(p.name for p in (ROOT / "configs" / "fashion_mnist").glob("*.
 def test_cpu_scale_config_keeps_the_papers_method_settings_and_runs_on_debian_files(tmp_path, monkeypatch, name):
     # configs/fashion_mnist/ shrinks the network, codes, batch and run, and keeps the paper's optimizer, lrs,
     # schedule, beta and k-means init (App. I). It reads the Debian package's layout (gzipped files in data.root).
-    from mqvae import evaluation
+    from mqvae.evaluation import evaluate as evaluation
 
     cfg = load_config(ROOT / "configs" / "fashion_mnist" / name)
     assert cfg.data.name == "fashion_mnist" and cfg.data.root == "/usr/share/datasets/fashion-mnist"
@@ -138,7 +138,7 @@ def test_a_decoder_that_cannot_return_the_input_size_is_a_one_line_error():
 
 
 def test_adamw_levels_run(tmp_path, monkeypatch):
-    from mqvae import evaluation
+    from mqvae.evaluation import evaluate as evaluation
 
     monkeypatch.setattr(evaluation, "make_image_quality", lambda device, download_weights: None)
     assert run.main(["configs/digits/mqvae.yaml", *SMALL, "--set", "levels.0.optimizer=adamw",

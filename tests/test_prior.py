@@ -17,9 +17,9 @@ from engines.experiment import build_engine
 from engines.run_folder import write_config
 from mqvae.config import load_config
 from mqvae.errors import UserError
-from mqvae.evaluation import first_images
-from mqvae.pixelcnn import GatedPixelCNN
-from mqvae.sweep import expand, load_sweep
+from mqvae.evaluation.evaluate import first_images
+from mqvae.nn.pixelcnn import GatedPixelCNN
+from mqvae.evaluation.comparison import expand, load_sweep
 from tests.helpers import results, tiny_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -137,8 +137,8 @@ def test_a_prior_learns_the_codes_and_samples_images(source, tmp_path):
 def test_fid_and_is_of_samples_over_training_with_stand_in_networks(source, tmp_path, monkeypatch):
     """Where the image-quality networks exist (stand-ins here), every evaluation measures FID and IS of decoded
     samples, and the final metrics hold them; LPIPS, which compares pairs, is not reported."""
-    from mqvae import evaluation
-    from mqvae.metrics import ImageQuality
+    from mqvae.evaluation import evaluate as evaluation
+    from mqvae.evaluation.metrics import ImageQuality
     from tests.test_evaluation import Pooled
 
     monkeypatch.setattr(evaluation, "make_image_quality", lambda device, download_weights: ImageQuality(

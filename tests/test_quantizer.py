@@ -19,9 +19,10 @@ import torch
 from helpers import float64, tiny_engine  # noqa: F401  (float64: a fixture)
 from mqvae.config import QuantizerConfig, load_config
 from mqvae.errors import UserError
-from mqvae.quantizers import GumbelQuantizer, QuantizerOutput, VectorQuantizer, build_quantizer, from_vectors
-from mqvae.quantizers.affine import VAR_EPS
-from mqvae.quantizers.vq import REPLACE_NOISE, UNMAINTAINED_FORWARDS
+from mqvae.method.models import build_quantizer
+from mqvae.nn.quantizers import GumbelQuantizer, QuantizerOutput, VectorQuantizer, from_vectors
+from mqvae.nn.quantizers.affine import VAR_EPS
+from mqvae.nn.quantizers.vq import REPLACE_NOISE, UNMAINTAINED_FORWARDS
 
 K, D = 16, 8  # codes, latent channels
 ROOT = Path(__file__).resolve().parents[1]
@@ -327,7 +328,7 @@ def test_kmeans_init_keeps_num_codes_with_few_inputs(mode):
 
 def test_kmeans_init_centres_are_effective_codes():
     """With an affine map the centres are what the inputs are compared with, not the raw codes."""
-    from mqvae.kmeans import kmeans_init
+    from mqvae.nn.kmeans import kmeans_init
 
     q = make("affine_learned", dim=4)
     gen = torch.Generator().manual_seed(2)

@@ -29,8 +29,8 @@ import run
 from engines import experiment
 from engines.engine import LevelEngine
 from engines.library_warnings import warning_line
-from mqvae import metrics
-from mqvae.metrics import ImageQuality, alexnet_url, cached_weights
+from mqvae.evaluation import metrics
+from mqvae.evaluation.metrics import ImageQuality, alexnet_url, cached_weights
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--set", "model.hidden_channels=8", "--set", "model.res_channels=4", "--set", "model.num_res_blocks=1",

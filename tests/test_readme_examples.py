@@ -23,8 +23,8 @@ import betty.hypergradient
 import mqvae.config
 import mqvae.errors
 import mqvae.data
-import mqvae.hypergradients
-import mqvae.optim
+import mqvae.method.hypergradients
+import mqvae.method.optim
 import mqvae.registry
 import problems.levels
 from engines import experiment
@@ -114,7 +114,7 @@ def run_snippet(blocks: list[str], where: str) -> dict:
 def registries():
     """Put back every module-level registry (dict or list) the snippets may add to, so that no other test sees
     the README's level or hypergradient method."""
-    modules = (problems.levels, mqvae.hypergradients, mqvae.config, mqvae.registry, mqvae.optim, mqvae.data,
+    modules = (problems.levels, mqvae.method.hypergradients, mqvae.config, mqvae.registry, mqvae.method.optim, mqvae.data,
                betty.hypergradient)
     saved = [(container, container.copy()) for module in modules for container in vars(module).values()
              if isinstance(container, (dict, list))]

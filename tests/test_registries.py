@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import mqvae.optim
+import mqvae.method.optim
 from engines import experiment
 from mqvae.config import spec
 from mqvae.errors import UserError
@@ -24,17 +24,6 @@ def one_line(error: pytest.ExceptionInfo) -> str:
     return message
 
 
-@pytest.fixture
-def registered(monkeypatch):
-    """Registries the test may add to, put back afterwards."""
-    monkeypatch.setattr(mqvae.optim, "OPTIMIZERS", mqvae.optim.OPTIMIZERS.copy())
-    monkeypatch.setattr(mqvae.optim, "SCHEDULERS", mqvae.optim.SCHEDULERS.copy())
-    saved = PROBLEMS.copy()
-    yield
-    PROBLEMS.clear()
-    PROBLEMS.update(saved)
-
-
 def levels_with(**lower):
     levels = two_levels()
     levels[1].update(lower)
@@ -43,7 +32,7 @@ def levels_with(**lower):
 
 @pytest.mark.parametrize("key, value, needles", [
     ("optimizer", "adm", ["levels.autoencoder.optimizer: 'adm' is not a registered optimizer", "did you mean 'adam'?",
-                          "registered: adam, adamw, sgd", "mqvae.optim.register_optimizer"]),
+                          "registered: adam, adamw, sgd", "mqvae.method.optim.register_optimizer"]),
     ("scheduler", "cosin", ["levels.autoencoder.scheduler", "did you mean 'cosine'?", "warmup_cosine"]),
     ("problem", "autoencoder", ["levels.autoencoder.problem", "did you mean 'AutoEncoder'?", "problems.register_problem"]),
 ])
@@ -53,10 +42,10 @@ def test_an_unregistered_name_lists_the_registered_ones(key, value, needles):
     assert all(needle in one_line(error) for needle in needles), str(error.value)
 
 
-def test_a_registered_optimizer_and_schedule_can_be_named_and_train(tmp_path, registered):
+def test_a_registered_optimizer_and_schedule_can_be_named_and_train(tmp_path):
     made = []
 
-    @mqvae.optim.register_optimizer("plain_sgd")
+    @mqvae.method.optim.register_optimizer("plain_sgd")
     def plain_sgd(level, params):
         made.append(level.name)
         return torch.optim.SGD(params, lr=level.lr)
@@ -65,7 +54,7 @@ def test_a_registered_optimizer_and_schedule_can_be_named_and_train(tmp_path, re
         def __call__(self, step):
             return 0.5 ** step
 
-    @mqvae.optim.register_scheduler("halving")
+    @mqvae.method.optim.register_scheduler("halving")
     def halving(level, total_iters):
         return Halving()
 
@@ -79,9 +68,9 @@ def test_a_registered_optimizer_and_schedule_can_be_named_and_train(tmp_path, re
     assert lower.optimizer.param_groups[0]["lr"] == pytest.approx(0.1 * 0.5 ** 3, rel=1e-12)
 
 
-def test_a_name_registered_twice_by_two_definitions_is_an_error(registered):
+def test_a_name_registered_twice_by_two_definitions_is_an_error():
     with pytest.raises(UserError, match="optimizer name 'adam' is registered twice"):
-        mqvae.optim.register_optimizer("adam")(lambda level, params: None)
+        mqvae.method.optim.register_optimizer("adam")(lambda level, params: None)
     registry = Registry("thing", "register_thing")
     value = object()
     registry.add("x", value)
@@ -116,14 +105,14 @@ def define_weighted_level():
     ({"note": "quiet"}, ["levels.autoencoder.params.note", "choose one of none, loud"]),
     ("weight=2", ["levels.autoencoder.params", "expected a mapping"]),
 ])
-def test_params_are_validated_like_the_config(registered, params, needles):
+def test_params_are_validated_like_the_config(params, needles):
     define_weighted_level()
     with pytest.raises(UserError) as error:
         tiny_config(levels=levels_with(problem="WeightedTask", params=params))
     assert all(needle in one_line(error) for needle in needles), str(error.value)
 
 
-def test_params_reach_the_level_and_its_loss(tmp_path, registered):
+def test_params_reach_the_level_and_its_loss(tmp_path):
     cls = define_weighted_level()
     cfg = tiny_config(levels=levels_with(problem="WeightedTask", params={"weight": 3.0}))
     assert cfg.levels[1].params == cls.Params(weight=3.0, note="none")
@@ -143,7 +132,7 @@ def test_a_level_without_params_takes_none():
     assert "levels.autoencoder.params.l1: unknown key; (valid keys: none)" in one_line(error)
 
 
-def test_a_level_whose_params_is_no_dataclass_is_refused(registered):
+def test_a_level_whose_params_is_no_dataclass_is_refused():
     @register_problem
     class Careless(AutoEncoder):
         Params = dict

@@ -78,7 +78,7 @@ def test_out_naming_a_file_is_one_line(tmp_path):
 def test_a_second_process_on_a_locked_folder_gets_one_line_naming_the_holder(tmp_path):
     out = tmp_path / "run"
     out.mkdir()
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from mqvae.files import FolderLock\n"
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from mqvae.io.files import FolderLock\n"
                                f"with FolderLock({str(out)!r}):\n    print('locked', flush=True); time.sleep(60)"],
                               cwd=ROOT, stdout=subprocess.PIPE, text=True)
     try:

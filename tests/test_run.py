@@ -219,7 +219,6 @@ def test_a_run_records_what_made_it(tmp_path):
 def test_list_names_every_registry_with_a_plugins(tmp_path, capsys, monkeypatch):
     import mqvae.data
 
-    monkeypatch.setattr(mqvae.data, "DATASETS", mqvae.data.DATASETS.copy())  # no other test sees the plugin's
     plugin = tmp_path / "my_data.py"
     plugin.write_text("from mqvae.data import register_dataset\n"
                       "register_dataset('my_digits_for_list')(lambda root, download, seed: None)\n")

@@ -8,8 +8,8 @@ the implementation under test.
 import pytest
 import torch
 
-import mqvae.search
-from mqvae.search import nearest_codes
+import mqvae.nn.search
+from mqvae.nn.search import nearest_codes
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 HALF = {"fp16": torch.float16, "bf16": torch.bfloat16}
@@ -224,7 +224,7 @@ def test_rejects_mismatched_inputs():
 
 
 def test_unsupported_half_matmul_is_a_clear_value_error(monkeypatch):
-    monkeypatch.setattr(mqvae.search, "_half_matmul_supported", lambda device, dtype: False)
+    monkeypatch.setattr(mqvae.nn.search, "_half_matmul_supported", lambda device, dtype: False)
     with pytest.raises(ValueError, match="cannot run a torch.float16 matmul on device cpu"):
         nearest_codes(torch.randn(4, 3), torch.randn(5, 3), precision="fp16")
 
@@ -232,9 +232,9 @@ def test_unsupported_half_matmul_is_a_clear_value_error(monkeypatch):
 @pytest.mark.parametrize("n,k,d,chunk", [(1, 1, 1, 1), (257, 33, 7, 10), (4096, 1024, 32, 100), (1 << 20, 16384, 64, 1 << 20),
                                          (1 << 14, 1024, 256, 1 << 20), (5000, 3, 512, 1 << 24), (10, 16384, 64, 1 << 24)])
 def test_tiles_stay_within_the_chunk(n, k, d, chunk):
-    rows, codes = mqvae.search._block_shape(n, k, d, chunk)
+    rows, codes = mqvae.nn.search._block_shape(n, k, d, chunk)
     assert 1 <= rows <= n and 1 <= codes <= k
     assert rows * codes <= max(chunk, 1)
     assert rows <= max(1, chunk // d)
     # The matmul is never thinner than it has to be: short row blocks only when the chunk (or N) forces them.
-    assert rows >= min(n, mqvae.search.MIN_BLOCK_ROWS, chunk, max(1, chunk // d), max(1, chunk // k))
+    assert rows >= min(n, mqvae.nn.search.MIN_BLOCK_ROWS, chunk, max(1, chunk // d), max(1, chunk // k))

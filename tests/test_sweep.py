@@ -14,8 +14,8 @@ import pytest
 import run
 from engines import experiment
 from mqvae.errors import UserError
-from mqvae.files import read_lines
-from mqvae.sweep import aggregate, expand, load_sweep, slugify, write_results
+from mqvae.io.files import read_lines
+from mqvae.evaluation.comparison import aggregate, expand, load_sweep, slugify, write_results
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--set", "train.iters=2", "--set", "train.log_every=1", "--set", "train.eval_every=1",
@@ -27,7 +27,7 @@ TINY = ["--set", "train.iters=2", "--set", "train.log_every=1", "--set", "train.
 def plain_image_quality(monkeypatch):
     """No pretrained-weight lookup per run (it costs seconds): the networks fail to load, as without network
     access and cache, so FID/IS/LPIPS are null with a reason."""
-    from mqvae import metrics
+    from mqvae.evaluation import metrics
 
     def absent(*args, **kwargs):
         raise OSError("weights absent (test)")
@@ -379,7 +379,7 @@ def test_bad_override_of_one_run_fails_before_anything_runs(tmp_path, monkeypatc
 
 def test_a_shipped_sweep_runs_from_another_working_folder(tmp_path, monkeypatch):
     # A researcher keeps runs in a scratch folder: the shipped sweep's configs are found from the sweep file.
-    from mqvae import evaluation
+    from mqvae.evaluation import evaluate as evaluation
 
     monkeypatch.setattr(evaluation, "make_image_quality", lambda device, download_weights: None)
     monkeypatch.chdir(tmp_path)
@@ -399,7 +399,7 @@ def test_shipped_sweeps_load():
 def test_huge_values_read_as_powers_of_ten():
     # A collapsed run's gradient gap reaches 1e18 in the column's unit: 20 digits of fixed-point say nothing, and
     # "1.70e+18" is a program's notation.
-    from mqvae.sweep import format_cell, format_paired_cell
+    from mqvae.evaluation.comparison import format_cell, format_paired_cell
 
     assert format_cell({"mean": 1.7e13, "std": 1.2e13}, 1e-5) == "1.70×10^18 ± 1.20×10^18"
     assert format_cell({"mean": 1.5e-3, "std": 4e-4}, 1e-3) == "1.50 ± 0.40"

@@ -12,16 +12,16 @@ import torch
 from PIL import Image
 from tensorboard.backend.event_processing import event_accumulator  # the test extra installs TensorBoard
 
-import mqvae.sweep
+import mqvae.evaluation.comparison
 import run
 from engines import experiment
 from mqvae.errors import UserError
-from mqvae.files import read_lines
-from mqvae.reports import MIN_CELL_PX, codebook_figure, curve_panels, recon_figure, save_figures
+from mqvae.io.files import read_lines
+from mqvae.evaluation.reports import MIN_CELL_PX, codebook_figure, curve_panels, recon_figure, save_figures
 from mqvae.config import load_config
 from mqvae.registry import PROBLEMS
-from mqvae.sweep import aggregate, curve_key, expand, load_sweep, write_results
-from mqvae.tasks import TASK_OF_KIND
+from mqvae.evaluation.comparison import aggregate, curve_key, expand, load_sweep, write_results
+from mqvae.method.tasks import TASK_OF_KIND
 from problems import CommitmentWeight, register_problem
 from helpers import interrupt_at, tiny_config, two_levels
 
@@ -75,7 +75,7 @@ def test_tensorboard_holds_every_scalar_of_the_log_and_the_pictures(tmp_path):
 
 
 def test_a_warning_record_has_no_scalar(tmp_path):
-    from mqvae.tracking import TensorBoard
+    from mqvae.io.tracking import TensorBoard
 
     writer = TensorBoard(tmp_path)
     writer.scalars({"step": 1, "warning": "something", "a.loss": 0.5, "flag": True})
@@ -193,7 +193,7 @@ def test_a_sweeps_curves_name_its_task_also_before_any_run_finished(tmp_path, mo
     key = curve_key([load_config(run.config, run.overrides) for run in planned])
     assert key == "accuracy"
     drawn = []
-    monkeypatch.setattr(mqvae.sweep, "save_figure", lambda figure, path: drawn.append(figure))
+    monkeypatch.setattr(mqvae.evaluation.comparison, "save_figure", lambda figure, path: drawn.append(figure))
     write_results(aggregate(sweep, planned, key), tmp_path / "out")  # no run has metrics: the plot still draws
     assert all(axes.get_xlabel() and axes.get_ylabel() for axes in drawn[0].axes)
 

@@ -25,8 +25,8 @@ import fake_datasets
 from engines import experiment
 from engines.engine import ZERO_GRADIENT_STEPS, LevelEngine
 from mqvae.config import load_config
-from mqvae.hypergradients import WATCHED_STEPS
-from mqvae.quantizers.vq import UNMAINTAINED_FORWARDS
+from mqvae.method.hypergradients import WATCHED_STEPS
+from mqvae.nn.quantizers.vq import UNMAINTAINED_FORWARDS
 
 from helpers import is_base_config, tiny_engine
 from test_paper_configs import SMALL, WRITERS

@@ -1,15 +1,9 @@
-"""The quantizer family: nearest-code VQ with Huh et al.'s options (``vq``) and Gumbel-VQ (``gumbel``).
+"""Moved to ``mqvae.nn.quantizers``; this path re-exports the quantizer classes for one release (README "Layout")."""
 
-Import the public names from here (``from mqvae.quantizers import build_quantizer``).
-"""
+import warnings
 
-from .affine import LearnedAffine, RunningAffine
-from .base import Quantizer, QuantizerOutput, batch_perplexity, from_vectors, straight_through, to_vectors
-from .build import build_quantizer, check_quantizer_config
-from .gumbel import GumbelQuantizer
-from .vq import VectorQuantizer
+from mqvae.nn.quantizers import GumbelQuantizer, LearnedAffine, Quantizer, QuantizerOutput, RunningAffine, VectorQuantizer
 
-__all__ = [
-    "GumbelQuantizer", "LearnedAffine", "Quantizer", "QuantizerOutput", "RunningAffine", "VectorQuantizer",
-    "batch_perplexity", "build_quantizer", "check_quantizer_config", "from_vectors", "straight_through", "to_vectors",
-]
+__all__ = ['GumbelQuantizer', 'LearnedAffine', 'Quantizer', 'QuantizerOutput', 'RunningAffine', 'VectorQuantizer']
+
+warnings.warn("mqvae.quantizers moved to mqvae.nn.quantizers; import from there", DeprecationWarning, stacklevel=2)

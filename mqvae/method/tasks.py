@@ -3,7 +3,7 @@
 A ``Task`` carries everything that differs between the two: the task loss of MQ-VAE Eq. 6, the test metrics
 ``evaluate`` accumulates, the test metric the training curves show, whether the network's output is an
 image of the input's size (then the layers must fit the images and the final evaluation measures FID / IS /
-LPIPS), and the picture a run writes as recon.png. ``models.build_model`` picks the task from ``model.kind``.
+LPIPS), and the picture a run writes as recon.png. Each model kind names its task (``mqvae.method.models``).
 """
 
 from __future__ import annotations
@@ -11,9 +11,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from . import distributed
-from .errors import UserError
-from .metrics import IMAGE_QUALITY
+from mqvae.runtime import distributed
+from mqvae.errors import UserError
+from mqvae.evaluation.metrics import IMAGE_QUALITY
+from mqvae.registry import MODELS, TASKS
 
 
 class Scores:
@@ -23,12 +24,12 @@ class Scores:
         raise NotImplementedError
 
     def compute(self) -> dict:  # pragma: no cover - interface
-        """The metrics, over every data-parallel rank's share of the test split (mqvae.distributed)."""
+        """The metrics, over every data-parallel rank's share of the test split (mqvae.runtime.distributed)."""
         raise NotImplementedError
 
 
 class Task:
-    """The interface of the tasks: reconstruction, classification and the prior (``mqvae.prior``)."""
+    """The interface of the tasks: reconstruction, classification and the prior (``mqvae.method.prior``)."""
 
     name: str
     # The test metric of the training curves (curves.png, the sweep's results.png); a log.jsonl record that
@@ -58,7 +59,7 @@ class Task:
     def evaluate(self, model, dataset, batch_size: int, device, image_quality=None) -> tuple[dict, object]:
         """The test metrics of ``model`` over ``dataset`` and the code counts behind them (None where the task
         has none): by default ``evaluation.evaluate``, the quantized network's."""
-        from .evaluation import evaluate
+        from mqvae.evaluation.evaluate import evaluate
 
         return evaluate(model, dataset, batch_size, device, image_quality)
 
@@ -114,8 +115,8 @@ class Reconstruction(Task):
         return _ReconstructionScores(image_quality)
 
     def picture(self, model, dataset, device, title):
-        from .evaluation import reconstructions
-        from .reports import recon_figure
+        from mqvae.evaluation.evaluate import reconstructions
+        from mqvae.evaluation.reports import recon_figure
 
         return recon_figure(*reconstructions(model, dataset, 32, device), title)
 
@@ -132,7 +133,7 @@ class _ClassificationScores(Scores):
         self.labels.append(y.cpu())
 
     def compute(self):
-        from .metrics import macro_f1
+        from mqvae.evaluation.metrics import macro_f1
 
         local = [torch.cat(part) if part else torch.zeros(0, dtype=torch.long) for part in (self.predictions, self.labels)]
         predictions, labels = (torch.cat(parts) for parts in zip(*distributed.gather_objects(local)))
@@ -158,22 +159,19 @@ class Classification(Task):
         return _ClassificationScores()
 
     def picture(self, model, dataset, device, title):
-        from .evaluation import predictions
-        from .reports import prediction_figure
+        from mqvae.evaluation.evaluate import predictions
+        from mqvae.evaluation.reports import prediction_figure
 
         return prediction_figure(*predictions(model, dataset, 32, device), title)
 
 
 RECONSTRUCTION = Reconstruction()
 CLASSIFICATION = Classification()
-# model.kind -> the task its network is built for (models.build_model; a sweep's curves name the task's metric).
-TASK_OF_KIND = {"vqvae": RECONSTRUCTION, "resnet18": CLASSIFICATION}
+TASKS.add(RECONSTRUCTION.name, RECONSTRUCTION)
+TASKS.add(CLASSIFICATION.name, CLASSIFICATION)
 
 
 def task_of(cfg) -> Task:
-    """The task a config's run is trained for: the prior's (``prior.run``), else its network's."""
-    if cfg.prior.run:
-        from .prior import PRIOR
-
-        return PRIOR
-    return TASK_OF_KIND[cfg.model.kind]
+    """The task a config's run is trained for (a sweep's curves name its metric): the prior's (``prior.run``,
+    registered by mqvae.method.prior), else its model kind's (mqvae.registry.MODELS)."""
+    return TASKS["prior"] if cfg.prior.run else MODELS[cfg.model.kind].task

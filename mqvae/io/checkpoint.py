@@ -9,14 +9,14 @@ from pathlib import Path
 
 import torch
 
-from .errors import UserError
-from .files import atomic_write
+from mqvae.errors import UserError
+from mqvae.io.files import atomic_write
 
 REQUIRED_KEYS = ("levels", "optimizers", "schedulers", "streams", "step", "rng")
 
 
 def save_checkpoint(path: Path, state: dict) -> None:
-    # Atomic (mqvae.files), so an interrupted or failed save never destroys the previous checkpoint. Serialized in
+    # Atomic (mqvae.io.files), so an interrupted or failed save never destroys the previous checkpoint. Serialized in
     # memory first: torch's zip writer turns a failed write (a full disk) into an unrelated RuntimeError.
     buffer = io.BytesIO()
     torch.save(state, buffer)

@@ -27,11 +27,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import QuantizerConfig
-from ..kmeans import kmeans_init
-from ..search import nearest_codes
-from .affine import LearnedAffine, RunningAffine
-from .base import Quantizer, QuantizerOutput, batch_perplexity, from_vectors, straight_through, to_vectors
+from mqvae.errors import UserError
+from mqvae.nn.kmeans import kmeans_init
+from mqvae.nn.search import nearest_codes
+from mqvae.nn.quantizers.affine import LearnedAffine, RunningAffine
+from mqvae.nn.quantizers.base import Quantizer, QuantizerOutput, batch_perplexity, from_vectors, straight_through, to_vectors
 
 # A replaced code is a batch vector v plus Gaussian noise of std REPLACE_NOISE·‖v‖ (the reference
 # library's rho = 0.01), so that codes re-seeded from the same vector differ.
@@ -49,7 +49,36 @@ UNMAINTAINED_FORWARDS = 100
 class VectorQuantizer(Quantizer):
     """Nearest-neighbour quantizer with the straight-through estimator (MQ-VAE Eq. 3-6)."""
 
-    def __init__(self, cfg: QuantizerConfig):
+    @classmethod
+    def check_settings(cls, cfg) -> None:
+        if cfg.num_codes % cfg.groups:
+            raise UserError(f"quantizer.groups: {cfg.groups} does not divide quantizer.num_codes = {cfg.num_codes} "
+                            f"(each latent group gets num_codes/groups codes)")
+        if cfg.affine == "none":
+            if cfg.affine_groups > 1:
+                raise UserError(f"quantizer.affine_groups: {cfg.affine_groups} needs quantizer.affine: learned or ema")
+            return
+        if cfg.num_codes % cfg.affine_groups:
+            raise UserError(f"quantizer.affine_groups: {cfg.affine_groups} does not divide quantizer.num_codes = {cfg.num_codes}")
+        if cfg.affine == "ema" and cfg.num_codes // cfg.affine_groups < 2:
+            raise UserError(f"quantizer.affine_groups: {cfg.affine_groups} leaves one code per group; quantizer.affine: ema "
+                            f"needs at least 2 (it divides by the codes' variance)")
+        if cfg.affine != "learned" and cfg.affine_lr != 1.0:
+            raise UserError(f"quantizer.affine_lr: {cfg.affine_lr} applies to quantizer.affine: learned only "
+                            f"(affine: {cfg.affine} has no learned parameters)")
+
+    @classmethod
+    def size(cls, cfg) -> tuple[int, int]:
+        code_dim = cfg.dim // cfg.groups
+        affine = 2 * cfg.affine_groups * code_dim if cfg.affine == "learned" else 0  # s and t
+        parameters = cfg.num_codes * code_dim + affine
+        # One int64 per code: its latent group, and with replacement its idle iterations.
+        per_code = 8 * (2 if cfg.replace_freq else 1)
+        # Running means and variances of z_e and the codes (float32), and a bool.
+        running = 4 * 4 * cfg.affine_groups * code_dim + 1 if cfg.affine == "ema" else 0
+        return parameters, per_code * cfg.num_codes + running
+
+    def __init__(self, cfg):
         super().__init__()
         self.cfg = cfg
         self.num_codes = cfg.num_codes

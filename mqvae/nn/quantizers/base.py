@@ -29,9 +29,29 @@ class QuantizerOutput:
 
 
 class Quantizer(nn.Module):
-    """Interface every quantizer implements."""
+    """Interface every quantizer implements. A quantizer kind (``quantizer.kind``, mqvae.registry.QUANTIZERS) is a
+    subclass built as ``kind(cfg)`` from the config's quantizer section (or any object with its fields)."""
 
     num_codes: int
+
+    @classmethod
+    def check_settings(cls, cfg) -> None:
+        """Reject settings of the quantizer section that mean nothing for this kind, with one line naming the keys
+        (a ``UserError``). Called before the quantizer is built."""
+
+    @classmethod
+    def size(cls, cfg) -> tuple[int, int]:
+        """(parameters, buffer bytes) of the quantizer ``cfg`` describes, for the memory estimate made before
+        anything is allocated (mqvae.config.feasibility). This default builds it on the meta device."""
+        with torch.device("meta"):
+            module = cls(cfg)
+        return (sum(p.numel() for p in module.parameters()),
+                sum(b.numel() * b.element_size() for b in module.buffers()))
+
+    @classmethod
+    def activation_width(cls, cfg) -> int:
+        """Numbers the quantizer keeps per latent vector in a training step, beside z_e (for the memory estimate)."""
+        return cfg.dim
 
     def forward(self, z_e: torch.Tensor) -> QuantizerOutput:  # pragma: no cover - interface
         raise NotImplementedError

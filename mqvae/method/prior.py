@@ -19,12 +19,13 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from .checkpoint import load_checkpoint
-from .config import Config, config_from_dict, read_yaml
-from .errors import UserError
-from .evaluation import evaluating
-from .pixelcnn import GatedPixelCNN
-from .tasks import RECONSTRUCTION, TASK_OF_KIND, Scores, Task
+from mqvae.config import Config, config_from_dict, read_yaml
+from mqvae.errors import UserError, quote
+from mqvae.io.checkpoint import load_checkpoint
+from mqvae.evaluation.evaluate import evaluating
+from mqvae.nn.pixelcnn import GatedPixelCNN
+from mqvae.method.tasks import RECONSTRUCTION, Scores, Task
+from mqvae.registry import MODELS, PROBLEMS, TASKS, VALIDATORS
 
 
 def source_config(run: str, where: str) -> Config:
@@ -46,8 +47,8 @@ def source_config(run: str, where: str) -> Config:
     cfg = config_from_dict(read_yaml(folder / "config.yaml"), str(folder / "config.yaml"))
     if cfg.prior.run:
         raise UserError(f"{where}: prior.run: {run} is itself a prior run; name a reconstruction run")
-    if TASK_OF_KIND[cfg.model.kind] is not RECONSTRUCTION:
-        raise UserError(f"{where}: prior.run: {run} is a run of the {TASK_OF_KIND[cfg.model.kind].name} task "
+    if MODELS[cfg.model.kind].task is not RECONSTRUCTION:
+        raise UserError(f"{where}: prior.run: {run} is a run of the {MODELS[cfg.model.kind].task.name} task "
                         f"(model.kind: {cfg.model.kind}); a prior decodes its samples, so it needs a reconstruction run")
     if cfg.quantizer.groups > 1:
         raise UserError(f"{where}: prior.run: {run} quantizes in {cfg.quantizer.groups} groups; the prior models one "
@@ -55,11 +56,30 @@ def source_config(run: str, where: str) -> Config:
     return cfg
 
 
+@VALIDATORS.register("prior")
+def take_source(cfg: Config, where: str) -> None:
+    """The config's check of ``prior.run`` (mqvae.registry.VALIDATORS): a prior's network is its source run's, so
+    the run's model and quantizer sections become the config's (its config.yaml says what was used); the config
+    may repeat them, not change them."""
+    if not cfg.prior.run:
+        return
+    if cfg.prior.kernel % 2 == 0:
+        raise UserError(f"{where}: prior.kernel: {cfg.prior.kernel} is even; the stacks' kernels need an odd side")
+    source = source_config(cfg.prior.run, where)
+    for section in ("model", "quantizer"):
+        given = getattr(cfg, section)
+        if given not in (type(given)(), getattr(source, section)):
+            raise UserError(f"{where}: {section}: a prior's network is its source run's ({cfg.prior.run}); remove the "
+                            f"{section} section")
+        setattr(cfg, section, getattr(source, section))
+    if cfg.data.name != source.data.name:
+        raise UserError(f"{where}: data.name: {quote(cfg.data.name)}, but the source run {cfg.prior.run} was trained "
+                        f"on {quote(source.data.name)}; a prior learns the codes of the source's data set")
+
+
 def load_source(cfg: Config, network: nn.Module) -> None:
     """Load the source run's trained parameters into ``network`` (built from ``cfg``, whose model and quantizer
     are the source's), level by level as the source's engine saved them, and freeze it."""
-    from .registry import PROBLEMS
-
     source = source_config(cfg.prior.run, "prior")
     path = Path(cfg.prior.run, "checkpoint.pt")
     state = load_checkpoint(path, "prior.run")  # checked as a resume checks it: damage and foreign files are one line
@@ -192,9 +212,10 @@ class PriorTask(Task):
         return metrics, None
 
     def picture(self, model, dataset, device, title):
-        from .reports import samples_figure
+        from mqvae.evaluation.reports import samples_figure
 
         return samples_figure(model.samples(64, torch.Generator(device).manual_seed(model.seed), device), title)
 
 
 PRIOR = PriorTask()
+TASKS.add(PRIOR.name, PRIOR)

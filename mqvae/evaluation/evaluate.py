@@ -12,10 +12,10 @@ from contextlib import contextmanager
 import torch
 from torch.utils.data import DataLoader, Subset, TensorDataset
 
-from . import distributed
-from . import metrics as metric_fns
-from .config import EvalConfig
-from .quantizers import to_vectors
+from mqvae.runtime import distributed
+from mqvae.evaluation import metrics as metric_fns
+from mqvae.config import EvalConfig
+from mqvae.nn.quantizers import to_vectors
 
 
 def make_image_quality(device, download_weights: bool):

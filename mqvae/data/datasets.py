@@ -37,7 +37,7 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset, Subset, TensorDataset
 
 from mqvae.errors import UserError
-from mqvae.registry import Registry
+from mqvae.registry import DATASETS
 
 IMAGE_FOLDER_SIZE = 64
 
@@ -72,11 +72,6 @@ class Datasets:
     channels: int
     image_size: int
     num_classes: int
-
-
-# name -> function(root: str, download: bool, seed: int) -> Datasets (mqvae.registry); the built-in
-# sets ignore seed (their splits are fixed), a user's set may use it for its own split.
-DATASETS = Registry("data set", "mqvae.data.register_dataset")
 
 
 def register_dataset(name: str):

@@ -23,7 +23,7 @@ import torch
 import torch.hub
 from torch import Tensor, nn
 
-from . import distributed
+from mqvae.runtime import distributed
 
 # The image-quality networks come from torchmetrics and torchvision, whose imports take seconds (most of what a run
 # imports before it reads its config): they are imported on first use, so that a config's typo answers at once.

@@ -13,7 +13,6 @@ import copy
 import dataclasses
 import math
 import os
-import reprlib
 import stat
 import types
 import typing
@@ -24,9 +23,10 @@ from typing import Any, Optional
 
 import yaml
 
-from . import plugins
-from .errors import UserError, cut
-from .registry import did_you_mean
+from mqvae.config import plugins
+from mqvae.errors import UserError, cut, quote, quote_key
+from mqvae import registry
+from mqvae.registry import did_you_mean
 
 
 def spec(default=dataclasses.MISSING, *, choices=None, min=None, max=None, above=None, factory=None):
@@ -50,9 +50,9 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    # ``vqvae``: van den Oord et al.'s backbone for reconstruction;
+    # A registered model kind (mqvae.registry.MODELS). ``vqvae``: van den Oord et al.'s backbone for reconstruction;
     # ``resnet18``: torchvision ResNet-18 quantized after layer2 for classification (Huh §5.1).
-    kind: str = spec("vqvae", choices=["vqvae", "resnet18"])
+    kind: str = "vqvae"
     hidden_channels: int = spec(64, min=1)
     res_channels: int = spec(32, min=1)
     num_res_blocks: int = spec(2, min=0)
@@ -65,7 +65,9 @@ class ModelConfig:
 
 @dataclass
 class QuantizerConfig:
-    kind: str = spec("vq", choices=["vq", "gumbel"])
+    # A registered quantizer kind (mqvae.registry.QUANTIZERS): ``vq`` (nearest code, with Huh et al.'s options
+    # below) or ``gumbel`` (Gumbel-VQ).
+    kind: str = "vq"
     num_codes: int = spec(128, min=1)
     dim: int = spec(16, min=1)
     # MQ-VAE Eq. 6: L = L_task + beta * L_commit + codebook_weight * L_codebook (both terms are MSEs).
@@ -116,7 +118,7 @@ class LevelConfig:
     problem: str = spec(dataclasses.MISSING)
     # The level kind's own settings: a mapping in the file, its class's Params dataclass once validated.
     params: dict = spec(factory=dict)
-    # A registered optimizer (mqvae.optim.OPTIMIZERS): adam, adamw, sgd, or a user's.
+    # A registered optimizer (mqvae.method.optim.OPTIMIZERS): adam, adamw, sgd, or a user's.
     optimizer: str = "adamw"
     lr: float = spec(2e-3, above=0.0)
     weight_decay: float = spec(1e-4, min=0.0)
@@ -125,7 +127,7 @@ class LevelConfig:
     # betas (0.5, 0.9) and eps 1e-7 for its encoder-decoder.
     betas: Optional[list[float]] = None
     eps: Optional[float] = spec(None, above=0.0)
-    # A registered schedule (mqvae.optim.SCHEDULERS): constant, cosine, warmup_cosine, or a user's.
+    # A registered schedule (mqvae.method.optim.SCHEDULERS): constant, cosine, warmup_cosine, or a user's.
     scheduler: str = "cosine"
     warmup_ratio: float = spec(0.1, min=0.0, max=1.0)
     # The lr cosine and warmup_cosine anneal to (the authors' min_lr), instead of 0.
@@ -144,7 +146,7 @@ class LevelConfig:
 @dataclass
 class HypergradientConfig:
     # mqvae: Eq. 13 as written; direct: no implicit term; the rest are Betty's own methods.
-    # Any name registered with mqvae.hypergradients.register_hypergradient (checked in _validate).
+    # Any name registered with mqvae.method.hypergradients.register_hypergradient (checked in _validate).
     type: str = "mqvae"
     # Eq. 10's xi; null means the lower level's learning rate (the paper's choice). 0 = alternated optimization.
     xi: Optional[float] = spec(None, min=0.0)
@@ -205,7 +207,7 @@ class LoggingConfig:
 class PriorConfig:
     # A finished reconstruction run (its config.yaml, checkpoint.pt and metrics.json): the prior is a gated
     # PixelCNN (van den Oord et al. 2016) on its frozen codes (MQ-VAE Fig. 3). Empty: this config is no prior.
-    # The run's model and quantizer sections become this config's (mqvae.prior.source_config).
+    # The run's model and quantizer sections become this config's (mqvae.method.prior.source_config).
     run: str = ""
     # Condition on the class label (the data set must have labels).
     class_conditional: bool = False
@@ -226,7 +228,7 @@ class Config:
     # torch's intra-op threads (torch.set_num_threads), set before anything runs; null: what torch picks (the cores,
     # or OMP_NUM_THREADS). The count changes each seed's numbers (float sums in another order); runs record it.
     threads: Optional[int] = spec(None, min=1)
-    # Python modules imported before the rest of the config is read (mqvae.plugins), so that what they register
+    # Python modules imported before the rest of the config is read (mqvae.config.plugins), so that what they register
     # (levels, hypergradients, data sets, optimizers, schedules) can be named: module names, or .py file paths
     # (kept absolute). run.py --import adds to them; a resumed run or a sweep imports them again.
     imports: list[str] = spec(factory=list)
@@ -241,37 +243,6 @@ class Config:
     distributed: DistributedConfig = spec(factory=DistributedConfig)
     logging: LoggingConfig = spec(factory=LoggingConfig)
     prior: PriorConfig = spec(factory=PriorConfig)
-
-
-# ---------------------------------------------------------------------------------------------
-# User values in one-line messages.
-
-class _ShortRepr(reprlib.Repr):
-    """reprlib's bounded repr, which never builds the whole text (that of a YAML alias bomb would not fit in
-    memory). An integer too large for repr() (over 4300 digits) is told by its size."""
-
-    def __init__(self):
-        super().__init__()
-        self.maxlevel, self.maxstring, self.maxother, self.maxlong = 3, 100, 100, 60
-        self.maxlist = self.maxtuple = self.maxdict = self.maxset = self.maxfrozenset = 6
-
-    def repr_int(self, x, level):
-        if x.bit_length() > 256:
-            return f"<an integer of {x.bit_length()} bits>"
-        return super().repr_int(x, level)
-
-
-_SHORT_REPR = _ShortRepr()
-
-
-def quote(value) -> str:
-    """``repr(value)`` for an error message: one line of at most QUOTE_LIMIT characters, however large the value."""
-    return cut(_SHORT_REPR.repr(value))
-
-
-def quote_key(key) -> str:
-    """A key (or a dotted path of keys) as a message shows it: as written, unless it is no plain one-line string."""
-    return cut(key) if isinstance(key, str) and key.isprintable() else quote(key)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -438,8 +409,9 @@ def _validate(cfg: Config, where: str) -> None:
                         f"{cfg.data.batch_size}; each inner step takes an equal 1/{inner_steps} of the batch")
     if cfg.quantizer.dim % cfg.quantizer.groups:
         raise UserError(f"{where}: quantizer.groups: {cfg.quantizer.groups} does not divide quantizer.dim = {cfg.quantizer.dim}")
-    if cfg.prior.run:
-        _take_source(cfg, where)
+    # Sections whose checks need more than the config's text (the prior's source run): registered checks.
+    for check in registry.VALIDATORS.values():
+        check(cfg, where)
 
 
 def _check_optimizer_settings(level: LevelConfig, where: str) -> None:
@@ -457,36 +429,12 @@ def _check_optimizer_settings(level: LevelConfig, where: str) -> None:
         raise UserError(f"{where}.min_lr: {level.min_lr} is above the level's lr {level.lr}; a schedule anneals down to it")
 
 
-def _take_source(cfg: Config, where: str) -> None:
-    """A prior's network is its source run's: the run's model and quantizer sections become the config's (so its
-    config.yaml says what was used); the config may repeat them, not change them."""
-    from .prior import source_config  # torch, which reading a plain config's text does not need
-
-    if cfg.prior.kernel % 2 == 0:
-        raise UserError(f"{where}: prior.kernel: {cfg.prior.kernel} is even; the stacks' kernels need an odd side")
-    source = source_config(cfg.prior.run, where)
-    for section in ("model", "quantizer"):
-        given = getattr(cfg, section)
-        if given not in (type(given)(), getattr(source, section)):
-            raise UserError(f"{where}: {section}: a prior's network is its source run's ({cfg.prior.run}); remove the "
-                            f"{section} section")
-        setattr(cfg, section, getattr(source, section))
-    if cfg.data.name != source.data.name:
-        raise UserError(f"{where}: data.name: {quote(cfg.data.name)}, but the source run {cfg.prior.run} was trained "
-                        f"on {quote(source.data.name)}; a prior learns the codes of the source's data set")
-
-
 def registries() -> dict:
     """The config keys whose values are registered names (``mqvae.registry``), each with its registry (``run.py
     --list`` prints them)."""
-    # Imported here: the registries bring in torch, which reading a config's text does not need.
-    from .data import DATASETS
-    from .hypergradients import TYPES
-    from .optim import OPTIMIZERS, SCHEDULERS
-    from .registry import PROBLEMS
-
-    return {"data.name": DATASETS, "levels.*.problem": PROBLEMS, "hypergradient.type": TYPES,
-            "levels.*.optimizer": OPTIMIZERS, "levels.*.scheduler": SCHEDULERS}
+    return {"data.name": registry.DATASETS, "model.kind": registry.MODELS, "quantizer.kind": registry.QUANTIZERS,
+            "levels.*.problem": registry.PROBLEMS, "hypergradient.type": registry.HYPERGRADIENTS,
+            "levels.*.optimizer": registry.OPTIMIZERS, "levels.*.scheduler": registry.SCHEDULERS}
 
 
 def _check_registered(cfg: Config, where: str) -> None:
@@ -497,7 +445,9 @@ def _check_registered(cfg: Config, where: str) -> None:
         if value not in choices[key]:
             raise UserError(f"{where}: {path}: {choices[key].unknown(value)}")
 
-    check(cfg.data.name, "data.name", "data.name")
+    for key in ("data.name", "model.kind", "quantizer.kind"):
+        section, name = key.split(".")
+        check(getattr(getattr(cfg, section), name), key, key)
     check(cfg.hypergradient.type, "hypergradient.type", "hypergradient.type")
     for level in cfg.levels:
         path = f"levels.{quote_key(level.name)}"

@@ -13,7 +13,7 @@ import torch
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-from .files import save_figure, write_text
+from mqvae.io.files import save_figure, write_text
 
 # Figures are made with matplotlib.figure.Figure, not pyplot: nothing keeps them alive after their last use, so no
 # caller has to close them, and no display backend is involved on training machines.

@@ -13,8 +13,8 @@ from __future__ import annotations
 import numbers
 from pathlib import Path
 
-from .errors import UserError
-from .files import atomic_write, os_error
+from mqvae.errors import UserError
+from mqvae.io.files import atomic_write, os_error
 
 # SummaryWriter names its files events.out.tfevents.<time>.<host>.<pid>.<n>: a new file per writer.
 EVENT_FILES = "events.out.tfevents.*"

@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import QuantizerConfig
-from .base import Quantizer, QuantizerOutput, batch_perplexity, from_vectors, to_vectors
+from mqvae.errors import UserError
+from mqvae.nn.quantizers.base import Quantizer, QuantizerOutput, batch_perplexity, from_vectors, to_vectors
 
 
 class GumbelQuantizer(Quantizer):
@@ -28,7 +28,27 @@ class GumbelQuantizer(Quantizer):
     parameter or buffer changes in forward.
     """
 
-    def __init__(self, cfg: QuantizerConfig):
+    @classmethod
+    def check_settings(cls, cfg) -> None:
+        # Gumbel-VQ predicts the code from logits: there is no nearest-code search, no straight-through
+        # estimator and no commitment/codebook loss for these options to act on.
+        for key, unused in (("affine", cfg.affine != "none"), ("sync_nu", cfg.sync_nu > 0),
+                            ("replace_freq", cfg.replace_freq > 0), ("kmeans_init", cfg.kmeans_init),
+                            ("l2", cfg.l2), ("groups", cfg.groups > 1)):
+            if unused:
+                raise UserError(f"quantizer.{key}: {getattr(cfg, key)!r} cannot be combined with quantizer.kind: gumbel "
+                                f"(it applies to nearest-code quantizers only; use kind: vq)")
+
+    @classmethod
+    def size(cls, cfg) -> tuple[int, int]:
+        # The codebook, the logit projection and its bias; no buffers.
+        return cfg.num_codes * cfg.dim + cfg.dim * cfg.num_codes + cfg.num_codes, 0
+
+    @classmethod
+    def activation_width(cls, cfg) -> int:
+        return cfg.dim + cfg.num_codes  # z_q and the code logits
+
+    def __init__(self, cfg):
         super().__init__()
         self.cfg = cfg
         self.num_codes = cfg.num_codes

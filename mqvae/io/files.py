@@ -16,7 +16,7 @@ import secrets
 from pathlib import Path
 from typing import BinaryIO, Callable
 
-from .errors import UserError, cut
+from mqvae.errors import UserError, cut
 
 TEMP_SUFFIX = ".tmp"
 LOCK_NAME = ".lock"

@@ -43,10 +43,10 @@ from pathlib import Path
 from typing import Optional
 
 
-from .config import build, did_you_mean, quote, quote_key, read_yaml, spec
-from .errors import UserError
-from .files import read_lines, save_figure, write_json, write_text
-from .tasks import task_of
+from mqvae.config import build, did_you_mean, quote, quote_key, read_yaml, spec
+from mqvae.errors import UserError
+from mqvae.io.files import read_lines, save_figure, write_json, write_text
+from mqvae.method.tasks import task_of
 
 # metric key -> (column header in the papers' layout, factor the column is reported in). MQ-VAE Tables 1/3:
 # "LPIPS (10^-1)", "MSE (10^-3)", "Δgap (10^-5)"; Table 2: accuracy and F1 in percent.

@@ -15,7 +15,7 @@ import sys
 import traceback
 from pathlib import Path
 
-from .errors import UserError
+from mqvae.errors import UserError
 
 
 def is_file_entry(entry: str) -> bool:

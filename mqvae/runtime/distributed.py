@@ -20,7 +20,7 @@ import os
 import torch
 import torch.distributed as dist
 
-from .errors import UserError
+from mqvae.errors import UserError
 
 
 def world_size() -> int:

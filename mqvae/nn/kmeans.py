@@ -15,7 +15,7 @@ from contextlib import contextmanager
 import torch
 from torch import Tensor
 
-from .search import nearest_codes
+from mqvae.nn.search import nearest_codes
 
 
 @torch.no_grad()

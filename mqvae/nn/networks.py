@@ -1,8 +1,8 @@
-"""Networks around the quantizer: the VQ-VAE backbone, and ``build_model`` (the ResNet-18 classifier's
-halves come from ``mqvae.resnet``).
+"""Networks around the quantizer: the VQ-VAE backbone (the ResNet-18 classifier's halves are in
+``mqvae.nn.resnet``; ``mqvae.method.models`` builds either from a config).
 
-``QuantizedNetwork`` is the whole network x -> encoder -> quantizer -> decoder -> task loss (its ``Task``,
-``mqvae.tasks``). Every level's Betty Problem evaluates the same ``QuantizedNetwork.loss`` (MQ-VAE Eq. 6);
+``QuantizedNetwork`` is the whole network x -> encoder -> quantizer -> decoder -> task loss (its task: any object
+with ``loss(output, batch)``, ``mqvae.method.tasks``). Every level's Betty Problem evaluates the same ``QuantizedNetwork.loss`` (MQ-VAE Eq. 6);
 the levels differ only in which of its parameters they train.
 """
 
@@ -13,9 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .config import ModelConfig
-from .quantizers import Quantizer, QuantizerOutput
-from .tasks import TASK_OF_KIND, Task
+from mqvae.nn.quantizers import Quantizer, QuantizerOutput
 
 
 def _norm(kind: str, channels: int) -> nn.Module:
@@ -41,9 +39,11 @@ class ResidualBlock(nn.Module):
 
 
 class Encoder(nn.Module):
-    """Strided 4x4 convolutions (each halves the resolution), a 3x3 conv, residual blocks, 1x1 to the code dim."""
+    """Strided 4x4 convolutions (each halves the resolution), a 3x3 conv, residual blocks, 1x1 to the code dim.
+    ``cfg``: the widths (``hidden_channels``, ``res_channels``, ``num_res_blocks``, ``downsample``, ``norm``: the
+    config's model section, or any object with them)."""
 
-    def __init__(self, in_channels: int, cfg: ModelConfig, dim: int):
+    def __init__(self, in_channels: int, cfg, dim: int):
         super().__init__()
         layers, channels = [], in_channels
         for i in range(cfg.downsample):
@@ -62,7 +62,7 @@ class Encoder(nn.Module):
 class Decoder(nn.Module):
     """Mirror of the encoder: 3x3 conv from the code dim, residual blocks, strided 4x4 transposed convolutions."""
 
-    def __init__(self, out_channels: int, cfg: ModelConfig, dim: int):
+    def __init__(self, out_channels: int, cfg, dim: int):
         super().__init__()
         layers = [nn.Conv2d(dim, cfg.hidden_channels, 3, padding=1)]
         layers += [ResidualBlock(cfg.hidden_channels, cfg.res_channels, cfg.norm) for _ in range(cfg.num_res_blocks)]
@@ -92,7 +92,7 @@ class QuantizedNetwork(nn.Module):
     """encoder -> quantizer -> decoder, with the task loss of MQ-VAE Eq. 6 (``task``: MSE for reconstruction,
     CE for classification)."""
 
-    def __init__(self, encoder: nn.Module, quantizer: Quantizer, decoder: nn.Module, task: Task):
+    def __init__(self, encoder: nn.Module, quantizer: Quantizer, decoder: nn.Module, task):
         super().__init__()
         self.encoder, self.quantizer, self.decoder = encoder, quantizer, decoder
         self.task = task
@@ -137,18 +137,3 @@ class QuantizedNetwork(nn.Module):
             z_e = self.encoder(batch[0])
         quant = self.quantizer(z_e)
         return {"loss": self.quantization_weighted(quant.losses), **quant.losses, "perplexity": quant.perplexity}
-
-
-def build_model(cfg, channels: int, num_classes: int) -> QuantizedNetwork:
-    """The network a config describes, on the CPU (the engine moves it); ``model.kind`` decides the task."""
-    from .quantizers import build_quantizer
-
-    quantizer = build_quantizer(cfg.quantizer)
-    if cfg.model.kind == "vqvae":
-        encoder = Encoder(channels, cfg.model, cfg.quantizer.dim)
-        decoder = Decoder(channels, cfg.model, cfg.quantizer.dim)
-        return QuantizedNetwork(encoder, quantizer, decoder, TASK_OF_KIND[cfg.model.kind])
-    from .resnet import resnet18_halves
-
-    encoder, decoder = resnet18_halves(channels, num_classes, cfg.quantizer.dim)
-    return QuantizedNetwork(encoder, quantizer, decoder, TASK_OF_KIND[cfg.model.kind])

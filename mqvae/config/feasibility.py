@@ -15,9 +15,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .config import Config, LevelConfig, QuantizerConfig, quote
-from .errors import UserError
-from .models import build_model
+from mqvae.config import Config, LevelConfig, QuantizerConfig, quote
+from mqvae.errors import UserError
+from mqvae.method.models import build_model
+from mqvae.registry import MODELS, QUANTIZERS
 
 # The toolkit trains in float32.
 FLOAT_BYTES = 4
@@ -59,7 +60,7 @@ def check_feasible(cfg: Config, channels: int, image_size: int, num_classes: int
 def _check_batch_statistics(cfg: Config, image_size: int) -> None:
     """Training-mode BatchNorm needs at least two values per channel; the fewest are at the latent, batch_size
     vectors of (image_size / 2^downsample)^2 positions."""
-    if cfg.model.kind != "vqvae" or cfg.model.norm != "batch":
+    if not MODELS[cfg.model.kind].uses_norm or cfg.model.norm != "batch":
         return
     values = cfg.data.batch_size * (image_size // 2**cfg.model.downsample) ** 2
     if values < 2:
@@ -81,7 +82,7 @@ def estimate_memory(cfg: Config, channels: int, image_size: int, num_classes: in
     copies = 2 + sum(_optimizer_states(level) for level in cfg.levels)  # the parameter, its gradient, the states
     network = network_size(cfg, channels, image_size, num_classes)
     codebook_parameters, codebook_buffer_bytes = quantizer_size(cfg.quantizer)
-    quantizer_width = cfg.quantizer.dim + (cfg.quantizer.num_codes if cfg.quantizer.kind == "gumbel" else 0)
+    quantizer_width = QUANTIZERS[cfg.quantizer.kind].activation_width(cfg.quantizer)
     per_image = network.activations + QUANTIZER_COPIES * network.positions * quantizer_width
     return MemoryEstimate(
         codebook=FLOAT_BYTES * copies * codebook_parameters + codebook_buffer_bytes,
@@ -100,17 +101,8 @@ def _optimizer_states(level: LevelConfig) -> int:
 # -- the quantizer, from its config -----------------------------------------------------------------------------
 
 def quantizer_size(q: QuantizerConfig) -> tuple[int, int]:
-    """(parameters, buffer bytes) of the quantizer ``q`` describes (quantizers/vq.py, gumbel.py and affine.py)."""
-    if q.kind == "gumbel":
-        return q.num_codes * q.dim + q.dim * q.num_codes + q.num_codes, 0  # codebook, logit projection and its bias
-    code_dim = q.dim // q.groups
-    affine = 2 * q.affine_groups * code_dim if q.affine == "learned" else 0  # s and t
-    parameters = q.num_codes * code_dim + affine
-    # One int64 per code: its latent group, and with replacement its idle iterations.
-    per_code = 8 * (2 if q.replace_freq else 1)
-    # Running means and variances of z_e and the codes (float32), and a bool.
-    running = 4 * FLOAT_BYTES * q.affine_groups * code_dim + 1 if q.affine == "ema" else 0
-    return parameters, per_code * q.num_codes + running
+    """(parameters, buffer bytes) of the quantizer ``q`` describes, as its kind counts them (``Quantizer.size``)."""
+    return QUANTIZERS[q.kind].size(q)
 
 
 # -- the network, on the meta device ----------------------------------------------------------------------------
@@ -209,9 +201,7 @@ def _dominant_key(cfg: Config, estimate: MemoryEstimate) -> str:
 
 def _network_keys(cfg: Config) -> tuple[str, ...]:
     """The keys that set the encoder's and decoder's widths (ResNet-18's own widths are fixed)."""
-    if cfg.model.kind == "vqvae":
-        return "model.hidden_channels", "model.res_channels", "quantizer.dim"
-    return ("quantizer.dim",)
+    return MODELS[cfg.model.kind].width_keys
 
 
 def _largest_key(cfg: Config, keys: tuple[str, ...]) -> str:

@@ -1,0 +1,284 @@
+"""Hypergradients of an upper level through a lower level's one-step best response.
+
+A method is a function ``fn(vector, context)`` that returns the implicit term: one tensor per upper parameter,
+added to the direct term by the caller. ``vector`` is v, the gradient of the upper loss with respect to the
+lower parameters at their post-step values; ``context`` (``HypergradientContext``) is everything else a method
+may use: the pre-step lower parameters, xi, alpha, the loss closures and the purity guard. A method needs to
+know nothing of the levels (``problems``) that build the context. ``register_hypergradient(name, fn)`` makes it
+selectable as ``hypergradient.type: name``.
+
+Every method runs inside ``context.pure_evaluation()``: BatchNorm uses batch statistics as in every other
+evaluation of L, and its running statistics are restored bit-for-bit afterwards; no quantizer maintenance runs
+(the quantizer's forward has none), and the lower parameters are restored bit-for-bit.
+
+Betty looks methods up in ``betty.hypergradient.jvp_fn_mapping`` by the lower level's ``Config.type`` and calls
+``(vector, curr, prev, sync)``, ``curr`` being the lower level and ``prev`` the upper one; the registry adapts
+that call: it asks the lower level for the context (``curr.hypergradient_context(prev)``), runs the method, and
+in sync mode (which Betty sets on the last path at each gradient-accumulation boundary, so in
+ordinary runs) adds the result to the upper parameters' ``.grad`` itself. Betty's own
+methods (darts, neumann, cg, sama) keep Betty's signature; they are wrapped only to run purely.
+"""
+
+from __future__ import annotations
+
+import functools
+import weakref
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Callable, ContextManager, Optional
+
+import torch
+from betty.hypergradient import jvp_fn_mapping
+from torch import nn
+
+from mqvae.runtime import distributed
+from mqvae.runtime.perf import phase
+from mqvae.registry import HYPERGRADIENTS
+
+Tensors = tuple[torch.Tensor, ...]
+
+
+@dataclass(frozen=True)
+class HypergradientContext:
+    """What a hypergradient method sees of one lower level below one upper level, for one step.
+
+    ``lower`` are the live lower parameters (φ, θ), at their post-step values (φ', θ'): a method may write them in
+    place, ``pure_evaluation`` puts them back. ``pre_step`` are their values before the tentative step (φ, θ), the
+    point Eq. 13 perturbs; ``None`` before the first tentative step. The two closures evaluate L on this iteration's
+    batch at the lower parameters' current values: ``loss`` is the lower level's own loss, ``upper_loss`` the same L
+    restricted to the terms whose gradient with respect to ``upper`` can be nonzero (cheaper, e.g. no decoder when
+    the task loss cannot reach the codebook).
+    """
+
+    lower: Tensors
+    pre_step: Optional[Tensors]
+    upper: Tensors
+    xi: float  # Eq. 10's xi for this step (the tentative step's learning rate unless set)
+    alpha: float  # Eq. 13's finite-difference radius: eps = alpha / ||v||
+    loss: Callable[[], torch.Tensor]
+    upper_loss: Callable[[], torch.Tensor]
+    pure_evaluation: Callable[[], ContextManager[None]]
+
+
+def batch_norm_buffers(model: nn.Module) -> list[torch.Tensor]:
+    """The running statistics (and ``num_batches_tracked``) of every BatchNorm in ``model``."""
+    return [b for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) for b in m.buffers()]
+
+
+class PureEvaluation:
+    """A context manager factory that restores ``tensors`` bit-for-bit after the block.
+
+    For a hypergradient the tensors are the lower parameters and the model's BatchNorm buffers. BatchNorm stays in
+    training mode: the perturbed passes must evaluate the same L as v and the direct term (Eq. 13 differentiates one
+    function), and those use batch statistics; only the running statistics that the passes update as a side effect
+    are put back. The saved copies are allocated once and refilled on every entry. Entering it again inside the
+    block is a no-op (the outer block restores everything).
+    """
+
+    def __init__(self, tensors):
+        self.tensors = list(tensors)
+        self._saved = [torch.empty_like(t) for t in self.tensors]
+        self._active = False
+
+    @contextmanager
+    def __call__(self):
+        if self._active:
+            yield
+            return
+        with torch.no_grad():
+            torch._foreach_copy_(self._saved, self.tensors)
+        self._active = True
+        try:
+            yield
+        finally:
+            self._active = False
+            with torch.no_grad():
+                torch._foreach_copy_(self.tensors, self._saved)
+
+
+class Scratch:
+    """Tensors shaped like a given list, owned by one method: allocated on first use (and again only when the
+    shapes change) and refilled by the method every step, so that the hot loop allocates nothing."""
+
+    def __init__(self):
+        self._tensors: list[torch.Tensor] = []
+
+    def like(self, tensors) -> list[torch.Tensor]:
+        if len(self._tensors) != len(tensors) or any(
+                b.shape != t.shape or b.dtype != t.dtype or b.device != t.device for b, t in zip(self._tensors, tensors)):
+            self._tensors = [torch.empty_like(t) for t in tensors]
+        return self._tensors
+
+
+def _grads_or_zeros(loss, params):
+    grads = torch.autograd.grad(loss, params, allow_unused=True)
+    return [torch.zeros_like(p) if g is None else g for g, p in zip(grads, params)]
+
+
+_MQVAE_STEP = Scratch()  # eps v, the perturbation of Eq. 13
+
+
+def mqvae(vector, context: HypergradientContext) -> list[torch.Tensor]:
+    """MQ-VAE Eq. 13: the implicit term of the one-step-unrolled hypergradient (Eq. 10-12).
+
+    The tentative step that produced the post-step parameters (phi', theta') is the lower level's own
+    optimizer step, as in Betty and the authors' code; with SGD at learning rate xi it is exactly
+    Eq. 10's phi - xi * grad_phi L. ``vector`` is v = grad_{phi',theta'} L(phi', theta', C). Eq. 13
+    perturbs the *pre-step* parameters: phi+- = phi +- eps v, theta+- = theta +- eps v, eps = alpha/||v||,
+    and the implicit term is -xi [grad_C L(phi+, theta+, C) - grad_C L(phi-, theta-, C)] / (2 eps).
+    Perturbing phi and theta together equals the paper's two separate differences to O(eps^2) at half
+    the passes.
+
+    The finite difference sees through stop-gradients: grad_C L_codebook = 2(C_k - z_e) changes when
+    phi moves, although autograd's mixed derivative through sg[z_e] is zero. That is the intended
+    behaviour of Eq. 13 (it is how L_task reaches the codebook, MQ-VAE §4.3).
+    """
+    if context.pre_step is None:
+        raise RuntimeError("hypergradient mqvae: Eq. 13 perturbs the pre-step parameters, but the lower level has "
+                           "not taken a tentative step yet")
+    params, pre, uppers = context.lower, context.pre_step, context.upper
+    # The norm stays on the device: no host sync in the hot loop.
+    norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(vector)))
+    eps = context.alpha / (norm + 1e-12)
+    step = _MQVAE_STEP.like(params)
+    with torch.no_grad():
+        torch._foreach_copy_(step, vector)
+        torch._foreach_mul_(step, eps)  # eps v
+    grads = []
+    for move in (torch._foreach_add_, torch._foreach_sub_):  # phi + eps v, then phi - eps v
+        with torch.no_grad():
+            torch._foreach_copy_(params, pre)
+            move(params, step)
+        grads.append(_grads_or_zeros(context.upper_loss(), uppers))
+    implicit = torch._foreach_sub(grads[0], grads[1])
+    torch._foreach_mul_(implicit, -context.xi / (2 * eps))
+    return implicit
+
+
+def direct(vector, context: HypergradientContext) -> list[torch.Tensor]:
+    """Ablation: no implicit term; the upper level steps on grad_C L(phi', theta', C) alone (look-ahead only)."""
+    return [torch.zeros_like(p) for p in context.upper]
+
+
+# What ``hypergradient.type`` may name (mqvae.registry.HYPERGRADIENTS): the methods registered here.
+TYPES = HYPERGRADIENTS
+
+
+def register_hypergradient(name: str, fn) -> None:
+    """Make ``fn(vector, context) -> implicit term`` selectable as ``hypergradient.type: name``.
+
+    ``fn`` receives v and a ``HypergradientContext`` and returns one tensor per ``context.upper`` tensor; it runs
+    inside ``context.pure_evaluation()``, so whatever it writes into ``context.lower`` is put back afterwards.
+    """
+
+    def run(vector, curr, prev, sync):
+        context = curr.hypergradient_context(prev)
+        with phase(f"hypergradient.{name}"), context.pure_evaluation():
+            implicit = fn(vector, context)
+        if sync:  # Betty's sync mode (ordinary runs): the term goes into the upper parameters' .grad here
+            prev.set_grads(prev.trainable_parameters(), implicit)
+            return None
+        return implicit
+
+    jvp = functools.wraps(fn)(functools.partial(run_method, name, run))
+
+    TYPES.add(name, fn)
+    jvp_fn_mapping[name] = jvp
+
+
+# -- Betty's own methods -----------------------------------------------------------------------------------------
+# They stay selectable as ablations (``darts`` is SAMA-style: it perturbs the post-step parameters and has no xi), with
+# Betty's signature ``(vector, curr, prev, sync)`` and Betty's ``Config.darts_alpha``; they are wrapped so that their
+# perturbed evaluations are pure as well.
+
+
+# An upper level's hypergradients that run_method checks: a method whose implicit term is exactly zero in each of
+# them reduces to ``direct``. Not only the first: Betty's sama preconditions with the lower optimizer's state and gives
+# exactly zero at the first step alone.
+WATCHED_STEPS = 5
+# upper level -> its zero implicit terms so far, or None once it has been decided (a nonzero term, or the warning).
+_WATCHED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def run_method(name: str, run, vector, curr, prev, sync):
+    """Run the method ``name`` (``run``, Betty's signature) on v averaged over data-parallel ranks. When an upper
+    level's first ``WATCHED_STEPS``
+    implicit terms are all exactly zero, tell the level (its ``warnings``, which the engine reports once): the
+    method then reduces to ``direct`` at a higher cost, as Betty's neumann and cg do under the plain
+    straight-through estimator. Checking copies the upper gradients, in those steps only."""
+    # Data-parallel: v is the gradient of the global batch's loss, so eps = alpha / ||v|| is the same on every rank;
+    # each rank's implicit term is then its share, averaged with the direct term before the step (Level).
+    vector = list(vector)
+    distributed.average_([v for v in vector if v is not None])
+    zeros = _WATCHED.get(prev, 0)
+    if name == "direct" or zeros is None:
+        return run(vector, curr, prev, sync)
+    params = prev.trainable_parameters()
+    before = [None if p.grad is None else p.grad.clone() for p in params]
+    implicit = run(vector, curr, prev, sync)
+    if implicit is None:  # sync mode: the term went into .grad
+        zero = all(_same(b, p.grad) for b, p in zip(before, params))
+    else:
+        zero = all(term is None or not bool(term.any()) for term in implicit)
+    _WATCHED[prev] = zeros + 1 if zero and zeros + 1 < WATCHED_STEPS else None
+    if zero and zeros + 1 == WATCHED_STEPS:
+        prev.warnings.append(
+            f"hypergradient.type {name}: the implicit term of level '{prev.name}' through level '{curr.name}' was "
+            f"exactly zero in each of its first {WATCHED_STEPS} steps, so the run equals hypergradient.type: direct at a "
+            "higher cost (e.g. neumann and cg differentiate by autograd, and with a plain straight-through estimator "
+            "sg[.] blocks that mixed derivative; Eq. 13's finite difference, type: mqvae, sees through it)")
+    return implicit
+
+
+def _same(before, after) -> bool:
+    if before is None or after is None:
+        return (after is None or not bool(after.any())) and (before is None or not bool(before.any()))
+    return torch.equal(before, after)
+
+
+def _zeros_for(prev, sync):
+    zeros = [torch.zeros_like(p) for p in prev.trainable_parameters()]
+    if sync:
+        prev.set_grads(prev.trainable_parameters(), zeros)
+        return None
+    return zeros
+
+
+def _zero_when_unreachable(fn):
+    """Betty's implicit-function methods (neumann, cg) differentiate grad_phi L with respect to the upper
+    parameters by autograd. With a plain straight-through estimator that mixed derivative is identically
+    zero (sg[z_e] blocks it) and autograd reports the codebook as unused; the exact answer is a zero implicit
+    term, which is what this returns (``run_method`` reports it). (MQ-VAE's finite difference does see
+    through the stop-gradient.)"""
+
+    @functools.wraps(fn)
+    def wrapper(vector, curr, prev, sync):
+        try:
+            return fn(vector, curr, prev, sync)
+        except RuntimeError as exc:
+            if "not have been used in the graph" not in str(exc) and "does not require grad" not in str(exc):
+                raise
+            return _zeros_for(prev, sync)
+
+    return wrapper
+
+
+def _register_betty_method(name: str) -> None:
+    original = getattr(jvp_fn_mapping[name], "betty_method", jvp_fn_mapping[name])  # (a module reload wraps once)
+    fn = original if name in ("darts", "sama") else _zero_when_unreachable(original)
+
+    def run(vector, curr, prev, sync):
+        with phase(f"hypergradient.{name}"), curr.hypergradient_context(prev).pure_evaluation():
+            return fn(vector, curr, prev, sync)
+
+    jvp = functools.wraps(fn)(functools.partial(run_method, name, run))
+    jvp.betty_method = original
+    TYPES.add(name, original)
+    jvp_fn_mapping[name] = jvp
+
+
+BETTY_TYPES = ("darts", "neumann", "cg", "sama")
+for _name in BETTY_TYPES:
+    _register_betty_method(_name)
+register_hypergradient("mqvae", mqvae)
+register_hypergradient("direct", direct)
