@@ -266,3 +266,153 @@ def test_the_reference_checker_sees_what_it_looks_for():
 def test_the_design_document_is_in_the_repository():
     assert (ROOT / "docs" / "design.md").is_file()
     assert "docs/design.md" in (ROOT / "README.md").read_text(encoding="utf-8")
+
+
+# -- the package's parts (docs/design.md, "The map") --------------------------------------------------------------
+
+# What a part of mqvae may import of mqvae besides itself (function-level imports included). nn holds pure torch
+# modules that know no config; the registry is a leaf that every part registers into; the config's validation
+# reads only the registry (a section with checks of its own registers a validator there).
+MAY_IMPORT = {
+    "mqvae.nn": ("mqvae.errors",),
+    "mqvae.registry": ("mqvae.errors",),
+    "mqvae.errors": (),
+    "mqvae.config.schema": ("mqvae.errors", "mqvae.registry", "mqvae.config.plugins"),
+    "mqvae.config.plugins": ("mqvae.errors",),
+}
+
+
+def module_files(root: Path) -> dict[str, Path]:
+    files = [path for package in PACKAGES for path in sorted((root / package).rglob("*.py"))]
+    files += [root / "run.py"] if (root / "run.py").exists() else []
+    return {module_name_in(root, path): path for path in files}
+
+
+def module_name_in(root: Path, path: Path) -> str:
+    parts = list(path.relative_to(root).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def import_edges(root: Path) -> dict[str, set[str]]:
+    """module -> the modules of the repository it imports, wherever the import is (function bodies included).
+    ``from package import name`` imports ``package.name`` when that is a module, else ``package``."""
+    modules = module_files(root)
+
+    def resolved(name: str) -> str | None:
+        while name and name not in modules:
+            name = name.rpartition(".")[0]
+        return name or None
+
+    edges = {}
+    for module, path in modules.items():
+        package = module if path.name == "__init__.py" else module.rpartition(".")[0]
+        found = set()
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Import):
+                found.update(resolved(alias.name) for alias in node.names)
+            elif isinstance(node, ast.ImportFrom):
+                if node.level:
+                    base = package.split(".")[: len(package.split(".")) - (node.level - 1)]
+                    source = ".".join(base + ([node.module] if node.module else []))
+                else:
+                    source = node.module or ""
+                for alias in node.names:
+                    found.add(f"{source}.{alias.name}" if f"{source}.{alias.name}" in modules else resolved(source))
+        edges[module] = {target for target in found if target and target != module}
+    return edges
+
+
+def import_cycle(edges: dict[str, set[str]]) -> list[str]:
+    """One import cycle as [a, b, ..., a], or [] (depth-first search for a back edge)."""
+    state, stack = {}, []
+
+    def visit(module):
+        state[module] = "open"
+        stack.append(module)
+        for target in sorted(edges.get(module, ())):
+            if state.get(target) == "open":
+                return stack[stack.index(target):] + [target]
+            if target not in state:
+                cycle = visit(target)
+                if cycle:
+                    return cycle
+        state[module] = "done"
+        stack.pop()
+        return []
+
+    for module in sorted(edges):
+        if module not in state:
+            cycle = visit(module)
+            if cycle:
+                return cycle
+    return []
+
+
+def part_violations(edges: dict[str, set[str]]) -> list[str]:
+    wrong = []
+    for module, targets in edges.items():
+        for part, allowed in MAY_IMPORT.items():
+            if module == part or module.startswith(part + "."):
+                wrong += [f"{module} imports {target} ({part} may import {', '.join(allowed) or 'nothing of mqvae'})"
+                          for target in sorted(targets) if target.startswith("mqvae") and not
+                          any(target == ok or target.startswith(ok + ".") for ok in (part, *allowed))]
+    return wrong
+
+
+def test_no_import_cycle():
+    cycle = import_cycle(import_edges(ROOT))
+    assert not cycle, "import cycle: " + " -> ".join(cycle)
+
+
+def test_each_part_imports_only_what_it_may():
+    wrong = part_violations(import_edges(ROOT))
+    assert not wrong, "\n".join(wrong)
+
+
+def plant(root: Path, files: dict[str, str]) -> Path:
+    for name, text in files.items():
+        path = root / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+    return root
+
+
+def test_the_checks_find_a_planted_cycle_and_a_planted_forbidden_import(tmp_path):
+    # A cycle through a function-level import, and nn importing the config: both are found.
+    planted = plant(tmp_path, {
+        "mqvae/__init__.py": "", "mqvae/errors.py": "",
+        "mqvae/config/__init__.py": "from mqvae.config.schema import spec\n",
+        "mqvae/config/schema.py": "from mqvae.registry import DATASETS\ndef spec():\n    pass\n",
+        "mqvae/registry.py": "def f():\n    from mqvae.data import loader\n",
+        "mqvae/data/__init__.py": "", "mqvae/data/loader.py": "from mqvae import registry\n",
+        "mqvae/nn/__init__.py": "", "mqvae/nn/net.py": "from mqvae.config import spec\n",
+    })
+    edges = import_edges(planted)
+    assert import_cycle(edges) in (["mqvae.data.loader", "mqvae.registry", "mqvae.data.loader"],
+                                   ["mqvae.registry", "mqvae.data.loader", "mqvae.registry"])
+    wrong = part_violations(edges)
+    assert any(line.startswith("mqvae.nn.net imports mqvae.config") for line in wrong), wrong
+    assert any(line.startswith("mqvae.registry imports mqvae.data.loader") for line in wrong), wrong
+    # ``from package import submodule`` is an edge to the submodule, not to the package: no cycle through
+    # mqvae/config/__init__.py for a submodule that imports a sibling.
+    (planted / "mqvae/registry.py").write_text("")
+    (planted / "mqvae/config/plugins.py").write_text("")
+    (planted / "mqvae/config/schema.py").write_text("from mqvae.config import plugins\n")
+    assert import_cycle(import_edges(planted)) == []
+
+
+@pytest.mark.parametrize("old, new, names", [
+    ("mqvae.hypergradients", "mqvae.method.hypergradients", ["register_hypergradient", "mqvae", "HypergradientContext"]),
+    ("mqvae.optim", "mqvae.method.optim", ["register_optimizer", "register_scheduler"]),
+    ("mqvae.perf", "mqvae.runtime.perf", ["phase"]),
+    ("mqvae.quantizers", "mqvae.nn.quantizers", ["VectorQuantizer", "GumbelQuantizer", "Quantizer"]),
+])
+def test_old_import_paths_still_work_for_one_release_and_say_where_the_names_are(old, new, names):
+    import importlib
+    import sys
+
+    sys.modules.pop(old, None)
+    with pytest.warns(DeprecationWarning, match=f"{old} moved to {new}"):
+        module = importlib.import_module(old)
+    current = importlib.import_module(new)
+    assert all(getattr(module, name) is getattr(current, name) for name in names)

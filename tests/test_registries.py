@@ -172,3 +172,76 @@ def test_level_is_the_registry_of_problems():
     assert all(issubclass(cls, Level) for cls in PROBLEMS.values())
     with pytest.raises(TypeError):
         register_problem(int)
+
+
+def test_a_plugin_registers_a_model_kind_and_a_quantizer_kind_that_train(tmp_path):
+    """model.kind and quantizer.kind are registries like the others: a plugin's kinds are validated at load (with
+    did-you-mean), built, and trained by the engine (here MQ-VAE's two levels, 2 iterations)."""
+    from torch import nn
+
+    from mqvae.method.models import ModelKind, register_model, register_quantizer
+    from mqvae.method.tasks import RECONSTRUCTION
+    from mqvae.nn.quantizers import Quantizer, QuantizerOutput, batch_perplexity, from_vectors, straight_through, \
+        to_vectors
+
+    built = []
+
+    @register_model("tiny_conv")
+    class TinyConv(ModelKind):
+        task = RECONSTRUCTION
+
+        @classmethod
+        def halves(cls, cfg, channels, num_classes):
+            built.append("model")
+            return (nn.Conv2d(channels, cfg.quantizer.dim, 2, stride=2),
+                    nn.ConvTranspose2d(cfg.quantizer.dim, channels, 2, stride=2))
+
+    @register_quantizer("nearest_plain")
+    class NearestPlain(Quantizer):
+        """The nearest code under straight-through, without any of VectorQuantizer's options."""
+
+        def __init__(self, cfg):
+            super().__init__()
+            built.append("quantizer")
+            self.num_codes, self.beta = cfg.num_codes, cfg.beta
+            self.codebook = nn.Parameter(torch.randn(cfg.num_codes, cfg.dim))
+
+        @classmethod
+        def check_settings(cls, cfg):
+            if cfg.groups != 1:
+                raise UserError("quantizer.groups: nearest_plain has one group")
+
+        def forward(self, z_e):
+            z = to_vectors(z_e)
+            indices = torch.cdist(z, self.codebook).argmin(1)
+            q = self.codebook[indices]
+            counts = torch.bincount(indices, minlength=self.num_codes)
+            losses = {"commitment": F.mse_loss(z, q.detach()), "codebook": F.mse_loss(q, z.detach())}
+            return QuantizerOutput(from_vectors(straight_through(z, q), z_e), indices[:, None], losses,
+                                   batch_perplexity(counts), counts)
+
+        def loss_weights(self):
+            return {"commitment": self.beta, "codebook": 1.0}
+
+        @property
+        def task_reaches_codebook(self):
+            return False
+
+    cfg = tiny_config(model={"kind": "tiny_conv"}, quantizer={"kind": "nearest_plain", "kmeans_init": False},
+                      train={"iters": 2, "log_every": 1})
+    engine = experiment.build_engine(cfg, tmp_path)
+    assert built[-2:] == ["quantizer", "model"]  # the engine's network (the memory check built narrow ones before)
+    assert isinstance(engine.model.quantizer, NearestPlain)
+    codebook_before = engine.model.quantizer.codebook.detach().clone()
+    engine.run()
+    assert engine.global_step == 2
+    assert not torch.equal(engine.model.quantizer.codebook, codebook_before)  # the codebook level trained it
+
+    with pytest.raises(UserError, match="model.kind: 'tiny_cnv' is not a registered model kind; did you mean 'tiny_conv'"):
+        tiny_config(model={"kind": "tiny_cnv"})
+    with pytest.raises(UserError, match="quantizer.kind: 'nearest_plan' is not a registered quantizer kind; did you mean"):
+        tiny_config(quantizer={"kind": "nearest_plan"})
+    with pytest.raises(UserError, match="nearest_plain has one group"):
+        experiment.build_engine(tiny_config(model={"kind": "tiny_conv"},
+                                            quantizer={"kind": "nearest_plain", "groups": 2, "kmeans_init": False}),
+                                tmp_path / "groups")
