@@ -12,7 +12,7 @@ TensorBoard logging, the device and thread count, the ``eval`` keys and the ``di
 read, so that the levels, hypergradients, data sets, optimizers and schedules it registers can be named; the
 run's config.yaml records it (``imports``), so ``--resume`` and sweeps import it again.
 
-CONFIG may also be a sweep file (a top-level ``sweep:`` key, see mqvae/sweep.py): every run it lists is
+CONFIG may also be a sweep file (a top-level ``sweep:`` key, see mqvae/evaluation/comparison.py): every run it lists is
 run into runs/<sweep name>/ (or --out), ``--set`` and ``--import`` apply to all of them, ``--seeds 0,1,2``
 replaces its seeds, and rerunning the same command finishes only the runs that are missing or whose config
 changed.

@@ -1,4 +1,4 @@
-"""Moved to ``mqvae.method.hypergradients``; this path re-exports the names plugins use for one release (README "Layout")."""
+"""Moved to ``mqvae.method.hypergradients``; this path re-exports the names plugins use for one release (docs/design.md, "The map")."""
 
 import warnings
 

@@ -24,7 +24,7 @@ from helpers import is_base_config
 ROOT = Path(__file__).resolve().parents[1]
 CPU = torch.device("cpu")
 DIGITS = ROOT / "configs/digits/mqvae.yaml"
-# (channels, image size, classes) of each built-in data set a shipped config names (mqvae/data.py).
+# (channels, image size, classes) of each built-in data set a shipped config names (mqvae/data/datasets.py).
 SHAPES = {"digits": (1, 16, 10), "mnist": (1, 28, 10), "fashion_mnist": (1, 28, 10), "cifar10": (3, 32, 10),
           "cifar100": (3, 32, 100), "svhn": (3, 32, 10)}
 

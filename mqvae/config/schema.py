@@ -199,7 +199,7 @@ class PerfConfig:
 @dataclass
 class LoggingConfig:
     # TensorBoard event files in the run folder: log.jsonl's numbers and the pictures at evaluation steps (needs
-    # the tensorboard extra; mqvae/tracking.py).
+    # the tensorboard extra; mqvae/io/tracking.py).
     tensorboard: bool = False
 
 

@@ -1,4 +1,4 @@
-"""Moved to ``mqvae.nn.quantizers``; this path re-exports the quantizer classes for one release (README "Layout")."""
+"""Moved to ``mqvae.nn.quantizers``; this path re-exports the quantizer classes for one release (docs/design.md, "The map")."""
 
 import warnings
 
