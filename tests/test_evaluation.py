@@ -17,7 +17,8 @@ import run
 from mqvae.evaluation import evaluate as evaluation
 from mqvae.evaluation import metrics as metric_fns
 from mqvae.evaluation.metrics import ImageQuality, SCALES
-from mqvae.nn.networks import QuantizedNetwork, build_model
+from mqvae.method.models import build_model
+from mqvae.nn.networks import QuantizedNetwork
 from mqvae.method.tasks import CLASSIFICATION, RECONSTRUCTION
 
 from helpers import tiny_config

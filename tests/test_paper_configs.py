@@ -14,7 +14,7 @@ import run
 from mqvae.config import load_config
 from mqvae.data import load_datasets
 from mqvae.errors import UserError
-from mqvae.nn.networks import build_model
+from mqvae.method.models import build_model
 
 ROOT = Path(__file__).resolve().parents[1]
 PAPER = sorted(p.name for p in (ROOT / "configs" / "paper").glob("*.yaml"))

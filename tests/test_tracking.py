@@ -21,7 +21,7 @@ from mqvae.evaluation.reports import MIN_CELL_PX, codebook_figure, curve_panels,
 from mqvae.config import load_config
 from mqvae.registry import PROBLEMS
 from mqvae.evaluation.comparison import aggregate, curve_key, expand, load_sweep, write_results
-from mqvae.method.tasks import TASK_OF_KIND
+from mqvae.registry import MODELS
 from problems import CommitmentWeight, register_problem
 from helpers import interrupt_at, tiny_config, two_levels
 
@@ -175,13 +175,13 @@ def test_a_resume_after_the_last_checkpoint_logs_the_final_evaluation_once(tmp_p
 
 def test_the_test_panel_is_titled_by_the_task_with_or_without_evaluations():
     train = [{"step": 1, "classifier.loss": 2.0, "classifier.perplexity": 3.0}, {"step": 1, "warning": "w"}]
-    classification = TASK_OF_KIND["resnet18"]
+    classification = MODELS["resnet18"].task
     panel = curve_panels(train, classification, perplexity="classifier.perplexity")[-1]
     assert (panel.title, panel.lines, panel.note) == ("test accuracy", {}, "no evaluation during training")
     evaluated = train + [{"step": 1, "time_s": 0.1, "accuracy": 0.5}]
     panel = curve_panels(evaluated, classification)[-1]
     assert (panel.title, panel.lines, panel.note) == ("test accuracy", {"accuracy": ([1], [0.5])}, "")
-    assert curve_panels(evaluated, TASK_OF_KIND["vqvae"])[-1].title == "test MSE (per pixel)"
+    assert curve_panels(evaluated, MODELS["vqvae"].task)[-1].title == "test MSE (per pixel)"
 
 
 def test_a_sweeps_curves_name_its_task_also_before_any_run_finished(tmp_path, monkeypatch):
@@ -202,7 +202,7 @@ def test_curves_show_test_code_usage_and_label_every_axis():
     records = [{"step": 1, "vqvae.loss": 0.5, "vqvae.perplexity": 3.0},
                {"step": 2, "time_s": 0.1, "test_mse": 0.2, "perplexity": 7.5, "active_codes": 9},
                {"step": 4, "time_s": 0.2, "test_mse": 0.1, "perplexity": 9.5, "active_codes": 12}]
-    panels = curve_panels(records, TASK_OF_KIND["vqvae"], perplexity="vqvae.perplexity")
+    panels = curve_panels(records, MODELS["vqvae"].task, perplexity="vqvae.perplexity")
     usage = next(panel for panel in panels if panel.title == "test code usage")
     assert usage.lines == {"perplexity": ([2, 4], [7.5, 9.5]), "active_codes": ([2, 4], [9, 12])}
     assert all(panel.ylabel for panel in panels), [panel.title for panel in panels if not panel.ylabel]
