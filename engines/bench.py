@@ -33,7 +33,7 @@ from mqvae.io.files import read_lines, write_json
 from mqvae.nn.search import DEFAULT_CHUNK_ELEMENTS
 
 CONFIGS = Path("configs") / "digits"  # relative to the working folder; --configs names another
-MODES = ("vqvae", "alt", "mqvae", "mqvae_roll_back")
+MODES = ("vqvae", "alt", "mqvae", "mqvae_roll_back", "mqvae_ddagger")
 PAPER_DATASET = "bench_random32"
 GiB = 1 << 30
 
@@ -46,10 +46,12 @@ def mode_config(mode: str, shape: str, batch_size: int, overrides: list[str] = (
     """The config of one training mode, for the ``digits`` shape (the configs in ``configs``) or the ``paper`` one."""
     from mqvae.config import load_config
 
-    name = {"vqvae": "vqvae", "alt": "alt", "mqvae": "mqvae", "mqvae_roll_back": "mqvae"}[mode]
+    name = {"vqvae": "vqvae", "alt": "alt", "mqvae": "mqvae", "mqvae_roll_back": "mqvae", "mqvae_ddagger": "mqvae"}[mode]
     sets = ["device=auto", f"data.batch_size={batch_size}", "train.eval_every=0", "train.checkpoint_every=0"]
     if mode == "mqvae_roll_back":
         sets.append("hypergradient.roll_back=true")
+    if mode == "mqvae_ddagger":  # MQ-VAE‡: configs/digits/mqvae_ddagger.yaml is mqvae.yaml with this key
+        sets.append("hypergradient.mutual=true")
     if shape == "paper":
         # MQ-VAE App. I: van den Oord et al.'s backbone (256 hidden units, two residual blocks, two stride-2
         # convolutions), 1024 codes of 512 dimensions, beta 0.1, lower lr 3e-4, codebook lr 6e-2, wd 1e-4.
@@ -540,7 +542,7 @@ def run_bench(quick: bool, sizes: dict | None = None, configs: Path = CONFIGS) -
               file=sys.stderr, flush=True)
         measured[key] = part()
     steps = {"digits": measured["digits"], "paper": measured["paper"]}
-    steps["digits"]["config"] = f"{Path(configs).as_posix()}/{{vqvae,alt,mqvae}}.yaml (+ hypergradient.roll_back=true)"
+    steps["digits"]["config"] = f"{Path(configs).as_posix()}/{{vqvae,alt,mqvae}}.yaml (+ hypergradient.roll_back=true; + hypergradient.mutual=true)"
     steps["paper"]["config"] = ("MQ-VAE App. I: random 32x32x3 inputs, hidden 256, res 256, 2 residual blocks, "
                                 "downsample 2, 1024 codes x 512 dims, beta 0.1, AdamW; batch 512 on GPU, "
                                 f"{s['paper_batch']} here" if not cuda else "MQ-VAE App. I, batch 512")
@@ -571,11 +573,11 @@ def summary(result: dict) -> str:
         lines += [f"warning: the machine was under load, its 1-minute load average above its {load['cores']} cores "
                   f"({load['before'][0]:.2f} before, {load['after'][0]:.2f} after): other processes competed for "
                   "the cores, so these times are not an idle machine's", ""]
-    lines += ["| shape | batch | VQ-VAE s/it | alt (xi=0) | MQ-VAE | MQ-VAE roll-back |", "|---|---|---|---|---|---|"]
+    lines += ["| shape | batch | VQ-VAE s/it | alt (xi=0) | MQ-VAE | MQ-VAE roll-back | MQ-VAE‡ |", "|---|---|---|---|---|---|---|"]
     for shape, st in result["step_time"].items():
         m, r = st["median_s"], st["ratio_to_vqvae"]
         lines.append(f"| {shape} {tuple(st['input_shape'])} | {st['batch_size']} | {m['vqvae']:.4f} | "
-                     f"{r['alt']:.2f}x | {r['mqvae']:.2f}x | {r['mqvae_roll_back']:.2f}x |")
+                     f"{r['alt']:.2f}x | {r['mqvae']:.2f}x | {r['mqvae_roll_back']:.2f}x | {r['mqvae_ddagger']:.2f}x |")
     phases = result["step_time"]["digits"]["phases_ms"]
     if phases:
         names = sorted({name for mode in MODES for name in phases[mode]} - {"iteration"})

@@ -139,7 +139,9 @@ def build_problems(cfg: Config, model, datasets, device) -> tuple[list, dict]:
                             f"the level class {cls.__name__}, which Betty would overwrite with the level; choose another "
                             f"name, e.g. '{level.name}_level'")
         module = cls.module_of(model, level.params).to(device)
-        has_upper = level.name in l2u and cfg.hypergradient.xi != 0
+        # A level takes a tentative step that another level looks through when it has a level above it; with
+        # mutual look-ahead (MQ-VAE‡) the upper level does too, for the lower level's hypergradient.
+        looked_through = (level.name in l2u or cfg.hypergradient.mutual) and cfg.hypergradient.xi != 0
         betty_cfg = BettyConfig(
             type=cfg.hypergradient.type,
             # Betty's name for hypergradient.alpha, read by its own methods (darts, sama); ours read Level.alpha.
@@ -181,9 +183,9 @@ def build_problems(cfg: Config, model, datasets, device) -> tuple[list, dict]:
         # Algorithm 1's roll-back applies to a level with a level above it (Betty's configure_roll_back).
         fast_roll_back = FastRollBack() if cfg.hypergradient.roll_back and level.name in l2u else None
         problems[level.name] = cls(level.name, betty_cfg, module, optimizer, scheduler, stream, model=model,
-                                   level_cfg=level, xi=cfg.hypergradient.xi if has_upper else 0.0,
+                                   level_cfg=level, xi=cfg.hypergradient.xi if looked_through else 0.0,
                                    alpha=cfg.hypergradient.alpha, inner_steps=inner_steps, data=data,
-                                   fast_roll_back=fast_roll_back)
+                                   fast_roll_back=fast_roll_back, mutual=cfg.hypergradient.mutual)
 
     for name, problem in problems.items():
         if problem.data == "shared" and not betty_children.get(name):

@@ -16,11 +16,11 @@ import functools
 import inspect
 
 import torch
-from betty.hypergradient import get_grads
+from betty.hypergradient import get_grads, jvp_fn_mapping
 from betty.problems import ImplicitProblem
 
 from mqvae.runtime import distributed
-from mqvae.method.hypergradients import HypergradientContext, PureEvaluation, batch_norm_buffers
+from mqvae.method.hypergradients import HypergradientContext, PureEvaluation, batch_norm_buffers, grads_or_zeros
 from mqvae.runtime.perf import phase
 
 
@@ -82,7 +82,8 @@ class Level(ImplicitProblem):
     trains_prior = False
 
     def __init__(self, name, config, module, optimizer, scheduler, train_data_loader, *, model, level_cfg, xi=0.0,
-                 alpha=0.01, inner_steps=1, data="train", fast_roll_back: "FastRollBack | None" = None):
+                 alpha=0.01, inner_steps=1, data="train", fast_roll_back: "FastRollBack | None" = None,
+                 mutual=False):
         super().__init__(name, config, module, optimizer, scheduler, train_data_loader)
         self.model = model
         self.level_cfg = level_cfg
@@ -102,6 +103,10 @@ class Level(ImplicitProblem):
         # stream) or "shared" (the batch of the first level below it, get_batch).
         self.data = data
         self.fast_roll_back = fast_roll_back
+        # hypergradient.mutual (MQ-VAE‡): the iteration is mutual_step; each side's state before its tentative step
+        # is kept here to undo that step.
+        self.mutual = mutual
+        self._tentative_state = StateCache() if mutual else None
         self.last_stats: dict = {}
         # The learned_scalars that the level's first step found its trained parameters to reach (a value that only
         # follows a schedule is not learned); None before that step. Kept in checkpoints (progress_state).
@@ -314,6 +319,8 @@ class Level(ImplicitProblem):
         and the encoder-decoder steps in step 4's place, without an implicit term.
         """
         self._global_step = global_step
+        if self.mutual:
+            return self.mutual_step()
         if not self.check_ready():  # (a lowest level always is)
             return
         # 1. Tentative lower step on batch b: (phi', theta') = step(phi, theta; grad_{phi,theta} L(phi, theta, C)),
@@ -339,6 +346,74 @@ class Level(ImplicitProblem):
         #    batch b (Betty's step_after_roll_back, which does the same for the levels above that roll back).
         if self._unrolled():
             self.step_after_roll_back()
+
+    def mutual_step(self) -> None:
+        """One iteration of MQ-VAE‡ (App. E, ``hypergradient.mutual``), from the lower level (phi, theta) with the
+        upper level (C) above it: each side predicts the other's next state from the same current state (phi,
+        theta, C) and takes its step against that prediction (policy prediction, Zhang & Lesser 2010).
+
+        Betty's graph keeps its one edge C -> (phi, theta); the reverse look-ahead needs no edge of its own, because
+        nothing in one iteration depends on its own result: each side's hypergradient is taken while the other
+        side's tentative step stands, then that step is undone, and only then do both real steps run.
+        """
+        upper = self._parents[0]
+        for level in (self, upper):
+            level._count += 1
+        # 1. The lower level's tentative step from (phi, theta, C) on its batch b: (phi', theta'), Eq. 10 with its
+        #    own optimizer; xi_lower is the lr it uses (remember_pre_step).
+        self.remember_pre_step()
+        with phase(f"{self.name}.undo_tentative_step"):
+            self._tentative_state.save(self)
+        self.one_step_descent()
+        # 2. The upper level's gradient, MQ-VAE's: direct term at (phi', theta', C) plus Eq. 13's implicit term
+        #    around (phi, theta) (Level.step's steps 2-3). Kept aside while the upper level predicts in its turn.
+        loss = upper.post_step_loss()
+        upper.add_direct_term(loss)
+        upper.add_implicit_terms(loss)
+        upper_grads = upper.take_grads()
+        # 3. Undo the tentative step: (phi, theta) and the lower optimizer's state as they were.
+        with phase(f"{self.name}.undo_tentative_step"):
+            self._tentative_state.restore(self)
+        # 4. The upper level's tentative step from the same (phi, theta, C), on its own batch: C', with its own
+        #    optimizer; xi_upper is the lr it uses.
+        upper.remember_pre_step()
+        with phase(f"{upper.name}.undo_tentative_step"):
+            upper._tentative_state.save(upper)
+        params = upper.trainable_parameters()
+        with phase(f"{upper.name}.tentative_step"):
+            upper.set_grads(params, grads_or_zeros(upper.training_step(upper.cur_batch), params))
+            upper.take_optimizer_step()
+        # 5. The lower level's gradient, MQ-VAE†'s: direct term grad_{phi,theta} L(phi, theta, C') on its batch b,
+        #    plus the implicit term through the upper level's step: v = grad_{C'} L(phi, theta, C') handed to the
+        #    hypergradient (Eq. 13's form with the roles swapped: C perturbed by +- eps v around its pre-step value,
+        #    the difference of grad_{phi,theta} of the upper level's loss, times -xi_upper).
+        own = self.trainable_parameters()
+        with phase(f"{self.name}.backward"):  # (as an upper level's backward, it includes the hypergradient)
+            grads = grads_or_zeros(self.training_step(self.cur_batch), own + params)
+            direct, vector = grads[:len(own)], grads[len(own):]
+            implicit = jvp_fn_mapping[self._config.type](vector, upper, self, False)
+        # 6. Undo the upper level's tentative step.
+        with phase(f"{upper.name}.undo_tentative_step"):
+            upper._tentative_state.restore(upper)
+        # 7. Both real steps, from (phi, theta, C).
+        upper.set_grads(params, upper_grads)
+        upper.take_optimizer_step()
+        self.set_grads(own, direct)
+        self.set_grads(own, implicit)
+        self._direct, self._terms = direct, (direct, implicit)
+        self.take_optimizer_step()
+        for level in (self, upper):
+            if level.scheduler is not None:
+                level.scheduler.step()
+            level.ready = [False for _ in range(len(level._children))]
+
+    def take_grads(self) -> list[torch.Tensor]:
+        """The level's parameters' gradients, their ``.grad`` left empty."""
+        params = self.trainable_parameters()
+        grads = [torch.zeros_like(p) if p.grad is None else p.grad for p in params]
+        for p in params:
+            p.grad = None
+        return grads
 
     def _begin_step(self) -> None:
         """Betty's bookkeeping before a level's step (``Problem.step_normal``): at the start of an inner loop with
@@ -602,72 +677,16 @@ class FastRollBack:
     """
 
     def __init__(self):
-        self._states: list[torch.Tensor] | None = None
-        self._state_cache: list[torch.Tensor] | None = None
-        self._opt_cache: dict | None = None
+        self.states = StateCache()
         self._reuses_encoder_forward: bool | None = None
         self._kept: EncoderForward | None = None
 
     # -- state cache --------------------------------------------------------------------------------------
     def cache_states(self, level) -> None:
-        if self._states is None:  # fixed once built, like trainable_parameters
-            self._states = [*level.module.parameters(), *level.module.buffers()]
-        tensors = self._states
-        if self._state_cache is None or len(self._state_cache) != len(tensors):
-            self._state_cache = [torch.empty_like(t) for t in tensors]
-        saved, live = list(self._state_cache), list(tensors)
-        old = self._opt_cache or {"state": {}}
-        cache = {"groups": [], "state": {}}
-        optimizer = level.optimizer
-        if optimizer is not None:
-            cache["groups"] = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
-            for group in optimizer.param_groups:
-                for p in group["params"]:
-                    state = optimizer.state.get(p)
-                    if not state:
-                        continue  # no state yet (first step): recover_states removes what the step creates
-                    previous = old["state"].get(p, {})
-                    entry = {}
-                    for name, value in state.items():
-                        if torch.is_tensor(value):
-                            buf = previous.get(name)
-                            if not (torch.is_tensor(buf) and buf.shape == value.shape and buf.dtype == value.dtype
-                                    and buf.device == value.device):
-                                buf = torch.empty_like(value)
-                            saved.append(buf)
-                            live.append(value)
-                        entry[name] = buf if torch.is_tensor(value) else value
-                    cache["state"][p] = entry
-        with torch.no_grad():
-            torch._foreach_copy_(saved, live)
-        self._opt_cache = cache
+        self.states.save(level)
 
     def recover_states(self, level) -> None:
-        live, saved = list(self._states), list(self._state_cache)
-        optimizer = level.optimizer
-        if optimizer is not None:
-            for group, groups_saved in zip(optimizer.param_groups, self._opt_cache["groups"]):
-                group.update(groups_saved)
-            for group in optimizer.param_groups:
-                for p in group["params"]:
-                    entry = self._opt_cache["state"].get(p)
-                    if entry is None:
-                        optimizer.state.pop(p, None)
-                        continue
-                    state = optimizer.state[p]
-                    for name in [n for n in state if n not in entry]:
-                        del state[name]
-                    for name, value in entry.items():
-                        current = state.get(name)
-                        if not torch.is_tensor(value):
-                            state[name] = value
-                        elif torch.is_tensor(current) and current.shape == value.shape and current.dtype == value.dtype:
-                            live.append(current)
-                            saved.append(value)
-                        else:
-                            state[name] = value.clone()
-        with torch.no_grad():
-            torch._foreach_copy_(live, saved)
+        self.states.restore(level)
 
     # -- kept encoder forward --------------------------------------------------------------------------
     def takes(self, level, batch) -> bool:
@@ -716,6 +735,77 @@ class FastRollBack:
         if record:
             self._kept = EncoderForward.record(level.model.encoder, batch[0])
         return level.model.loss(batch, weights=level.loss_weights(), z_e=self._kept.z_e)
+
+
+class StateCache:
+    """A level's parameters, buffers and optimizer state, saved into buffers allocated once and refilled by one fused
+    copy, and restored in place, exactly as ``load_state_dict`` would: the roll-back of Algorithm 1
+    (``FastRollBack``) and the undoing of both tentative steps of mutual look-ahead (``Level.mutual_step``)."""
+
+    def __init__(self):
+        self._states: list[torch.Tensor] | None = None
+        self._state_cache: list[torch.Tensor] | None = None
+        self._opt_cache: dict | None = None
+
+    def save(self, level) -> None:
+        if self._states is None:  # fixed once built, like trainable_parameters
+            self._states = [*level.module.parameters(), *level.module.buffers()]
+        tensors = self._states
+        if self._state_cache is None or len(self._state_cache) != len(tensors):
+            self._state_cache = [torch.empty_like(t) for t in tensors]
+        saved, live = list(self._state_cache), list(tensors)
+        old = self._opt_cache or {"state": {}}
+        cache = {"groups": [], "state": {}}
+        optimizer = level.optimizer
+        if optimizer is not None:
+            cache["groups"] = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
+            for group in optimizer.param_groups:
+                for p in group["params"]:
+                    state = optimizer.state.get(p)
+                    if not state:
+                        continue  # no state yet (first step): recover_states removes what the step creates
+                    previous = old["state"].get(p, {})
+                    entry = {}
+                    for name, value in state.items():
+                        if torch.is_tensor(value):
+                            buf = previous.get(name)
+                            if not (torch.is_tensor(buf) and buf.shape == value.shape and buf.dtype == value.dtype
+                                    and buf.device == value.device):
+                                buf = torch.empty_like(value)
+                            saved.append(buf)
+                            live.append(value)
+                        entry[name] = buf if torch.is_tensor(value) else value
+                    cache["state"][p] = entry
+        with torch.no_grad():
+            torch._foreach_copy_(saved, live)
+        self._opt_cache = cache
+
+    def restore(self, level) -> None:
+        live, saved = list(self._states), list(self._state_cache)
+        optimizer = level.optimizer
+        if optimizer is not None:
+            for group, groups_saved in zip(optimizer.param_groups, self._opt_cache["groups"]):
+                group.update(groups_saved)
+            for group in optimizer.param_groups:
+                for p in group["params"]:
+                    entry = self._opt_cache["state"].get(p)
+                    if entry is None:
+                        optimizer.state.pop(p, None)
+                        continue
+                    state = optimizer.state[p]
+                    for name in [n for n in state if n not in entry]:
+                        del state[name]
+                    for name, value in entry.items():
+                        current = state.get(name)
+                        if not torch.is_tensor(value):
+                            state[name] = value
+                        elif torch.is_tensor(current) and current.shape == value.shape and current.dtype == value.dtype:
+                            live.append(current)
+                            saved.append(value)
+                        else:
+                            state[name] = value.clone()
+        with torch.no_grad():
+            torch._foreach_copy_(live, saved)
 
 
 class EncoderForward:

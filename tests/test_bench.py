@@ -52,7 +52,7 @@ def test_bench_writes_the_documented_schema(tmp_path, monkeypatch, capsys):
     assert {"device", "torch", "threads"} <= env.keys()
     assert set(result["step_time_ratio"]) == {"digits", "paper"}
     for shape, ratios in result["step_time_ratio"].items():
-        assert set(ratios) == {"alt", "mqvae", "mqvae_roll_back"}
+        assert set(ratios) == {"alt", "mqvae", "mqvae_roll_back", "mqvae_ddagger"}
         assert all(isinstance(r, float) and r > 0 for r in ratios.values())
         step = result["step_time"][shape]
         assert set(step["median_s"]) == set(bench.MODES)
@@ -73,6 +73,8 @@ def test_bench_writes_the_documented_schema(tmp_path, monkeypatch, capsys):
     assert set(phases["alt"]) == {"iteration"} | steps
     assert set(phases["mqvae"]) == {"iteration", "hypergradient.mqvae"} | steps
     assert set(phases["mqvae_roll_back"]) == {"iteration", "hypergradient.mqvae", "autoencoder.roll_back"} | steps
+    undo = {"codebook.undo_tentative_step", "autoencoder.undo_tentative_step"}
+    assert set(phases["mqvae_ddagger"]) == {"iteration", "hypergradient.mqvae", "codebook.tentative_step"} | undo | steps
     assert all(v >= 0 for p in phases.values() for v in p.values())
 
     finite = result["finite_check"]

@@ -65,6 +65,7 @@ MODES = {
     "mqvae": ["configs/digits/mqvae.yaml"],
     "mqvae_roll_back": ["configs/digits/mqvae.yaml", "--set", "hypergradient.roll_back=true"],
     "alt": ["configs/digits/alt.yaml"],
+    "mqvae_ddagger": ["configs/digits/mqvae_ddagger.yaml"],
     # Huh Table 10's inner steps: each rank's i-th sub-batch is its share of the global batch's i-th sub-batch.
     "alt_inner_steps": ["configs/digits/alt.yaml", "--set", "hypergradient.inner_steps=4"],
     "mqvae_affine_replace_kmeans": ["configs/digits/mqvae.yaml", "--set", "quantizer.affine=ema",

@@ -158,6 +158,13 @@ class HypergradientConfig:
     # codebook) takes k optimizer steps, the i-th on the i-th of k equal sub-batches, before the lower level's one
     # step on the whole batch. 1 is Huh Eq. 17-18 as written.
     inner_steps: int = spec(1, min=1)
+    # MQ-VAE‡ (App. E, Table 7; policy prediction, Zhang & Lesser 2010): on a two-level graph, each side predicts the
+    # other's next state from the same current state and steps against that prediction. The upper level (the
+    # codebook) takes MQ-VAE's step: direct + Eq. 13 implicit term through the lower level's tentative step. The
+    # lower level (encoder-decoder) takes MQ-VAE†'s: its gradient at the upper level's tentative step plus the
+    # Eq. 13 implicit term through that step. Both tentative steps are then undone and both real steps start from
+    # the same state. Each side's xi is the other side's tentative-step lr (xi: null) or the value given.
+    mutual: bool = False
 
 
 @dataclass
@@ -404,6 +411,8 @@ def _validate(cfg: Config, where: str) -> None:
         raise UserError(f"{where}: hypergradient.inner_steps: {inner_steps} with levels.{quote_key(accumulating[0])}."
                         "grad_accumulation > 1: Huh Table 10's inner steps are optimizer steps on parts of one batch; "
                         "accumulating across them is not defined (set one of the two to 1)")
+    if cfg.hypergradient.mutual:
+        _check_mutual(cfg, where, accumulating)
     if cfg.data.batch_size % inner_steps:
         raise UserError(f"{where}: hypergradient.inner_steps: {inner_steps} does not divide data.batch_size = "
                         f"{cfg.data.batch_size}; each inner step takes an equal 1/{inner_steps} of the batch")
@@ -412,6 +421,24 @@ def _validate(cfg: Config, where: str) -> None:
     # Sections whose checks need more than the config's text (the prior's source run): registered checks.
     for check in registry.VALIDATORS.values():
         check(cfg, where)
+
+
+def _check_mutual(cfg: Config, where: str, accumulating: list[str]) -> None:
+    """MQ-VAE‡ is defined for one level above one other (App. E): the two players of a policy-prediction game."""
+    edges = [(level.name, lower) for level in cfg.levels for lower in level.lower]
+    if len(cfg.levels) != 2 or len(edges) != 1:
+        raise UserError(f"{where}: hypergradient.mutual: mutual look-ahead (MQ-VAE‡) is defined for two levels, one "
+                        f"below the other; this config has {len(cfg.levels)} levels and {len(edges)} lower edges")
+    if cfg.hypergradient.xi == 0:
+        raise UserError(f"{where}: hypergradient.mutual: needs xi > 0 (with xi = 0 neither side takes a tentative step "
+                        "to look through)")
+    if cfg.hypergradient.roll_back:
+        raise UserError(f"{where}: hypergradient.roll_back: with mutual: true both tentative steps are always undone "
+                        "and both real steps start from the same state (App. E), so there is no real lower step "
+                        "left to redo; set roll_back: false")
+    if accumulating:
+        raise UserError(f"{where}: levels.{quote_key(accumulating[0])}.grad_accumulation: mutual look-ahead takes one "
+                        "real step of each side per iteration; set grad_accumulation: 1")
 
 
 def _check_optimizer_settings(level: LevelConfig, where: str) -> None:

@@ -110,7 +110,8 @@ class Scratch:
         return self._tensors
 
 
-def _grads_or_zeros(loss, params):
+def grads_or_zeros(loss, params):
+    """grad of ``loss`` with respect to each of ``params``; zeros where it does not reach one."""
     grads = torch.autograd.grad(loss, params, allow_unused=True)
     return [torch.zeros_like(p) if g is None else g for g, p in zip(grads, params)]
 
@@ -149,7 +150,7 @@ def mqvae(vector, context: HypergradientContext) -> list[torch.Tensor]:
         with torch.no_grad():
             torch._foreach_copy_(params, pre)
             move(params, step)
-        grads.append(_grads_or_zeros(context.upper_loss(), uppers))
+        grads.append(grads_or_zeros(context.upper_loss(), uppers))
     implicit = torch._foreach_sub(grads[0], grads[1])
     torch._foreach_mul_(implicit, -context.xi / (2 * eps))
     return implicit
