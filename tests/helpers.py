@@ -108,3 +108,34 @@ def float64(monkeypatch):
     torch.set_default_dtype(torch.float64)
     yield
     torch.set_default_dtype(torch.float32)
+
+
+def killed_after_first_save(args: list) -> str:
+    """A Python program that runs ``run.py`` with ``args`` and dies by SIGKILL right after its first checkpoint is
+    written (``python -c`` it from the repository root)."""
+    return ("import os, signal, sys\n"
+            "sys.path[0] = os.getcwd()  # as `python run.py` has it, so that warnings name the same files\n"
+            "import run\n"
+            "from engines.engine import LevelEngine\n"
+            "save = LevelEngine.save\n"
+            "def save_then_die(self):\n"
+            "    save(self)\n"
+            "    os.kill(os.getpid(), signal.SIGKILL)\n"
+            "LevelEngine.save = save_then_die\n"
+            f"sys.exit(run.main({[str(a) for a in args]!r}))\n")
+
+
+def assert_same(got, want, where):
+    """Nested dicts, lists and tensors equal bit for bit (a checkpoint's parts)."""
+    if torch.is_tensor(want):
+        assert torch.is_tensor(got) and torch.equal(got, want), where
+    elif isinstance(want, dict):
+        assert got.keys() == want.keys(), where
+        for key in want:
+            assert_same(got[key], want[key], f"{where}.{key}")
+    elif isinstance(want, (list, tuple)):
+        assert len(got) == len(want), where
+        for i, (g, w) in enumerate(zip(got, want)):
+            assert_same(g, w, f"{where}.{i}")
+    else:
+        assert got == want, where

@@ -15,7 +15,8 @@ import pytest
 import torch
 
 from engines.build import level_steps
-from helpers import PLAIN, float64, tiny_config, tiny_engine  # noqa: F401  (float64: a fixture)
+from helpers import (PLAIN, assert_same, float64, killed_after_first_save, tiny_config,  # noqa: F401  (float64: a fixture)
+                     tiny_engine)
 from test_run import ROOT, TINY
 
 GAS = 4
@@ -132,17 +133,7 @@ def test_a_run_killed_inside_an_accumulation_window_resumes_exactly(tmp_path):
     args = ["configs/digits/mqvae_authors.yaml", *TINY, "--set", "train.iters=12", "--set", "train.checkpoint_every=6",
             "--set", "train.eval_every=0", "--set", "levels.codebook.grad_accumulation=2"]
     killed, reference = tmp_path / "killed", tmp_path / "reference"
-    kill_after_first_save = (
-        "import os, signal, sys\n"
-        "sys.path[0] = os.getcwd()  # as `python run.py` has it, so that warnings name the same files\n"
-        "import run\n"
-        "from engines.engine import LevelEngine\n"
-        "save = LevelEngine.save\n"
-        "def save_then_die(self):\n"
-        "    save(self)\n"
-        "    os.kill(os.getpid(), signal.SIGKILL)\n"
-        "LevelEngine.save = save_then_die\n"
-        f"sys.exit(run.main({[*args, '--out', str(killed)]!r}))\n")
+    kill_after_first_save = killed_after_first_save([*args, "--out", killed])
     died = subprocess.run([sys.executable, "-c", kill_after_first_save], cwd=ROOT, capture_output=True, timeout=600)
     assert died.returncode == -signal.SIGKILL and (killed / "checkpoint.pt").exists()
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -155,18 +146,3 @@ def test_a_run_killed_inside_an_accumulation_window_resumes_exactly(tmp_path):
     got, want = (torch.load(f / "checkpoint.pt", weights_only=True) for f in (killed, reference))
     for part in ("levels", "optimizers", "schedulers", "progress"):
         assert_same(got[part], want[part], part)
-
-
-def assert_same(got, want, where):
-    if torch.is_tensor(want):
-        assert torch.is_tensor(got) and torch.equal(got, want), where
-    elif isinstance(want, dict):
-        assert got.keys() == want.keys(), where
-        for key in want:
-            assert_same(got[key], want[key], f"{where}.{key}")
-    elif isinstance(want, (list, tuple)):
-        assert len(got) == len(want), where
-        for i, (g, w) in enumerate(zip(got, want)):
-            assert_same(g, w, f"{where}.{i}")
-    else:
-        assert got == want, where

@@ -17,7 +17,8 @@ import sys
 import pytest
 import torch
 
-from helpers import float64, measured, tiny_config, tiny_engine, two_levels  # noqa: F401  (float64: a fixture)
+from helpers import (assert_same, float64, killed_after_first_save, measured, tiny_config,  # noqa: F401  (float64: a fixture)
+                     tiny_engine, two_levels)
 from test_run import ROOT, TINY
 from mqvae.config import config_from_dict, to_dict
 from mqvae.errors import UserError
@@ -224,20 +225,9 @@ def test_a_killed_mutual_run_resumes_exactly(tmp_path):
     args = ["configs/digits/mqvae_ddagger.yaml", *TINY, "--set", "train.iters=8", "--set", "train.checkpoint_every=4",
             "--set", "train.eval_every=0"]
     killed, reference = tmp_path / "killed", tmp_path / "reference"
-    kill_after_first_save = (
-        "import os, signal, sys\n"
-        "sys.path[0] = os.getcwd()  # as `python run.py` has it\n"
-        "import run\n"
-        "from engines.engine import LevelEngine\n"
-        "save = LevelEngine.save\n"
-        "def save_then_die(self):\n"
-        "    save(self)\n"
-        "    os.kill(os.getpid(), signal.SIGKILL)\n"
-        "LevelEngine.save = save_then_die\n"
-        f"sys.exit(run.main({[*args, '--out', str(killed)]!r}))\n")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    died = subprocess.run([sys.executable, "-c", kill_after_first_save], cwd=ROOT, capture_output=True, timeout=600,
-                          env=env)
+    died = subprocess.run([sys.executable, "-c", killed_after_first_save([*args, "--out", killed])], cwd=ROOT,
+                          capture_output=True, timeout=600, env=env)
     assert died.returncode == -signal.SIGKILL and (killed / "checkpoint.pt").exists()
     assert torch.load(killed / "checkpoint.pt", weights_only=True)["step"] == 4
     for command in (["--resume", str(killed)], [*args, "--out", str(reference)]):
@@ -248,19 +238,4 @@ def test_a_killed_mutual_run_resumes_exactly(tmp_path):
     assert any("autoencoder.implicit_ratio" in r and "codebook.implicit_ratio" in r for r in measured(killed))
     got, want = (torch.load(f / "checkpoint.pt", weights_only=True) for f in (killed, reference))
     for part in ("levels", "optimizers", "schedulers", "progress"):
-        assert_equal(got[part], want[part], part)
-
-
-def assert_equal(got, want, where):
-    if torch.is_tensor(want):
-        assert torch.is_tensor(got) and torch.equal(got, want), where
-    elif isinstance(want, dict):
-        assert got.keys() == want.keys(), where
-        for key in want:
-            assert_equal(got[key], want[key], f"{where}.{key}")
-    elif isinstance(want, (list, tuple)):
-        assert len(got) == len(want), where
-        for i, (a, b) in enumerate(zip(got, want)):
-            assert_equal(a, b, f"{where}[{i}]")
-    else:
-        assert got == want, where
+        assert_same(got[part], want[part], part)
