@@ -357,11 +357,12 @@ class Level(ImplicitProblem):
         side's tentative step stands, then that step is undone, and only then do both real steps run.
         """
         upper = self._parents[0]
-        for level in (self, upper):
-            level._count += 1
+        # Betty's bookkeeping of both levels' steps; the lower level's also keeps (phi, theta) and xi_lower, the lr
+        # its tentative step uses (remember_pre_step).
+        self._begin_step()
+        upper._begin_step()
         # 1. The lower level's tentative step from (phi, theta, C) on its batch b: (phi', theta'), Eq. 10 with its
-        #    own optimizer; xi_lower is the lr it uses (remember_pre_step).
-        self.remember_pre_step()
+        #    own optimizer.
         with phase(f"{self.name}.undo_tentative_step"):
             self._tentative_state.save(self)
         self.one_step_descent()
@@ -381,7 +382,9 @@ class Level(ImplicitProblem):
             upper._tentative_state.save(upper)
         params = upper.trainable_parameters()
         with phase(f"{upper.name}.tentative_step"):
-            upper.set_grads(params, grads_or_zeros(upper.training_step(upper.cur_batch), params))
+            # (its loss restricted to what grad_C needs: no decoder pass under plain straight-through)
+            loss = upper.hypergradient_loss(upper.cur_batch, upper)
+            upper.set_grads(params, grads_or_zeros(loss, params))
             upper.take_optimizer_step()
         # 5. The lower level's gradient, MQ-VAE†'s: direct term grad_{phi,theta} L(phi, theta, C') on its batch b,
         #    plus the implicit term through the upper level's step: v = grad_{C'} L(phi, theta, C') handed to the
@@ -403,9 +406,7 @@ class Level(ImplicitProblem):
         self._direct, self._terms = direct, (direct, implicit)
         self.take_optimizer_step()
         for level in (self, upper):
-            if level.scheduler is not None:
-                level.scheduler.step()
-            level.ready = [False for _ in range(len(level._children))]
+            level._end_step()  # (each schedule advances once: roll-back is refused with mutual)
 
     def take_grads(self) -> list[torch.Tensor]:
         """The level's parameters' gradients, their ``.grad`` left empty."""
