@@ -74,12 +74,14 @@ def level_steps(cfg: Config, l2u: dict[str, list[str]]) -> dict[str, int]:
     """How many steps each level takes in ``train.iters`` iterations, the length of its lr schedule. A lowest level
     (Betty's) steps every iteration; a level above steps once every level below it has completed its inner loop
     (Level._uppers_to_step): every grad_accumulation steps of each, so with the authors' accumulation 4 on both
-    levels the codebook steps every 4th iteration and its optimizer every 16th."""
+    levels the codebook steps every 4th iteration and its optimizer every 16th; with hypergradient.unroll_steps k,
+    every k-th step of the level below."""
     below: dict[str, list[str]] = {}
     for lower, uppers in l2u.items():
         for upper in uppers:
             below.setdefault(upper, []).append(lower)
-    accumulation = {level.name: level.grad_accumulation for level in cfg.levels}
+    accumulation = {level.name: level.grad_accumulation * (cfg.hypergradient.unroll_steps if level.name in l2u else 1)
+                    for level in cfg.levels}
 
     @functools.lru_cache(maxsize=None)
     def steps(name: str) -> int:
@@ -150,6 +152,8 @@ def build_problems(cfg: Config, model, datasets, device) -> tuple[list, dict]:
             retain_graph=level.name in u2l,
             gradient_clipping=level.grad_clip,
             gradient_accumulation=level.grad_accumulation,
+            # hypergradient.unroll_steps: the levels above a level step after every k-th of its steps.
+            unroll_steps=cfg.hypergradient.unroll_steps if level.name in l2u else 1,
             log_step=-1,
         )
         data = level.data
@@ -188,6 +192,11 @@ def build_problems(cfg: Config, model, datasets, device) -> tuple[list, dict]:
                                    fast_roll_back=fast_roll_back, mutual=cfg.hypergradient.mutual)
 
     for name, problem in problems.items():
+        if problem._unroll_steps != problem._config.unroll_steps:
+            # Betty reads the private attribute for when the levels above step, but nothing else would follow it (the
+            # hypergradient would look through the latest step alone): the config key is the one route.
+            raise UserError(f"levels.{name}.problem: {type(problem).__name__} sets Betty's private _unroll_steps = "
+                            f"{problem._unroll_steps}; set hypergradient.unroll_steps in the config instead")
         if problem.data == "shared" and not betty_children.get(name):
             raise UserError(f"levels: level '{name}' has data: shared but no level below it to share a batch with")
 

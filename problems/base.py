@@ -20,7 +20,8 @@ from betty.hypergradient import get_grads, jvp_fn_mapping
 from betty.problems import ImplicitProblem
 
 from mqvae.runtime import distributed
-from mqvae.method.hypergradients import HypergradientContext, PureEvaluation, batch_norm_buffers, grads_or_zeros
+from mqvae.method.hypergradients import (HypergradientContext, PureEvaluation, TentativeStep, batch_norm_buffers,
+                                         grads_or_zeros)
 from mqvae.runtime.perf import phase
 
 
@@ -36,6 +37,16 @@ def in_phase(label: str):
         return wrapper
 
     return decorate
+
+
+@dataclasses.dataclass
+class TentativeStepRecord:
+    """What a level keeps of one of its tentative steps for the levels above it (``TentativeStep``'s source): the
+    parameters before the step (a buffer refilled every window), the step's lr and its batch (set after the step)."""
+
+    pre_step: list[torch.Tensor]
+    xi: float
+    batch: tuple | None
 
 
 class Level(ImplicitProblem):
@@ -114,7 +125,10 @@ class Level(ImplicitProblem):
         self.last_forward = None  # (z_e, quantizer output) of the latest real step, for quantizer maintenance
         self.stream = train_data_loader
         self._trainable: list[torch.Tensor] | None = None
-        self._pre_step: list[torch.Tensor] | None = None
+        # The tentative steps of this level that the levels above look through: one, or hypergradient.unroll_steps
+        # = k of them (Betty's unroll_steps: the levels above step after every k-th step of this level). The j-th
+        # holds w_{j-1}, the lr xi_j of step j and its batch b_j (remember_pre_step, _end_step).
+        self._unroll: list[TentativeStepRecord] = []
         self._purity: PureEvaluation | None = None
         # Optimizer steps in a row, now and at most, whose gradient was zero in every parameter: on the device,
         # read by the engine at logging steps only (zero_gradient_steps).
@@ -239,17 +253,26 @@ class Level(ImplicitProblem):
         """What the hypergradient of ``upper`` through this level's step may use (``mqvae.method.hypergradients``)."""
         if self._purity is None:  # the parameters and the module tree are fixed once built
             self._purity = PureEvaluation(self.trainable_parameters() + batch_norm_buffers(self.model))
-        batch = self.cur_batch
+
+        def step(record, batch):
+            return TentativeStep(pre_step=tuple(record.pre_step), xi=record.xi,
+                                 loss=lambda: self.training_step(batch),
+                                 upper_loss=lambda: self.hypergradient_loss(batch, upper))
+
+        # The steps of the current window so far (all k when the level above steps); the latest on cur_batch.
+        records = self._unroll[:self._unroll_index() + 1]
+        batches = [record.batch for record in records[:-1]] + [self.cur_batch]
         return HypergradientContext(
             lower=tuple(self.trainable_parameters()),
-            pre_step=None if self._pre_step is None else tuple(self._pre_step),
             upper=tuple(upper.trainable_parameters()),
-            xi=self.xi,
             alpha=self.alpha,
-            loss=lambda: self.training_step(batch),
-            upper_loss=lambda: self.hypergradient_loss(batch, upper),
+            steps=tuple(step(record, batch) for record, batch in zip(records, batches)),
             pure_evaluation=self._purity,
         )
+
+    def _unroll_index(self) -> int:
+        """The index, in its window of ``unroll_steps``, of the level's latest step (Betty counts steps from 1)."""
+        return (self._count - 1) % self._unroll_steps
 
     # -- checkpoints -------------------------------------------------------------------------------
     def progress_state(self) -> dict:
@@ -261,7 +284,13 @@ class Level(ImplicitProblem):
         def detached(tensors):
             return [None if t is None else t.detach() for t in tensors]
 
+        # Inside a window of hypergradient.unroll_steps: the steps taken so far, which the levels above will look
+        # through, and with roll-back the state the window started from.
+        taken = self._count % self._unroll_steps if self._parents else 0
+        unroll = [{"pre_step": detached(record.pre_step), "xi": record.xi, "batch": detached(record.batch)}
+                  for record in self._unroll[:taken]]
         return {"count": self._count, "grads": detached(p.grad for p in self.trainable_parameters()),
+                "unroll": unroll, "roll_back_state": self._roll_back_state() if taken and self._roll_back else None,
                 "last_stats": dict(self.last_stats),
                 "learned": None if self.learned is None else sorted(self.learned),
                 "hypergradient_terms": None if self._terms is None else
@@ -285,6 +314,13 @@ class Level(ImplicitProblem):
         self._terms = None if terms is None else (placed(terms["direct"], "direct term"),
                                                   placed(terms["implicit"], "implicit term"))
         self._count = state["count"]
+        # (Betty's flag: whether the next step starts a window, which caches the state to roll back to.)
+        self._inner_loop_start = self._count % (self._unroll_steps * self.gas) == 0
+        self._unroll = [TentativeStepRecord(placed(record["pre_step"], "unrolled step"), record["xi"],
+                                            tuple(t.to(self.device) for t in record["batch"]))
+                        for record in state.get("unroll", [])]  # (absent from checkpoints written before k-step unrolls)
+        if state.get("roll_back_state") is not None:
+            self.fast_roll_back.states.load_state_dict(self, state["roll_back_state"])
         self.last_stats = {key: value.to(self.device) for key, value in state["last_stats"].items()}
         learned = state.get("learned")  # (absent from checkpoints written before it was saved)
         self.learned = None if learned is None else set(learned)
@@ -299,10 +335,20 @@ class Level(ImplicitProblem):
             # level's own parameters at the level's lr (later groups are the quantizer's, at quantizer_lr).
             self.xi = self.optimizer.param_groups[0]["lr"]
         params = self.trainable_parameters()
-        if self._pre_step is None:
-            self._pre_step = [torch.empty_like(p) for p in params]
+        index = self._unroll_index()
+        while len(self._unroll) <= index:
+            self._unroll.append(TentativeStepRecord([torch.empty_like(p) for p in params], self.xi, None))
+        record = self._unroll[index]
+        record.xi, record.batch = self.xi, None
         with torch.no_grad():
-            torch._foreach_copy_(self._pre_step, params)
+            torch._foreach_copy_(record.pre_step, params)
+
+    def _roll_back_state(self) -> dict:
+        """The state a window of unrolled steps started from, which the roll-back restores (for a checkpoint)."""
+        if self.fast_roll_back is None:
+            raise RuntimeError(f"level '{self.name}': a checkpoint inside a window of unrolled steps with roll-back "
+                               "needs the level's FastRollBack (engines.build attaches it)")
+        return self.fast_roll_back.states.state_dict(self)
 
     # -- one iteration: MQ-VAE Algorithm 1 --------------------------------------------------------
     def step(self, global_step=None):
@@ -408,6 +454,23 @@ class Level(ImplicitProblem):
         for level in (self, upper):
             level._end_step()  # (each schedule advances once: roll-back is refused with mutual)
 
+    def step_after_roll_back(self):
+        """Algorithm 1's step 5 after k unrolled steps (``hypergradient.unroll_steps``): the state the window
+        started from, then the k real steps with the updated codebook, each on its tentative step's batch and each
+        followed by the lr schedule's step. (Betty's ``step_after_roll_back`` would take one real step, on the last
+        batch: the lower level would advance one step per k batches.) One step is Betty's own."""
+        if self._unroll_steps == 1:
+            return super().step_after_roll_back()
+        if self.check_ready() and self._training and self._roll_back:
+            batches = [record.batch for record in self._unroll[:self._unroll_steps]]
+            self.recover_states()
+            for batch in batches:
+                self.one_step_descent(batch=batch)
+                if self.scheduler is not None:
+                    self.scheduler.step()
+            # (A level with k > 1 is a lowest level, below levels that do not roll back: mqvae.config's check.)
+        self.ready = [False for _ in range(len(self._children))]
+
     def take_grads(self) -> list[torch.Tensor]:
         """The level's parameters' gradients, their ``.grad`` left empty."""
         params = self.trainable_parameters()
@@ -435,6 +498,8 @@ class Level(ImplicitProblem):
         (Betty's per-problem logging is off: engines.build sets its log_step to -1, the engine logs.)"""
         if self.scheduler is not None and not self._roll_back:
             self.scheduler.step()
+        if self._parents and self._training and self._unroll:
+            self._unroll[self._unroll_index()].batch = self.cur_batch  # b_j, the batch of the step just taken
         if self._unrolled():
             self._inner_loop_start = True
         self.ready = [False for _ in range(len(self._children))]
@@ -780,6 +845,32 @@ class StateCache:
         with torch.no_grad():
             torch._foreach_copy_(saved, live)
         self._opt_cache = cache
+
+    def state_dict(self, level) -> dict:
+        """The saved state, for a checkpoint taken while it is held (inside a window of unrolled steps): the
+        optimizer's entries by the position of their parameter in its groups."""
+        positions = {p: i for i, p in enumerate(p for g in level.optimizer.param_groups for p in g["params"])}
+        return {"tensors": [t.detach().clone() for t in self._state_cache], "groups": self._opt_cache["groups"],
+                "optimizer": {positions[p]: entry for p, entry in self._opt_cache["state"].items()}}
+
+    def load_state_dict(self, level, state: dict) -> None:
+        """``state_dict``'s inverse, on the level's device."""
+        self._states = [*level.module.parameters(), *level.module.buffers()]
+        if len(state["tensors"]) != len(self._states):
+            raise ValueError(f"roll-back state of level '{level.name}': {len(state['tensors'])} tensors for "
+                             f"{len(self._states)} parameters and buffers")
+        self._state_cache = [t.to(live.device) for t, live in zip(state["tensors"], self._states)]
+        params = [p for g in level.optimizer.param_groups for p in g["params"]]
+
+        def placed(p, name, value):
+            # Where the live state keeps it (torch keeps Adam's step on the CPU), else with the parameter.
+            live = level.optimizer.state.get(p, {}).get(name)
+            return value.to(live.device if torch.is_tensor(live) else p.device)
+
+        self._opt_cache = {"groups": state["groups"], "state": {
+            params[i]: {name: placed(params[i], name, value) if torch.is_tensor(value) else value
+                        for name, value in entry.items()}
+            for i, entry in state["optimizer"].items()}}
 
     def restore(self, level) -> None:
         live, saved = list(self._states), list(self._state_cache)

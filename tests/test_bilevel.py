@@ -69,15 +69,17 @@ class ToyUpper(Level):
         self.optimizer.step()
 
 
-def toy_engine(tmp_path, xi, hypergradient_type="mqvae"):
+def toy_engine(tmp_path, xi, hypergradient_type="mqvae", batch_size=12, **hypergradient):
+    """The toy problem on 12 items (one batch of all of them by default), SGD on both levels; ``hypergradient``:
+    further keys of the config's section."""
     cfg = config_from_dict({
         "device": "cpu",
-        "data": {"batch_size": 12},
+        "data": {"batch_size": batch_size},
         "levels": [
             {"name": "upper", "problem": "ToyUpper", "optimizer": "sgd", "lr": 0.1, **PLAIN, "lower": ["lower"]},
             {"name": "lower", "problem": "ToyLower", "optimizer": "sgd", "lr": xi, **PLAIN},
         ],
-        "hypergradient": {"type": hypergradient_type, "xi": None, "alpha": 0.01},
+        "hypergradient": {"type": hypergradient_type, "xi": None, "alpha": 0.01, **hypergradient},
     }, "<toy>")
     x = torch.randn(12, 5, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
     datasets = SimpleNamespace(train=TensorDataset(x, torch.zeros(12)), test=None)
@@ -454,7 +456,8 @@ def implicit_term(engine, xi):
 def implicit_term_for(engine, vector, xi):
     """The engine's Eq. 13 term for ``vector`` (v) at this iteration's batch and pre-step parameters."""
     ae, cb = engine.autoencoder, engine.codebook
-    context = dataclasses.replace(ae.hypergradient_context(cb), xi=xi)
+    context = ae.hypergradient_context(cb)
+    context = dataclasses.replace(context, steps=tuple(dataclasses.replace(step, xi=xi) for step in context.steps))
     with context.pure_evaluation():
         return hypergradients.mqvae(vector, context)
 

@@ -165,6 +165,13 @@ class HypergradientConfig:
     # Eq. 13 implicit term through that step. Both tentative steps are then undone and both real steps start from
     # the same state. Each side's xi is the other side's tentative-step lr (xi: null) or the value given.
     mutual: bool = False
+    # MQ-VAE §4.2 ("multiple steps can be unrolled"): the lower level takes k steps, each on its own batch, between
+    # two steps of the level above it, and the upper level's hypergradient looks through all k (the direct term at
+    # the k-th iterate, the implicit term by Eq. 13's finite difference at each step, recursively: the DARTS
+    # recursion, mqvae.method.hypergradients.mqvae). train.iters counts the lower level's steps (Betty's
+    # unroll_steps), so the upper level steps iters / k times. With roll_back the k steps are undone and redone with
+    # the updated codebook on the same k batches; without it the lower level keeps them.
+    unroll_steps: int = spec(1, min=1)
 
 
 @dataclass
@@ -413,6 +420,8 @@ def _validate(cfg: Config, where: str) -> None:
                         "accumulating across them is not defined (set one of the two to 1)")
     if cfg.hypergradient.mutual:
         _check_mutual(cfg, where, accumulating)
+    if cfg.hypergradient.unroll_steps > 1:
+        _check_unroll(cfg, where, accumulating)
     if cfg.data.batch_size % inner_steps:
         raise UserError(f"{where}: hypergradient.inner_steps: {inner_steps} does not divide data.batch_size = "
                         f"{cfg.data.batch_size}; each inner step takes an equal 1/{inner_steps} of the batch")
@@ -439,6 +448,31 @@ def _check_mutual(cfg: Config, where: str, accumulating: list[str]) -> None:
     if accumulating:
         raise UserError(f"{where}: levels.{quote_key(accumulating[0])}.grad_accumulation: mutual look-ahead takes one "
                         "real step of each side per iteration; set grad_accumulation: 1")
+
+
+def _check_unroll(cfg: Config, where: str, accumulating: list[str]) -> None:
+    """k-step unrolls (MQ-VAE §4.2) where the recursion through the k steps is defined and implemented."""
+    k, given = cfg.hypergradient.unroll_steps, cfg.hypergradient
+    key = f"{where}: hypergradient.unroll_steps: {k}"
+    if given.xi == 0:
+        raise UserError(f"{key} needs xi > 0: with xi = 0 (alternated optimization) there are no tentative steps to "
+                        "look through")
+    if given.mutual:
+        raise UserError(f"{key} with mutual: true: MQ-VAE‡ looks through one tentative step of each side (App. E); "
+                        "set unroll_steps: 1 or mutual: false")
+    if accumulating:
+        raise UserError(f"{key} with levels.{quote_key(accumulating[0])}.grad_accumulation > 1: the k steps are "
+                        "optimizer steps, each the hypergradient looks through; set grad_accumulation: 1")
+    method = registry.HYPERGRADIENTS.get(given.type)
+    if not getattr(method, "unroll_steps", False):
+        raise UserError(f"{key}: hypergradient.type {quote(given.type)} looks through the latest tentative step only "
+                        "(Betty's methods take one step's parameters); use type: mqvae or direct, or register a method "
+                        "that reads every step of context.steps with register_hypergradient(..., unroll_steps=True)")
+    middle = {lower for level in cfg.levels for lower in level.lower} & {level.name for level in cfg.levels if level.lower}
+    if middle:
+        raise UserError(f"{key}: level {quote(sorted(middle)[0])} is both above and below another level; k-step "
+                        "unrolls are implemented where every level below another is a lowest level (two levels, or "
+                        "several levels above one)")
 
 
 def _check_optimizer_settings(level: LevelConfig, where: str) -> None:

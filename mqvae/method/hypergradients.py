@@ -39,25 +39,57 @@ Tensors = tuple[torch.Tensor, ...]
 
 
 @dataclass(frozen=True)
+class TentativeStep:
+    """One tentative step of the lower level that the hypergradient looks through: w_j = step(w_{j-1}) on batch b_j.
+
+    ``loss`` evaluates L on b_j at the lower parameters' current values, ``upper_loss`` the same L restricted to the
+    terms whose gradient with respect to the upper parameters can be nonzero (cheaper, e.g. no decoder when the task
+    loss cannot reach the codebook)."""
+
+    pre_step: Tensors  # w_{j-1}: the lower parameters before the step, the point Eq. 13 perturbs
+    xi: float  # Eq. 10's xi for this step (the tentative step's learning rate unless set)
+    loss: Callable[[], torch.Tensor]
+    upper_loss: Callable[[], torch.Tensor]
+
+
+@dataclass(frozen=True)
 class HypergradientContext:
-    """What a hypergradient method sees of one lower level below one upper level, for one step.
+    """What a hypergradient method sees of one lower level below one upper level, for one step of the upper level.
 
     ``lower`` are the live lower parameters (φ, θ), at their post-step values (φ', θ'): a method may write them in
-    place, ``pure_evaluation`` puts them back. ``pre_step`` are their values before the tentative step (φ, θ), the
-    point Eq. 13 perturbs; ``None`` before the first tentative step. The two closures evaluate L on this iteration's
-    batch at the lower parameters' current values: ``loss`` is the lower level's own loss, ``upper_loss`` the same L
-    restricted to the terms whose gradient with respect to ``upper`` can be nonzero (cheaper, e.g. no decoder when
-    the task loss cannot reach the codebook).
+    place, ``pure_evaluation`` puts them back. ``steps`` are the lower level's tentative steps since the upper
+    level's last step, oldest first: one (Eq. 10), or k with ``hypergradient.unroll_steps: k`` (MQ-VAE §4.2); empty
+    before the first. ``pre_step``, ``xi``, ``loss`` and ``upper_loss`` are those of the latest step, which is all a
+    one-step method reads; a method that looks through all k is registered with ``unroll_steps=True``.
     """
 
     lower: Tensors
-    pre_step: Optional[Tensors]
     upper: Tensors
-    xi: float  # Eq. 10's xi for this step (the tentative step's learning rate unless set)
     alpha: float  # Eq. 13's finite-difference radius: eps = alpha / ||v||
-    loss: Callable[[], torch.Tensor]
-    upper_loss: Callable[[], torch.Tensor]
+    steps: tuple[TentativeStep, ...]
     pure_evaluation: Callable[[], ContextManager[None]]
+
+    @property
+    def pre_step(self) -> Optional[Tensors]:
+        """The lower parameters before the latest tentative step (φ, θ); None before the first."""
+        return self.steps[-1].pre_step if self.steps else None
+
+    @property
+    def xi(self) -> float:
+        return self._latest().xi
+
+    @property
+    def loss(self) -> Callable[[], torch.Tensor]:
+        return self._latest().loss
+
+    @property
+    def upper_loss(self) -> Callable[[], torch.Tensor]:
+        return self._latest().upper_loss
+
+    def _latest(self) -> TentativeStep:
+        if not self.steps:
+            raise RuntimeError("the lower level has not taken a tentative step yet")
+        return self.steps[-1]
 
 
 def batch_norm_buffers(model: nn.Module) -> list[torch.Tensor]:
@@ -133,26 +165,49 @@ def mqvae(vector, context: HypergradientContext) -> list[torch.Tensor]:
     The finite difference sees through stop-gradients: grad_C L_codebook = 2(C_k - z_e) changes when
     phi moves, although autograd's mixed derivative through sg[z_e] is zero. That is the intended
     behaviour of Eq. 13 (it is how L_task reaches the codebook, MQ-VAE §4.3).
+
+    k unrolled steps (``hypergradient.unroll_steps``, MQ-VAE §4.2: "multiple steps can be unrolled"): the lower
+    level took w_j = w_{j-1} - xi_j grad_w L_j(w_{j-1}, C) on batches b_1..b_k, and the implicit term is the
+    reverse-mode recursion through them, each step's second derivatives by Eq. 13's central difference (the DARTS
+    recursion). From v_k = v, for j = k, ..., 1, with eps_j = alpha / ||v_j||:
+
+        implicit += -xi_j [grad_C L_j(w_{j-1} + eps_j v_j) - grad_C L_j(w_{j-1} - eps_j v_j)] / (2 eps_j)
+        v_{j-1}   = v_j - xi_j [grad_w L_j(w_{j-1} + eps_j v_j) - grad_w L_j(w_{j-1} - eps_j v_j)] / (2 eps_j)
+
+    v_{j-1} = (dw_j/dw_{j-1})^T v_j, dw_j/dw_{j-1} = I - xi_j H_j: one pair of passes gives both differences. The
+    first step (j = 1) needs only the codebook's (``upper_loss``); k = 1 is Eq. 13 as above. Like Eq. 13, it takes
+    each step as SGD at lr xi_j, whatever the optimizer (docs/design.md).
     """
-    if context.pre_step is None:
+    if not context.steps:
         raise RuntimeError("hypergradient mqvae: Eq. 13 perturbs the pre-step parameters, but the lower level has "
                            "not taken a tentative step yet")
-    params, pre, uppers = context.lower, context.pre_step, context.upper
-    # The norm stays on the device: no host sync in the hot loop.
-    norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(vector)))
-    eps = context.alpha / (norm + 1e-12)
-    step = _MQVAE_STEP.like(params)
-    with torch.no_grad():
-        torch._foreach_copy_(step, vector)
-        torch._foreach_mul_(step, eps)  # eps v
-    grads = []
-    for move in (torch._foreach_add_, torch._foreach_sub_):  # phi + eps v, then phi - eps v
+    params, uppers = context.lower, context.upper
+    implicit = None
+    for j in reversed(range(len(context.steps))):
+        step, first = context.steps[j], j == 0
+        # The norm stays on the device: no host sync in the hot loop.
+        norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(vector)))
+        eps = context.alpha / (norm + 1e-12)
+        move_by = _MQVAE_STEP.like(params)
         with torch.no_grad():
-            torch._foreach_copy_(params, pre)
-            move(params, step)
-        grads.append(grads_or_zeros(context.upper_loss(), uppers))
-    implicit = torch._foreach_sub(grads[0], grads[1])
-    torch._foreach_mul_(implicit, -context.xi / (2 * eps))
+            torch._foreach_copy_(move_by, vector)
+            torch._foreach_mul_(move_by, eps)  # eps v
+        wrt, loss = (uppers, step.upper_loss) if first else (uppers + params, step.loss)
+        grads = []
+        for move in (torch._foreach_add_, torch._foreach_sub_):  # w + eps v, then w - eps v
+            with torch.no_grad():
+                torch._foreach_copy_(params, step.pre_step)
+                move(params, move_by)
+            grads.append(grads_or_zeros(loss(), wrt))
+        terms = torch._foreach_sub(grads[0], grads[1])
+        torch._foreach_mul_(terms, -step.xi / (2 * eps))
+        term = terms[:len(uppers)]
+        implicit = term if implicit is None else torch._foreach_add(implicit, term)
+        if not first:
+            # -xi_j H_j v_j; data-parallel, the global batch's (the mean of the ranks'), as v itself is (run_method)
+            curvature = terms[len(uppers):]
+            distributed.average_(curvature)
+            vector = torch._foreach_add(vector, curvature)
     return implicit
 
 
@@ -165,13 +220,15 @@ def direct(vector, context: HypergradientContext) -> list[torch.Tensor]:
 TYPES = HYPERGRADIENTS
 
 
-def register_hypergradient(name: str, fn) -> None:
+def register_hypergradient(name: str, fn, *, unroll_steps: bool = False) -> None:
     """Make ``fn(vector, context) -> implicit term`` selectable as ``hypergradient.type: name``.
 
     ``fn`` receives v and a ``HypergradientContext`` and returns one tensor per ``context.upper`` tensor; it runs
     inside ``context.pure_evaluation()``, so whatever it writes into ``context.lower`` is put back afterwards.
+    ``unroll_steps=True`` says that ``fn`` looks through every step of ``context.steps``; a config with
+    ``hypergradient.unroll_steps`` > 1 may name only such a method (one that reads the latest step alone would
+    silently look through the last of the k steps).
     """
-
     def run(vector, curr, prev, sync):
         context = curr.hypergradient_context(prev)
         with phase(f"hypergradient.{name}"), context.pure_evaluation():
@@ -184,6 +241,7 @@ def register_hypergradient(name: str, fn) -> None:
     jvp = functools.wraps(fn)(functools.partial(run_method, name, run))
 
     TYPES.add(name, fn)
+    fn.unroll_steps = unroll_steps  # read by the config's check (mqvae.config.schema)
     jvp_fn_mapping[name] = jvp
 
 
@@ -281,5 +339,5 @@ def _register_betty_method(name: str) -> None:
 BETTY_TYPES = ("darts", "neumann", "cg", "sama")
 for _name in BETTY_TYPES:
     _register_betty_method(_name)
-register_hypergradient("mqvae", mqvae)
-register_hypergradient("direct", direct)
+register_hypergradient("mqvae", mqvae, unroll_steps=True)
+register_hypergradient("direct", direct, unroll_steps=True)
