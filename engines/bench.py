@@ -33,7 +33,10 @@ from mqvae.io.files import read_lines, write_json
 from mqvae.nn.search import DEFAULT_CHUNK_ELEMENTS
 
 CONFIGS = Path("configs") / "digits"  # relative to the working folder; --configs names another
-MODES = ("vqvae", "alt", "mqvae", "mqvae_roll_back", "mqvae_ddagger")
+MODES = ("vqvae", "alt", "mqvae", "mqvae_roll_back", "mqvae_ddagger", "mqvae_unroll2", "mqvae_unroll4")
+# The modes with hypergradient.unroll_steps k: the codebook steps after every k-th iteration, so they are timed by
+# windows of k iterations.
+UNROLL_STEPS = {"mqvae_unroll2": 2, "mqvae_unroll4": 4}
 PAPER_DATASET = "bench_random32"
 GiB = 1 << 30
 
@@ -46,12 +49,14 @@ def mode_config(mode: str, shape: str, batch_size: int, overrides: list[str] = (
     """The config of one training mode, for the ``digits`` shape (the configs in ``configs``) or the ``paper`` one."""
     from mqvae.config import load_config
 
-    name = {"vqvae": "vqvae", "alt": "alt", "mqvae": "mqvae", "mqvae_roll_back": "mqvae", "mqvae_ddagger": "mqvae"}[mode]
+    name = {"vqvae": "vqvae", "alt": "alt"}.get(mode, "mqvae")
     sets = ["device=auto", f"data.batch_size={batch_size}", "train.eval_every=0", "train.checkpoint_every=0"]
     if mode == "mqvae_roll_back":
         sets.append("hypergradient.roll_back=true")
     if mode == "mqvae_ddagger":  # MQ-VAE‡: configs/digits/mqvae_ddagger.yaml is mqvae.yaml with this key
         sets.append("hypergradient.mutual=true")
+    if mode in UNROLL_STEPS:
+        sets.append(f"hypergradient.unroll_steps={UNROLL_STEPS[mode]}")
     if shape == "paper":
         # MQ-VAE App. I: van den Oord et al.'s backbone (256 hidden units, two residual blocks, two stride-2
         # convolutions), 1024 codes of 512 dimensions, beta 0.1, lower lr 3e-4, codebook lr 6e-2, wd 1e-4.
@@ -101,9 +106,19 @@ def _iteration(engine) -> None:
     engine.maintain()
 
 
+def _iterations(mode: str, engine) -> int:
+    """One timed sample of ``mode``: a window of its unrolled steps (one iteration, but for UNROLL_STEPS); how many
+    iterations it ran."""
+    window = UNROLL_STEPS.get(mode, 1)
+    for _ in range(window):
+        _iteration(engine)
+    return window
+
+
 def step_times(shape: str, batch_size: int, warmup: int, rounds: int, overrides: list[str] = (),
                profile_rounds: int = 0, configs: Path = CONFIGS) -> dict:
-    """Median seconds per training iteration (``train_step`` + quantizer maintenance) of each mode.
+    """Median seconds per training iteration (``train_step`` + quantizer maintenance) of each mode; for a mode with
+    k unrolled steps, of a window of k iterations divided by k (``_iterations``).
 
     All engines are built from the same seed and data set, so they see batches of the same shape and
     distribution. After ``warmup`` iterations each, they run interleaved (A B C D A B C D ...), so that
@@ -124,11 +139,11 @@ def step_times(shape: str, batch_size: int, warmup: int, rounds: int, overrides:
             for mode, engine in engines.items():
                 _sync(device)
                 start = time.perf_counter()
-                _iteration(engine)
+                iterations = _iterations(mode, engine)
                 _sync(device)
                 if i >= warmup:
-                    times[mode].append(time.perf_counter() - start)
-        phases = {mode: phase_times(engine, profile_rounds) for mode, engine in engines.items()} if profile_rounds else {}
+                    times[mode].append((time.perf_counter() - start) / iterations)
+        phases = {mode: phase_times(mode, engine, profile_rounds) for mode, engine in engines.items()} if profile_rounds else {}
     medians = {mode: statistics.median(t) for mode, t in times.items()}
     return {
         "batch_size": batch_size,
@@ -142,9 +157,9 @@ def step_times(shape: str, batch_size: int, warmup: int, rounds: int, overrides:
     }
 
 
-def phase_times(engine, rounds: int) -> dict:
+def phase_times(mode: str, engine, rounds: int) -> dict:
     """Where an iteration's time goes: milliseconds per iteration in each ``mqvae.runtime.perf.phase`` region, from
-    ``torch.profiler`` over ``rounds`` iterations (``<level>.forward`` / ``.backward`` / ``.optimizer_step`` /
+    ``torch.profiler`` over ``rounds`` samples of ``mode`` (``_iterations``) (``<level>.forward`` / ``.backward`` / ``.optimizer_step`` /
     ``.roll_back``, ``hypergradient.<type>``, which runs inside the upper level's ``backward``).
 
     Host time (``cpu_time_total``); on CUDA also the kernels' time (``device_ms``). ``iteration`` is the wall
@@ -163,16 +178,15 @@ def phase_times(engine, rounds: int) -> dict:
     _sync(engine.device)
     start = time.perf_counter()
     with profile(activities=activities) as prof:
-        for _ in range(rounds):
-            _iteration(engine)
+        iterations = sum(_iterations(mode, engine) for _ in range(rounds))
         _sync(engine.device)
-    out = {"iteration": round(1000 * (time.perf_counter() - start) / rounds, 3)}
+    out = {"iteration": round(1000 * (time.perf_counter() - start) / iterations, 3)}
     for event in prof.key_averages():
         if event.key.startswith(PHASE_PREFIX):
             name = event.key[len(PHASE_PREFIX):]
-            out[name] = round(event.cpu_time_total / 1000 / rounds, 3)
+            out[name] = round(event.cpu_time_total / 1000 / iterations, 3)
             if cuda:
-                out[name + ".device_ms"] = round(getattr(event, "device_time_total", 0.0) / 1000 / rounds, 3)
+                out[name + ".device_ms"] = round(getattr(event, "device_time_total", 0.0) / 1000 / iterations, 3)
     return out
 
 
@@ -573,11 +587,12 @@ def summary(result: dict) -> str:
         lines += [f"warning: the machine was under load, its 1-minute load average above its {load['cores']} cores "
                   f"({load['before'][0]:.2f} before, {load['after'][0]:.2f} after): other processes competed for "
                   "the cores, so these times are not an idle machine's", ""]
-    lines += ["| shape | batch | VQ-VAE s/it | alt (xi=0) | MQ-VAE | MQ-VAE roll-back | MQ-VAE‡ |", "|---|---|---|---|---|---|---|"]
+    lines += ["| shape | batch | VQ-VAE s/it | alt (xi=0) | MQ-VAE | MQ-VAE roll-back | MQ-VAE‡ | MQ-VAE k = 2 | "
+              "MQ-VAE k = 4 |", "|---|---|---|---|---|---|---|---|---|"]
     for shape, st in result["step_time"].items():
         m, r = st["median_s"], st["ratio_to_vqvae"]
         lines.append(f"| {shape} {tuple(st['input_shape'])} | {st['batch_size']} | {m['vqvae']:.4f} | "
-                     f"{r['alt']:.2f}x | {r['mqvae']:.2f}x | {r['mqvae_roll_back']:.2f}x | {r['mqvae_ddagger']:.2f}x |")
+                     + " | ".join(f"{r[mode]:.2f}x" for mode in MODES[1:]) + " |")
     phases = result["step_time"]["digits"]["phases_ms"]
     if phases:
         names = sorted({name for mode in MODES for name in phases[mode]} - {"iteration"})
