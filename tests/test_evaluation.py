@@ -21,7 +21,7 @@ from mqvae.method.models import build_model
 from mqvae.nn.networks import QuantizedNetwork
 from mqvae.method.tasks import CLASSIFICATION, RECONSTRUCTION
 
-from helpers import tiny_config
+from helpers import measured, tiny_config
 
 TINY = ["--set", "model.hidden_channels=8", "--set", "model.res_channels=4", "--set", "model.num_res_blocks=1",
         "--set", "train.log_every=1", "--set", "device=cpu", "--set", "train.iters=2"]
@@ -231,3 +231,18 @@ def test_the_shown_images_are_evenly_spaced_without_two_classes():
     images = torch.rand(10, 1, 16, 16, generator=torch.Generator().manual_seed(3))
     for dataset in (TensorDataset(images), TensorDataset(images, torch.zeros(10, dtype=torch.long))):
         assert evaluation.shown_indices(dataset, 4) == [0, 2, 5, 7]
+
+
+@pytest.mark.parametrize("config", ["gumbel", "replace"])
+def test_how_often_a_run_evaluates_leaves_its_training_unchanged(tmp_path, config):
+    # Gumbel noise and LRU replacement draw from torch's global generator; an evaluation must not advance it.
+    common = [f"configs/digits/{config}.yaml", *TINY, "--set", "train.iters=6", "--set", "train.checkpoint_every=0",
+              "--set", "eval.image_quality=off", "--set", "threads=1"]
+    if config == "replace":
+        common += ["--set", "quantizer.replace_freq=2", "--set", "quantizer.kmeans_init=false"]  # dead codes to replace
+    for every in (0, 1):
+        assert run.main([*common, "--set", f"train.eval_every={every}", "--out", str(tmp_path / str(every))]) == 0
+    training = [[r for r in measured(tmp_path / str(every)) if "test_mse" not in r] for every in (0, 1)]
+    assert len(training[0]) == 6 and training[0] == training[1]
+    metrics = [json.loads((tmp_path / str(every) / "metrics.json").read_text()) for every in (0, 1)]
+    assert metrics[0]["test_mse"] == metrics[1]["test_mse"]

@@ -116,7 +116,9 @@ def evaluate(model, dataset, batch_size: int, device, image_quality=None) -> tup
     counts = torch.zeros(model.quantizer.num_codes, dtype=torch.long, device=device)
     scores, gaps = model.task.scores(image_quality), {}
     parts = slices(len(dataset), batch_size)
-    loader = DataLoader(dataset, batch_sampler=[list(range(lo, hi)) for _, lo, hi in parts])
+    # A generator of its own: a DataLoader draws its base seed when iterated, and from torch's global generator it
+    # would advance the training's random draws (Gumbel noise, LRU replacement), so eval_every would change training.
+    loader = DataLoader(dataset, batch_sampler=[list(range(lo, hi)) for _, lo, hi in parts], generator=torch.Generator())
     with evaluating(model):  # Δgap's two decoder passes update nothing
         for (index, lo, hi), (x, y) in zip(parts, loader):
             batch = (x.to(device), y.to(device))
