@@ -274,6 +274,18 @@ def test_paired_differences_match_a_hand_computed_t_interval(tmp_path):
     assert "FID ↓: not measured" not in md and "Left out, measured in no run: FID ↓ (weights absent (test))." in md
 
 
+def test_each_reason_for_a_missing_value_is_named_below_the_table(tmp_path):
+    # One row lacks the Fig. 6 ratio because no level took a hypergradient, another because two levels did: a single
+    # footnote would give the second row the first row's reason.
+    runs = {"VQ-VAE": {"test_mse": [1e-3, 2e-3], "implicit_ratio": [None] * 2, "implicit_ratio_reason": ["none took one"] * 2},
+            "MQ-VAE": {"test_mse": [1e-3, 2e-3], "implicit_ratio": [1e-3, 2e-3]},
+            "MQ-VAE-ddagger": {"test_mse": [1e-3, 2e-3], "implicit_ratio": [None] * 2, "implicit_ratio_reason": ["two took one"] * 2}}
+    _, md = fake_sweep(tmp_path, ["test_mse", "implicit_ratio"], runs, [0, 1])
+    rows = {line.split(" | ")[0]: line for line in md.splitlines() if line.startswith("| ") and "±" in line}
+    assert rows["| VQ-VAE"].endswith("| n/a [implicit_ratio] |") and rows["| MQ-VAE-ddagger"].endswith("| n/a [implicit_ratio, 2] |")
+    assert "[implicit_ratio] not measured: none took one" in md and "[implicit_ratio, 2] not measured: two took one" in md
+
+
 def test_named_baseline_and_better_counts_in_each_direction(tmp_path):
     per_run = {"A": {"accuracy": [0.90, 0.80, 0.85], "cross_entropy": [0.3, 0.5, 0.4]},
                "B": {"accuracy": [0.80, 0.85, 0.70], "cross_entropy": [0.4, 0.4, 0.5]},

@@ -389,11 +389,19 @@ def _shown(value: float, sign: str = "") -> str:
 
 
 def _na_cell(summary: dict, metric: str, notes: dict) -> str:
-    """'n/a [metric]' and the reason noted below the tables when one is known, else plain 'n/a'."""
+    """'n/a [metric]' and the reason noted below the tables when one is known, else plain 'n/a'. Rows of one column
+    may lack a value for different reasons (no hypergradient in one method, two levels' in another): each reason
+    gets its own mark, 'n/a [metric]' for the first, 'n/a [metric, 2]' for the second, ..."""
     if not summary.get("reason"):
         return "n/a"
-    notes.setdefault(metric, summary["reason"])
-    return f"n/a [{metric}]"
+    reasons = notes.setdefault(metric, [])
+    if summary["reason"] not in reasons:
+        reasons.append(summary["reason"])
+    return f"n/a [{_note_mark(metric, reasons.index(summary['reason']))}]"
+
+
+def _note_mark(metric: str, index: int) -> str:
+    return metric if index == 0 else f"{metric}, {index + 1}"
 
 
 def format_paired_cell(cell: dict, scale: float) -> str:
@@ -539,8 +547,9 @@ def results_markdown(results: dict) -> str:
     if left_out:
         lines += ["", "Left out, measured in no run: " + "; ".join(
             f"{COLUMNS[m][0]} ({_reason(results, m) or 'no value'})" for m in left_out) + "."]
-    for metric, reason in notes.items():
-        lines += ["", f"[{metric}] not measured: {reason}"]
+    for metric, reasons in notes.items():
+        for i, reason in enumerate(reasons):
+            lines += ["", f"[{_note_mark(metric, i)}] not measured: {reason}"]
     return "\n".join(lines) + "\n"
 
 
