@@ -362,7 +362,9 @@ class Level(ImplicitProblem):
         parts absent: VQ-VAE (one level) is step 1 alone, its one step; with xi = 0 (alternated optimization, Huh
         §4.2) Betty's graph is reversed (``engines.build.level_graph``), so that step 1 is the codebook's step
         on its direct gradient (``hypergradient.inner_steps`` of them, one per sub-batch: ``inner_step_descent``)
-        and the encoder-decoder steps in step 4's place, without an implicit term.
+        and the encoder-decoder steps in step 4's place, without an implicit term. With
+        ``hypergradient.unroll_steps`` k, steps 2-5 follow every k-th step 1, and look through all k of them
+        (``hypergradient_context``, ``step_after_roll_back``).
         """
         self._global_step = global_step
         if self.mutual:

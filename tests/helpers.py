@@ -19,6 +19,30 @@ TINY_MODEL = {"kind": "vqvae", "hidden_channels": 8, "res_channels": 4, "num_res
 TINY_QUANTIZER = {"num_codes": 16, "dim": 4, "beta": 0.25}
 
 
+# The plain-torch references' pieces (tests/test_ddagger.py, tests/test_unroll.py). The iteration is what they
+# compare; k-means and its warm-up (seconds, in float64) only choose the start, so they start from random codes.
+RANDOM_START = {"kmeans_init": False, "kmeans_warmup": 0}
+
+
+def enc_dec(model):
+    """The encoder-decoder's parameters, in the order the AutoEncoder level trains them."""
+    return list(model.encoder.parameters()) + list(model.decoder.parameters())
+
+
+def grads(loss, params):
+    """The gradient of ``loss`` with respect to each of ``params``; zeros where it does not reach one."""
+    return [torch.zeros_like(p) if g is None else g
+            for g, p in zip(torch.autograd.grad(loss, params, allow_unused=True), params)]
+
+
+def step(optimizer, params, gradient):
+    """One optimizer step on the given gradient."""
+    for p, g in zip(params, gradient):
+        p.grad = g.clone()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
 def is_base_config(path) -> bool:
     """A config that experiments inherit (``base:``) and that runs nothing on its own: by the repository's naming,
     ``base.yaml`` or ``*_base.yaml``."""

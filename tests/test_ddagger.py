@@ -17,24 +17,13 @@ import sys
 import pytest
 import torch
 
-from helpers import (assert_same, float64, killed_after_first_save, measured, tiny_config,  # noqa: F401  (float64: a fixture)
-                     tiny_engine, two_levels)
+from helpers import (RANDOM_START, assert_same, enc_dec, float64, grads, killed_after_first_save,  # noqa: F401  (float64: a fixture)
+                     measured, step, tiny_config, tiny_engine, two_levels)
 from test_run import ROOT, TINY
 from mqvae.config import config_from_dict, to_dict
 from mqvae.errors import UserError
 
 CODEBOOK_LR, AUTOENCODER_LR, ALPHA = 3e-2, 1e-2, 0.01
-# The iteration is what is compared; k-means and its warm-up (seconds, in float64) only choose the start.
-RANDOM_START = {"kmeans_init": False, "kmeans_warmup": 0}
-
-
-def enc_dec(model):
-    return list(model.encoder.parameters()) + list(model.decoder.parameters())
-
-
-def grads(loss, params):
-    return [torch.zeros_like(p) if g is None else g
-            for g, p in zip(torch.autograd.grad(loss, params, allow_unused=True), params)]
 
 
 def central_difference(model, at, pre, vector, loss, wrt, xi, alpha):
@@ -51,13 +40,6 @@ def central_difference(model, at, pre, vector, loss, wrt, xi, alpha):
         for p, p0 in zip(at, pre):
             p.copy_(p0)
     return [-xi * (plus - minus) / (2 * eps) for plus, minus in zip(*sides)]
-
-
-def step(optimizer, params, gradient):
-    for p, g in zip(params, gradient):
-        p.grad = g.clone()
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
 
 
 def mqvae_ddagger(model, batches, optimizers, terms, mistake=None):

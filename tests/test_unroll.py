@@ -17,8 +17,8 @@ import torch
 import run
 from engines.build import level_graph, level_steps
 from engines.experiment import build_engine
-from helpers import (assert_same, float64, interrupt_at, measured, tiny_config,  # noqa: F401  (float64: a fixture)
-                     tiny_engine, two_levels)
+from helpers import (RANDOM_START, assert_same, enc_dec, float64, grads, interrupt_at,  # noqa: F401  (float64: a fixture)
+                     measured, step, tiny_config, tiny_engine, two_levels)
 from mqvae.config import config_from_dict, to_dict
 from mqvae.errors import UserError
 from problems import AutoEncoder, register_problem
@@ -122,29 +122,12 @@ def test_roll_back_undoes_the_k_steps_and_redoes_them_with_the_updated_upper_lev
 #    here: the same formula, written independently, is).
 
 LOWER_LR, UPPER_LR = 1e-2, 3e-2
-RANDOM_START = {"kmeans_init": False, "kmeans_warmup": 0}
-
-
-def enc_dec(model):
-    return list(model.encoder.parameters()) + list(model.decoder.parameters())
-
-
-def grads(loss, params):
-    return [torch.zeros_like(p) if g is None else g
-            for g, p in zip(torch.autograd.grad(loss, params, allow_unused=True), params)]
 
 
 def set_to(params, values):
     with torch.no_grad():
         for p, value in zip(params, values):
             p.copy_(value)
-
-
-def step(optimizer, params, gradient):
-    for p, g in zip(params, gradient):
-        p.grad = g.clone()
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
 
 
 def reference_window(model, batches, optimizers, roll_back):
