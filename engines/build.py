@@ -183,7 +183,7 @@ def build_problems(cfg: Config, model, datasets, device) -> tuple[list, dict]:
                             "data.batch_size); raise data.holdout_fraction or choose inner_steps to divide them")
         params = [p for p in module.parameters() if p.requires_grad]
         optimizer = make_optimizer(level, params)
-        scheduler = make_scheduler(level, optimizer, steps[level.name])
+        scheduler = make_scheduler(level, optimizer, cls.scheduled_steps(steps[level.name], level.params))
         # Algorithm 1's roll-back applies to a level with a level above it (Betty's configure_roll_back).
         fast_roll_back = FastRollBack() if cfg.hypergradient.roll_back and level.name in l2u else None
         problems[level.name] = cls(level.name, betty_cfg, module, optimizer, scheduler, stream, model=model,

@@ -333,6 +333,11 @@ class LevelEngine(Engine):
                 log.close()
             self._log = None
 
+    def train_step(self):
+        for p in self.problems:
+            p.begin_iteration(self.global_step)
+        super().train_step()
+
     def report_level_warnings(self) -> None:
         """What the levels met inside their steps (e.g. a hypergradient that reduced to direct), once each."""
         for p in self.problems:

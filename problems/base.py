@@ -148,6 +148,16 @@ class Level(ImplicitProblem):
         """The part of ``model`` whose parameters this level trains; ``params`` is the level's ``Params``."""
         raise NotImplementedError
 
+    @classmethod
+    def scheduled_steps(cls, steps: int, params) -> int:
+        """The length of the level's lr schedule, given the ``steps`` the level graph lets it take in train.iters
+        iterations: all of them, unless the level kind skips some (``Discriminator`` before its disc_start)."""
+        return steps
+
+    def begin_iteration(self, step: int) -> None:
+        """Called by the engine before each iteration's steps, with the iteration (from 1), for level kinds whose
+        behaviour depends on it (``Discriminator``)."""
+
     def param_groups(self):
         """Optimizer parameter groups. A quantizer trained by this level may ask for its own groups, which get
         ``quantizer_lr``."""

@@ -11,7 +11,9 @@ from torch import nn
 
 from mqvae.config import spec
 from mqvae.errors import UserError
+from mqvae.nn.gan import PatchDiscriminator, adaptive_weight, hinge_loss
 from mqvae.registry import PROBLEMS
+from mqvae.runtime import distributed
 
 from .base import Level
 
@@ -136,6 +138,87 @@ class Prior(Level):
         return self.model.loss(batch)
 
 
+class Discriminator(Level):
+    """VQ-GAN's PatchGAN discriminator (Esser et al. 2021) as a level of its own, as MQ-GAN has it (MQ-VAE App. G;
+    the authors' released code): no edge to the other levels, so Betty steps it every iteration as a lowest level,
+    after the levels listed before it. It descends on the hinge loss between its batch's images and their
+    reconstructions by the network as it stands (``mqvae.nn.gan.hinge_loss``), and gives the levels that train the
+    network VQ-GAN's GAN term through ``generator_terms`` (the model's ``adversary``): d_weight * disc_weight *
+    (-mean D(x_hat)), which reaches the encoder-decoder by its gradient and the codebook through the hypergradient
+    (the upper level's loss holds the term). For the first ``disc_start`` iterations there is neither."""
+
+    @dataclass
+    class Params:
+        # Iterations without the adversarial part: from iteration disc_start + 1 the discriminator steps and the
+        # network's loss has the GAN term. (The authors' code steps the discriminator from iteration disc_start, one
+        # iteration before its GAN term starts.) The level's lr schedule spans its train.iters - disc_start steps.
+        disc_start: int = spec(0, min=0)
+        # The GAN term's weight beside the adaptive weight (the authors' rate_d, Esser et al.'s disc_weight).
+        disc_weight: float = spec(1.0, min=0.0)
+        # PatchGAN's first width and its stride-2 stages (VQ-GAN: 64 and 3).
+        filters: int = spec(64, min=1)
+        layers: int = spec(3, min=1)
+        # VQ-GAN's BatchNorm, or none: BatchNorm's statistics are those of each rank's batch, so only with none
+        # do data-parallel ranks train as one process with the global batch.
+        norm: str = spec("batch", choices=["batch", "none"])
+
+    @classmethod
+    def module_of(cls, model, params):
+        task = getattr(model, "task", None)
+        if task is None or not task.outputs_images or model.image_channels is None:
+            raise UserError("levels: a Discriminator judges reconstructed images; this model is trained for "
+                            f"{getattr(task, 'name', 'no task')}")
+        if any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+            # Its step runs the network on its own batch, which would move BatchNorm's running statistics.
+            raise UserError("levels: a Discriminator runs the network on its own batches, which would move the "
+                            "running statistics of model.norm: batch; use model.norm: none")
+        return PatchDiscriminator(model.image_channels, params.filters, params.layers, params.norm)
+
+    @classmethod
+    def scheduled_steps(cls, steps: int, params) -> int:
+        return max(1, steps - params.disc_start)
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        if self.model.adversary is not None:
+            raise UserError("levels: more than one Discriminator level; the network's loss takes one GAN term")
+        self.model.adversary = self
+        self.iteration = 0  # the engine's, set before each iteration's steps (begin_iteration)
+
+    def begin_iteration(self, step: int) -> None:
+        self.iteration = step
+
+    @property
+    def on(self) -> bool:
+        return self.iteration > self.params.disc_start
+
+    def step(self, global_step=None):
+        if self.on:
+            super().step(global_step)
+
+    def loss_terms(self, batch) -> dict:
+        x = batch[0]
+        with torch.no_grad():  # the network's parameters are not this level's
+            fake = self.model(x).output
+        logits_real, logits_fake = self.module(x), self.module(fake)
+        return {"loss": hinge_loss(logits_real, logits_fake), "logits_real": logits_real.detach().mean(),
+                "logits_fake": logits_fake.detach().mean()}
+
+    def generator_terms(self, output: torch.Tensor, nll: torch.Tensor, model) -> dict:
+        """VQ-GAN's GAN term of the network's loss, {} before ``disc_start``: ``weighted`` = d_weight * disc_weight *
+        gan, with gan = -mean D(x_hat) and d_weight the adaptive weight (``mqvae.nn.gan.adaptive_weight``) from the
+        gradients of ``nll`` (the task loss: reconstruction + perceptual) and of gan at the decoder's last layer."""
+        if not self.on:
+            return {}
+        gan = -self.module(output).mean()
+        last = model.last_layer()
+        nll_grad, gan_grad = (torch.autograd.grad(loss, last, retain_graph=True)[0] for loss in (nll, gan))
+        # Data-parallel: the gradients of the global batch, so that every rank takes one process's weight.
+        distributed.average_([nll_grad, gan_grad])
+        d_weight = adaptive_weight(nll_grad, gan_grad)
+        return {"weighted": d_weight * self.params.disc_weight * gan, "gan": gan, "d_weight": d_weight}
+
+
 def register_problem(cls: type[Level]) -> type[Level]:
     """Make a Level subclass nameable in a config's ``levels.*.problem`` by its class name (a class decorator)."""
     if not (isinstance(cls, type) and issubclass(cls, Level)):
@@ -144,5 +227,5 @@ def register_problem(cls: type[Level]) -> type[Level]:
     return cls
 
 
-for _cls in (VQVAE, AutoEncoder, Encoder, Decoder, Classifier, Codebook, CommitmentWeight, Prior):
+for _cls in (VQVAE, AutoEncoder, Encoder, Decoder, Classifier, Codebook, CommitmentWeight, Prior, Discriminator):
     register_problem(_cls)

@@ -112,6 +112,16 @@ class QuantizerConfig:
 
 
 @dataclass
+class LossConfig:
+    # L_task of a reconstruction (Eq. 6): the per-pixel mse (MQ-VAE) or the mean l1 (VQ-GAN; the authors' MQ-GAN).
+    reconstruction: str = spec("mse", choices=["mse", "l1"])
+    # Weight of LPIPS-VGG (Zhang et al. 2018) between the input and its reconstruction, added to L_task (VQ-GAN's
+    # perceptual loss; the authors' rate_p). 0: none, and nothing is loaded. Its pretrained VGG-16 comes from torch
+    # hub's local cache (eval.download_weights fetches it); a run that lacks it stops before training.
+    perceptual_weight: float = spec(0.0, min=0.0)
+
+
+@dataclass
 class LevelConfig:
     name: str = spec(dataclasses.MISSING)
     # Name of a registered Problem class (mqvae.registry.PROBLEMS), e.g. Codebook, AutoEncoder, VQVAE.
@@ -249,6 +259,7 @@ class Config:
     data: DataConfig = spec(factory=DataConfig)
     model: ModelConfig = spec(factory=ModelConfig)
     quantizer: QuantizerConfig = spec(factory=QuantizerConfig)
+    loss: LossConfig = spec(factory=LossConfig)
     levels: list[LevelConfig] = spec(factory=list)
     hypergradient: HypergradientConfig = spec(factory=HypergradientConfig)
     train: TrainConfig = spec(factory=TrainConfig)

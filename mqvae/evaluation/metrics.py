@@ -23,6 +23,7 @@ import torch
 import torch.hub
 from torch import Tensor, nn
 
+from mqvae.errors import UserError
 from mqvae.runtime import distributed
 
 # The image-quality networks come from torchmetrics and torchvision, whose imports take seconds (most of what a run
@@ -34,6 +35,7 @@ _LAZY = {
     "FrechetInceptionDistance": ("torchmetrics.image.fid", "FrechetInceptionDistance"),
     "InceptionScore": ("torchmetrics.image.inception", "InceptionScore"),
     "AlexNet_Weights": ("torchvision.models", "AlexNet_Weights"),
+    "VGG16_Weights": ("torchvision.models", "VGG16_Weights"),
 }
 
 
@@ -206,17 +208,57 @@ def _build_pretrained(factory: Callable[[], nn.Module], what: str, weights_url: 
     return metric, None
 
 
-def _lpips_with_backbone(backbone: nn.Module) -> nn.Module:
-    """LPIPS (AlexNet variant) whose feature backbone is ``backbone``.
+def vgg16_url() -> str:
+    """The weights of the VGG-16 that LPIPS-VGG builds (torchvision's ``VGG16_Weights.DEFAULT``)."""
+    return _lazy("VGG16_Weights").DEFAULT.url
+
+
+def lpips_vgg(download_weights: bool) -> tuple[Optional[nn.Module], Optional[str]]:
+    """LPIPS-VGG (torchmetrics' network: VGG-16 features and the learned linear heads shipped with torchmetrics), or
+    None and the reason it cannot be built (``_build_pretrained``). Tests replace this function with a stand-in
+    backbone (``_lpips_with_backbone(..., net="vgg")``)."""
+    return _build_pretrained(lambda: _lazy("LpipsNetwork")(net="vgg"), "LPIPS VGG-16", vgg16_url, download_weights)
+
+
+class PerceptualDistance(nn.Module):
+    """The perceptual loss of VQ-GAN (Esser et al. 2021; MQ-GAN's, ``loss.perceptual_weight``): LPIPS between a
+    reconstruction and its input, one distance per image, differentiable in both. LPIPS takes images in [-1, 1]:
+    ``signed`` says the data already are (``data.range``), else [0, 1] images are mapped there. Grey images are
+    repeated over the 3 channels LPIPS needs, as the image-quality metric does. The network is frozen."""
+
+    def __init__(self, network: nn.Module, signed: bool):
+        super().__init__()
+        self.network = network.eval().requires_grad_(False)  # (torchmetrics' network stays in eval mode: dropout)
+        self.signed = signed
+
+    def forward(self, output: Tensor, target: Tensor) -> Tensor:
+        if output.shape[1] == 1:
+            output, target = output.expand(-1, 3, -1, -1), target.expand(-1, 3, -1, -1)
+        return self.network(output, target, normalize=not self.signed).reshape(-1)
+
+
+def perceptual_distance(weight: float, signed: bool, download_weights: bool) -> PerceptualDistance:
+    """LPIPS-VGG for ``loss.perceptual_weight``, or one line (a UserError) saying which weights are missing and
+    where to put them: before anything is written, since a run folder without its loss would be useless."""
+    network, reason = lpips_vgg(download_weights)
+    if network is None:
+        path = cached_weights(vgg16_url())
+        raise UserError(f"loss.perceptual_weight: {weight} needs LPIPS's VGG-16 ({reason}); put {path.name} in "
+                        f"{path.parent}, or set eval.download_weights: true, or loss.perceptual_weight: 0")
+    return PerceptualDistance(network, signed)
+
+
+def _lpips_with_backbone(backbone: nn.Module, net: str = "alex") -> nn.Module:
+    """LPIPS (AlexNet variant, or ``net``'s) whose feature backbone is ``backbone``.
 
     torchmetrics' LearnedPerceptualImagePatchSimilarity accepts no network and downloads AlexNet in its
     constructor, so the seam is its inner ``_NoTrainLpips`` (``LpipsNetwork`` here): built with a random
     AlexNet (no download), its learned linear heads loaded from the file shipped with torchmetrics, then
     ``.net`` replaced.
     ``backbone`` must map a scaled N×3×H×W batch to 5 feature maps with AlexNet's channel counts
-    (64, 192, 384, 256, 256), because those heads are sized for AlexNet.
+    (64, 192, 384, 256, 256), because those heads are sized for AlexNet (VGG's: 64, 128, 256, 512, 512).
     """
-    lpips = _lazy("LpipsNetwork")(net="alex", pnet_rand=True)
+    lpips = _lazy("LpipsNetwork")(net=net, pnet_rand=True)
     lpips.net = backbone
     return lpips.eval()
 

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 from torch import nn
 
-from mqvae.method.tasks import CLASSIFICATION, RECONSTRUCTION, Task
+from mqvae.errors import UserError
+from mqvae.evaluation import metrics
+from mqvae.method.tasks import CLASSIFICATION, RECONSTRUCTION, Reconstruction, Task
 from mqvae.nn.networks import Decoder, Encoder, QuantizedNetwork
 from mqvae.nn.quantizers import GumbelQuantizer, Quantizer, VectorQuantizer
 from mqvae.registry import MODELS, QUANTIZERS
@@ -83,10 +85,26 @@ def build_quantizer(cfg) -> Quantizer:
     return QUANTIZERS[cfg.kind](cfg)
 
 
+def task_for(cfg) -> Task:
+    """The task of the config's model kind, with the distance ``loss.reconstruction`` names (one line where the kind
+    is not trained to reconstruct images)."""
+    task = MODELS[cfg.model.kind].task
+    if (cfg.loss.reconstruction != "mse" and not isinstance(task, Reconstruction)) or (
+            cfg.loss.perceptual_weight and not task.outputs_images):
+        raise UserError(f"loss: model.kind: {cfg.model.kind} is trained for {task.name}, not to reconstruct images; "
+                        "leave loss.reconstruction: mse and loss.perceptual_weight: 0")
+    return task if cfg.loss.reconstruction == "mse" else Reconstruction(cfg.loss.reconstruction)
+
+
 def build_model(cfg, channels: int, num_classes: int) -> QuantizedNetwork:
     """The network a config describes, on the CPU (the engine moves it). The quantizer is built first: the draws of
-    the codebook's initialization come before the halves' (runs stay the same seed for seed)."""
+    the codebook's initialization come before the halves' (runs stay the same seed for seed). With
+    ``loss.perceptual_weight`` > 0 the LPIPS network is loaded first, so that missing weights stop the run at once."""
+    task = task_for(cfg)
+    perceptual = None
+    if cfg.loss.perceptual_weight > 0:
+        perceptual = metrics.perceptual_distance(cfg.loss.perceptual_weight, signed=False,
+                                                 download_weights=cfg.eval.download_weights)
     quantizer = build_quantizer(cfg.quantizer)
-    kind = MODELS[cfg.model.kind]
-    encoder, decoder = kind.halves(cfg, channels, num_classes)
-    return QuantizedNetwork(encoder, quantizer, decoder, kind.task)
+    encoder, decoder = MODELS[cfg.model.kind].halves(cfg, channels, num_classes)
+    return QuantizedNetwork(encoder, quantizer, decoder, task, perceptual, cfg.loss.perceptual_weight, channels)

@@ -100,6 +100,10 @@ class Reconstruction(Task):
     curve_title = "test MSE (per pixel)"
     outputs_images = True
 
+    def __init__(self, distance: str = "mse"):
+        # loss.reconstruction: the per-pixel distance of L_task, mse or l1 (VQ-GAN's); the test metric stays the MSE.
+        self.distance = distance
+
     def loss(self, output, batch):
         x, _ = batch
         # A stride-2 stage floors an odd side (7 -> 3), so the decoder returns another size; mse_loss would
@@ -109,7 +113,7 @@ class Reconstruction(Task):
                 f"the decoder returns {tuple(output.shape[-2:])} images for {tuple(x.shape[-2:])} inputs: the image "
                 "side must be divisible by 2^model.downsample (28-px MNIST allows model.downsample <= 2)"
             )
-        return F.mse_loss(output, x)
+        return F.mse_loss(output, x) if self.distance == "mse" else F.l1_loss(output, x)
 
     def scores(self, image_quality=None):
         return _ReconstructionScores(image_quality)

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from mqvae.errors import UserError
 from mqvae.nn.quantizers import Quantizer, QuantizerOutput
 
 
@@ -77,6 +78,12 @@ class Decoder(nn.Module):
             channels = out
         self.net = nn.Sequential(*layers)
 
+    @property
+    def last_layer(self) -> nn.Parameter:
+        """The last transposed convolution's weight: the adaptive GAN weight (Esser et al. 2021, Eq. 7) compares
+        gradients there."""
+        return self.net[-1].weight
+
     def forward(self, z):
         return self.net(z)
 
@@ -92,10 +99,27 @@ class QuantizedNetwork(nn.Module):
     """encoder -> quantizer -> decoder, with the task loss of MQ-VAE Eq. 6 (``task``: MSE for reconstruction,
     CE for classification)."""
 
-    def __init__(self, encoder: nn.Module, quantizer: Quantizer, decoder: nn.Module, task):
+    def __init__(self, encoder: nn.Module, quantizer: Quantizer, decoder: nn.Module, task,
+                 perceptual: nn.Module | None = None, perceptual_weight: float = 0.0, image_channels: int | None = None):
         super().__init__()
         self.encoder, self.quantizer, self.decoder = encoder, quantizer, decoder
         self.task = task
+        self.image_channels = image_channels  # of the input images (a discriminator's input; None: not given)
+        # loss.perceptual_weight's frozen LPIPS network, (output, input) -> one distance per image: kept out of the
+        # module tree (object.__setattr__), so that no level trains it and no checkpoint holds its weights; _apply
+        # moves and casts it with the model.
+        object.__setattr__(self, "perceptual", perceptual)
+        self.perceptual_weight = perceptual_weight
+        # The generator's side of an adversarial level (problems.levels.Discriminator sets it): an object whose
+        # ``generator_terms(output, nll, model)`` gives the GAN term of Eq. 6's loss, or {} while it is off. Not a
+        # module: the discriminator's parameters belong to its own level.
+        self.adversary = None
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        if self.perceptual is not None:
+            self.perceptual._apply(fn, recurse)
+        return self
 
     def forward(self, x, z_e: torch.Tensor | None = None) -> ModelOutput:
         """``z_e``: the encoder's output for ``x`` when the caller already has it (with its graph)."""
@@ -103,8 +127,26 @@ class QuantizedNetwork(nn.Module):
         quant = self.quantizer(z_e)
         return ModelOutput(self.decoder(quant.z_q), z_e, quant)
 
+    def last_layer(self) -> nn.Parameter:
+        """The weight of the decoder's final layer (its ``last_layer``), where the adaptive GAN weight of Esser et
+        al. 2021 (Eq. 7: the ratio of the reconstruction's and the GAN loss's gradient norms) is measured."""
+        layer = getattr(self.decoder, "last_layer", None)
+        if layer is None:
+            raise UserError(f"the decoder ({type(self.decoder).__name__}) has no last_layer: the adaptive GAN weight "
+                            "needs the weight of its final layer; give the decoder a last_layer property")
+        return layer
+
     def task_loss(self, output, batch) -> torch.Tensor:
-        return self.task.loss(output, batch)
+        return self.task_terms(output, batch)["task"]
+
+    def task_terms(self, output, batch) -> dict:
+        """L_task of Eq. 6 under ``task``: the task's loss, plus ``perceptual_weight`` x LPIPS (VQ-GAN) where there is
+        a perceptual network; then the two parts also by name, ``reconstruction`` and ``perceptual``."""
+        task = self.task.loss(output, batch)
+        if self.perceptual is None:
+            return {"task": task}
+        perceptual = self.perceptual(output, batch[0]).mean()
+        return {"task": task + self.perceptual_weight * perceptual, "reconstruction": task, "perceptual": perceptual}
 
     def quantization_weighted(self, losses: dict, weights: dict | None = None) -> torch.Tensor:
         """Sum of the quantizer's loss terms with their weights (Eq. 6), ``weights`` overriding by name."""
@@ -112,16 +154,23 @@ class QuantizedNetwork(nn.Module):
         return sum(scale[name] * value for name, value in losses.items())
 
     def loss(self, batch, weights: dict | None = None, z_e: torch.Tensor | None = None) -> dict:
-        """MQ-VAE Eq. 6: L_task + beta * L_commit + L_codebook (+ the quantizer's other terms).
+        """MQ-VAE Eq. 6: L_task + beta * L_commit + L_codebook (+ the quantizer's other terms, and an adversarial
+        level's GAN term).
 
         ``weights`` overrides the quantizer's loss weights by name (a level may learn one, e.g. beta);
         ``z_e`` is the encoder's output for ``batch`` when the caller already has it.
         Returns the total under ``loss`` and every term by name, all tensors (no host sync).
         """
         out = self(batch[0], z_e)
-        task = self.task_loss(out.output, batch)
-        total = task + self.quantization_weighted(out.quant.losses, weights)
-        return {"loss": total, "task": task, **out.quant.losses, "perplexity": out.quant.perplexity, "_out": out}
+        terms = self.task_terms(out.output, batch)
+        total = terms["task"] + self.quantization_weighted(out.quant.losses, weights)
+        if self.adversary is not None:
+            # VQ-GAN's generator term, d_weight * disc_weight * (-mean D(x_hat)), once the discriminator is on.
+            adversarial = self.adversary.generator_terms(out.output, terms["task"], self)
+            if adversarial:
+                total = total + adversarial.pop("weighted")
+                terms.update(adversarial)
+        return {"loss": total, **terms, **out.quant.losses, "perplexity": out.quant.perplexity, "_out": out}
 
     def quantization_terms(self, batch) -> dict:
         """The quantizer's part of Eq. 6 (an encoder forward and the quantizer's losses, no decoder), with
