@@ -4,6 +4,13 @@ one line a run without LPIPS's weights gets."""
 
 from __future__ import annotations
 
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -13,7 +20,17 @@ import run
 from engines.experiment import build_engine
 from mqvae.evaluation import metrics
 from mqvae.nn.gan import adaptive_weight, hinge_loss
-from helpers import PLAIN, float64, tiny_config, two_levels  # noqa: F401  (float64: a fixture)
+from helpers import (PLAIN, assert_same, float64, killed_after_first_save, measured, tiny_config,  # noqa: F401
+                     two_levels)  # (float64: a fixture)
+
+ROOT = Path(__file__).resolve().parents[1]
+# configs/digits/mqgan.yaml at a test's size: the discriminator on from iteration 3.
+SMALL_MQGAN = ["configs/digits/mqgan.yaml", "--set", "model.hidden_channels=8", "--set", "model.ch_mult=[1,2,2]",
+               "--set", "model.norm_groups=4", "--set", "quantizer.num_codes=16", "--set", "quantizer.dim=4",
+               "--set", "quantizer.codebook_mlp=[8]", "--set", "levels.discriminator.params.disc_start=2",
+               "--set", "levels.discriminator.params.filters=4", "--set", "data.batch_size=8",
+               "--set", "train.log_every=1", "--set", "train.eval_every=0", "--set", "device=cpu",
+               "--set", "eval.image_quality=off"]
 
 
 def discriminator(disc_start=0, disc_weight=1.0, norm="none"):
@@ -207,3 +224,24 @@ def test_image_losses_on_a_classifier_are_one_line(loss):
     cfg = tiny_config(model={"kind": "resnet18"}, loss=loss)
     with pytest.raises(UserError, match="not to reconstruct images"):
         task_for(cfg)
+
+
+# ---------------------------------------------------------------------------------------------
+# configs/digits/mqgan.yaml: a run killed by SIGKILL after disc_start resumes exactly.
+
+def test_mqgan_killed_after_disc_start_resumes_exactly(tmp_path):
+    args = [*SMALL_MQGAN, "--set", "train.iters=6", "--set", "train.checkpoint_every=4"]
+    killed, reference = tmp_path / "killed", tmp_path / "reference"
+    died = subprocess.run([sys.executable, "-c", killed_after_first_save([*args, "--out", killed])], cwd=ROOT,
+                          capture_output=True, timeout=600)
+    assert died.returncode == -signal.SIGKILL and (killed / "checkpoint.pt").exists()
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for command in (["--resume", str(killed)], [*args, "--out", str(reference)]):
+        result = subprocess.run([sys.executable, "run.py", *command], cwd=ROOT, capture_output=True, text=True,
+                                timeout=600, env=env)
+        assert result.returncode == 0, result.stderr
+    assert measured(killed) == measured(reference)
+    assert any("discriminator.loss" in r for r in measured(killed)) and any("autoencoder.gan" in r for r in measured(killed))
+    got, want = (torch.load(f / "checkpoint.pt", weights_only=True) for f in (killed, reference))
+    for part in ("levels", "optimizers", "schedulers", "progress"):
+        assert_same(got[part], want[part], part)
