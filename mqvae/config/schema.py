@@ -340,6 +340,10 @@ def _finite_float(value, where: str, path: str) -> float:
 def _check_range(value, meta: dict, where: str, path: str) -> None:
     if value is None:
         return
+    if isinstance(value, list):  # a list field's range applies to each of its items
+        for i, item in enumerate(value):
+            _check_range(item, meta, where, f"{path}.{i}")
+        return
     choices = meta.get("choices")
     if choices is not None and value not in choices:
         raise UserError(f"{where}: {path}: {quote(value)} is not allowed; choose one of {', '.join(map(str, choices))}")
