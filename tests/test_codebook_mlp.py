@@ -14,7 +14,6 @@ import json
 
 import pytest
 import torch
-import torch.nn.functional as F
 from betty.hypergradient import jvp_fn_mapping
 
 import run
