@@ -23,8 +23,8 @@ class VQVAE(Level):
 
     @dataclass
     class Params:
-        # The learning rate of the quantizer's parameter group (the codebook, and a learned affine map's s and t),
-        # on the level's optimizer and schedule; null: the level's lr. Set to an MQ-VAE
+        # The learning rate of the quantizer's parameter group (the codebook, a learned affine map's s and t, a
+        # hyper-net codebook's MLP), on the level's optimizer and schedule; null: the level's lr. Set to an MQ-VAE
         # config's codebook lr, this VQ-VAE gives the codebook the update MQ-VAE's upper level gives it at xi = 0
         # (tests/test_ablation.py): the ablation that tells the hypergradient from the codebook's learning rate.
         codebook_lr: Optional[float] = spec(None, above=0.0)
@@ -67,7 +67,8 @@ class Classifier(AutoEncoder):
 
 
 class Codebook(Level):
-    """MQ-VAE's upper level: the codebook C (Eq. 8), and the affine parameters when they are learned."""
+    """MQ-VAE's upper level: the codebook C (Eq. 8), the affine parameters when they are learned, and the MLP of a
+    hyper-net codebook (``quantizer.codebook_mlp``)."""
 
     @classmethod
     def module_of(cls, model, params):

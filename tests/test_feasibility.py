@@ -102,7 +102,9 @@ def test_residual_blocks_are_extrapolated_exactly():
 
 
 @pytest.mark.parametrize("keys", [{}, {"groups": 2}, {"affine": "learned", "affine_groups": 4}, {"affine": "ema", "affine_groups": 2},
-                                  {"replace_freq": 5}, {"kind": "gumbel", "kmeans_init": False}])
+                                  {"replace_freq": 5}, {"kind": "gumbel", "kmeans_init": False},
+                                  {"codebook_mlp": [32], "kmeans_init": False},
+                                  {"codebook_mlp": [6, 5], "groups": 2, "affine": "learned", "kmeans_init": False}])
 def test_quantizer_size_is_that_of_the_real_quantizer(keys):
     cfg = QuantizerConfig(num_codes=16, dim=8, **keys)
     real = build_quantizer(cfg)
@@ -146,6 +148,7 @@ def test_the_classifier_takes_any_image_size():
 @pytest.mark.parametrize("sets, key", [
     (["quantizer.num_codes=1000000000000"], "quantizer.num_codes"),
     (["quantizer.num_codes=1000000000000", "quantizer.affine=ema"], "quantizer.num_codes"),
+    (["quantizer.codebook_mlp=[8, 1000000000000]", "quantizer.kmeans_init=false"], "quantizer.codebook_mlp"),
     (["model.hidden_channels=1000000"], "model.hidden_channels"),
     (["model.res_channels=100000000", "data.batch_size=1"], "model.res_channels"),
     (["data.batch_size=1000000000"], "data.batch_size"),

@@ -37,12 +37,15 @@ MODES = {
     "group": {"groups": 2},
     "group_sync": {"groups": 2, "sync_nu": 0.5},
     "replace": {"replace_freq": 2},
+    "mlp": {"codebook_mlp": [6], "kmeans_init": False},
+    "mlp_sync": {"codebook_mlp": [6], "kmeans_init": False, "sync_nu": 0.5},
     "gumbel": {"kind": "gumbel", "kmeans_init": False},
 }
 
 # Which parameter sets get a non-zero gradient from which loss term. ν = 0: the task loss never
 # reaches the codebook; ν > 0: it does (Huh Eq. 21). The learned affine parameters are reached by
-# whatever reaches the codes. The EMA affine map has no parameters (buffers). Gumbel-VQ: the task
+# whatever reaches the codes, and so are the MLP of the hyper-net codebook and its input embedding (stored under
+# "codebook"). The EMA affine map has no parameters (buffers). Gumbel-VQ: the task
 # reaches everything, the KL term only the logits (z_e and the projection).
 _PLAIN = {"task": {"z_e"}, "commitment": {"z_e"}, "codebook": {"codebook"}}
 _SYNC = {"task": {"z_e", "codebook"}, "commitment": {"z_e"}, "codebook": {"codebook"}}
@@ -57,6 +60,8 @@ GRADIENT_PATHS = {
     "group": _PLAIN,
     "group_sync": _SYNC,
     "replace": _PLAIN,
+    "mlp": {"task": {"z_e"}, "commitment": {"z_e"}, "codebook": {"codebook", "mlp"}},
+    "mlp_sync": {"task": {"z_e", "codebook", "mlp"}, "commitment": {"z_e"}, "codebook": {"codebook", "mlp"}},
     "gumbel": {"task": {"z_e", "codebook", "projection"}, "kl": {"z_e", "projection"}},
 }
 
@@ -92,6 +97,8 @@ def param_sets(q) -> dict:
     sets = {"codebook": [q.codebook]}
     if isinstance(q, VectorQuantizer) and q.affine is not None:
         sets["affine"] = list(q.affine.parameters())
+    if isinstance(q, VectorQuantizer) and q.codebook_mlp is not None:
+        sets["mlp"] = list(q.codebook_mlp.parameters())
     if isinstance(q, GumbelQuantizer):
         sets["projection"] = list(q.proj.parameters())
     return sets
@@ -528,6 +535,9 @@ def test_gumbel_kl_and_modes():
     ({"affine": "learned", "affine_groups": 3}, ["quantizer.affine_groups", "quantizer.num_codes"]),
     ({"affine": "ema", "affine_groups": 16}, ["quantizer.affine_groups", "quantizer.affine"]),
     ({"affine": "ema", "affine_lr": 10.0}, ["quantizer.affine_lr", "quantizer.affine"]),
+    ({"codebook_mlp": [8]}, ["quantizer.kmeans_init", "quantizer.codebook_mlp", "kmeans_init: false"]),
+    ({"codebook_mlp": [8], "kmeans_init": False, "replace_freq": 20}, ["quantizer.replace_freq", "quantizer.codebook_mlp"]),
+    ({"kind": "gumbel", "kmeans_init": False, "codebook_mlp": [8]}, ["quantizer.codebook_mlp", "quantizer.kind"]),
 ])
 def test_meaningless_combinations_are_user_errors(keys, named):
     cfg = QuantizerConfig(**{"num_codes": K, "dim": D, **keys})

@@ -195,7 +195,7 @@ def _dominant_key(cfg: Config, estimate: MemoryEstimate) -> str:
     if part == "activations":
         return "data.batch_size"
     if part == "codebook":
-        return _largest_key(cfg, ("quantizer.num_codes", "quantizer.dim"))
+        return _largest_key(cfg, ("quantizer.num_codes", "quantizer.dim", "quantizer.codebook_mlp"))
     return _largest_key(cfg, _network_keys(cfg))
 
 
@@ -209,7 +209,8 @@ def _largest_key(cfg: Config, keys: tuple[str, ...]) -> str:
 
 
 def _value(cfg: Config, key: str):
-    return functools.reduce(getattr, key.split("."), cfg)
+    value = functools.reduce(getattr, key.split("."), cfg)
+    return max(value, default=0) if isinstance(value, list) else value  # a list of widths: its widest
 
 
 def _gib(size: int) -> str:

@@ -102,6 +102,12 @@ class QuantizerConfig:
     # Grouped latents: each D-vector is split into `groups` sub-vectors of dim/groups, each quantized against
     # its own slice of num_codes/groups codes (num_codes counts all codes; indices are global).
     groups: int = spec(1, min=1)
+    # The hyper-net codebook of the authors' MQ-GAN code (t2ance/MQVAE, hyper_net_type mlp-tanh): the hidden widths of
+    # an MLP (tanh between layers) that each stored vector passes through, so the codes the search and the losses use
+    # are MLP(codebook), the codebook being the MLP's input embedding (N(0, 1) at the start, as their nn.Embedding).
+    # One MLP for every code and latent group; the affine map and l2 come after it. [] = no MLP. Needs
+    # kmeans_init: false and replace_freq: 0 (both write chosen codes).
+    codebook_mlp: list[int] = spec(factory=list, min=1)
     # Nearest-neighbour search: distance entries per chunk, and the matmul precision (Huh A.1).
     # Most distance entries the nearest-code search holds at once; null = the device's default (search.py).
     search_chunk: Optional[int] = spec(None, min=1)
@@ -350,6 +356,10 @@ def _finite_float(value, where: str, path: str) -> float:
 
 def _check_range(value, meta: dict, where: str, path: str) -> None:
     if value is None:
+        return
+    if isinstance(value, list):  # a list field's range applies to each of its items
+        for i, item in enumerate(value):
+            _check_range(item, meta, where, f"{path}.{i}")
         return
     choices = meta.get("choices")
     if choices is not None and value not in choices:

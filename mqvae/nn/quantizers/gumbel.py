@@ -34,7 +34,7 @@ class GumbelQuantizer(Quantizer):
         # estimator and no commitment/codebook loss for these options to act on.
         for key, unused in (("affine", cfg.affine != "none"), ("sync_nu", cfg.sync_nu > 0),
                             ("replace_freq", cfg.replace_freq > 0), ("kmeans_init", cfg.kmeans_init),
-                            ("l2", cfg.l2), ("groups", cfg.groups > 1)):
+                            ("l2", cfg.l2), ("groups", cfg.groups > 1), ("codebook_mlp", bool(cfg.codebook_mlp))):
             if unused:
                 raise UserError(f"quantizer.{key}: {getattr(cfg, key)!r} cannot be combined with quantizer.kind: gumbel "
                                 f"(it applies to nearest-code quantizers only; use kind: vq)")

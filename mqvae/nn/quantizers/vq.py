@@ -13,6 +13,9 @@ One class covers every option of the nearest-code family, because they compose:
   so ``num_codes`` means the same thing with and without groups (config key = attribute = length of
   ``counts`` = what evaluation counts), and indices are global: group g's codes are
   [g·K/G, (g+1)·K/G);
+- the hyper-net codebook ``codebook_mlp`` (the authors' MQ-GAN code, t2ance/MQVAE ``models_vq.py``,
+  ``hyper_net_type: mlp-tanh``): the codes are MLP(codebook), one MLP with tanh between its layers applied to
+  every stored vector, which is then the MLP's input embedding rather than a code; see ``raw_codes``;
 - maintenance (explicit, ``maintain``): running statistics of the EMA affine map (Huh Eq. 38-41) and
   LRU dead-code replacement (Huh §3, lifespan ``replace_freq``); a training loop that never calls it is told so
   (``UNMAINTAINED_FORWARDS``);
@@ -27,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mqvae.errors import UserError
+from mqvae.errors import UserError, quote
 from mqvae.nn.kmeans import kmeans_init
 from mqvae.nn.search import nearest_codes
 from mqvae.nn.quantizers.affine import LearnedAffine, RunningAffine
@@ -36,6 +39,10 @@ from mqvae.nn.quantizers.base import Quantizer, QuantizerOutput, batch_perplexit
 # A replaced code is a batch vector v plus Gaussian noise of std REPLACE_NOISE·‖v‖ (the reference
 # library's rho = 0.01), so that codes re-seeded from the same vector differ.
 REPLACE_NOISE = 0.01
+
+# Why k-means init and dead-code replacement are not defined with a hyper-net codebook (``codebook_mlp``).
+WRITES_CODES = ("writes chosen codes into the codebook, and behind the MLP the codebook holds the MLP's inputs: no input "
+                "is known that the MLP maps to a chosen code")
 
 # Training-mode forwards without a ``maintain`` call after which a quantizer whose maintenance is on (EMA affine
 # statistics, LRU replacement) warns, once for such a run of forwards: a standalone training loop that forgot the
@@ -54,6 +61,11 @@ class VectorQuantizer(Quantizer):
         if cfg.num_codes % cfg.groups:
             raise UserError(f"quantizer.groups: {cfg.groups} does not divide quantizer.num_codes = {cfg.num_codes} "
                             f"(each latent group gets num_codes/groups codes)")
+        for key, value, what, off in (("kmeans_init", cfg.kmeans_init, "k-means init", "false"),
+                                      ("replace_freq", cfg.replace_freq, "dead-code replacement", "0")):
+            if cfg.codebook_mlp and value:
+                raise UserError(f"quantizer.{key}: {str(value).lower()} cannot be combined with quantizer.codebook_mlp: "
+                                f"{quote(cfg.codebook_mlp)} ({what} {WRITES_CODES}); set {key}: {off}")
         if cfg.affine == "none":
             if cfg.affine_groups > 1:
                 raise UserError(f"quantizer.affine_groups: {cfg.affine_groups} needs quantizer.affine: learned or ema")
@@ -71,7 +83,9 @@ class VectorQuantizer(Quantizer):
     def size(cls, cfg) -> tuple[int, int]:
         code_dim = cfg.dim // cfg.groups
         affine = 2 * cfg.affine_groups * code_dim if cfg.affine == "learned" else 0  # s and t
-        parameters = cfg.num_codes * code_dim + affine
+        widths = [code_dim, *cfg.codebook_mlp, code_dim] if cfg.codebook_mlp else []
+        mlp = sum((fan_in + 1) * fan_out for fan_in, fan_out in zip(widths, widths[1:]))  # weights and biases
+        parameters = cfg.num_codes * code_dim + affine + mlp
         # One int64 per code: its latent group, and with replacement its idle iterations.
         per_code = 8 * (2 if cfg.replace_freq else 1)
         # Running means and variances of z_e and the codes (float32), and a bool.
@@ -85,7 +99,20 @@ class VectorQuantizer(Quantizer):
         self.groups = cfg.groups
         self.code_dim = cfg.dim // cfg.groups
         self.codes_per_group = cfg.num_codes // cfg.groups
-        self.codebook = nn.Parameter(torch.empty(cfg.num_codes, self.code_dim).uniform_(-1 / cfg.num_codes, 1 / cfg.num_codes))
+        codebook = torch.empty(cfg.num_codes, self.code_dim)
+        if cfg.codebook_mlp:
+            # The MLP's input embedding starts as the authors' nn.Embedding does, N(0, 1): near-equal inputs (the
+            # plain codebook's ±1/K) would give near-equal codes. The layers keep nn.Linear's own initialization,
+            # which the authors' weights_init leaves alone too (it re-initializes convolutions and BatchNorm only).
+            self.codebook = nn.Parameter(codebook.normal_())
+            widths = [self.code_dim, *cfg.codebook_mlp, self.code_dim]
+            layers = []
+            for fan_in, fan_out in zip(widths, widths[1:]):
+                layers += [nn.Linear(fan_in, fan_out), nn.Tanh()]
+            self.codebook_mlp = nn.Sequential(*layers[:-1])  # linear output: the codes are not bounded to (-1, 1)
+        else:
+            self.codebook = nn.Parameter(codebook.uniform_(-1 / cfg.num_codes, 1 / cfg.num_codes))
+            self.codebook_mlp = None
         if cfg.affine == "learned":
             self.affine = LearnedAffine(cfg.num_codes, self.code_dim, cfg.affine_groups, cfg.affine_lr)
         elif cfg.affine == "ema":
@@ -112,13 +139,21 @@ class VectorQuantizer(Quantizer):
 
     def param_groups(self) -> list[dict]:
         """Optimizer groups for the level that trains the quantizer, at the quantizer's learning rate: one, the
-        codebook and the learned affine parameters (``affine_lr`` acts inside the affine map, Huh A.1)."""
+        codebook, the MLP's weights and biases and the learned affine parameters (``affine_lr`` acts inside the
+        affine map, Huh A.1)."""
         return [{"params": list(self.parameters())}]
 
     # -- the pure part ---------------------------------------------------------------------------
+    def raw_codes(self) -> torch.Tensor:
+        """The K×(D/G) codes the affine map receives: the codebook, or with ``codebook_mlp`` the MLP's outputs for
+        it, row by row (so each latent group's slice of embeddings goes through the one shared MLP)."""
+        return self.codebook if self.codebook_mlp is None else self.codebook_mlp(self.codebook)
+
     def effective_codebook(self) -> torch.Tensor:
-        """The K×(D/G) code-vectors the inputs are compared with: affine map, then l2 normalization."""
-        codes = self.codebook if self.affine is None else self.affine(self.codebook)
+        """The K×(D/G) code-vectors the inputs are compared with: the raw codes (the MLP), the affine map, then l2
+        normalization."""
+        codes = self.raw_codes()
+        codes = codes if self.affine is None else self.affine(codes)
         return F.normalize(codes, dim=-1) if self.cfg.l2 else codes
 
     def _vectors(self, z_e: torch.Tensor) -> torch.Tensor:
@@ -207,7 +242,7 @@ class VectorQuantizer(Quantizer):
         self.unmaintained_forwards = 0
         stats = self.local_statistics(z_e, out)
         if isinstance(self.affine, RunningAffine):
-            self.affine.update(stats, self.codebook)
+            self.affine.update(stats, self.raw_codes())  # the moments of the codes the map receives (Eq. 40-41)
         if self.cfg.replace_freq:
             self.apply_replacement(stats["counts"], self.replacement_candidates(z_e))
 
@@ -216,11 +251,19 @@ class VectorQuantizer(Quantizer):
         """LRU (Huh §3): a code unused for ``replace_freq`` consecutive iterations takes its candidate;
         used codes are left untouched. Candidates are effective codes; the raw code stored is the one
         the current affine map sends there."""
+        self._check_codes_writable("apply_replacement")
         idle = torch.where(counts > 0, torch.zeros_like(self.idle_iters), self.idle_iters + 1)
         dead = idle >= self.cfg.replace_freq
         raw = candidates if self.affine is None else self.affine.invert(candidates)
         self.codebook.copy_(torch.where(dead[:, None], raw.to(self.codebook.dtype), self.codebook))
         self.idle_iters.copy_(torch.where(dead, torch.zeros_like(idle), idle))
+
+    def _check_codes_writable(self, method: str) -> None:
+        """A quantizer built without ``build_quantizer`` (a standalone loop) skips ``check_settings``: the methods
+        that write chosen codes say themselves that an MLP's codes cannot be written."""
+        if self.codebook_mlp is not None:
+            raise UserError(f"VectorQuantizer.{method}: not defined with quantizer.codebook_mlp: "
+                            f"{quote(self.cfg.codebook_mlp)} (it {WRITES_CODES})")
 
     @torch.no_grad()
     def initialize(self, z_e: torch.Tensor, generator: torch.Generator | None = None) -> None:
@@ -229,6 +272,7 @@ class VectorQuantizer(Quantizer):
         (``kmeans_init`` then re-uses inputs with a little noise). The centres are effective codes; the
         raw codes stored are the ones the current affine map sends there.
         """
+        self._check_codes_writable("initialize")
         z = self._vectors(z_e).to(self.codebook.dtype)
         centres = torch.cat([kmeans_init(z[:, g], self.codes_per_group, iters=self.cfg.kmeans_iters,
                                          generator=generator)
