@@ -1,5 +1,5 @@
-"""Networks around the quantizer: the VQ-VAE backbone (the ResNet-18 classifier's halves are in
-``mqvae.nn.resnet``; ``mqvae.method.models`` builds either from a config).
+"""Networks around the quantizer: the VQ-VAE backbone (the VQ-GAN's halves are in ``mqvae.nn.vqgan``, the
+ResNet-18 classifier's in ``mqvae.nn.resnet``; ``mqvae.method.models`` builds any of them from a config).
 
 ``QuantizedNetwork`` is the whole network x -> encoder -> quantizer -> decoder -> task loss (its task: any object
 with ``loss(output, batch)``, ``mqvae.method.tasks``). Every level's Betty Problem evaluates the same ``QuantizedNetwork.loss`` (MQ-VAE Eq. 6);
@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from mqvae.errors import UserError
 from mqvae.nn.quantizers import Quantizer, QuantizerOutput
 
 
@@ -77,6 +78,12 @@ class Decoder(nn.Module):
             channels = out
         self.net = nn.Sequential(*layers)
 
+    @property
+    def last_layer(self) -> nn.Parameter:
+        """The last transposed convolution's weight: the adaptive GAN weight (Esser et al. 2021, Eq. 7) compares
+        gradients there."""
+        return self.net[-1].weight
+
     def forward(self, z):
         return self.net(z)
 
@@ -102,6 +109,15 @@ class QuantizedNetwork(nn.Module):
         z_e = self.encoder(x) if z_e is None else z_e
         quant = self.quantizer(z_e)
         return ModelOutput(self.decoder(quant.z_q), z_e, quant)
+
+    def last_layer(self) -> nn.Parameter:
+        """The weight of the decoder's final layer (its ``last_layer``), where the adaptive GAN weight of Esser et
+        al. 2021 (Eq. 7: the ratio of the reconstruction's and the GAN loss's gradient norms) is measured."""
+        layer = getattr(self.decoder, "last_layer", None)
+        if layer is None:
+            raise UserError(f"the decoder ({type(self.decoder).__name__}) has no last_layer: the adaptive GAN weight "
+                            "needs the weight of its final layer; give the decoder a last_layer property")
+        return layer
 
     def task_loss(self, output, batch) -> torch.Tensor:
         return self.task.loss(output, batch)
