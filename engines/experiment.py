@@ -49,7 +49,7 @@ def build_engine(cfg: Config, run_dir: Path) -> LevelEngine:
     check_feasible(cfg, datasets.channels, datasets.image_size, datasets.num_classes, device)
     # perf: CUDA-only speed switches (mqvae.runtime.perf); on the CPU they are documented no-ops.
     model_cfg = dataclasses.replace(cfg, quantizer=perf_quantizer_config(cfg.perf, cfg.quantizer, device))
-    model = build_model(model_cfg, datasets.channels, datasets.num_classes).to(device)
+    model = build_model(model_cfg, datasets.channels, datasets.num_classes, datasets.image_size).to(device)
     if cfg.prior.run:
         model, datasets = prior_model(cfg, model, datasets, device)
     if cfg.model.sync_batch_norm:

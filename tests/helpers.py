@@ -64,11 +64,14 @@ def two_levels(codebook_lr=1e-2, autoencoder_lr=1e-2, optimizer="adam"):
 
 
 def tiny_config(levels=None, hypergradient=None, model=None, quantizer=None, **top):
+    """A small digits config; ``model`` adds to the tiny VQ-VAE's keys, or with another ``kind`` replaces them (a
+    kind is refused the keys it does not read)."""
+    model = model or {}
     data = {
         "seed": 0,
         "device": "cpu",
         "data": {"name": "digits", "batch_size": 16},
-        "model": {**TINY_MODEL, **(model or {})},
+        "model": {**TINY_MODEL, **model} if model.get("kind", "vqvae") == "vqvae" else model,
         "quantizer": {**TINY_QUANTIZER, **(quantizer or {})},
         "levels": levels if levels is not None else two_levels(),
         "hypergradient": hypergradient or {},

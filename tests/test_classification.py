@@ -56,7 +56,7 @@ def test_resnet18_halves_shapes():
 @pytest.mark.parametrize("config, loss", [("vqvae", "mse"), ("classify_vqvae", "cross_entropy")])
 def test_the_model_kind_decides_the_task_loss(config, loss):
     cfg = load_config(ROOT / f"configs/digits/{config}.yaml", ["quantizer.num_codes=16", "quantizer.dim=8"])
-    model = build_model(cfg, 1, 10).eval()
+    model = build_model(cfg, 1, 10, 16).eval()
     g = torch.Generator().manual_seed(0)
     x, y = torch.rand(4, 1, 16, 16, generator=g), torch.randint(0, 10, (4,), generator=g)
     with torch.no_grad():

@@ -30,7 +30,7 @@ TINY = ["--set", "model.hidden_channels=8", "--set", "model.res_channels=4", "--
 def tiny_model(task=RECONSTRUCTION):
     torch.manual_seed(0)
     cfg = tiny_config(levels=[{"name": "vqvae", "problem": "VQVAE"}])
-    model = build_model(cfg, 1, 10)
+    model = build_model(cfg, 1, 10, 16)
     if task is CLASSIFICATION:  # a small head on the decoder output, so the same tiny model classifies
         return QuantizedNetwork(model.encoder, model.quantizer,
                                 nn.Sequential(model.decoder, nn.Flatten(), nn.Linear(16 * 16, 10)), CLASSIFICATION)

@@ -45,7 +45,7 @@ def one_line_error(check, *needles) -> str:
 
 
 def real_network(cfg, channels, num_classes):
-    model = build_model(cfg, channels, num_classes)
+    model = build_model(cfg, channels, num_classes, 16)
     return torch.nn.ModuleList([model.encoder, model.decoder])
 
 
@@ -141,7 +141,7 @@ def test_a_network_deeper_than_the_images_is_one_line(downsample, image_size, mo
 
 
 def test_the_classifier_takes_any_image_size():
-    cfg = load_config(ROOT / "configs/digits/classify_mqvae.yaml", ["model.downsample=5"])
+    cfg = load_config(ROOT / "configs/digits/classify_mqvae.yaml")
     check_feasible(cfg, 1, 7, 10, CPU)
 
 

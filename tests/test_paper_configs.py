@@ -124,7 +124,7 @@ def test_paper_model_reconstructs_native_28_px_images(tmp_path, name):
     sets = load_datasets(dataset, str(tmp_path), download=False, seed=0)
     x = torch.stack([sets.test[i][0] for i in range(2)])
     assert sets.image_size == 28 and x.shape == (2, 1, 28, 28)
-    model = build_model(cfg, sets.channels, sets.num_classes).eval()
+    model = build_model(cfg, sets.channels, sets.num_classes, sets.image_size).eval()
     with torch.no_grad():
         out = model(x)
         assert out.z_e.shape[-2:] == (7, 7) and out.output.shape == x.shape
@@ -134,7 +134,7 @@ def test_paper_model_reconstructs_native_28_px_images(tmp_path, name):
 def test_a_decoder_that_cannot_return_the_input_size_is_a_one_line_error():
     cfg = load_config(ROOT / "configs" / "paper" / "mnist_vqvae.yaml",
                       ["model.downsample=3", "model.hidden_channels=8", "model.res_channels=4"])
-    model = build_model(cfg, 1, 10)
+    model = build_model(cfg, 1, 10, 28)
     x = torch.rand(1, 1, 28, 28)
     with pytest.raises(UserError, match=r"\(24, 24\) images for \(28, 28\) inputs"):
         model.task_loss(model(x).output, (x, None))

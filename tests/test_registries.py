@@ -191,7 +191,7 @@ def test_a_plugin_registers_a_model_kind_and_a_quantizer_kind_that_train(tmp_pat
         task = RECONSTRUCTION
 
         @classmethod
-        def halves(cls, cfg, channels, num_classes):
+        def halves(cls, cfg, channels, num_classes, image_size):
             built.append("model")
             return (nn.Conv2d(channels, cfg.quantizer.dim, 2, stride=2),
                     nn.ConvTranspose2d(cfg.quantizer.dim, channels, 2, stride=2))

@@ -6,7 +6,7 @@ The schema's public names are importable from here (``from mqvae.config import s
 
 from mqvae.config.schema import (
     Config, DataConfig, DistributedConfig, EvalConfig, HypergradientConfig, INT_LIMIT, LevelConfig, LoggingConfig,
-    MAX_YAML_VALUES, ModelConfig, PerfConfig, PriorConfig, QuantizerConfig, TrainConfig, build, config_from_dict,
+    LossConfig, MAX_YAML_VALUES, ModelConfig, PerfConfig, PriorConfig, QuantizerConfig, TrainConfig, build, config_from_dict,
     did_you_mean, load_config, parse_override, parse_yaml, quote, quote_key, read_config, read_yaml, registries,
     spec, to_dict,
 )

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from mqvae.config import Config, LevelConfig, QuantizerConfig, quote
+from mqvae.config import Config, LevelConfig, LossConfig, QuantizerConfig, quote
 from mqvae.errors import UserError
 from mqvae.method.models import build_model
 from mqvae.registry import MODELS, QUANTIZERS
@@ -60,13 +60,15 @@ def check_feasible(cfg: Config, channels: int, image_size: int, num_classes: int
 def _check_batch_statistics(cfg: Config, image_size: int) -> None:
     """Training-mode BatchNorm needs at least two values per channel; the fewest are at the latent, batch_size
     vectors of (image_size / 2^downsample)^2 positions."""
-    if not MODELS[cfg.model.kind].uses_norm or cfg.model.norm != "batch":
+    kind = MODELS[cfg.model.kind]
+    if "norm" not in (kind.model_keys or ()) or cfg.model.norm != "batch":
         return
-    values = cfg.data.batch_size * (image_size // 2**cfg.model.downsample) ** 2
+    side = image_size // 2**kind.downsample(cfg.model)
+    values = cfg.data.batch_size * side**2
     if values < 2:
         raise UserError(f"data.batch_size: model.norm: batch needs at least 2 values per channel, and a batch of "
-                        f"{cfg.data.batch_size} with a {image_size // 2**cfg.model.downsample}-px latent has {values}; "
-                        "raise data.batch_size or lower model.downsample")
+                        f"{cfg.data.batch_size} with a {side}-px latent has {values}; "
+                        f"raise data.batch_size or lower {kind.downsample_key}")
 
 
 def available_memory(device: torch.device) -> int:
@@ -115,14 +117,19 @@ class NetworkSize:
     positions: int  # latent vectors of one image (height x width of the encoder's output)
 
 
+# The checks measure the encoder and decoder only: no LPIPS network (loss.perceptual_weight) is loaded for them.
+_NO_PERCEPTUAL = LossConfig()
+
+
 def _check_geometry(cfg: Config, channels: int, image_size: int, num_classes: int) -> None:
     """The layers fit the images and a reconstruction comes back at their size. Tried on a narrow copy of the
     network: sizes do not depend on widths, and so the check costs the same for any width."""
     narrow = dataclasses.replace(
-        cfg, model=dataclasses.replace(cfg.model, hidden_channels=2, res_channels=1, num_res_blocks=0),
-        quantizer=QuantizerConfig(num_codes=1, dim=1))
+        cfg, model=dataclasses.replace(cfg.model, hidden_channels=2, res_channels=1, num_res_blocks=0, z_channels=None,
+                                       norm_groups=1),
+        quantizer=QuantizerConfig(num_codes=1, dim=1), loss=_NO_PERCEPTUAL)
     with torch.device("meta"):
-        model = build_model(narrow, channels, num_classes).eval()
+        model = build_model(narrow, channels, num_classes, image_size).eval()
         if not model.task.outputs_images:
             return  # the classifier pools its features to 1 x 1, whatever the image size
         images = torch.empty(1, channels, image_size, image_size)
@@ -131,36 +138,41 @@ def _check_geometry(cfg: Config, channels: int, image_size: int, num_classes: in
         except RuntimeError:  # a stride-2 stage got a side smaller than its kernel
             fits = False
     if not fits:
+        kind = MODELS[cfg.model.kind]
+        stages = kind.downsample(cfg.model)
+        if stages is None:
+            raise UserError(f"model.kind: {quote(cfg.model.kind)} does not fit the {image_size}-px images of data set "
+                            f"{quote(cfg.data.name)}: its decoder returns another size")
         halvings = (image_size & -image_size).bit_length() - 1  # how often the side halves evenly
-        raise UserError(f"model.downsample: {cfg.model.downsample} stride-2 stages do not fit the {image_size}-px "
-                        f"images of data set {quote(cfg.data.name)}: the side must be divisible by 2^model.downsample, "
-                        f"and {image_size} is divisible by 2^{halvings} at most")
+        raise UserError(f"{kind.downsample_key}: {stages} stride-2 stages do not fit the {image_size}-px images of "
+                        f"data set {quote(cfg.data.name)}: the side must be divisible by 2^{stages}, and {image_size} "
+                        f"is divisible by 2^{halvings} at most")
 
 
 def network_size(cfg: Config, channels: int, image_size: int, num_classes: int) -> NetworkSize:
-    """Size of the encoder and decoder. A residual block keeps its input's shape, so each adds the same parameters
-    and activations: the network is measured with 0 and 1 block and extrapolated (a billion blocks would take
-    hours to build, even on the meta device)."""
+    """Size of the encoder and decoder. A residual block after the first (the VQ-GAN's first of a level changes
+    its width) keeps its input's shape, so each adds the same parameters and activations: the network is measured
+    with 1 and 2 blocks and extrapolated (a billion blocks would take hours to build, even on the meta device)."""
     try:
-        without = _measure(cfg, channels, image_size, num_classes, num_res_blocks=0)
-        with_one = _measure(cfg, channels, image_size, num_classes, num_res_blocks=1)
+        one = _measure(cfg, channels, image_size, num_classes, num_res_blocks=1)
+        two = _measure(cfg, channels, image_size, num_classes, num_res_blocks=2)
     except RuntimeError:  # a tensor of 2^63 bytes or more, which torch cannot even describe
         key = _largest_key(cfg, _network_keys(cfg))
         raise UserError(f"{key}: {_value(cfg, key)} makes a layer of 2^63 bytes or more, far beyond any memory; "
                         f"lower {key}") from None
     blocks = cfg.model.num_res_blocks
-    return NetworkSize(*(base + blocks * (one - base)
-                         for base, one in zip(dataclasses.astuple(without), dataclasses.astuple(with_one))))
+    return NetworkSize(*(first + (blocks - 1) * (second - first)
+                         for first, second in zip(dataclasses.astuple(one), dataclasses.astuple(two))))
 
 
 def _measure(cfg: Config, channels: int, image_size: int, num_classes: int, num_res_blocks: int) -> NetworkSize:
     # A one-code stand-in quantizer: the configured one may be too large to build even on the meta device
     # (RunningAffine lists its codes in Python); quantizer_size accounts for it.
     stand_in = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, num_res_blocks=num_res_blocks),
-                                   quantizer=QuantizerConfig(num_codes=1, dim=cfg.quantizer.dim))
+                                   quantizer=QuantizerConfig(num_codes=1, dim=cfg.quantizer.dim), loss=_NO_PERCEPTUAL)
     with torch.device("meta"):
         # eval: BatchNorm in training mode refuses a batch of one image with 1 x 1 features.
-        model = build_model(stand_in, channels, num_classes).eval()
+        model = build_model(stand_in, channels, num_classes, image_size).eval()
         networks = nn.ModuleList([model.encoder, model.decoder])
         counter = _OutputCounter(networks)
         z_e = model.encoder(torch.empty(1, channels, image_size, image_size))
@@ -205,7 +217,7 @@ def _network_keys(cfg: Config) -> tuple[str, ...]:
 
 
 def _largest_key(cfg: Config, keys: tuple[str, ...]) -> str:
-    return max(keys, key=lambda key: _value(cfg, key))
+    return max(keys, key=lambda key: _value(cfg, key) or 0)  # a null width (model.z_channels) is another key's
 
 
 def _value(cfg: Config, key: str):

@@ -51,16 +51,44 @@ class DataConfig:
 @dataclass
 class ModelConfig:
     # A registered model kind (mqvae.registry.MODELS). ``vqvae``: van den Oord et al.'s backbone for reconstruction;
-    # ``resnet18``: torchvision ResNet-18 quantized after layer2 for classification (Huh §5.1).
+    # ``vqgan``: Esser et al.'s VQ-GAN encoder-decoder (taming-transformers), MQ-GAN's backbone (MQ-VAE App. G);
+    # ``resnet18``: torchvision ResNet-18 quantized after layer2 for classification (Huh §5.1). A key that the
+    # kind does not read (its ModelKind.model_keys) is refused at load unless it keeps its default.
     kind: str = "vqvae"
+    # The width of the first layers: the VQ-VAE's hidden width; the VQ-GAN's base width, taming's ``ch`` (one
+    # concept, one name), each level's width being hidden_channels * ch_mult[level].
     hidden_channels: int = spec(64, min=1)
+    # vqvae: the residual blocks' inner width.
     res_channels: int = spec(32, min=1)
+    # Residual blocks: the VQ-VAE's after its stride-2 stages; the VQ-GAN's per level of the encoder (its decoder has
+    # one more per level), taming's ``num_res_blocks``.
     num_res_blocks: int = spec(2, min=0)
-    # Number of stride-2 convolutions in the encoder (and transposed ones in the decoder).
+    # vqvae: number of stride-2 convolutions in the encoder (and transposed ones in the decoder).
     downsample: int = spec(2, min=1, max=5)
+    # vqvae: BatchNorm after its convolutions, or none.
     norm: str = spec("none", choices=["none", "batch"])
     # Data-parallel runs: BatchNorm on the statistics of the global batch (torch's SyncBatchNorm, CUDA only).
     sync_batch_norm: bool = False
+    # vqgan: each level's width as a multiple of hidden_channels; a stride-2 stage between levels, so the latent's
+    # side is the image's / 2^(len(ch_mult) - 1). The default is taming's f16 (MQ-GAN's); f8 is [1, 2, 2, 4].
+    ch_mult: list[int] = spec(factory=lambda: [1, 1, 2, 2, 4])
+    # vqgan: the feature-map sides (in pixels, the image's side halved once per level) at which each residual
+    # block is followed by self-attention; the middle of each half always has one.
+    attn_resolutions: list[int] = spec(factory=lambda: [16])
+    # vqgan: channels of conv_out (encoder) and conv_in (decoder), taming's ``z_channels`` (256 in f16); null: the
+    # code dim, quantizer.dim.
+    z_channels: Optional[int] = spec(None, min=1)
+    # vqgan: the 1x1 convolutions between z_channels and the code dim around the quantizer (taming's quant_conv and
+    # post_quant_conv); false needs z_channels equal to quantizer.dim (or null).
+    quant_conv: bool = True
+    # vqgan: LayerNorm over the channels of each latent vector before the quantizer (after quant_conv; the authors'
+    # MQ-GAN code applies it by default, as ``trailing_norm``), or none (taming's VQ-GAN).
+    z_norm: str = spec("layer", choices=["none", "layer"])
+    # vqgan: dropout inside each residual block (taming's, 0 in f8 and f16). Each forward draws new masks, so the
+    # finite-difference passes of Eq. 13 would then differ by more than the perturbation.
+    dropout: float = spec(0.0, min=0.0, max=1.0)
+    # vqgan: GroupNorm's number of groups (taming's 32); it must divide every width hidden_channels * ch_mult[i].
+    norm_groups: int = spec(32, min=1)
 
 
 @dataclass
@@ -421,6 +449,7 @@ def _validate(cfg: Config, where: str) -> None:
         raise UserError(f"{where}: levels.{quote_key(cycle[0])}.lower: the lower edges form a cycle "
                         f"{cut(' -> '.join(map(quote, cycle)))}; a level cannot be below itself")
     _check_registered(cfg, where)
+    _check_model(cfg, where)
     for level in cfg.levels:
         _check_optimizer_settings(level, f"{where}: levels.{quote_key(level.name)}")
     if cfg.hypergradient.roll_back and cfg.hypergradient.xi == 0:
@@ -451,6 +480,32 @@ def _validate(cfg: Config, where: str) -> None:
     # Sections whose checks need more than the config's text (the prior's source run): registered checks.
     for check in registry.VALIDATORS.values():
         check(cfg, where)
+
+
+def _check_model(cfg: Config, where: str) -> None:
+    """The model section against its kind (registered, so known here by name): a key the kind does not read is
+    refused unless it keeps its default (it would change nothing), then the kind's own checks."""
+    kind = registry.MODELS[cfg.model.kind]
+    if kind.model_keys is not None:
+        defaults = ModelConfig()
+        for f in dataclasses.fields(ModelConfig):
+            value, default = getattr(cfg.model, f.name), getattr(defaults, f.name)
+            if f.name == "kind" or f.name in kind.model_keys or value == default:
+                continue
+            readers = [name for name, other in registry.MODELS.items() if f.name in (other.model_keys or ())]
+            read_by = f"read by model.kind {', '.join(readers)} only" if readers else "read by no model kind"
+            raise UserError(f"{where}: model.{f.name}: {quote(value)} is {read_by}, not by kind "
+                            f"{quote(cfg.model.kind)}; remove it (the default is {quote(default)})")
+    if cfg.model.dropout and any(level.lower for level in cfg.levels) and cfg.hypergradient.xi != 0:
+        # Each forward draws new masks: Eq. 13's two perturbed passes (and the direct term's) would see different
+        # networks, and their difference over 2 eps would be the masks' effect, not the hypergradient.
+        raise UserError(f"{where}: model.dropout: {cfg.model.dropout} with a level below another: each forward draws "
+                        "new dropout masks, so the hypergradient's finite difference (Eq. 13) would measure the masks; "
+                        "set dropout: 0, xi: 0, or use one level")
+    try:
+        kind.check_settings(cfg)
+    except UserError as exc:
+        raise UserError(f"{where}: {exc}") from None
 
 
 def _check_mutual(cfg: Config, where: str, accumulating: list[str]) -> None:

@@ -111,7 +111,8 @@ class Reconstruction(Task):
         if output.shape != x.shape:
             raise UserError(
                 f"the decoder returns {tuple(output.shape[-2:])} images for {tuple(x.shape[-2:])} inputs: the image "
-                "side must be divisible by 2^model.downsample (28-px MNIST allows model.downsample <= 2)"
+                "side must be divisible by 2 to the encoder's stride-2 stages (model.downsample; len(model.ch_mult) - 1 "
+                "for kind vqgan), and 28-px MNIST allows 2 at most"
             )
         return F.mse_loss(output, x) if self.distance == "mse" else F.l1_loss(output, x)
 

@@ -1,5 +1,5 @@
-"""Networks around the quantizer: the VQ-VAE backbone (the ResNet-18 classifier's halves are in
-``mqvae.nn.resnet``; ``mqvae.method.models`` builds either from a config).
+"""Networks around the quantizer: the VQ-VAE backbone (the VQ-GAN's halves are in ``mqvae.nn.vqgan``, the
+ResNet-18 classifier's in ``mqvae.nn.resnet``; ``mqvae.method.models`` builds any of them from a config).
 
 ``QuantizedNetwork`` is the whole network x -> encoder -> quantizer -> decoder -> task loss (its task: any object
 with ``loss(output, batch)``, ``mqvae.method.tasks``). Every level's Betty Problem evaluates the same ``QuantizedNetwork.loss`` (MQ-VAE Eq. 6);
