@@ -89,4 +89,4 @@ def build_model(cfg, channels: int, num_classes: int) -> QuantizedNetwork:
     quantizer = build_quantizer(cfg.quantizer)
     kind = MODELS[cfg.model.kind]
     encoder, decoder = kind.halves(cfg, channels, num_classes)
-    return QuantizedNetwork(encoder, quantizer, decoder, kind.task)
+    return QuantizedNetwork(encoder, quantizer, decoder, kind.task, cfg.data.range)

@@ -90,12 +90,15 @@ class ModelOutput:
 
 class QuantizedNetwork(nn.Module):
     """encoder -> quantizer -> decoder, with the task loss of MQ-VAE Eq. 6 (``task``: MSE for reconstruction,
-    CE for classification)."""
+    CE for classification). ``range``: the interval (low, high) of the pixels it takes, and of the images it gives
+    back where its task outputs images (the config's ``data.range``); evaluation maps both back to [0, 1]."""
 
-    def __init__(self, encoder: nn.Module, quantizer: Quantizer, decoder: nn.Module, task):
+    def __init__(self, encoder: nn.Module, quantizer: Quantizer, decoder: nn.Module, task,
+                 range: tuple[float, float] = (0.0, 1.0)):
         super().__init__()
         self.encoder, self.quantizer, self.decoder = encoder, quantizer, decoder
         self.task = task
+        self.range = tuple(range)
 
     def forward(self, x, z_e: torch.Tensor | None = None) -> ModelOutput:
         """``z_e``: the encoder's output for ``x`` when the caller already has it (with its graph)."""
