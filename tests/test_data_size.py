@@ -16,7 +16,7 @@ from torch.utils.data import TensorDataset
 import run
 from engines.experiment import build_engine
 from engines.run_folder import write_config
-from fake_datasets import skip_md5_checks, write_cifar10
+from fake_datasets import skip_md5_checks, write_celeba, write_cifar10
 from helpers import tiny_config
 from mqvae.config import load_config
 from mqvae.data import InRange, SquareImages, load_datasets
@@ -113,6 +113,31 @@ def test_image_folder_center_crops_test_images_and_randomly_crops_training_image
     for i, (width, height) in enumerate(SIDES):
         places = len(seen[i])
         assert places == 1 if width == height else places >= 2, (i, seen[i])  # the crop moves where it has room
+
+
+def test_celeba_crops_a_140_px_window_then_resizes_it(tmp_path, monkeypatch):
+    # The authors' CelebA transform: a random 140-px square of the 178×218 aligned face, then the resize.
+    skip_md5_checks(monkeypatch)
+    write_celeba(tmp_path, n=6)
+    rng = np.random.default_rng(0)
+    faces = {}
+    for path in sorted((tmp_path / "celeba" / "img_align_celeba").glob("*.jpg")):
+        Image.fromarray(rng.integers(0, 256, (218, 178, 3), dtype=np.uint8)).save(path)
+        with Image.open(path) as image:
+            faces[path.name] = image.convert("RGB")  # what PIL decodes, JPEG's losses included
+    sets = load_datasets("celeba", str(tmp_path), False, 0, image_size=32, random_crop=True)
+    assert sets.image_size == 32
+    test_faces = [faces[name] for name in ("000003.jpg", "000006.jpg")]  # the split of write_celeba: i % 3 == 2
+    for i, face in enumerate(test_faces):
+        assert torch.equal(sets.test[i][0], window(face.crop((19, 39, 159, 179)).resize((32, 32), Image.BILINEAR),
+                                                    0, 0, 32))
+    train_faces = [faces[name] for name in ("000001.jpg", "000004.jpg")]
+    (x, _), = take(BatchStream(sets.train, batch_size=2, seed=0, shuffle=False), 1)
+    for image, face in zip(x, train_faces):
+        places = [(top, left) for top in range(218 - 140 + 1) for left in range(178 - 140 + 1)
+                  if torch.equal(image, window(face.crop((left, top, left + 140, top + 140)).resize(
+                      (32, 32), Image.BILINEAR), 0, 0, 32))]
+        assert len(places) == 1 and places != [(39, 19)], places
 
 
 def crops_dataset(tmp_path):
