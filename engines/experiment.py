@@ -45,7 +45,8 @@ def build_engine(cfg: Config, run_dir: Path) -> LevelEngine:
     if cfg.logging.tensorboard:
         require_tensorboard()
     torch.manual_seed(cfg.seed)
-    datasets = load_datasets(cfg.data.name, cfg.data.root, cfg.data.download, cfg.seed)
+    datasets = load_datasets(cfg.data.name, cfg.data.root, cfg.data.download, cfg.seed, cfg.data.image_size,
+                             cfg.data.random_crop, cfg.data.range)
     check_feasible(cfg, datasets.channels, datasets.image_size, datasets.num_classes, device)
     # perf: CUDA-only speed switches (mqvae.runtime.perf); on the CPU they are documented no-ops.
     model_cfg = dataclasses.replace(cfg, quantizer=perf_quantizer_config(cfg.perf, cfg.quantizer, device))

@@ -46,6 +46,21 @@ class DataConfig:
     num_workers: int = spec(0, min=0)
     # Fraction of the training split held out for levels with ``data: holdout``.
     holdout_fraction: float = spec(0.1, above=0.0, max=0.9)
+    # Side of the square images the network sees; null: the data set's own (image_folder 64, celeba 64, the others
+    # as stored). image_folder and celeba are resized (shorter side; celeba after its central 140-px face crop) and
+    # cropped to it; the sets stored at one size (digits, mnist, fashion_mnist, cifar10, cifar100, svhn) refuse
+    # another value when the data is loaded (mqvae.data.datasets.shaped). MQ-GAN (MQ-VAE App. G): 256.
+    image_size: Optional[int] = spec(None, min=1)
+    # Training images (never test images) cropped at a random place instead of the center (image_folder, celeba), as
+    # the authors' MQ-GAN code does (resize of the shorter side, then albumentations' RandomCrop). Each item's crop is
+    # a pure function of its batch stream's seed, the epoch and the item's index (mqvae.data.loader.BatchStream), so
+    # runs repeat and resume exactly, with any num_workers and any number of data-parallel ranks.
+    random_crop: bool = False
+    # The interval the network sees pixels in: [0, 1] (ToTensor's scaling, the paper's App. I) or [-1, 1] (2x - 1, the
+    # authors' MQ-GAN code). The training loss is in the range's units: an MSE on [-1, 1] is 4 times the same error on
+    # [0, 1]. Metrics (test_mse, FID, IS, LPIPS) and pictures see the data set's own [0, 1] pixels whatever the range,
+    # so that runs with either range compare (mqvae.data.to_pixels).
+    range: list[float] = spec(factory=lambda: [0.0, 1.0], choices=[[0.0, 1.0], [-1.0, 1.0]])
 
 
 @dataclass

@@ -1,7 +1,10 @@
 """Named image data sets: each name maps to a function that returns a train/test pair.
 
-Every item is ``(image, label)`` with ``image`` a float32 C×H×W tensor in [0, 1]
-(``transforms.ToTensor()``, the scaling of the MQ-VAE paper, App. I) and H == W.
+A registered loader gives every item as ``(image, label)`` with ``image`` a float32 C×H×W tensor in [0, 1]
+(``transforms.ToTensor()``, the scaling of the MQ-VAE paper, App. I) and H == W, at the set's own size;
+``load_datasets`` then shapes the pair as the config's ``data`` section says (``shaped``): ``image_size``,
+``random_crop`` and ``range``, the interval the network sees pixels in (``to_range``; ``to_pixels`` maps
+back, for the metrics and pictures).
 
 Built-in names:
 
@@ -14,10 +17,15 @@ Built-in names:
   downsamplings give a 7×7 latent and the decoder's transposed convolutions return 28×28; three would
   return 24×24, which ``QuantizedNetwork.task_loss`` stops with a one-line error.
 * ``cifar10``, ``cifar100``, ``svhn`` — 32×32 RGB as stored.
-* ``celeba`` — aligned faces, center-cropped to 140×140 then resized to 64×64;
+* ``celeba`` — aligned faces, center-cropped to 140×140 then resized to 64×64 (``data.image_size``);
   used unconditionally, so every label is 0.
 * ``image_folder`` — ``root/train/<class>/*`` and ``root/test/<class>/*`` images,
-  resized (shorter side) and center-cropped to ``IMAGE_FOLDER_SIZE`` (64).
+  resized (shorter side) and center-cropped to ``IMAGE_FOLDER_SIZE`` (64) or ``data.image_size``.
+
+``data.image_size`` and ``data.random_crop`` apply to the sets of images of any size (``SquareImages``:
+image_folder and celeba). The sets stored at one size (digits, mnist, fashion_mnist, cifar10, cifar100,
+svhn) refuse another ``image_size`` and ``random_crop`` with one line when they are loaded: resizing them
+would change the data that the paper's numbers are measured on, and there is nothing to crop.
 
 Torchvision sets are read from ``data.root`` in torchvision's own layout and are
 downloaded only when ``data.download`` is true.
@@ -29,7 +37,7 @@ import os
 import pickle
 import struct
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable
 
 import torch
@@ -74,22 +82,139 @@ class Datasets:
     num_classes: int
 
 
+# The interval the network sees pixels in (``data.range``): a data set's own pixels, [0, 1], or [-1, 1]. Metrics and
+# pictures always see [0, 1] (``to_pixels``).
+PIXELS = (0.0, 1.0)
+
+
+def to_range(images: torch.Tensor, range_) -> torch.Tensor:
+    """[0, 1] pixels mapped linearly onto ``range_`` = (low, high), as the network sees them: 2x - 1 for [-1, 1]
+    (the authors' MQ-GAN code, x / 127.5 - 1 of the bytes). [0, 1] gives ``images`` back, the same tensor."""
+    low, high = range_
+    return images if (low, high) == PIXELS else images * (high - low) + low
+
+
+def to_pixels(images: torch.Tensor, range_) -> torch.Tensor:
+    """The inverse of ``to_range``: images in ``range_`` as [0, 1] pixels, what metrics and pictures see."""
+    low, high = range_
+    return images if (low, high) == PIXELS else (images - low) / (high - low)
+
+
 def register_dataset(name: str):
-    """Decorator adding a loader ``fn(root, download, seed) -> Datasets`` under ``name``."""
+    """Decorator adding a loader ``fn(root, download, seed) -> Datasets`` under ``name``: images in [0, 1] at the
+    set's own size. Return ``SquareImages`` for a set of images of any size, so that ``data.image_size`` and
+    ``data.random_crop`` apply to it."""
     return DATASETS.register(name)
 
 
-def load_datasets(name: str, root: str, download: bool, seed: int) -> Datasets:
+def load_datasets(name: str, root: str, download: bool, seed: int, image_size: int | None = None,
+                  random_crop: bool = False, range_=PIXELS) -> Datasets:
+    """The data set ``name`` (``data.name``), shaped as ``data.image_size``, ``data.random_crop`` and ``data.range``
+    say (``shaped``)."""
     if name not in DATASETS:
         raise UserError(f"data.name: {DATASETS.unknown(name)}")
-    return DATASETS[name](root, download, seed)
+    return shaped(DATASETS[name](root, download, seed), name, image_size, random_crop, range_)
+
+
+def shaped(datasets: Datasets, name: str, image_size: int | None, random_crop: bool, range_) -> Datasets:
+    """``datasets`` (a loader's: [0, 1], its own size) at ``image_size`` (None: its own), its training split
+    randomly cropped where ``random_crop``, and every image in ``range_``; with the defaults every image is the
+    loader's. Sets that are not ``SquareImages`` refuse another size and random crops with one line."""
+    own = datasets.image_size
+    squares = isinstance(datasets.train, SquareImages) and isinstance(datasets.test, SquareImages)
+    if not squares and image_size not in (None, own):
+        raise UserError(f"data.image_size: {image_size}, but {name} holds images of one size, {own}×{own}, which it "
+                        f"does not resize; leave image_size null (or {own}), or use a set of images of any size "
+                        "(image_folder, celeba)")
+    if not squares and random_crop:
+        raise UserError(f"data.random_crop: {name} holds images of one size, {own}×{own}, with nothing to crop from; "
+                        "random crops apply to sets of images of any size (image_folder, celeba); set it to false")
+    size = image_size or own
+    if squares:
+        train = datasets.train.shaped(size, random_crop, range_)
+        test = datasets.test.shaped(size, False, range_)  # test images are always the center crop
+    else:
+        train, test = (_in_range(split, range_) for split in (datasets.train, datasets.test))
+    return replace(datasets, train=train, test=test, image_size=size)
+
+
+def _in_range(dataset: Dataset, range_) -> Dataset:
+    """``dataset`` with its images in ``range_``: a TensorDataset's images mapped once (it keeps the batch stream's
+    fast path), any other set's item by item (``InRange``)."""
+    if tuple(range_) == PIXELS:
+        return dataset
+    if isinstance(dataset, TensorDataset):
+        images, *rest = dataset.tensors
+        return TensorDataset(to_range(images, range_), *rest)
+    return InRange(dataset, range_)
+
+
+class InRange(Dataset):
+    """The items of ``dataset``, in its order, with the image of each in ``range``."""
+
+    def __init__(self, dataset: Dataset, range_):
+        self.dataset, self.range = dataset, tuple(range_)
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index):
+        image, *rest = self.dataset[index]
+        return (to_range(image, self.range), *rest)
+
+
+class SquareImages(Dataset):
+    """A set of PIL images of any size (``dataset``'s items are ``(image, label)``) as ``size``×``size`` float
+    tensors in ``range``.
+
+    Each image is resized so that its shorter side is ``size`` (torchvision's Resize: PIL's antialiased bilinear),
+    then cropped to size×size; with ``window`` (CelebA's 140-px face square) it is cropped to window×window first,
+    then resized to size, as the authors' CelebA transform does it. An integer index takes the center crop. With
+    ``random_crop`` (a training split), the batch stream asks for items as ``(index, (u, v))``, u and v uniform in
+    [0, 1) and a pure function of the stream's seed, the epoch and the index (``loader.BatchStream``); the crop's
+    top-left corner is then (floor(u·(H − side + 1)), floor(v·(W − side + 1))), albumentations' RandomCrop, which
+    the authors' dataset.py applies after SmallestMaxSize (a resize of the shorter side)."""
+
+    def __init__(self, dataset: Dataset, size: int, window: int | None = None, random_crop: bool = False,
+                 range_=PIXELS):
+        self.dataset, self.size, self.window = dataset, size, window
+        self.random_crop, self.range = random_crop, tuple(range_)
+
+    def shaped(self, size: int, random_crop: bool, range_) -> "SquareImages":
+        """The same images at ``size``, randomly cropped or not, in ``range_``."""
+        return SquareImages(self.dataset, size, self.window, random_crop, range_)
+
+    def subset(self, indices: list[int]) -> "SquareImages":
+        """The items at ``indices``, shaped alike (a hold-out split keeps its random crops)."""
+        return SquareImages(Subset(self.dataset, indices), self.size, self.window, self.random_crop, self.range)
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index):
+        from torchvision.transforms import functional
+
+        index, draw = index if isinstance(index, tuple) else (index, None)
+        image, label = self.dataset[index]
+        side = self.window or self.size
+        if self.window is None:
+            image = functional.resize(image, self.size)
+        if draw is None:
+            image = functional.center_crop(image, side)
+        else:
+            # min(): u * m may round up to m for u just below 1.
+            top, left = (min(int(u * (extent - side + 1)), extent - side) for u, extent in zip(draw, image.size[::-1]))
+            image = functional.crop(image, top, left, side, side)
+        if self.window is not None:
+            image = functional.resize(image, self.size)
+        return to_range(functional.to_tensor(image), self.range), label
 
 
 def holdout_split(dataset: Dataset, fraction: float, seed: int) -> tuple[Dataset, Dataset]:
     """Split off a seeded ``fraction`` of ``dataset``; returns ``(rest, held_out)``.
 
     A ``TensorDataset`` is split into ``TensorDataset``s so the batch stream's
-    fast path still applies.
+    fast path still applies, and ``SquareImages`` into ``SquareImages`` so that random crops still do.
     """
     n = len(dataset)
     n_held = round(n * fraction)
@@ -99,6 +224,8 @@ def holdout_split(dataset: Dataset, fraction: float, seed: int) -> tuple[Dataset
     held, rest = order[:n_held], order[n_held:]
     if isinstance(dataset, TensorDataset):
         return TensorDataset(*(t[rest] for t in dataset.tensors)), TensorDataset(*(t[held] for t in dataset.tensors))
+    if isinstance(dataset, SquareImages):
+        return dataset.subset(rest.tolist()), dataset.subset(held.tolist())
     return Subset(dataset, rest.tolist()), Subset(dataset, held.tolist())
 
 
@@ -265,11 +392,16 @@ def _unlabelled(_target) -> int:
     return 0
 
 
+# CelebA's aligned faces (178×218) are cropped to this central square before they are resized, as in the
+# authors' transform (a 140-px crop, then the shorter side resized to image_size).
+CELEBA_WINDOW = 140
+CELEBA_SIZE = 64
+
+
 @register_dataset("celeba")
 def _celeba(root: str, download: bool, seed: int) -> Datasets:
-    from torchvision import datasets, transforms
+    from torchvision import datasets
 
-    faces = transforms.Compose([transforms.CenterCrop(140), transforms.Resize(64), transforms.ToTensor()])
     # CelebA has no class label; "identity" is the cheapest target to carry, replaced by 0.
     train, test = _read_pair(
         "CelebA",
@@ -281,17 +413,17 @@ def _celeba(root: str, download: bool, seed: int) -> Datasets:
             root,
             split="train" if is_train else "test",
             target_type="identity",
-            transform=faces,
             target_transform=_unlabelled,
             download=download,
         ),
     )
-    return Datasets(_CelebAFiles(train), _CelebAFiles(test), channels=3, image_size=64, num_classes=1)
+    train, test = (SquareImages(_CelebAFiles(faces), CELEBA_SIZE, window=CELEBA_WINDOW) for faces in (train, test))
+    return Datasets(train, test, channels=3, image_size=CELEBA_SIZE, num_classes=1)
 
 
 class _CelebAFiles(Dataset):
-    """torchvision's CelebA opens its images itself (no ``loader=``): a file PIL cannot decode becomes one
-    UserError line naming it, as image_folder's ``_open_rgb`` does."""
+    """torchvision's CelebA opens its images itself (no ``loader=``) and lazily: each is decoded here, so that a
+    file PIL cannot decode becomes one UserError line naming it, as image_folder's ``_open_rgb`` does."""
 
     def __init__(self, faces):
         self.faces = faces
@@ -301,7 +433,8 @@ class _CelebAFiles(Dataset):
 
     def __getitem__(self, index):
         try:
-            return self.faces[index]
+            image, target = self.faces[index]
+            return image.convert("RGB"), target  # decodes every pixel, and closes the file
         except _DECODE_ERRORS as err:
             path = os.path.join(self.faces.root, self.faces.base_folder, "img_align_celeba", self.faces.filename[index])
             raise _unreadable_image(path, err) from err
@@ -324,19 +457,14 @@ def _unreadable_image(path: str, err: Exception) -> UserError:
 
 @register_dataset("image_folder")
 def _image_folder(root: str, download: bool, seed: int) -> Datasets:
-    from torchvision import datasets, transforms
+    from torchvision import datasets
 
-    square = transforms.Compose(
-        [transforms.Resize(IMAGE_FOLDER_SIZE), transforms.CenterCrop(IMAGE_FOLDER_SIZE), transforms.ToTensor()]
-    )
     train, test = _read_pair(
         "image",
         root,
         "train/<class>/*.png|jpg and test/<class>/*.png|jpg",
         "create those class subfolders of images (image_folder is never downloaded)",
-        lambda is_train: datasets.ImageFolder(
-            os.path.join(root, "train" if is_train else "test"), transform=square, loader=_open_rgb
-        ),
+        lambda is_train: datasets.ImageFolder(os.path.join(root, "train" if is_train else "test"), loader=_open_rgb),
     )
     # ImageFolder numbers classes by sorted folder name, separately per split.
     if train.classes != test.classes:
@@ -344,4 +472,5 @@ def _image_folder(root: str, download: bool, seed: int) -> Datasets:
             f"data.root: class folders differ between '{os.path.join(root, 'train')}' ({', '.join(train.classes)}) "
             f"and '{os.path.join(root, 'test')}' ({', '.join(test.classes)}); use the same class folder names in both"
         )
-    return Datasets(train, test, channels=3, image_size=IMAGE_FOLDER_SIZE, num_classes=len(train.classes))
+    return Datasets(SquareImages(train, IMAGE_FOLDER_SIZE), SquareImages(test, IMAGE_FOLDER_SIZE), channels=3,
+                    image_size=IMAGE_FOLDER_SIZE, num_classes=len(train.classes))

@@ -3,7 +3,10 @@
 Betty pulls batches with ``next()`` on ``iter(loader)`` and calls ``iter(loader)``
 again after ``StopIteration``. A checkpoint must resume at exactly the next
 batch, so each epoch's order is a pure function of ``(seed, epoch)`` (never the
-global RNG) and the stream counts how many batches it has handed out.
+global RNG) and the stream counts how many batches it has handed out. A data set
+with ``random_crop`` (``datasets.SquareImages``) gets each item's crop from the
+same generator: a pure function of ``(seed, epoch, index)``, whatever the
+DataLoader workers or the data-parallel shard.
 """
 
 import math
@@ -80,23 +83,28 @@ class BatchStream:
         n = len(self.dataset)
         return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
 
-    def _epoch_batches(self) -> list[torch.Tensor]:
+    def _epoch_batches(self) -> list:
+        """This rank's share of each batch of the epoch: index tensors, or for a data set with ``random_crop`` lists
+        of ``(index, (u, v))``, the crop's two uniform draws (``datasets.SquareImages``)."""
         n = len(self.dataset)
-        if self.shuffle:
-            generator = torch.Generator().manual_seed(self.seed * _EPOCH_STRIDE + self.epoch)
-            order = torch.randperm(n, generator=generator)
-        else:
-            order = torch.arange(n)
+        generator = torch.Generator().manual_seed(self.seed * _EPOCH_STRIDE + self.epoch)
+        order = torch.randperm(n, generator=generator) if self.shuffle else torch.arange(n)
         share = self.batch_size // self.ranks
-        return [batch[self.rank * share:(self.rank + 1) * share] for batch in list(order.split(self.batch_size))[: len(self)]]
+        batches = [batch[self.rank * share:(self.rank + 1) * share] for batch in list(order.split(self.batch_size))[: len(self)]]
+        if not getattr(self.dataset, "random_crop", False):
+            return batches
+        # Drawn after the order, for every item of the data set: the order is that of a stream without crops, and an
+        # item's draws depend on the seed, the epoch and its index alone, not on the batch, the rank or a worker.
+        draws = torch.rand(n, 2, dtype=torch.float64, generator=generator)
+        return [list(zip(idx.tolist(), map(tuple, draws[idx].tolist()))) for idx in batches]
 
-    def _load(self, batches: list[torch.Tensor]):
+    def _load(self, batches: list):
         if isinstance(self.dataset, TensorDataset):
             # Fast path: one gather per tensor instead of per-item Python calls.
             return (tuple(t[idx] for t in self.dataset.tensors) for idx in batches)
         return DataLoader(
             _Guarded(self.dataset),
-            batch_sampler=[idx.tolist() for idx in batches],
+            batch_sampler=[idx if isinstance(idx, list) else idx.tolist() for idx in batches],
             num_workers=self.num_workers,
             collate_fn=_collate,
         )

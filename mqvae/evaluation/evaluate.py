@@ -15,6 +15,7 @@ from torch.utils.data import DataLoader, Subset, TensorDataset
 from mqvae.runtime import distributed
 from mqvae.evaluation import metrics as metric_fns
 from mqvae.config import EvalConfig
+from mqvae.data import InRange, SquareImages, to_pixels
 from mqvae.nn.quantizers import to_vectors
 
 
@@ -55,8 +56,11 @@ def first_images(dataset, count: int) -> torch.Tensor:
 
 def labels_of(dataset) -> torch.Tensor | None:
     """The class label of every item of ``dataset``, read without loading an image: a TensorDataset's second
-    tensor, torchvision's ``targets`` (ImageFolder, CIFAR, MNIST) or ``labels`` (SVHN), a Subset's of its items.
-    None where the data set keeps no such list (CelebA, a user's set), or it is not one integer per item."""
+    tensor, torchvision's ``targets`` (ImageFolder, CIFAR, MNIST) or ``labels`` (SVHN), a Subset's of its items,
+    and those of the set that ``SquareImages`` and ``InRange`` map item by item. None where the data set keeps no such
+    list (CelebA, a user's set), or it is not one integer per item."""
+    if isinstance(dataset, (SquareImages, InRange)):
+        return labels_of(dataset.dataset)
     if isinstance(dataset, Subset):
         labels = labels_of(dataset.dataset)
         return None if labels is None else labels[torch.as_tensor(dataset.indices, dtype=torch.long)]
@@ -106,7 +110,9 @@ def evaluate(model, dataset, batch_size: int, device, image_quality=None) -> tup
     Both tasks: ``perplexity`` (2^H of code usage over the whole test set in float64, MQ-VAE §5.2),
     ``active_codes`` and ``gradient_gap`` (Δgap of Huh Eq. 14 / MQ-VAE §5.2 per test batch, with the
     training task loss, averaged over batches; see ``metrics.gradient_gap``); then the task's own
-    (``tasks.Reconstruction``, ``tasks.Classification``), FID / IS / LPIPS with ``image_quality``.
+    (``tasks.Reconstruction``, ``tasks.Classification``), FID / IS / LPIPS with ``image_quality``. The task's
+    metrics see the data set's own pixels: the images, and the outputs where they are images, are mapped from the
+    network's ``range`` (``data.range``) back to [0, 1]; Δgap is the training loss's, in the range's units.
 
     Data-parallel (every rank must call it), each rank evaluates its slice of every batch of one process with the
     global batch (``slices``), and the sums are reduced, so the metrics are that process's. Δgap is a norm over a
@@ -126,7 +132,8 @@ def evaluate(model, dataset, batch_size: int, device, image_quality=None) -> tup
             counts += out.quant.counts
             gaps[index] = (hi - lo, metric_fns.gradient_gap(model.decoder, lambda o, b=batch: model.task_loss(o, b),
                                                             out.z_e, out.quant.z_q).item())
-            scores.update(batch, out.output)
+            output = to_pixels(out.output, model.range) if model.task.outputs_images else out.output
+            scores.update((to_pixels(batch[0], model.range), batch[1]), output)
     counts = distributed.sum_(counts).cpu()
     metrics = {"perplexity": metric_fns.perplexity(counts), "active_codes": metric_fns.active_codes(counts),
                "gradient_gap": _mean_gap(gaps, len(range(0, len(dataset), batch_size * distributed.world_size()))),
@@ -182,20 +189,21 @@ def latents_and_codes(model, dataset, device) -> tuple[torch.Tensor, torch.Tenso
 
 @torch.no_grad()
 def reconstructions(model, dataset, count: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """``count`` test images spread over the classes (``shown_indices``) and their reconstructions, on the CPU."""
+    """``count`` test images spread over the classes (``shown_indices``) and their reconstructions, on the CPU, as
+    [0, 1] pixels whatever the network's ``range``."""
     x = torch.stack([dataset[i][0] for i in shown_indices(dataset, count)]).to(device)
     with evaluating(model):
-        recon = model(x).output.clamp(0, 1)
-    return x.cpu(), recon.cpu()
+        recon = to_pixels(model(x).output, model.range).clamp(0, 1)
+    return to_pixels(x, model.range).cpu(), recon.cpu()
 
 
 @torch.no_grad()
 def predictions(model, dataset, count: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``count`` test images spread over the classes (``shown_indices``), the classes predicted for them and their
-    true classes, on the CPU."""
+    """``count`` test images spread over the classes (``shown_indices``) as [0, 1] pixels, the classes predicted for
+    them and their true classes, on the CPU."""
     items = [dataset[i] for i in shown_indices(dataset, count)]
     images = torch.stack([image for image, _ in items])
     labels = torch.tensor([int(label) for _, label in items])
     with evaluating(model):
         predicted = model(images.to(device)).output.argmax(1).cpu()
-    return images, predicted, labels
+    return to_pixels(images, model.range), predicted, labels

@@ -179,8 +179,9 @@ def build_model(cfg, channels: int, num_classes: int, image_size: int) -> Quanti
     task = task_for(cfg)
     perceptual = None
     if cfg.loss.perceptual_weight > 0:
-        perceptual = metrics.perceptual_distance(cfg.loss.perceptual_weight, signed=False,
+        perceptual = metrics.perceptual_distance(cfg.loss.perceptual_weight, signed=cfg.data.range[0] < 0,
                                                  download_weights=cfg.eval.download_weights)
     quantizer = build_quantizer(cfg.quantizer)
     encoder, decoder = MODELS[cfg.model.kind].halves(cfg, channels, num_classes, image_size)
-    return QuantizedNetwork(encoder, quantizer, decoder, task, perceptual, cfg.loss.perceptual_weight, channels)
+    return QuantizedNetwork(encoder, quantizer, decoder, task, range=cfg.data.range, perceptual=perceptual,
+                            perceptual_weight=cfg.loss.perceptual_weight, image_channels=channels)

@@ -19,7 +19,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from mqvae.config import Config, config_from_dict, read_yaml
+from mqvae.config import Config, DataConfig, config_from_dict, read_yaml
+from mqvae.data import to_pixels
 from mqvae.errors import UserError, quote
 from mqvae.io.checkpoint import load_checkpoint
 from mqvae.evaluation.evaluate import evaluating
@@ -75,6 +76,17 @@ def take_source(cfg: Config, where: str) -> None:
     if cfg.data.name != source.data.name:
         raise UserError(f"{where}: data.name: {quote(cfg.data.name)}, but the source run {cfg.prior.run} was trained "
                         f"on {quote(source.data.name)}; a prior learns the codes of the source's data set")
+    # The source's encoder codes images as it was trained to see them: at its image_size, in its range. As with the
+    # network's sections, the config may leave them out (the default) or repeat them.
+    for key in ("image_size", "range"):
+        given, trained = getattr(cfg.data, key), getattr(source.data, key)
+        if given not in (getattr(DataConfig(), key), trained):
+            raise UserError(f"{where}: data.{key}: {quote(given)}, but the source run {cfg.prior.run} was trained with "
+                            f"{quote(trained)}; a prior codes the images as its source saw them (leave data.{key} out)")
+        setattr(cfg.data, key, trained)
+    if cfg.data.random_crop:
+        raise UserError(f"{where}: data.random_crop: a prior learns the code maps of the center-cropped images, "
+                        "computed once before it trains; set it to false")
 
 
 def load_source(cfg: Config, network: nn.Module) -> None:
@@ -119,8 +131,8 @@ def code_maps(network, dataset, batch_size: int, device) -> TensorDataset:
 
 
 class PriorModel(nn.Module):
-    """The frozen source network and the PixelCNN on its code maps. ``images``: the test images, the real side
-    of FID; ``seed``: the seed of every draw of samples (so they are the same however the run was cut);
+    """The frozen source network and the PixelCNN on its code maps. ``images``: the test images (in the source's
+    ``range``), the real side of FID; ``seed``: the seed of every draw of samples (so they are the same however the run was cut);
     ``source_sha256``: the source run's fingerprint (``source_sha256``), which the checkpoint records."""
 
     task: "PriorTask"
@@ -155,10 +167,12 @@ class PriorModel(nn.Module):
         return self.source.decoder(z_q.contiguous())
 
     def samples(self, count: int, generator: torch.Generator, device) -> torch.Tensor:
-        """``count`` decoded samples; class-conditional priors draw the classes in turn (0, 1, ..., 0, 1, ...)."""
+        """``count`` decoded samples as [0, 1] pixels; class-conditional priors draw the classes in turn (0, 1, ...,
+        0, 1, ...)."""
         labels = torch.arange(count, device=device) % max(self.pixelcnn.num_classes, 1)
         with evaluating(self):
-            return self.decode(self.pixelcnn.sample(self.code_shape, labels, generator)).clamp(0, 1)
+            return to_pixels(self.decode(self.pixelcnn.sample(self.code_shape, labels, generator)),
+                             self.source.range).clamp(0, 1)
 
 
 class _PriorScores(Scores):
@@ -206,7 +220,7 @@ class PriorTask(Task):
         if image_quality is not None:
             generator = torch.Generator(device).manual_seed(model.seed)
             for real, _ in DataLoader(model.images, batch_size=batch_size, shuffle=False):
-                image_quality.update(real, model.samples(real.shape[0], generator, device))
+                image_quality.update(to_pixels(real, model.source.range), model.samples(real.shape[0], generator, device))
             quality = image_quality.compute()
             metrics.update({key: quality[key] for name in self.image_metrics for key in (name, f"{name}_reason")})
         return metrics, None

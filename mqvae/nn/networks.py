@@ -97,13 +97,16 @@ class ModelOutput:
 
 class QuantizedNetwork(nn.Module):
     """encoder -> quantizer -> decoder, with the task loss of MQ-VAE Eq. 6 (``task``: MSE for reconstruction,
-    CE for classification)."""
+    CE for classification). ``range``: the interval (low, high) of the pixels it takes, and of the images it gives
+    back where its task outputs images (the config's ``data.range``); evaluation maps both back to [0, 1]."""
 
     def __init__(self, encoder: nn.Module, quantizer: Quantizer, decoder: nn.Module, task,
-                 perceptual: nn.Module | None = None, perceptual_weight: float = 0.0, image_channels: int | None = None):
+                 *, range: tuple[float, float] = (0.0, 1.0), perceptual: nn.Module | None = None,
+                 perceptual_weight: float = 0.0, image_channels: int | None = None):
         super().__init__()
         self.encoder, self.quantizer, self.decoder = encoder, quantizer, decoder
         self.task = task
+        self.range = tuple(range)
         self.image_channels = image_channels  # of the input images (a discriminator's input; None: not given)
         # loss.perceptual_weight's frozen LPIPS network, (output, input) -> one distance per image: kept out of the
         # module tree (object.__setattr__), so that no level trains it and no checkpoint holds its weights; _apply
