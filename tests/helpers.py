@@ -166,3 +166,33 @@ def assert_same(got, want, where):
             assert_same(g, w, f"{where}.{i}")
     else:
         assert got == want, where
+
+
+class StandInVGG(torch.nn.Module):
+    """A stand-in for LPIPS's VGG-16 (whose pretrained weights cannot be downloaded here): five feature maps with
+    VGG-16's channel counts, which LPIPS's linear heads are sized for; 1x1 stride-2 stages keep it cheap at 256 px."""
+
+    def __init__(self):
+        super().__init__()
+        widths = [3, 64, 128, 256, 512, 512]
+        self.stages = torch.nn.ModuleList(torch.nn.Conv2d(a, b, 1, stride=2) for a, b in zip(widths, widths[1:]))
+
+    def forward(self, x):
+        outs = []
+        for stage in self.stages:
+            x = torch.tanh(stage(x))
+            outs.append(x)
+        return outs
+
+
+def stand_in_lpips_vgg(monkeypatch):
+    """LPIPS-VGG (torchmetrics' network and its linear heads) with ``StandInVGG`` as its backbone, wherever a config's
+    loss.perceptual_weight builds one (``metrics.lpips_vgg``); returns the network."""
+    from mqvae.evaluation import metrics
+
+    generator_state = torch.random.get_rng_state()
+    torch.manual_seed(1)
+    network = metrics._lpips_with_backbone(StandInVGG(), net="vgg")
+    torch.random.set_rng_state(generator_state)
+    monkeypatch.setattr(metrics, "lpips_vgg", lambda download_weights: (network, None))
+    return network

@@ -251,7 +251,7 @@ def test_the_default_config_gives_the_pixels_of_a_reference_bit_for_bit(tmp_path
 def _model_and_data(range_):
     torch.manual_seed(0)
     cfg = tiny_config(levels=[{"name": "vqvae", "problem": "VQVAE"}], data={"name": "digits", "range": range_})
-    model = build_model(cfg, 1, 10).eval()
+    model = build_model(cfg, 1, 10, 16).eval()
     g = torch.Generator().manual_seed(1)
     pixels = torch.rand(13, 1, 16, 16, generator=g)
     labels = torch.randint(0, 10, (13,), generator=g)

@@ -4,7 +4,6 @@ one line a run without LPIPS's weights gets."""
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -14,14 +13,13 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 import run
 from engines.experiment import build_engine
 from mqvae.evaluation import metrics
 from mqvae.nn.gan import adaptive_weight, hinge_loss
-from helpers import (PLAIN, assert_same, float64, killed_after_first_save, measured, tiny_config,  # noqa: F401
-                     two_levels)  # (float64: a fixture)
+from helpers import (PLAIN, assert_same, float64, killed_after_first_save, measured, stand_in_lpips_vgg,  # noqa: F401
+                     tiny_config, two_levels)  # (float64: a fixture)
 
 ROOT = Path(__file__).resolve().parents[1]
 # configs/digits/mqgan.yaml at a test's size: the discriminator on from iteration 3.
@@ -150,31 +148,8 @@ def test_nothing_adversarial_happens_before_disc_start_and_both_after(tmp_path):
 # ---------------------------------------------------------------------------------------------
 # The perceptual loss: LPIPS-VGG through torchmetrics' network, here with a stand-in backbone.
 
-class StandInVGG(nn.Module):
-    """Five feature maps with VGG-16's channel counts (the widths LPIPS's linear heads are sized for)."""
-
-    def __init__(self):
-        super().__init__()
-        widths = [3, 64, 128, 256, 512, 512]
-        self.stages = nn.ModuleList(nn.Conv2d(a, b, 3, padding=1) for a, b in zip(widths, widths[1:]))
-
-    def forward(self, x):
-        outs = []
-        for stage in self.stages:
-            x = torch.tanh(stage(x))
-            outs.append(x)
-        return outs
-
-
-def _stand_in(monkeypatch):
-    torch.manual_seed(1)
-    network = metrics._lpips_with_backbone(StandInVGG(), net="vgg")
-    monkeypatch.setattr(metrics, "lpips_vgg", lambda download_weights: (network, None))
-    return network
-
-
 def test_the_perceptual_term_is_lpips_by_hand(tmp_path, monkeypatch):
-    network = _stand_in(monkeypatch)
+    network = stand_in_lpips_vgg(monkeypatch)
     cfg = tiny_config(quantizer={"kmeans_init": False, "kmeans_warmup": 0},
                       loss={"reconstruction": "l1", "perceptual_weight": 0.5})
     engine = build_engine(cfg, tmp_path)

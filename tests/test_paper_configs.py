@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import fake_datasets
+from helpers import stand_in_lpips_vgg
 import problems  # noqa: F401  (registers the level kinds the configs name)
 import run
 from mqvae.config import load_config
@@ -39,8 +40,13 @@ MUTUAL = ["cifar100_mqvae_ddagger.yaml"]
 AUTHORS = sorted(f"{d}_mqvae_authors.yaml" for d in WRITERS)
 
 
+# MQ-GAN (App. G, Table 8) and its VQ-GAN baseline at 256 px, on image folders.
+MQGAN = sorted(f"{d}_{m}.yaml" for d in ("celeba_hq", "imagenet") for m in ("mqgan", "vqgan"))
+
+
 def test_every_data_set_has_both_paper_configs_and_the_authors_preset():
-    assert PAPER == sorted([f"{d}_{m}.yaml" for d in WRITERS for m in ("mqvae", "vqvae")] + ABLATIONS + MUTUAL + AUTHORS)
+    assert PAPER == sorted([f"{d}_{m}.yaml" for d in WRITERS for m in ("mqvae", "vqvae")] + ABLATIONS + MUTUAL + AUTHORS
+                           + MQGAN)
 
 
 @pytest.mark.parametrize("name", AUTHORS)
@@ -59,7 +65,7 @@ def test_authors_preset_has_their_codes_settings(name):
         assert (level.grad_accumulation, level.scheduler, level.warmup_ratio, level.min_lr) == (4, "warmup_cosine", 0.1, 0.0)
 
 
-@pytest.mark.parametrize("name", sorted(set(PAPER) - set(AUTHORS)))
+@pytest.mark.parametrize("name", sorted(set(PAPER) - set(AUTHORS) - set(MQGAN)))
 def test_paper_config_validates_with_the_papers_settings(name):
     cfg = load_config(ROOT / "configs" / "paper" / name)
     assert (cfg.quantizer.num_codes, cfg.quantizer.dim, cfg.quantizer.beta, cfg.data.batch_size) == (1024, 512, 0.1, 512)
@@ -74,7 +80,7 @@ def test_paper_config_validates_with_the_papers_settings(name):
 
 # (The authors' presets read the same files as the paper's MQ-VAE configs; two iterations of theirs would step
 # nothing, with accumulation 4. configs/digits/mqvae_authors.yaml trains in tests/test_authors.py.)
-@pytest.mark.parametrize("name", sorted(set(PAPER) - set(AUTHORS)))
+@pytest.mark.parametrize("name", sorted(set(PAPER) - set(AUTHORS) - set(MQGAN)))
 def test_paper_config_runs_two_iterations_on_stand_in_files(tmp_path, monkeypatch, name):
     from mqvae.evaluation import evaluate as evaluation
 
@@ -90,6 +96,62 @@ def test_paper_config_runs_two_iterations_on_stand_in_files(tmp_path, monkeypatc
     assert run.main([f"configs/paper/{name}", *SMALL, *adam, "--set", f"data.root={tmp_path / 'data'}", "--out", str(out)]) == 0
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["iterations"] == 2 and metrics["test_mse"] > 0
+
+
+@pytest.mark.parametrize("name", MQGAN)
+def test_mqgan_config_has_the_authors_settings(name):
+    cfg = load_config(ROOT / "configs" / "paper" / name)
+    model, quantizer = cfg.model, cfg.quantizer
+    assert (model.kind, model.hidden_channels, model.ch_mult, model.num_res_blocks, model.attn_resolutions,
+            model.z_channels, model.quant_conv, model.z_norm) == ("vqgan", 128, [1, 1, 2, 2, 4], 2, [16], 256, True, "layer")
+    assert (quantizer.num_codes, quantizer.dim, quantizer.codebook_mlp, quantizer.beta, quantizer.codebook_weight) == \
+        (16384, 32, [256], 0.1, 0.1)
+    assert (cfg.loss.reconstruction, cfg.loss.perceptual_weight) == ("l1", 1.0)
+    assert (cfg.data.name, cfg.data.image_size, cfg.data.random_crop, cfg.data.range, cfg.data.batch_size) == \
+        ("image_folder", 256, True, [-1.0, 1.0], 16)
+    levels = {level.problem: level for level in cfg.levels}
+    disc = levels["Discriminator"]
+    # disc_start: 10 % of the iterations (20 % on ImageNet), the authors' default; rate_d 0.1.
+    share = 0.2 if name.startswith("imagenet") else 0.1
+    assert (disc.params.disc_start, disc.params.disc_weight) == (int(share * cfg.train.iters), 0.1)
+    trained = [levels["AutoEncoder"], disc] if "mqgan" in name else [levels["VQVAE"], disc]
+    for level in trained:
+        assert (level.optimizer, level.lr, level.betas, level.eps, level.weight_decay) == ("adamw", 1e-4, [0.5, 0.9], 1e-7, 0.0)
+    if "mqgan" in name:
+        codebook = levels["Codebook"]
+        assert (codebook.optimizer, codebook.momentum, codebook.lr, codebook.lower) == ("sgd", 0.9, 1e-4, ["generator"])
+        assert cfg.hypergradient.type == "mqvae"
+    # MQ-GAN and its VQ-GAN baseline differ in the levels alone.
+    baseline = load_config(ROOT / "configs" / "paper" / name.replace("mqgan", "vqgan"))
+    assert (cfg.data, cfg.model, cfg.quantizer, cfg.loss, cfg.train) == \
+        (baseline.data, baseline.model, baseline.quantizer, baseline.loss, baseline.train)
+
+
+# The 256-px configs on a stand-in image folder of a few images, with a narrow network, the discriminator on from
+# the start and one-step accumulation (so that 2 iterations step every level), and a stand-in for LPIPS's VGG.
+SMALL_GAN = ["--set", "train.iters=2", "--set", "train.log_every=1", "--set", "train.eval_every=0",
+             "--set", "train.checkpoint_every=0", "--set", "data.batch_size=2", "--set", "data.num_workers=0",
+             "--set", "model.hidden_channels=8", "--set", "model.num_res_blocks=1", "--set", "model.norm_groups=8",
+             "--set", "model.z_channels=8", "--set", "quantizer.num_codes=16", "--set", "quantizer.dim=8",
+             "--set", "quantizer.codebook_mlp=[8]", "--set", "levels.discriminator.params.disc_start=0",
+             "--set", "levels.discriminator.params.filters=4", "--set", "device=cpu"]
+
+
+@pytest.mark.parametrize("name", MQGAN)
+def test_mqgan_config_runs_two_iterations_at_256_px_on_a_few_images(tmp_path, monkeypatch, name):
+    from mqvae.evaluation import evaluate as evaluation
+
+    stand_in_lpips_vgg(monkeypatch)
+    monkeypatch.setattr(evaluation, "make_image_quality", lambda device, download_weights: None)
+    fake_datasets.write_image_folder(tmp_path / "data", 2)
+    one_step = [x for level in load_config(ROOT / "configs" / "paper" / name).levels
+                for x in ("--set", f"levels.{level.name}.grad_accumulation=1")]
+    out = tmp_path / "run"
+    assert run.main([f"configs/paper/{name}", *SMALL_GAN, *one_step, "--set", f"data.root={tmp_path / 'data'}",
+                     "--out", str(out)]) == 0
+    records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert {"generator.gan", "generator.perceptual", "discriminator.loss"} <= set(records[-1])
+    assert json.loads((out / "metrics.json").read_text())["iterations"] == 2
 
 
 CPU_SCALE = sorted(p.name for p in (ROOT / "configs" / "fashion_mnist").glob("*.yaml"))

@@ -400,7 +400,8 @@ def _finite_float(value, where: str, path: str) -> float:
 def _check_range(value, meta: dict, where: str, path: str) -> None:
     if value is None:
         return
-    if isinstance(value, list):  # a list field's range applies to each of its items
+    # A list field's range applies to each of its items, unless its choices are lists themselves (data.range).
+    if isinstance(value, list) and not any(isinstance(c, list) for c in meta.get("choices") or ()):
         for i, item in enumerate(value):
             _check_range(item, meta, where, f"{path}.{i}")
         return
