@@ -196,3 +196,44 @@ def stand_in_lpips_vgg(monkeypatch):
     torch.random.set_rng_state(generator_state)
     monkeypatch.setattr(metrics, "lpips_vgg", lambda download_weights: (network, None))
     return network
+
+
+def one_line_error(check, *needles) -> str:
+    """The message of the UserError ``check()`` raises: one line holding every needle."""
+    from mqvae.errors import UserError
+
+    with pytest.raises(UserError) as info:
+        check()
+    message = str(info.value)
+    assert "\n" not in message, message
+    for needle in needles:
+        assert needle in message, message
+    return message
+
+
+def killed_and_resumed(args: list, tmp_path) -> tuple[Path, Path]:
+    """``run.py args`` killed by SIGKILL right after its first checkpoint and then resumed, and the same run
+    uninterrupted: their folders (killed, reference), each process checked to have ended as it should."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    killed, reference = tmp_path / "killed", tmp_path / "reference"
+    died = subprocess.run([sys.executable, "-c", killed_after_first_save([*args, "--out", killed])], cwd=root,
+                          capture_output=True, timeout=600)
+    assert died.returncode == -signal.SIGKILL and (killed / "checkpoint.pt").exists()
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for command in (["--resume", str(killed)], [*args, "--out", str(reference)]):
+        result = subprocess.run([sys.executable, "run.py", *command], cwd=root, capture_output=True, text=True,
+                                timeout=600, env=env)
+        assert result.returncode == 0, result.stderr
+    return killed, reference
+
+
+def assert_same_checkpoints(one, other) -> None:
+    """Two run folders' checkpoints hold the same levels, optimizers, schedules and progress, bit for bit."""
+    got, want = (torch.load(Path(f) / "checkpoint.pt", weights_only=True) for f in (one, other))
+    for part in ("levels", "optimizers", "schedulers", "progress"):
+        assert_same(got[part], want[part], part)

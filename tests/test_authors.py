@@ -6,18 +6,14 @@ from __future__ import annotations
 
 import copy
 import json
-import os
-import signal
-import subprocess
-import sys
 
 import pytest
 import torch
 
 from engines.build import level_steps
-from helpers import (PLAIN, assert_same, float64, killed_after_first_save, tiny_config,  # noqa: F401  (float64: a fixture)
-                     tiny_engine)
-from test_run import ROOT, TINY
+from helpers import (PLAIN, assert_same_checkpoints, float64, killed_and_resumed, tiny_config,  # noqa: F401
+                     tiny_engine)  # (float64: a fixture)
+from test_run import TINY
 
 GAS = 4
 LOWER_LR, CODEBOOK_LR, ALPHA = 1e-2, 5e-2, 0.01
@@ -132,17 +128,7 @@ def test_a_run_killed_inside_an_accumulation_window_resumes_exactly(tmp_path):
     # codebook's first (its optimizer steps at 16): the accumulated gradients must come back.
     args = ["configs/digits/mqvae_authors.yaml", *TINY, "--set", "train.iters=12", "--set", "train.checkpoint_every=6",
             "--set", "train.eval_every=0", "--set", "levels.codebook.grad_accumulation=2"]
-    killed, reference = tmp_path / "killed", tmp_path / "reference"
-    kill_after_first_save = killed_after_first_save([*args, "--out", killed])
-    died = subprocess.run([sys.executable, "-c", kill_after_first_save], cwd=ROOT, capture_output=True, timeout=600)
-    assert died.returncode == -signal.SIGKILL and (killed / "checkpoint.pt").exists()
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    for command in (["--resume", str(killed)], [*args, "--out", str(reference)]):
-        result = subprocess.run([sys.executable, "run.py", *command], cwd=ROOT, capture_output=True, text=True,
-                                timeout=600, env=env)
-        assert result.returncode == 0, result.stderr
+    killed, reference = killed_and_resumed(args, tmp_path)
     assert records(killed) == records(reference)
     assert any("codebook.implicit_ratio" in r for r in records(killed))
-    got, want = (torch.load(f / "checkpoint.pt", weights_only=True) for f in (killed, reference))
-    for part in ("levels", "optimizers", "schedulers", "progress"):
-        assert_same(got[part], want[part], part)
+    assert_same_checkpoints(killed, reference)

@@ -14,12 +14,11 @@ import torch
 import problems  # noqa: F401  (registers the level kinds the configs name)
 from mqvae.config import feasibility
 from mqvae.config import QuantizerConfig, config_from_dict, load_config, read_yaml
-from mqvae.errors import UserError
 from mqvae.config.feasibility import MemoryEstimate, NetworkSize, check_feasible, estimate_memory, network_size, quantizer_size
 from mqvae.method.models import build_model
 from mqvae.method.models import build_quantizer
 
-from helpers import is_base_config
+from helpers import is_base_config, one_line_error
 
 ROOT = Path(__file__).resolve().parents[1]
 CPU = torch.device("cpu")
@@ -32,16 +31,6 @@ SHAPES = {"digits": (1, 16, 10), "mnist": (1, 28, 10), "fashion_mnist": (1, 28, 
 def tiny(**sections):
     """A one-level config with the given sections (mapping of keys each)."""
     return config_from_dict({"levels": [{"name": "vqvae", "problem": "VQVAE"}], **sections}, "x.yaml")
-
-
-def one_line_error(check, *needles) -> str:
-    with pytest.raises(UserError) as info:
-        check()
-    message = str(info.value)
-    assert "\n" not in message, message
-    for needle in needles:
-        assert needle in message, message
-    return message
 
 
 def real_network(cfg, channels, num_classes):

@@ -4,10 +4,6 @@ one line a run without LPIPS's weights gets."""
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -16,10 +12,9 @@ import torch.nn.functional as F
 
 import run
 from engines.experiment import build_engine
-from mqvae.evaluation import metrics
 from mqvae.nn.gan import adaptive_weight, hinge_loss
-from helpers import (PLAIN, assert_same, float64, killed_after_first_save, measured, stand_in_lpips_vgg,  # noqa: F401
-                     tiny_config, two_levels)  # (float64: a fixture)
+from helpers import (PLAIN, assert_same_checkpoints, float64, killed_and_resumed, measured,  # noqa: F401
+                     stand_in_lpips_vgg, tiny_config, two_levels)  # (float64: a fixture)
 
 ROOT = Path(__file__).resolve().parents[1]
 # configs/digits/mqgan.yaml at a test's size: the discriminator on from iteration 3.
@@ -205,18 +200,8 @@ def test_image_losses_on_a_classifier_are_one_line(loss):
 # configs/digits/mqgan.yaml: a run killed by SIGKILL after disc_start resumes exactly.
 
 def test_mqgan_killed_after_disc_start_resumes_exactly(tmp_path):
-    args = [*SMALL_MQGAN, "--set", "train.iters=6", "--set", "train.checkpoint_every=4"]
-    killed, reference = tmp_path / "killed", tmp_path / "reference"
-    died = subprocess.run([sys.executable, "-c", killed_after_first_save([*args, "--out", killed])], cwd=ROOT,
-                          capture_output=True, timeout=600)
-    assert died.returncode == -signal.SIGKILL and (killed / "checkpoint.pt").exists()
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    for command in (["--resume", str(killed)], [*args, "--out", str(reference)]):
-        result = subprocess.run([sys.executable, "run.py", *command], cwd=ROOT, capture_output=True, text=True,
-                                timeout=600, env=env)
-        assert result.returncode == 0, result.stderr
+    killed, reference = killed_and_resumed([*SMALL_MQGAN, "--set", "train.iters=6", "--set", "train.checkpoint_every=4"],
+                                           tmp_path)
     assert measured(killed) == measured(reference)
     assert any("discriminator.loss" in r for r in measured(killed)) and any("autoencoder.gan" in r for r in measured(killed))
-    got, want = (torch.load(f / "checkpoint.pt", weights_only=True) for f in (killed, reference))
-    for part in ("levels", "optimizers", "schedulers", "progress"):
-        assert_same(got[part], want[part], part)
+    assert_same_checkpoints(killed, reference)

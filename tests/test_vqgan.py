@@ -15,14 +15,13 @@ from torch.nn import functional as F
 import problems  # noqa: F401  (registers the level kinds the configs name)
 from mqvae.config import ModelConfig
 from mqvae.config.feasibility import check_feasible, network_size
-from mqvae.errors import UserError
 from mqvae.method.models import build_model
 from mqvae.nn.networks import Decoder, QuantizedNetwork
 from mqvae.nn.vqgan import ChannelLayerNorm, Downsample, ResidualBlock, SelfAttention, Upsample, VQGANDecoder, \
     VQGANEncoder
 from mqvae.registry import MODELS
 
-from helpers import measured, tiny_config, tiny_engine, two_levels
+from helpers import measured, one_line_error, tiny_config, tiny_engine, two_levels
 
 CPU = torch.device("cpu")
 # The digits (16 px) at the smallest widths that keep GroupNorm's groups meaningful.
@@ -33,16 +32,6 @@ DIGITS_VQGAN = {"kind": "vqgan", "hidden_channels": 8, "ch_mult": [1, 2], "attn_
 def small(**keys) -> ModelConfig:
     """A narrow VQ-GAN model section (8 channels, 4 GroupNorm groups) with ``keys`` changed."""
     return ModelConfig(**{"kind": "vqgan", "hidden_channels": 8, "norm_groups": 4, "num_res_blocks": 1, **keys})
-
-
-def one_line_error(check, *needles) -> str:
-    with pytest.raises(UserError) as info:
-        check()
-    message = str(info.value)
-    assert "\n" not in message, message
-    for needle in needles:
-        assert needle in message, message
-    return message
 
 
 # -- shapes and placement ---------------------------------------------------------------------------------------
