@@ -113,13 +113,16 @@ def test_optimizer_state_counts_every_level():
 
 
 def test_shipped_configs_are_feasible_on_their_data_sets(monkeypatch):
-    monkeypatch.setattr(feasibility, "available_memory", lambda device: 16 * 2**30)  # a modest GPU
     for path in sorted((ROOT / "configs").rglob("*.yaml")):
         if is_base_config(path):
             continue
         if "sweep" not in read_yaml(path) and "prior" not in read_yaml(path):  # a prior's needs its source run
             cfg = load_config(path)
-            check_feasible(cfg, *SHAPES[cfg.data.name], torch.device("cuda"))
+            # A modest GPU; MQ-GAN's 256-px image folders on the authors' 80-GB cards (estimated at 51.5 GiB).
+            gan = cfg.data.name == "image_folder"
+            monkeypatch.setattr(feasibility, "available_memory", lambda device: (80 if gan else 16) * 2**30)
+            shape = (3, cfg.data.image_size, 1) if gan else SHAPES[cfg.data.name]
+            check_feasible(cfg, *shape, torch.device("cuda"))
 
 
 @pytest.mark.parametrize("downsample, image_size, most", [(5, 16, 4), (3, 28, 2), (1, 15, 0)])

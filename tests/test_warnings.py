@@ -28,8 +28,8 @@ from mqvae.config import load_config
 from mqvae.method.hypergradients import WATCHED_STEPS
 from mqvae.nn.quantizers.vq import UNMAINTAINED_FORWARDS
 
-from helpers import is_base_config, tiny_engine
-from test_paper_configs import SMALL, WRITERS
+from helpers import is_base_config, stand_in_lpips_vgg, tiny_engine
+from test_paper_configs import MQGAN, SMALL, SMALL_GAN, WRITERS
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--set", "model.hidden_channels=8", "--set", "model.res_channels=4", "--set", "model.num_res_blocks=1",
@@ -163,7 +163,7 @@ SHIPPED = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "configs").glob("*/*.
 
 def test_every_shipped_config_is_covered():
     assert len([p for p in SHIPPED if p.startswith("configs/digits/")]) >= 15
-    assert len([p for p in SHIPPED if p.startswith("configs/paper/")]) == 12
+    assert len([p for p in SHIPPED if p.startswith("configs/paper/")]) == 12 + len(MQGAN)
     assert "configs/digits/mqvae_authors.yaml" in SHIPPED
     assert len([p for p in SHIPPED if p.startswith("configs/fashion_mnist/")]) == 5
 
@@ -184,7 +184,12 @@ def test_no_warning_fires_on_a_shipped_config(tmp_path, monkeypatch, path, reque
     their level graph, quantizer and hypergradient as shipped), its k-means init included."""
     overrides = ["train.iters=" + str(ZERO_GRADIENT_STEPS + 5), "train.log_every=5", "train.eval_every=0",
                  "train.checkpoint_every=0", "device=cpu"]
-    if not path.startswith("configs/digits/"):  # the paper's data sets, on small stand-ins
+    if Path(path).name in MQGAN:  # 256-px image folders: a few stand-in images at 32 px, and a stand-in VGG
+        fake_datasets.write_image_folder(tmp_path / "data", 4)
+        stand_in_lpips_vgg(monkeypatch)
+        overrides += [a for a in SMALL_GAN[1::2] if not a.startswith("train.")] + [
+            f"data.root={tmp_path / 'data'}", "data.image_size=32"]
+    elif not path.startswith("configs/digits/"):  # the paper's data sets, on small stand-ins
         fake_datasets.skip_md5_checks(monkeypatch)
         WRITERS[load_config(ROOT / path).data.name](tmp_path / "data")
         overrides += [a for a in SMALL[1::2] if not a.startswith("train.")] + [f"data.root={tmp_path / 'data'}"]
