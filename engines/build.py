@@ -167,12 +167,13 @@ def build_problems(cfg: Config, model, datasets, device) -> tuple[list, dict]:
             seed = derived_seed(cfg.seed, level.name) if main_stream_taken else cfg.seed
             main_stream_taken = True
             stream = BatchStream(datasets.train, cfg.data.batch_size * ranks, seed=seed, num_workers=cfg.data.num_workers,
-                                 shard=shard)
+                                 shard=shard, device=device)
         elif data == "holdout":
             if holdout is None:
                 _, holdout = holdout_split(datasets.train, cfg.data.holdout_fraction, seed=cfg.seed)
             stream = BatchStream(holdout, min(cfg.data.batch_size * ranks, len(holdout) // ranks * ranks),
-                                 seed=derived_seed(cfg.seed, level.name), num_workers=cfg.data.num_workers, shard=shard)
+                                 seed=derived_seed(cfg.seed, level.name), num_workers=cfg.data.num_workers, shard=shard,
+                                 device=device)
         # Huh Table 10's k inner steps belong to the level that steps first in alternated optimization: the upper
         # level of the config (level_graph reverses Betty's edge at xi = 0).
         inner_steps = cfg.hypergradient.inner_steps if cfg.hypergradient.xi == 0 and level.lower else 1

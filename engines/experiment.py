@@ -16,7 +16,7 @@ from mqvae.errors import UserError
 from mqvae.evaluation.evaluate import final_metrics, first_images
 from mqvae.config.feasibility import check_feasible
 from mqvae.io.files import FolderLock, os_error, read_lines, remove_stale_temps, write_json, write_text
-from mqvae.data.loader import BatchStream
+from mqvae.data.loader import BatchStream, place
 from mqvae.method.models import build_model
 from mqvae.runtime.perf import apply_perf, perf_quantizer_config
 from mqvae.nn.pixelcnn import GatedPixelCNN
@@ -60,6 +60,8 @@ def build_engine(cfg: Config, run_dir: Path) -> LevelEngine:
         if distributed.world_size() > 1:
             model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     perf_applied = apply_perf(cfg.perf, model, device)
+    # data.on_device: measured once the model is on the device, so that its free memory is what the training has.
+    datasets = dataclasses.replace(datasets, train=place(datasets.train, cfg.data.on_device, device, cfg.data.name))
     problems, dependencies = build_problems(cfg, model, datasets, device)
     engine = LevelEngine(cfg, problems, dependencies, model, datasets, device, run_dir)
     engine.perf_applied = perf_applied
@@ -121,12 +123,11 @@ def warm_up_encoder_decoder(engine: LevelEngine) -> None:
     # Data-parallel: every rank takes the global batch, as one process with ranks x data.batch_size would.
     batch_size = cfg.data.batch_size * distributed.world_size()
     stream = BatchStream(engine.datasets.train, batch_size, seed=derived_seed(cfg.seed, "kmeans_warmup"),
-                         num_workers=cfg.data.num_workers)
+                         num_workers=cfg.data.num_workers, device=device)
     model.train()
     taken = 0
     while taken < steps:
         for batch in stream:
-            batch = tuple(t.to(device) for t in batch)
             model.zero_grad(set_to_none=True)
             model.task_loss(model.decoder(model.encoder(batch[0])), batch).backward()
             for problem in engine.problems:

@@ -22,10 +22,10 @@ from mqvae.io.tracking import EVENT_FILES
 
 RUN_FILES = ("config.yaml", "log.jsonl", "checkpoint.pt", "metrics.json", "recon.png", "samples.png", "curves.png",
              "codebook.png", "report.md")
-# Extending a run, its logging, evaluation and checkpoint intervals, its TensorBoard logging, the device, what the
-# final evaluation measures and how its ranks talk leave what was trained valid.
+# Extending a run, its logging, evaluation and checkpoint intervals, its TensorBoard logging, the device, where its
+# batches are gathered, what the final evaluation measures and how its ranks talk leave what was trained valid.
 RESUMABLE_KEYS = ("train.iters", "train.log_every", "train.eval_every", "train.checkpoint_every", "logging.tensorboard",
-                  "device", "threads", "eval.image_quality", "eval.download_weights", "distributed.backend", "distributed.timeout_s")
+                  "device", "data.on_device", "threads", "eval.image_quality", "eval.download_weights", "distributed.backend", "distributed.timeout_s")
 
 
 def check_folder(run_dir: Path) -> None:

@@ -61,6 +61,16 @@ class DataConfig:
     # [0, 1]. Metrics (test_mse, FID, IS, LPIPS) and pictures see the data set's own [0, 1] pixels whatever the range,
     # so that runs with either range compare (mqvae.data.to_pixels).
     range: list[float] = spec(factory=lambda: [0.0, 1.0], choices=[[0.0, 1.0], [-1.0, 1.0]])
+    # Where training batches are gathered (mqvae.data.loader: place, BatchStream). true: the training set lives on the
+    # device as one tensor per field and each batch is gathered there by index; a set not held as tensors (a
+    # TensorDataset: digits, mnist, fashion_mnist, a prior's code maps; not cifar10, cifar100, svhn, image_folder,
+    # celeba, nor any random_crop set, read item by item) is refused with one line, as is one larger than the CUDA
+    # device's free memory. auto: true on a CUDA device for a tensor set of at most a quarter of its free memory
+    # (loader.ON_DEVICE_SHARE), else false. false: batches are gathered on the host and, on CUDA, copied through pinned
+    # memory without blocking, one batch ahead. The batches, their order and a resume are the same either way, so
+    # results do not change. On the CPU the host is the device: every value gives the same batches (true still
+    # refuses a set that is not a tensor set).
+    on_device: bool | str = spec("auto", choices=["auto", True, False])
 
 
 @dataclass
@@ -326,6 +336,15 @@ class Config:
 INT_LIMIT = 2**63
 
 
+# How a message names the scalar types a key of several types takes.
+_KIND_NAMES = {bool: "true or false", str: "a string", int: "an integer", float: "a number"}
+
+
+def _shown(choice) -> str:
+    """A choice as a config file writes it: YAML's true and false, not Python's True and False."""
+    return str(choice).lower() if isinstance(choice, bool) else str(choice)
+
+
 def _type_name(tp) -> str:
     return getattr(tp, "__name__", str(tp).replace("typing.", ""))
 
@@ -333,10 +352,16 @@ def _type_name(tp) -> str:
 def _convert(value, tp, where: str, path: str):
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        if value is None:
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
             return None
-        return _convert(value, args[0], where, path)
+        kinds = [a for a in args if a is not type(None)]
+        if len(kinds) == 1:
+            return _convert(value, kinds[0], where, path)
+        # A word or a boolean (data.on_device: auto, true or false): the value keeps its type, the choices decide.
+        if type(value) not in kinds:
+            raise UserError(f"{where}: {path}: expected {' or '.join(_KIND_NAMES[k] for k in kinds)}, got {quote(value)}")
+        return value
     if origin is list:
         (item_tp,) = typing.get_args(tp)
         if not isinstance(value, list):
@@ -407,7 +432,7 @@ def _check_range(value, meta: dict, where: str, path: str) -> None:
         return
     choices = meta.get("choices")
     if choices is not None and value not in choices:
-        raise UserError(f"{where}: {path}: {quote(value)} is not allowed; choose one of {', '.join(map(str, choices))}")
+        raise UserError(f"{where}: {path}: {quote(value)} is not allowed; choose one of {', '.join(map(_shown, choices))}")
     low, high, above = meta.get("min"), meta.get("max"), meta.get("above")
     if low is not None and value < low:
         raise UserError(f"{where}: {path}: {quote(value)} is below the minimum {low}")
