@@ -76,6 +76,10 @@ class Level(ImplicitProblem):
       scalars, which curves.png plots, each in a panel titled "learned" where the level's trained parameters
       reach the value in autograd's graph (``learned``); a scheduled or constant value, which they do not reach,
       is plotted as not learned.
+    - ``scheduled_steps(cls, steps, params)`` (optional, a classmethod): the length of its lr schedule when the level
+      kind skips some of the steps the level graph gives it (``Discriminator``: those before its disc_start).
+    - ``begin_iteration(self, step)`` (optional): told the iteration before each iteration's steps, for a level kind
+      whose behaviour depends on it; a loss must not read a counter that steps advance mid-iteration.
     - Reserved: a level's name may not be an attribute of its class or of the engine
       (``engines.build.reserved_names``: Betty makes every level an attribute of the engine and of the others
       under its name); ``levels.*.params`` may not hold a key its ``Params`` lacks.
