@@ -237,3 +237,14 @@ def assert_same_checkpoints(one, other) -> None:
     got, want = (torch.load(Path(f) / "checkpoint.pt", weights_only=True) for f in (one, other))
     for part in ("levels", "optimizers", "schedulers", "progress"):
         assert_same(got[part], want[part], part)
+
+
+def draw(stream, count: int) -> list:
+    """``count`` batches as a batch stream hands them out, calling iter() again at each epoch's end, as Betty does."""
+    out, iterator = [], iter(stream)
+    while len(out) < count:
+        try:
+            out.append(next(iterator))
+        except StopIteration:
+            iterator = iter(stream)
+    return out

@@ -17,7 +17,7 @@ import run
 from engines.experiment import build_engine
 from engines.run_folder import write_config
 from fake_datasets import skip_md5_checks, write_celeba, write_cifar10
-from helpers import tiny_config
+from helpers import draw, tiny_config
 from mqvae.config import load_config
 from mqvae.data import InRange, SquareImages, load_datasets
 from mqvae.data.loader import BatchStream
@@ -74,17 +74,6 @@ def windows(image: Image.Image, size: int) -> dict:
             for left in range(width - size + 1)}
 
 
-def take(stream: BatchStream, count: int) -> list:
-    """``count`` batches, calling iter() again at each epoch's end as Betty does."""
-    out, iterator = [], iter(stream)
-    while len(out) < count:
-        try:
-            out.append(next(iterator))
-        except StopIteration:
-            iterator = iter(stream)
-    return out
-
-
 def same(first: list, second: list) -> bool:
     return len(first) == len(second) and all(
         torch.equal(a, b) for one, two in zip(first, second) for a, b in zip(one, two))
@@ -105,7 +94,7 @@ def test_image_folder_center_crops_test_images_and_randomly_crops_training_image
         assert torch.equal(sets.train[i][0], center(images["train", i], size))
     options = {i: windows(images["train", i], size) for i in range(len(SIDES))}
     seen = {i: set() for i in options}
-    for x, y in take(BatchStream(sets.train, batch_size=3, seed=0), 8):  # 4 epochs
+    for x, y in draw(BatchStream(sets.train, batch_size=3, seed=0), 8):  # 4 epochs
         for image, i in zip(x, y.tolist()):
             places = [place for place, crop in options[i].items() if torch.equal(image, crop)]
             assert len(places) == 1, (i, places)  # exactly one window of the resized image
@@ -132,7 +121,7 @@ def test_celeba_crops_a_140_px_window_then_resizes_it(tmp_path, monkeypatch):
         assert torch.equal(sets.test[i][0], window(face.crop((19, 39, 159, 179)).resize((32, 32), Image.BILINEAR),
                                                     0, 0, 32))
     train_faces = [faces[name] for name in ("000001.jpg", "000004.jpg")]
-    (x, _), = take(BatchStream(sets.train, batch_size=2, seed=0, shuffle=False), 1)
+    (x, _), = draw(BatchStream(sets.train, batch_size=2, seed=0, shuffle=False), 1)
     for image, face in zip(x, train_faces):
         places = [(top, left) for top in range(218 - 140 + 1) for left in range(178 - 140 + 1)
                   if torch.equal(image, window(face.crop((left, top, left + 140, top + 140)).resize(
@@ -152,29 +141,29 @@ def by_index(batches: list, per_epoch: int) -> dict:
 
 def test_random_crops_are_a_function_of_the_seed_the_epoch_and_the_index_alone(tmp_path):
     dataset = crops_dataset(tmp_path)
-    first = take(BatchStream(dataset, batch_size=2, seed=5), 6)  # 2 epochs of 3 batches
+    first = draw(BatchStream(dataset, batch_size=2, seed=5), 6)  # 2 epochs of 3 batches
     torch.manual_seed(123)  # neither the global generator ...
-    assert same(take(BatchStream(dataset, batch_size=2, seed=5), 6), first)
+    assert same(draw(BatchStream(dataset, batch_size=2, seed=5), 6), first)
     # ... nor the batches' size, hence order, changes an item's crop in an epoch
     crops = by_index(first, 3)
     assert set(crops) == {(epoch, i) for epoch in range(2) for i in range(len(SIDES))}
-    whole = by_index(take(BatchStream(dataset, batch_size=6, seed=5), 2), 1)
+    whole = by_index(draw(BatchStream(dataset, batch_size=6, seed=5), 2), 1)
     assert all(torch.equal(crops[key], whole[key]) for key in crops)
     assert any(not torch.equal(crops[0, i], crops[1, i]) for i in range(len(SIDES)))  # a new crop each epoch
-    other = by_index(take(BatchStream(dataset, batch_size=6, seed=6), 1), 1)
+    other = by_index(draw(BatchStream(dataset, batch_size=6, seed=6), 1), 1)
     assert any(not torch.equal(crops[0, i], other[0, i]) for i in range(len(SIDES)))  # another seed, other crops
 
 
 def test_random_crops_are_the_same_with_0_and_2_workers(tmp_path):
     dataset = crops_dataset(tmp_path)
-    assert same(take(BatchStream(dataset, batch_size=2, seed=1, num_workers=2), 4),
-                take(BatchStream(dataset, batch_size=2, seed=1, num_workers=0), 4))
+    assert same(draw(BatchStream(dataset, batch_size=2, seed=1, num_workers=2), 4),
+                draw(BatchStream(dataset, batch_size=2, seed=1, num_workers=0), 4))
 
 
 def test_two_shards_together_are_one_processs_global_batch(tmp_path):
     dataset = crops_dataset(tmp_path)
-    whole = take(BatchStream(dataset, batch_size=2, seed=2), 4)
-    ranks = [take(BatchStream(dataset, batch_size=2, seed=2, shard=(rank, 2)), 4) for rank in (0, 1)]
+    whole = draw(BatchStream(dataset, batch_size=2, seed=2), 4)
+    ranks = [draw(BatchStream(dataset, batch_size=2, seed=2, shard=(rank, 2)), 4) for rank in (0, 1)]
     joined = [tuple(torch.cat(parts) for parts in zip(*batches)) for batches in zip(*ranks)]
     assert same(joined, whole)
 
@@ -182,12 +171,12 @@ def test_two_shards_together_are_one_processs_global_batch(tmp_path):
 @pytest.mark.parametrize("consumed", [1, 3, 4])  # mid-epoch, at the boundary, past it (3 batches an epoch)
 def test_a_resumed_stream_continues_the_crops_exactly(tmp_path, consumed):
     dataset = crops_dataset(tmp_path)
-    uninterrupted = take(BatchStream(dataset, batch_size=2, seed=3), consumed + 3)
+    uninterrupted = draw(BatchStream(dataset, batch_size=2, seed=3), consumed + 3)
     first = BatchStream(dataset, batch_size=2, seed=3)
-    take(first, consumed)
+    draw(first, consumed)
     resumed = BatchStream(dataset, batch_size=2, seed=3)
     resumed.load_state_dict(first.state_dict())
-    assert same(take(resumed, 3), uninterrupted[consumed:])
+    assert same(draw(resumed, 3), uninterrupted[consumed:])
 
 
 def test_a_holdout_split_keeps_its_random_crops(tmp_path):
@@ -195,7 +184,7 @@ def test_a_holdout_split_keeps_its_random_crops(tmp_path):
 
     rest, held = holdout_split(crops_dataset(tmp_path), 0.5, seed=0)
     assert isinstance(held, SquareImages) and held.random_crop and len(held) == 3
-    assert all(len(batch[0]) == 3 for batch in take(BatchStream(held, batch_size=3, seed=0), 2))
+    assert all(len(batch[0]) == 3 for batch in draw(BatchStream(held, batch_size=3, seed=0), 2))
 
 
 # -- the range ---------------------------------------------------------------------------------------------------
@@ -221,7 +210,7 @@ def test_range_minus_one_one_gives_exactly_2x_minus_1_of_the_pixel_batches(tmp_p
     kind = {_digits: TensorDataset, _cifar10: InRange, _image_folder: SquareImages}[load]
     assert isinstance(ranged.train, kind) and isinstance(ranged.test, kind)
     for split in ("train", "test"):
-        ones, twos = (take(BatchStream(getattr(sets, split), batch_size=2, seed=0), 4) for sets in (pixels, ranged))
+        ones, twos = (draw(BatchStream(getattr(sets, split), batch_size=2, seed=0), 4) for sets in (pixels, ranged))
         for (x, y), (x2, y2) in zip(ones, twos):
             assert torch.equal(y2, y)
             assert torch.equal(x2, 2 * x - 1)
@@ -238,7 +227,7 @@ def test_the_default_config_gives_the_pixels_of_a_reference_bit_for_bit(tmp_path
                          cfg.data.range)
     assert sets.image_size == 64
     for split, dataset in (("train", sets.train), ("test", sets.test)):
-        for x, y in take(BatchStream(dataset, batch_size=3, seed=0), 2):
+        for x, y in draw(BatchStream(dataset, batch_size=3, seed=0), 2):
             assert torch.equal(x, torch.stack([center(images[split, i], 64) for i in y.tolist()]))
     skip_md5_checks(monkeypatch)
     written = write_cifar10(tmp_path / "cifar", n_per_batch=2)

@@ -18,7 +18,7 @@ from torch.utils.data import Dataset, TensorDataset
 
 from engines.experiment import build_engine, initialize_codebook
 from engines.run_folder import resume_config, write_config
-from helpers import measured, tiny_config
+from helpers import draw, measured, tiny_config
 from mqvae.config import load_config
 from mqvae.data import SquareImages, load_datasets
 from mqvae.data.loader import ON_DEVICE_SHARE, BatchStream, place, to_move
@@ -54,17 +54,6 @@ def reference(seed: int, epoch: int, batch_size: int, rank: int = 0, ranks: int 
     count = N // batch_size if drop_last else -(-N // batch_size)
     share = batch_size // ranks
     return [order[b * batch_size:(b + 1) * batch_size][rank * share:(rank + 1) * share] for b in range(count)]
-
-
-def draw(stream, count):
-    """``count`` batches as the stream hands them out, calling iter() again at each epoch's end, as Betty does."""
-    out, iterator = [], iter(stream)
-    while len(out) < count:
-        try:
-            out.append(next(iterator))
-        except StopIteration:
-            iterator = iter(stream)
-    return out
 
 
 def take(stream, count):
