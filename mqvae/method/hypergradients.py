@@ -128,27 +128,10 @@ class PureEvaluation:
                 torch._foreach_copy_(self.tensors, self._saved)
 
 
-class Scratch:
-    """Tensors shaped like a given list, owned by one method: allocated on first use (and again only when the
-    shapes change) and refilled by the method every step, so that the hot loop allocates nothing."""
-
-    def __init__(self):
-        self._tensors: list[torch.Tensor] = []
-
-    def like(self, tensors) -> list[torch.Tensor]:
-        if len(self._tensors) != len(tensors) or any(
-                b.shape != t.shape or b.dtype != t.dtype or b.device != t.device for b, t in zip(self._tensors, tensors)):
-            self._tensors = [torch.empty_like(t) for t in tensors]
-        return self._tensors
-
-
 def grads_or_zeros(loss, params):
     """grad of ``loss`` with respect to each of ``params``; zeros where it does not reach one."""
     grads = torch.autograd.grad(loss, params, allow_unused=True)
     return [torch.zeros_like(p) if g is None else g for g, p in zip(grads, params)]
-
-
-_MQVAE_STEP = Scratch()  # eps v, the perturbation of Eq. 13
 
 
 def mqvae(vector, context: HypergradientContext) -> list[torch.Tensor]:
@@ -188,10 +171,8 @@ def mqvae(vector, context: HypergradientContext) -> list[torch.Tensor]:
         # The norm stays on the device: no host sync in the hot loop.
         norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(vector)))
         eps = context.alpha / (norm + 1e-12)
-        move_by = _MQVAE_STEP.like(params)
         with torch.no_grad():
-            torch._foreach_copy_(move_by, vector)
-            torch._foreach_mul_(move_by, eps)  # eps v
+            move_by = torch._foreach_mul(vector, eps)  # eps v
         wrt, loss = (uppers, step.upper_loss) if first else (uppers + params, step.loss)
         grads = []
         for move in (torch._foreach_add_, torch._foreach_sub_):  # w + eps v, then w - eps v
