@@ -145,6 +145,7 @@ class LevelEngine(Engine):
         """Write the checkpoint, unless a loss since the last check or the state itself is not finite: a
         checkpoint never holds NaN, so the last good one survives a divergence."""
         self.check_finite()
+        self.report_flagged_warnings()
         state = self.state_dict()
         bad = non_finite_entries(state)
         if bad:
@@ -324,6 +325,7 @@ class LevelEngine(Engine):
                 if step % cfg.log_every == 0 or step == cfg.iters:
                     self.check_finite()
                     self.check_learning()
+                    self.report_flagged_warnings()
                     record = self.training_record(step)
                     self.train_time += time.perf_counter() - start
                     record["time_s"] = round(self.train_time, 4)
@@ -353,10 +355,19 @@ class LevelEngine(Engine):
         super().train_step()
 
     def report_level_warnings(self) -> None:
-        """What the levels met inside their steps (e.g. a hypergradient that reduced to direct), once each."""
+        """What the levels met inside their steps, once each (no host sync: every iteration)."""
         for p in self.problems:
             while p.warnings:
                 self.warn(p.warnings.pop(0))
+
+    def report_flagged_warnings(self) -> None:
+        """The levels' ``flagged_warnings`` whose flag is true (e.g. a hypergradient that reduced to direct), once
+        each: a host sync, at logging steps and before checkpoints only."""
+        for p in self.problems:
+            while p.flagged_warnings:
+                flag, message = p.flagged_warnings.pop(0)
+                if bool(flag):
+                    self.warn(message)
 
     def check_learning(self) -> None:
         """A level whose parameters got a zero gradient for ZERO_GRADIENT_STEPS steps in a row: nothing in its

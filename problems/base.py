@@ -137,6 +137,10 @@ class Level(ImplicitProblem):
         self._longest_zero_run: torch.Tensor | None = None
         # Warnings met inside the level's step (e.g. by a hypergradient method), for the engine to report once.
         self.warnings: list[str] = []
+        # (flag, warning): a warning that holds where the flag, a 0-dim bool tensor on the device, is true (e.g. a
+        # hypergradient that was exactly zero in its first steps). The engine reads the flags at logging steps and
+        # before checkpoints only: deciding them in the step would make it wait for the device.
+        self.flagged_warnings: list[tuple[torch.Tensor, str]] = []
         # An upper level's direct and implicit terms of its latest step, kept by reference so that the Fig. 6
         # quantities cost nothing until a logging step asks for them (hypergradient_stats). Nothing writes them in
         # place: the implicit term is added to .grad as a new tensor, and the implicit term is the level's copy.

@@ -78,6 +78,14 @@ class Quantizer(nn.Module):
         """Data-dependent initialization from encoder outputs (k-means), drawing from ``generator``."""
 
 
+def code_counts(indices: torch.Tensor, num_codes: int) -> torch.Tensor:
+    """How often each of ``num_codes`` codes occurs in ``indices`` (int64, exact). Not ``torch.bincount``, which
+    reads the smallest and the largest index on the host first: on CUDA two synchronisations per call."""
+    flat = indices.reshape(-1)
+    counts = torch.zeros(num_codes, dtype=torch.long, device=flat.device)
+    return counts.index_add_(0, flat, torch.ones_like(flat))
+
+
 def batch_perplexity(counts: torch.Tensor) -> torch.Tensor:
     """2^H(p) of code usage, as a tensor so the hot loop never waits for the device."""
     p = counts.float() / counts.sum().clamp_min(1)

@@ -34,8 +34,8 @@ from mqvae.errors import UserError, quote
 from mqvae.nn.kmeans import kmeans_init
 from mqvae.nn.search import nearest_codes
 from mqvae.nn.quantizers.affine import LearnedAffine, RunningAffine
-from mqvae.nn.quantizers.base import (Quantizer, QuantizerOutput, batch_perplexity, from_vectors, straight_through,
-                                      to_vectors)
+from mqvae.nn.quantizers.base import (Quantizer, QuantizerOutput, batch_perplexity, code_counts, from_vectors,
+                                      straight_through, to_vectors)
 
 # A replaced code is a batch vector v plus Gaussian noise of std REPLACE_NOISE·‖v‖ (the reference
 # library's rho = 0.01), so that codes re-seeded from the same vector differ.
@@ -197,7 +197,7 @@ class VectorQuantizer(Quantizer):
         }
         # Eq. 3 (STE), plus Huh Eq. 21 when sync_nu > 0: forward value exactly q.
         z_q = straight_through(z, q, self.cfg.sync_nu, sg_z=sg_z, sg_q=sg_q).reshape(z.shape[0], -1)
-        counts = torch.bincount(indices.reshape(-1), minlength=self.num_codes)
+        counts = code_counts(indices, self.num_codes)
         return QuantizerOutput(from_vectors(z_q, z_e), indices, losses, batch_perplexity(counts), counts)
 
     # -- explicit maintenance --------------------------------------------------------------------
