@@ -3,7 +3,8 @@
 ``python -m engines.bench [--out FILE] [--quick] [--seeds S ...] [--configs DIR]`` writes one JSON file and
 prints a markdown summary; a line on stderr as each part starts says how far it is. The training modes' configs
 are ``vqvae.yaml``, ``alt.yaml`` and ``mqvae.yaml`` in ``--configs`` (default ``configs/digits``, relative to the
-working folder: run it from the repository root).
+working folder: run it from the repository root). ``--operations`` only counts the operations each mode's iteration
+dispatches, and prints them.
 
 The functions that build engines import ``.experiment`` when they run, not at the top: the nearest-neighbour
 measurements run in fresh processes (``--nn-worker``), which then load only torch and ``mqvae.nn.search``.
@@ -28,6 +29,7 @@ import time
 from pathlib import Path
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from mqvae.io.files import read_lines, write_json
 from mqvae.nn.search import DEFAULT_CHUNK_ELEMENTS
@@ -115,6 +117,18 @@ def _iterations(mode: str, engine) -> int:
     return window
 
 
+def _engines(shape: str, batch_size: int, overrides: list[str], configs: Path, folder: Path) -> dict:
+    """An engine of each mode in ``folder``, ready to train; all from the same seed and data set."""
+    from .experiment import build_engine  # here, not at the top: see the module docstring
+
+    engines = {}
+    for mode in MODES:
+        engine = build_engine(mode_config(mode, shape, batch_size, overrides, configs), folder / mode)
+        engine.train()
+        engines[mode] = engine
+    return engines
+
+
 def step_times(shape: str, batch_size: int, warmup: int, rounds: int, overrides: list[str] = (),
                profile_rounds: int = 0, configs: Path = CONFIGS) -> dict:
     """Median seconds per training iteration (``train_step`` + quantizer maintenance) of each mode; for a mode with
@@ -122,17 +136,12 @@ def step_times(shape: str, batch_size: int, warmup: int, rounds: int, overrides:
 
     All engines are built from the same seed and data set, so they see batches of the same shape and
     distribution. After ``warmup`` iterations each, they run interleaved (A B C D A B C D ...), so that
-    load from other processes spreads evenly over the modes. Then ``profile_rounds`` more iterations of
-    each run under ``torch.profiler`` for the time per phase (``phase_times``); they are not in the medians.
+    load from other processes spreads evenly over the modes. Then one more sample of each counts its dispatched
+    operations (``operations_per_iteration``), and ``profile_rounds`` more iterations of each run under
+    ``torch.profiler`` for the time per phase (``phase_times``); neither is in the medians.
     """
-    from .experiment import build_engine  # here, not at the top: see the module docstring
-
-    engines = {}
     with tempfile.TemporaryDirectory() as tmp:
-        for mode in MODES:
-            engine = build_engine(mode_config(mode, shape, batch_size, overrides, configs), Path(tmp) / mode)
-            engine.train()
-            engines[mode] = engine
+        engines = _engines(shape, batch_size, overrides, configs, Path(tmp))
         device = next(iter(engines.values())).device
         times = {mode: [] for mode in MODES}
         for i in range(warmup + rounds):
@@ -143,6 +152,7 @@ def step_times(shape: str, batch_size: int, warmup: int, rounds: int, overrides:
                 _sync(device)
                 if i >= warmup:
                     times[mode].append((time.perf_counter() - start) / iterations)
+        operations = {mode: operations_per_iteration(mode, engine) for mode, engine in engines.items()}
         phases = {mode: phase_times(mode, engine, profile_rounds) for mode, engine in engines.items()} if profile_rounds else {}
     medians = {mode: statistics.median(t) for mode, t in times.items()}
     return {
@@ -153,8 +163,61 @@ def step_times(shape: str, batch_size: int, warmup: int, rounds: int, overrides:
         "median_s": {mode: round(m, 6) for mode, m in medians.items()},
         "iqr_s": {mode: [round(q, 6) for q in _quartiles(t)] for mode, t in times.items()},
         "ratio_to_vqvae": {mode: round(medians[mode] / medians["vqvae"], 3) for mode in MODES if mode != "vqvae"},
+        "operations_per_iteration": operations,
         "phases_ms": phases,
     }
+
+
+class OperationCounter(TorchDispatchMode):
+    """Counts the operations dispatched while it is active: every aten operator call that reaches the dispatcher
+    below autograd (forward, backward and optimizer alike; a composite operator counts as the operators it is
+    made of). Each is a call through torch's dispatcher, and on a GPU most are a kernel launch, so the count is the
+    step's fixed overhead, whatever the sizes. (With the mode active, autograd also dispatches a detach for each
+    output it saves for the backward, e.g. a ReLU's.)"""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def operations_per_iteration(mode: str, engine) -> float:
+    """The operations one iteration of ``mode`` dispatches (``OperationCounter``), over one sample
+    (``_iterations``: a window of k iterations divided by k for a mode with k unrolled steps). The same operators
+    run on every device, so the count is (nearly) the same on the CPU and on a GPU, and it does not depend on the
+    machine's load."""
+    counter = OperationCounter()
+    with counter:
+        iterations = _iterations(mode, engine)
+    return round(counter.count / iterations, 2)
+
+
+# Samples before operations are counted alone (--operations): a level's first optimizer step creates its state, and
+# an upper level's first 5 hypergradients are checked for being zero (mqvae.method.hypergradients.WATCHED_STEPS).
+OPERATIONS_WARMUP = 6
+
+
+def operation_counts(shape: str, batch_size: int, warmup: int = OPERATIONS_WARMUP, overrides: list[str] = (),
+                     configs: Path = CONFIGS) -> dict:
+    """``operations_per_iteration`` of each mode after ``warmup`` samples, timing nothing."""
+    with tempfile.TemporaryDirectory() as tmp:
+        engines = _engines(shape, batch_size, overrides, configs, Path(tmp))
+        for mode, engine in engines.items():
+            for _ in range(warmup):
+                _iterations(mode, engine)
+        return {mode: operations_per_iteration(mode, engine) for mode, engine in engines.items()}
+
+
+def operations_report(configs: Path = CONFIGS) -> dict:
+    """``--operations``: ``operation_counts`` at both shapes, with the batches of a full run on this device."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    batches = {"digits": 64, "paper": 512 if device.type == "cuda" else 32}
+    return {"device": str(device), "torch": torch.__version__,
+            **{shape: {"batch_size": batch, "operations_per_iteration": operation_counts(shape, batch, configs=configs)}
+               for shape, batch in batches.items()}}
 
 
 def phase_times(mode: str, engine, rounds: int) -> dict:
@@ -593,6 +656,10 @@ def summary(result: dict) -> str:
         m, r = st["median_s"], st["ratio_to_vqvae"]
         lines.append(f"| {shape} {tuple(st['input_shape'])} | {st['batch_size']} | {m['vqvae']:.4f} | "
                      + " | ".join(f"{r[mode]:.2f}x" for mode in MODES[1:]) + " |")
+    lines += ["", "Operations dispatched per iteration (`operations_per_iteration`):", "",
+              "| shape | " + " | ".join(MODES) + " |", "|---|" + "---|" * len(MODES)]
+    for shape, st in result["step_time"].items():
+        lines.append(f"| {shape} | " + " | ".join(f"{st['operations_per_iteration'][mode]:g}" for mode in MODES) + " |")
     phases = result["step_time"]["digits"]["phases_ms"]
     if phases:
         names = sorted({name for mode in MODES for name in phases[mode]} - {"iteration"})
@@ -655,11 +722,17 @@ def main(argv=None) -> int:
     parser.add_argument("--configs", type=Path, default=CONFIGS,
                         help=f"folder of the modes' vqvae.yaml, alt.yaml and mqvae.yaml (default: {CONFIGS}, "
                              "relative to the working folder)")
+    parser.add_argument("--operations", action="store_true",
+                        help="only count the operations an iteration of each mode dispatches (digits and paper shape, "
+                             "the batches of a full run), print them as JSON and write nothing; no timing")
     args = parser.parse_args(argv)
     missing = [name for name in ("vqvae.yaml", "alt.yaml", "mqvae.yaml") if not (args.configs / name).is_file()]
     if missing:
         parser.error(f"--configs {args.configs}: no {', '.join(missing)} there (run from the repository root, or name "
                      "the folder of the digits configs)")
+    if args.operations:
+        print(json.dumps(operations_report(args.configs), indent=1))
+        return 0
     result = run_bench(args.quick, None if args.seeds is None else {"ttq_seeds": args.seeds}, args.configs)
     write_json(Path(args.out), result)
     print(summary(result))

@@ -33,6 +33,9 @@ get_logger().setLevel(logging.WARNING)
 
 # Optimizer steps in a row with a zero gradient (Level._note_gradient) after which a level is reported as not learning.
 ZERO_GRADIENT_STEPS = 50
+# Losses noted (note_finite) that are folded into the finiteness flag at once: four operations for all of them, instead
+# of two per loss and iteration.
+FINITE_FOLD = 64
 
 
 def _mismatch(exc: BaseException) -> str:
@@ -56,8 +59,10 @@ class LevelEngine(Engine):
         self.train_time = 0.0  # seconds spent in training iterations, excluding evaluation and saving
         self.checkpoint_step = None  # iteration of the last checkpoint written or resumed from
         self.config_written = False  # whether run_dir/config.yaml is this engine's cfg
-        # All losses since the start finite: a flag on the device (note_finite), read only by check_finite.
+        # All losses since the start finite: a flag on the device, read only by check_finite, and the losses noted
+        # since it was last updated (note_finite).
         self._finite = torch.ones((), dtype=torch.bool, device=device)
+        self._unfolded: list[torch.Tensor] = []
         # Warnings of this run (warn): each once, kept until log.jsonl is open (run), then written as records.
         self._warned: set[str] = set()
         self._pending_records: list[dict] = []
@@ -140,6 +145,7 @@ class LevelEngine(Engine):
         """Write the checkpoint, unless a loss since the last check or the state itself is not finite: a
         checkpoint never holds NaN, so the last good one survives a divergence."""
         self.check_finite()
+        self.report_flagged_warnings()
         state = self.state_dict()
         bad = non_finite_entries(state)
         if bad:
@@ -181,16 +187,25 @@ class LevelEngine(Engine):
 
     # -- finiteness -------------------------------------------------------------------------------
     def note_finite(self) -> None:
-        """Fold this iteration's losses into one flag on the device: no host synchronisation per step."""
-        for p in self.problems:
-            loss = p.last_stats.get("loss")
-            if loss is not None:
-                self._finite = torch.logical_and(self._finite, torch.isfinite(loss))
+        """Note this iteration's losses for the finiteness flag, into which they are folded FINITE_FOLD at a time
+        (``_fold_finite``): no host synchronisation, and no operation in most steps."""
+        # (A loss is one number; reshaped only where a level's is not 0-dim, so that they stack.)
+        self._unfolded.extend(loss if loss.dim() == 0 else loss.reshape(()) for loss in
+                              (p.last_stats["loss"] for p in self.problems if "loss" in p.last_stats))
+        if len(self._unfolded) >= FINITE_FOLD:
+            self._fold_finite()
+
+    def _fold_finite(self) -> None:
+        """The flag := the flag and every noted loss finite, on the device."""
+        if self._unfolded:
+            self._finite = self._finite & torch.isfinite(torch.stack(self._unfolded)).all()
+            self._unfolded.clear()
 
     def check_finite(self) -> None:
         """The flag's one host sync, at logging steps and before every checkpoint. Data-parallel: the ranks' flags
         are combined, so every rank stops at the same step (a NaN on one rank reaches all through the averaged
         gradients anyway) and rank 0 says so."""
+        self._fold_finite()
         finite = self._finite.to(torch.int32)
         if self.ranks > 1:
             finite = distributed.sum_(finite.clone()) == self.ranks
@@ -310,6 +325,7 @@ class LevelEngine(Engine):
                 if step % cfg.log_every == 0 or step == cfg.iters:
                     self.check_finite()
                     self.check_learning()
+                    self.report_flagged_warnings()
                     record = self.training_record(step)
                     self.train_time += time.perf_counter() - start
                     record["time_s"] = round(self.train_time, 4)
@@ -339,10 +355,19 @@ class LevelEngine(Engine):
         super().train_step()
 
     def report_level_warnings(self) -> None:
-        """What the levels met inside their steps (e.g. a hypergradient that reduced to direct), once each."""
+        """What the levels met inside their steps, once each (no host sync: every iteration)."""
         for p in self.problems:
             while p.warnings:
                 self.warn(p.warnings.pop(0))
+
+    def report_flagged_warnings(self) -> None:
+        """The levels' ``flagged_warnings`` whose flag is true (e.g. a hypergradient that reduced to direct), once
+        each: a host sync, at logging steps and before checkpoints only."""
+        for p in self.problems:
+            while p.flagged_warnings:
+                flag, message = p.flagged_warnings.pop(0)
+                if bool(flag):
+                    self.warn(message)
 
     def check_learning(self) -> None:
         """A level whose parameters got a zero gradient for ZERO_GRADIENT_STEPS steps in a row: nothing in its

@@ -127,6 +127,7 @@ class Level(ImplicitProblem):
         # follows a schedule is not learned); None before that step. Kept in checkpoints (progress_state).
         self.learned: set[str] | None = None
         self.last_forward = None  # (z_e, quantizer output) of the latest real step, for quantizer maintenance
+        self._keeps_forward: bool | None = None  # (keeps_forward)
         self.stream = train_data_loader
         self._trainable: list[torch.Tensor] | None = None
         # The tentative steps of this level that the levels above look through: one, or hypergradient.unroll_steps
@@ -140,6 +141,10 @@ class Level(ImplicitProblem):
         self._longest_zero_run: torch.Tensor | None = None
         # Warnings met inside the level's step (e.g. by a hypergradient method), for the engine to report once.
         self.warnings: list[str] = []
+        # (flag, warning): a warning that holds where the flag, a 0-dim bool tensor on the device, is true (e.g. a
+        # hypergradient that was exactly zero in its first steps). The engine reads the flags at logging steps and
+        # before checkpoints only: deciding them in the step would make it wait for the device.
+        self.flagged_warnings: list[tuple[torch.Tensor, str]] = []
         # An upper level's direct and implicit terms of its latest step, kept by reference so that the Fig. 6
         # quantities cost nothing until a logging step asks for them (hypergradient_stats). Nothing writes them in
         # place: the implicit term is added to .grad as a new tensor, and the implicit term is the level's copy.
@@ -216,6 +221,16 @@ class Level(ImplicitProblem):
     def _trains(self, part: torch.nn.Module | None) -> bool:
         """Whether this level's module contains ``part``."""
         return part is not None and any(m is part for m in self.module.modules())
+
+    def keeps_forward(self) -> bool:
+        """Whether ``get_loss`` keeps the forward of each step (``last_forward``): only where the engine's quantizer
+        maintenance reads it, on a level that trains the encoder, with a quantizer that maintains (fixed once built;
+        the detached copies are three operations per step)."""
+        if self._keeps_forward is None:
+            quantizer = getattr(self.model, "quantizer", None)
+            self._keeps_forward = (quantizer is not None and quantizer.maintains
+                                   and self._trains(getattr(self.model, "encoder", None)))
+        return self._keeps_forward
 
     # -- the loss -------------------------------------------------------------------------------
     def loss_weights(self) -> dict:
@@ -626,7 +641,7 @@ class Level(ImplicitProblem):
             self._longest_zero_run = torch.zeros_like(self._zero_run)
         if grads:
             zero = torch.stack(torch._foreach_norm(grads)).sum() == 0
-            self._zero_run = torch.where(zero, self._zero_run + 1, 0)
+            self._zero_run = (self._zero_run + 1) * zero  # (the run, or 0: one operation fewer than torch.where)
         else:
             self._zero_run = self._zero_run + 1
         self._longest_zero_run = torch.maximum(self._longest_zero_run, self._zero_run)
@@ -645,10 +660,12 @@ class Level(ImplicitProblem):
             params = self.trainable_parameters()
             self.learned = {key for key in self.learned_scalars if key in stats and _reaches(stats[key], params)}
         out = stats.pop("_out", None)
-        if out is not None:
+        if out is not None and self.keeps_forward():
             self.last_forward = (out.z_e.detach(), out.quant.detached())
-        self.last_stats = {k: v.detach() for k, v in stats.items()}
-        return stats["loss"] / self.gas, self.last_stats
+        # (Detached where autograd records them, so that the logged values hold no graph; a batch perplexity has none.)
+        self.last_stats = {k: v.detach() if v.requires_grad else v for k, v in stats.items()}
+        # (Without gradient accumulation, no division: x / 1 is x, and an operation saved per step.)
+        return stats["loss"] / self.gas if self.gas > 1 else stats["loss"], self.last_stats
 
     def get_batch(self):
         if self.data == "shared":

@@ -58,6 +58,10 @@ def test_bench_writes_the_documented_schema(tmp_path, monkeypatch, capsys):
         assert set(step["median_s"]) == set(bench.MODES)
         assert step["batch_size"] == (8 if shape == "digits" else 2)
     assert result["step_time"]["paper"]["input_shape"] == [3, 32, 32]
+    for shape, step in result["step_time"].items():  # (the counts themselves: test_the_operation_counter_...)
+        counts = step["operations_per_iteration"]
+        assert set(counts) == set(bench.MODES) and all(isinstance(n, float) and n > 0 for n in counts.values()), shape
+    assert "Operations dispatched per iteration" in bench.summary(result)
 
     rows = result["nn_search"]["rows"]
     assert [(r["N"], r["method"]) for r in rows] == [(256, "chunked"), (256, "naive"), (1024, "chunked"), (1024, "naive")]
@@ -102,6 +106,25 @@ def test_bench_writes_the_documented_schema(tmp_path, monkeypatch, capsys):
     if 2 * ttq["seeds_reached"] <= len(ttq["per_seed"]):
         assert ttq["median_ratio_to_vqvae_time_reason"].startswith("not reached")
     assert "|" in bench.summary(result)
+
+
+def test_the_operation_counter_counts_each_dispatched_operator():
+    a, b = torch.ones(3, requires_grad=True), torch.ones(3)
+    counter = bench.OperationCounter()
+    with counter:
+        (a + b).mul(2).sum()  # add, mul, sum
+    assert counter.count == 3
+    counter = bench.OperationCounter()
+    with counter:
+        (a * b).sum().backward()  # forward: mul, sum; backward: ones_like (the seed), expand, mul, detach (into .grad)
+    assert counter.count == 6
+
+
+def test_operations_are_counted_for_every_mode_alone():
+    """``--operations``: the counts without timing, of every mode; a mode that does more dispatches more."""
+    counts = bench.operation_counts("digits", 8, 1, TINY)
+    assert set(counts) == set(bench.MODES) and all(n > 0 for n in counts.values())
+    assert counts["vqvae"] < counts["alt"] < counts["mqvae"] < counts["mqvae_roll_back"] < counts["mqvae_ddagger"]
 
 
 @pytest.mark.parametrize("before, after, under_load", [(2.0, 1.5, False), (2.01, 0.5, True), (0.5, 2.5, True)],

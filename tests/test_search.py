@@ -78,6 +78,9 @@ def test_matches_float64_reference(device, shape, chunk):
     _check_near_ties(z, c, idx, eps=torch.finfo(torch.float32).eps, max_mismatch_frac=0.002)
     expected = _sq_dist64(z, c).gather(1, idx[:, None]).squeeze(1)
     torch.testing.assert_close(sq_dist.double(), expected, rtol=1e-5, atol=1e-5)
+    # Without the distances (a quantizer's search): the same indices, over one tile or many.
+    indices, none = nearest_codes(z, c, chunk_elements=chunk, distances=False)
+    assert none is None and torch.equal(indices, idx)
 
 
 @pytest.mark.parametrize("device", DEVICES)

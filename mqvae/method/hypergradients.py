@@ -128,27 +128,10 @@ class PureEvaluation:
                 torch._foreach_copy_(self.tensors, self._saved)
 
 
-class Scratch:
-    """Tensors shaped like a given list, owned by one method: allocated on first use (and again only when the
-    shapes change) and refilled by the method every step, so that the hot loop allocates nothing."""
-
-    def __init__(self):
-        self._tensors: list[torch.Tensor] = []
-
-    def like(self, tensors) -> list[torch.Tensor]:
-        if len(self._tensors) != len(tensors) or any(
-                b.shape != t.shape or b.dtype != t.dtype or b.device != t.device for b, t in zip(self._tensors, tensors)):
-            self._tensors = [torch.empty_like(t) for t in tensors]
-        return self._tensors
-
-
 def grads_or_zeros(loss, params):
     """grad of ``loss`` with respect to each of ``params``; zeros where it does not reach one."""
     grads = torch.autograd.grad(loss, params, allow_unused=True)
     return [torch.zeros_like(p) if g is None else g for g, p in zip(grads, params)]
-
-
-_MQVAE_STEP = Scratch()  # eps v, the perturbation of Eq. 13
 
 
 def mqvae(vector, context: HypergradientContext) -> list[torch.Tensor]:
@@ -188,10 +171,8 @@ def mqvae(vector, context: HypergradientContext) -> list[torch.Tensor]:
         # The norm stays on the device: no host sync in the hot loop.
         norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(vector)))
         eps = context.alpha / (norm + 1e-12)
-        move_by = _MQVAE_STEP.like(params)
         with torch.no_grad():
-            torch._foreach_copy_(move_by, vector)
-            torch._foreach_mul_(move_by, eps)  # eps v
+            move_by = torch._foreach_mul(vector, eps)  # eps v
         wrt, loss = (uppers, step.upper_loss) if first else (uppers + params, step.loss)
         grads = []
         for move in (torch._foreach_add_, torch._foreach_sub_):  # w + eps v, then w - eps v
@@ -255,44 +236,55 @@ def register_hypergradient(name: str, fn, *, unroll_steps: bool = False) -> None
 # them reduces to ``direct``. Not only the first: Betty's sama preconditions with the lower optimizer's state and gives
 # exactly zero at the first step alone.
 WATCHED_STEPS = 5
-# upper level -> its zero implicit terms so far, or None once it has been decided (a nonzero term, or the warning).
+# upper level -> (its hypergradients checked so far, a flag on the device: each of them was exactly zero), or None
+# once all WATCHED_STEPS are checked.
 _WATCHED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
 def run_method(name: str, run, vector, curr, prev, sync):
     """Run the method ``name`` (``run``, Betty's signature) on v averaged over data-parallel ranks. When an upper
-    level's first ``WATCHED_STEPS``
-    implicit terms are all exactly zero, tell the level (its ``warnings``, which the engine reports once): the
-    method then reduces to ``direct`` at a higher cost, as Betty's neumann and cg do under the plain
-    straight-through estimator. Checking copies the upper gradients, in those steps only."""
+    level's first ``WATCHED_STEPS`` implicit terms are all exactly zero, tell the level: the method then reduces to
+    ``direct`` at a higher cost, as Betty's neumann and cg do under the plain straight-through estimator. Whether
+    they were is a flag on the device, handed to the level's ``flagged_warnings`` after the last of those steps,
+    which the engine reads at a logging step (reading it here would make every watched step wait for the device).
+    In Betty's sync mode checking copies the upper gradients, in those steps only."""
     # Data-parallel: v is the gradient of the global batch's loss, so eps = alpha / ||v|| is the same on every rank;
     # each rank's implicit term is then its share, averaged with the direct term before the step (Level).
     vector = list(vector)
     distributed.average_([v for v in vector if v is not None])
-    zeros = _WATCHED.get(prev, 0)
-    if name == "direct" or zeros is None:
+    watched = _WATCHED.get(prev, (0, None))
+    if name == "direct" or watched is None:
         return run(vector, curr, prev, sync)
     params = prev.trainable_parameters()
-    before = [None if p.grad is None else p.grad.clone() for p in params]
+    before = [None if p.grad is None else p.grad.clone() for p in params] if sync else None
     implicit = run(vector, curr, prev, sync)
     if implicit is None:  # sync mode: the term went into .grad
-        zero = all(_same(b, p.grad) for b, p in zip(before, params))
+        zero = _all([_same(b, p.grad) for b, p in zip(before, params)])
     else:
-        zero = all(term is None or not bool(term.any()) for term in implicit)
-    _WATCHED[prev] = zeros + 1 if zero and zeros + 1 < WATCHED_STEPS else None
-    if zero and zeros + 1 == WATCHED_STEPS:
-        prev.warnings.append(
+        zero = _all([term.any().logical_not() for term in implicit if term is not None])
+    steps, zero_so_far = watched
+    zero_so_far = zero if zero_so_far is None else zero_so_far & zero
+    _WATCHED[prev] = (steps + 1, zero_so_far) if steps + 1 < WATCHED_STEPS else None
+    if steps + 1 == WATCHED_STEPS:
+        prev.flagged_warnings.append((zero_so_far,
             f"hypergradient.type {name}: the implicit term of level '{prev.name}' through level '{curr.name}' was "
             f"exactly zero in each of its first {WATCHED_STEPS} steps, so the run equals hypergradient.type: direct at a "
             "higher cost (e.g. neumann and cg differentiate by autograd, and with a plain straight-through estimator "
-            "sg[.] blocks that mixed derivative; Eq. 13's finite difference, type: mqvae, sees through it)")
+            "sg[.] blocks that mixed derivative; Eq. 13's finite difference, type: mqvae, sees through it)"))
     return implicit
 
 
-def _same(before, after) -> bool:
+def _all(flags: list[torch.Tensor]) -> torch.Tensor:
+    """Whether every one of ``flags`` (0-dim bool tensors on one device) is true, as such a tensor (true for none)."""
+    return torch.stack(flags).all() if flags else torch.ones((), dtype=torch.bool)
+
+
+def _same(before, after) -> torch.Tensor:
+    """Whether a gradient is unchanged (None counting as zeros), as a 0-dim bool tensor on its device."""
     if before is None or after is None:
-        return (after is None or not bool(after.any())) and (before is None or not bool(before.any()))
-    return torch.equal(before, after)
+        tensors = [t for t in (before, after) if t is not None]
+        return _all([t.any().logical_not() for t in tensors])
+    return (before == after).all()
 
 
 def _zeros_for(prev, sync):

@@ -109,7 +109,7 @@ def _deterministic():
 
 
 def _lloyd_step(x: Tensor, centres: Tensor) -> Tensor:
-    assignment, _ = nearest_codes(x, centres)
+    assignment, _ = nearest_codes(x, centres, distances=False)
     with _deterministic():
         sums = torch.zeros_like(centres).index_add_(0, assignment, x)
     counts = torch.bincount(assignment, minlength=centres.shape[0]).unsqueeze(1)

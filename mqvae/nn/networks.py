@@ -88,6 +88,11 @@ class Decoder(nn.Module):
         return self.net(z)
 
 
+def _is_one(weight) -> bool:
+    """Whether a loss weight is the number 1 (a tensor weight, e.g. a learned beta, is never taken for it)."""
+    return isinstance(weight, (int, float)) and weight == 1
+
+
 @dataclass
 class ModelOutput:
     output: torch.Tensor  # reconstruction or class logits
@@ -152,9 +157,12 @@ class QuantizedNetwork(nn.Module):
         return {"task": task + self.perceptual_weight * perceptual, "reconstruction": task, "perceptual": perceptual}
 
     def quantization_weighted(self, losses: dict, weights: dict | None = None) -> torch.Tensor:
-        """Sum of the quantizer's loss terms with their weights (Eq. 6), ``weights`` overriding by name."""
+        """Sum of the quantizer's loss terms with their weights (Eq. 6), ``weights`` overriding by name. A weight of
+        exactly 1 multiplies nothing, and the sum starts at the first term, not at 0: the same numbers, two
+        operations fewer per forward (and a multiplication fewer in the backward)."""
         scale = {**self.quantizer.loss_weights(), **(weights or {})}
-        return sum(scale[name] * value for name, value in losses.items())
+        terms = [value if _is_one(scale[name]) else scale[name] * value for name, value in losses.items()]
+        return sum(terms[1:], terms[0]) if terms else 0
 
     def loss(self, batch, weights: dict | None = None, z_e: torch.Tensor | None = None) -> dict:
         """MQ-VAE Eq. 6: L_task + beta * L_commit + L_codebook (+ the quantizer's other terms, and an adversarial

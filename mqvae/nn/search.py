@@ -71,7 +71,8 @@ def nearest_codes(
     metric: str = "euclidean",
     chunk_elements: int | None = None,
     precision: str = "fp32",
-) -> tuple[Tensor, Tensor]:
+    distances: bool = True,
+) -> tuple[Tensor, Tensor | None]:
     """Index of, and squared distance to, the nearest code for every row of ``z``.
 
     Args:
@@ -93,6 +94,8 @@ def nearest_codes(
             Half precision may pick a near-tied code: the chosen code's true
             distance exceeds the best one by at most a few ε·(‖z‖ + ‖c‖)²,
             ε being the half dtype's machine epsilon.
+        distances: whether to compute ``sq_dist``; False returns None in its
+            place and saves its operations (a quantizer needs the indices only).
 
     Returns:
         ``(indices, sq_dist)``: LongTensor[N] and a tensor[N] in ``z``'s dtype.
@@ -123,12 +126,20 @@ def nearest_codes(
     score_dtype = _score_dtype(z, precision)
 
     with torch.autocast(z.device.type, enabled=False):
-        return _nearest_codes(z, codebook, metric, chunk_elements, score_dtype)
+        return _nearest_codes(z, codebook, metric, chunk_elements, score_dtype, distances)
+
+
+def _block(t: Tensor, start: int, size: int, dim: int = 0) -> Tensor:
+    """The block of ``t`` of ``size`` entries from ``start`` along ``dim``: ``t`` itself where that is all of it. A
+    slice is an operation of its own, and in a training step the whole search is usually one tile."""
+    if start == 0 and size >= t.shape[dim]:
+        return t
+    return t.narrow(dim, start, min(size, t.shape[dim] - start))
 
 
 def _nearest_codes(
-    z: Tensor, codebook: Tensor, metric: str, chunk_elements: int, score_dtype: torch.dtype
-) -> tuple[Tensor, Tensor]:
+    z: Tensor, codebook: Tensor, metric: str, chunk_elements: int, score_dtype: torch.dtype, distances: bool
+) -> tuple[Tensor, Tensor | None]:
     num_rows, num_codes = z.shape[0], codebook.shape[0]
 
     # Score = ‖c‖² − 2 z·c, i.e. ‖z − c‖² without the ‖z‖² term, which is
@@ -147,22 +158,24 @@ def _nearest_codes(
     score_codes_t = score_codes.to(score_dtype).T
 
     rows_per_block, codes_per_block = _block_shape(num_rows, num_codes, z.shape[1], chunk_elements)
-    indices = torch.empty(num_rows, dtype=torch.long, device=z.device)
-    sq_dist = torch.empty(num_rows, dtype=z.dtype, device=z.device)
+    if num_rows == 0:
+        return z.new_empty(0, dtype=torch.long), z.new_empty(0) if distances else None
+    index_blocks, dist_blocks = [], []
 
     for start in range(0, num_rows, rows_per_block):
-        rows = slice(start, start + rows_per_block)
-        z_block = F.normalize(z[rows], dim=1) if metric == "cosine" else z[rows]
+        z_rows = _block(z, start, rows_per_block)
+        z_block = F.normalize(z_rows, dim=1) if metric == "cosine" else z_rows
         z_score = (z_block if scale is None else z_block * scale).to(score_dtype)
 
         best_score, best_index = None, None
         for code_start in range(0, num_codes, codes_per_block):
-            codes = slice(code_start, code_start + codes_per_block)
-            scores = torch.addmm(code_bias[codes], z_score, score_codes_t[:, codes], alpha=-2)
+            scores = torch.addmm(_block(code_bias, code_start, codes_per_block), z_score,
+                                 _block(score_codes_t, code_start, codes_per_block, dim=1), alpha=-2)
             # min(dim) returns the first minimum and the strict "<" below keeps
             # the earlier block on equality: exact ties go to the lowest index.
             block_score, block_index = scores.min(dim=1)
-            block_index += code_start
+            if code_start:
+                block_index += code_start
             if best_score is None:
                 best_score, best_index = block_score, block_index
             else:
@@ -170,10 +183,14 @@ def _nearest_codes(
                 best_score = torch.where(better, block_score, best_score)
                 best_index = torch.where(better, block_index, best_index)
 
-        indices[rows] = best_index
-        # Full-precision lookup of the chosen code (Huh et al., 2023, A.1).
-        sq_dist[rows] = (z_block - codebook[best_index]).pow(2).sum(dim=1)
-    return indices, sq_dist
+        index_blocks.append(best_index)
+        if distances:
+            # Full-precision lookup of the chosen code (Huh et al., 2023, A.1).
+            dist_blocks.append((z_block - codebook[best_index]).pow(2).sum(dim=1))
+    indices = index_blocks[0] if len(index_blocks) == 1 else torch.cat(index_blocks)
+    if not distances:
+        return indices, None
+    return indices, dist_blocks[0] if len(dist_blocks) == 1 else torch.cat(dist_blocks)
 
 
 # A row block shorter than this makes the scoring matmul inefficient (it becomes a thin matrix-vector-like

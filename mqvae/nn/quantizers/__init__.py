@@ -3,11 +3,12 @@
 """
 
 from mqvae.nn.quantizers.affine import LearnedAffine, RunningAffine
-from mqvae.nn.quantizers.base import Quantizer, QuantizerOutput, batch_perplexity, from_vectors, straight_through, to_vectors
+from mqvae.nn.quantizers.base import (Quantizer, QuantizerOutput, batch_perplexity, code_counts, from_vectors,
+                                      straight_through, to_vectors)
 from mqvae.nn.quantizers.gumbel import GumbelQuantizer
 from mqvae.nn.quantizers.vq import VectorQuantizer
 
 __all__ = [
     "GumbelQuantizer", "LearnedAffine", "Quantizer", "QuantizerOutput", "RunningAffine", "VectorQuantizer",
-    "batch_perplexity", "from_vectors", "straight_through", "to_vectors",
+    "batch_perplexity", "code_counts", "from_vectors", "straight_through", "to_vectors",
 ]

@@ -78,6 +78,14 @@ class Quantizer(nn.Module):
         """Data-dependent initialization from encoder outputs (k-means), drawing from ``generator``."""
 
 
+def code_counts(indices: torch.Tensor, num_codes: int) -> torch.Tensor:
+    """How often each of ``num_codes`` codes occurs in ``indices`` (int64, exact). Not ``torch.bincount``, which
+    reads the smallest and the largest index on the host first: on CUDA two synchronisations per call."""
+    flat = indices.reshape(-1)
+    counts = torch.zeros(num_codes, dtype=torch.long, device=flat.device)
+    return counts.index_add_(0, flat, torch.ones_like(flat))
+
+
 def batch_perplexity(counts: torch.Tensor) -> torch.Tensor:
     """2^H(p) of code usage, as a tensor so the hot loop never waits for the device."""
     p = counts.float() / counts.sum().clamp_min(1)
@@ -104,7 +112,8 @@ def from_vectors(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return out.contiguous(memory_format=torch.channels_last if nhwc else torch.contiguous_format)
 
 
-def straight_through(z: torch.Tensor, q: torch.Tensor, nu: float = 0.0) -> torch.Tensor:
+def straight_through(z: torch.Tensor, q: torch.Tensor, nu: float = 0.0, *, sg_z: torch.Tensor | None = None,
+                     sg_q: torch.Tensor | None = None) -> torch.Tensor:
     """Straight-through estimator (MQ-VAE Eq. 3, Huh Eq. 7) with Huh's synchronized update (Eq. 21).
 
     Forward value: exactly ``q`` (``x - x.detach()`` is exactly 0, and ``q + 0 == q``; the usual
@@ -117,8 +126,13 @@ def straight_through(z: torch.Tensor, q: torch.Tensor, nu: float = 0.0) -> torch
     -eta·nu·dL_task/dz_q, i.e. Eq. 21 with eta² replaced by eta·nu. (Eq. 21 prints +eta²; substituting
     the encoder's STE step z_e(t+1) = z_e(t) - eta·dL_task/dz_q into Eq. 20 gives -eta², a descent step,
     which is what this implements.)
+
+    ``sg_z``, ``sg_q``: ``z.detach()`` and ``q.detach()``, where the caller has them already (the quantizer's
+    losses detach both too; each detach is an operation of its own).
     """
-    z_q = q.detach() + (z - z.detach())
+    sg_z = z.detach() if sg_z is None else sg_z
+    sg_q = q.detach() if sg_q is None else sg_q
+    z_q = sg_q + (z - sg_z)
     if nu:
-        z_q = z_q + nu * (q - q.detach())
+        z_q = z_q + nu * (q - sg_q)
     return z_q

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mqvae.errors import UserError
-from mqvae.nn.quantizers.base import Quantizer, QuantizerOutput, batch_perplexity, from_vectors, to_vectors
+from mqvae.nn.quantizers.base import Quantizer, QuantizerOutput, batch_perplexity, code_counts, from_vectors, to_vectors
 
 
 class GumbelQuantizer(Quantizer):
@@ -86,5 +86,5 @@ class GumbelQuantizer(Quantizer):
             # Forward value exactly C[indices] ((soft - soft) @ C is exactly 0); backward: the codebook
             # through the one-hot, the logits through the softmax (straight-through, as hard=True).
             z_q = F.embedding(indices, codebook) + (soft - soft.detach()) @ codebook.detach()
-        counts = torch.bincount(indices, minlength=self.num_codes)
+        counts = code_counts(indices, self.num_codes)
         return QuantizerOutput(from_vectors(z_q, z_e), indices[:, None], {"kl": kl}, batch_perplexity(counts), counts)

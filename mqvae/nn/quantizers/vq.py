@@ -34,7 +34,8 @@ from mqvae.errors import UserError, quote
 from mqvae.nn.kmeans import kmeans_init
 from mqvae.nn.search import nearest_codes
 from mqvae.nn.quantizers.affine import LearnedAffine, RunningAffine
-from mqvae.nn.quantizers.base import Quantizer, QuantizerOutput, batch_perplexity, from_vectors, straight_through, to_vectors
+from mqvae.nn.quantizers.base import (Quantizer, QuantizerOutput, batch_perplexity, code_counts, from_vectors,
+                                      straight_through, to_vectors)
 
 # A replaced code is a batch vector v plus Gaussian noise of std REPLACE_NOISE·‖v‖ (the reference
 # library's rho = 0.01), so that codes re-seeded from the same vector differ.
@@ -163,35 +164,40 @@ class VectorQuantizer(Quantizer):
         return F.normalize(z, dim=-1) if self.cfg.l2 else z
 
     def _search(self, z: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
-        """Global index (N, G) of the nearest code of each sub-vector within its group's slice."""
-        z = z.detach().to(codes.dtype)
+        """Global index (N, G) of the nearest code of each sub-vector within its group's slice (``z`` and ``codes``
+        without their graphs). With one group, the whole codebook and no offset: each slice, offset and stack
+        is an operation of its own."""
+        z = z.to(codes.dtype)
         metric = "cosine" if self.cfg.l2 else "euclidean"
         indices = []
         for g in range(self.groups):
             start = g * self.codes_per_group
-            idx, _ = nearest_codes(z[:, g], codes[start:start + self.codes_per_group].detach(), metric=metric,
-                                   chunk_elements=self.cfg.search_chunk, precision=self.cfg.search_precision)
-            indices.append(idx + start)
-        return torch.stack(indices, dim=1)
+            group = codes if self.groups == 1 else codes[start:start + self.codes_per_group]
+            idx, _ = nearest_codes(z[:, g], group, metric=metric, chunk_elements=self.cfg.search_chunk,
+                                   precision=self.cfg.search_precision, distances=False)
+            indices.append(idx + start if start else idx)
+        return torch.stack(indices, dim=1) if self.groups > 1 else indices[0][:, None]
 
     def forward(self, z_e: torch.Tensor) -> QuantizerOutput:
         self._count_unmaintained_forward()
         z = self._vectors(z_e)
         codes = self.effective_codebook()
-        indices = self._search(z, codes)
+        sg_z = z.detach()
+        indices = self._search(sg_z, codes.detach())
         # N×G×(D/G), differentiable in the codes (and affine parameters). F.embedding rather than codes[indices]:
         # on CUDA the backward of advanced indexing (index_put with accumulate) is a sort-based kernel that took
         # 65 % of a paper-shape VQ-VAE step on an H100; embedding_dense_backward does the same sum far faster.
         q = F.embedding(indices, codes)
+        sg_q = q.detach()
         losses = {
             # Eq. 4: moves the encoder output towards its code.
-            "commitment": (z - q.detach()).pow(2).mean(),
+            "commitment": (z - sg_q).pow(2).mean(),
             # Eq. 5: moves the chosen codes towards the encoder outputs.
-            "codebook": (z.detach() - q).pow(2).mean(),
+            "codebook": (sg_z - q).pow(2).mean(),
         }
         # Eq. 3 (STE), plus Huh Eq. 21 when sync_nu > 0: forward value exactly q.
-        z_q = straight_through(z, q, self.cfg.sync_nu).reshape(z.shape[0], -1)
-        counts = torch.bincount(indices.reshape(-1), minlength=self.num_codes)
+        z_q = straight_through(z, q, self.cfg.sync_nu, sg_z=sg_z, sg_q=sg_q).reshape(z.shape[0], -1)
+        counts = code_counts(indices, self.num_codes)
         return QuantizerOutput(from_vectors(z_q, z_e), indices, losses, batch_perplexity(counts), counts)
 
     # -- explicit maintenance --------------------------------------------------------------------
