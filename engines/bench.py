@@ -104,7 +104,7 @@ def _sync(device) -> None:
 
 def _iteration(engine) -> None:
     engine.global_step += 1
-    engine.train_step()
+    engine.iteration()  # (the steps and the note of the losses; replayed graphs under perf.cuda_graphs)
     engine.maintain()
 
 
@@ -198,6 +198,37 @@ def operations_per_iteration(mode: str, engine) -> float:
 # Samples before operations are counted alone (--operations): a level's first optimizer step creates its state, and
 # an upper level's first 5 hypergradients are checked for being zero (mqvae.method.hypergradients.WATCHED_STEPS).
 OPERATIONS_WARMUP = 6
+
+
+# The speed-switch sets compared at the paper shape (``switch_times``); "fp32" is the configs' own settings.
+SWITCH_SETS = {
+    "fp32": [],
+    "bf16": ["perf.bf16=true"],
+    "compile": ["perf.compile=true"],
+    "bf16+compile": ["perf.bf16=true", "perf.compile=true"],
+    "cuda_graphs": ["perf.cuda_graphs=true"],
+    "bf16+cuda_graphs": ["perf.bf16=true", "perf.cuda_graphs=true"],
+}
+# Iterations before timing under a switch set: compilation, and perf.cuda_graphs' eager warm-up and capture windows
+# (engines.graphs: WARMUP_PERIODS + 2 periods, the longest period of the timed modes being UNROLL_STEPS' largest).
+SWITCH_WARMUP = 12
+
+
+def switch_times(batch_size: int, rounds: int, overrides: list[str] = (), configs: Path = CONFIGS) -> dict:
+    """``step_times`` at the paper shape under each of ``SWITCH_SETS`` (CUDA only: on the CPU the switches are
+    no-ops and perf.cuda_graphs is refused), and, for each set, the modes whose step it made slower than fp32's."""
+    if not torch.cuda.is_available():
+        return {"skipped": "the speed switches act on CUDA only (perf.cuda_graphs is refused on the CPU)"}
+    from .graphs import WARMUP_PERIODS  # here, not at the top: see the module docstring
+
+    warmup = max(SWITCH_WARMUP, (WARMUP_PERIODS + 2) * max(UNROLL_STEPS.values(), default=1))
+    sets = {name: step_times("paper", batch_size, warmup, rounds, [*overrides, *switches], configs=configs)
+            for name, switches in SWITCH_SETS.items()}
+    base = sets["fp32"]["median_s"]
+    return {name: {"switches": SWITCH_SETS[name], "median_s": st["median_s"],
+                   "ratio_to_fp32": {mode: round(m / base[mode], 3) for mode, m in st["median_s"].items()},
+                   "slower_than_fp32": [mode for mode, m in st["median_s"].items() if m > base[mode]]}
+            for name, st in sets.items()}
 
 
 def operation_counts(shape: str, batch_size: int, warmup: int = OPERATIONS_WARMUP, overrides: list[str] = (),
@@ -603,6 +634,8 @@ def run_bench(quick: bool, sizes: dict | None = None, configs: Path = CONFIGS) -
         "finite_check": ("cost of the per-step checks",
                          lambda: finite_check_cost(s["digits_batch"], s["rounds"]["digits"], s["overrides"],
                                                    configs=configs)),
+        "switches": ("speed switches, paper shape",
+                     lambda: switch_times(s["paper_batch"], s["rounds"]["paper"], s["overrides"], configs)),
         "data_parallel": ("data-parallel step time",
                           lambda: data_parallel(s["digits_batch"] // 2, s["warmup"], s["rounds"]["digits"], configs)),
         "nn_search": ("nearest-neighbour search", lambda: nn_search(s["nn_grid"], device, s["nn_min_time"])),
@@ -635,6 +668,7 @@ def run_bench(quick: bool, sizes: dict | None = None, configs: Path = CONFIGS) -
                                  f"{DEFAULT_CHUNK_ELEMENTS.get(device.type)}, fp32)",
                       "naive": "torch.cdist(z, codebook).argmin(dim=1)"},
         "finite_check": measured["finite_check"],
+        "switches": measured["switches"],
         "data_parallel": measured.get("data_parallel"),
         "time_to_quality": measured["time_to_quality"],
         "total_bench_s": round(time.perf_counter() - started, 1),
@@ -656,6 +690,15 @@ def summary(result: dict) -> str:
         m, r = st["median_s"], st["ratio_to_vqvae"]
         lines.append(f"| {shape} {tuple(st['input_shape'])} | {st['batch_size']} | {m['vqvae']:.4f} | "
                      + " | ".join(f"{r[mode]:.2f}x" for mode in MODES[1:]) + " |")
+    switches = result.get("switches") or {}
+    if "skipped" in switches:
+        lines += ["", f"Speed switches: not measured ({switches['skipped']})."]
+    elif switches:
+        lines += ["", "Speed switches at the paper shape, step time relative to fp32 (`switches`):", "",
+                  "| switches | " + " | ".join(MODES) + " | slower than fp32 |", "|---|" + "---|" * (len(MODES) + 1)]
+        for name, st in switches.items():
+            lines.append(f"| {name} | " + " | ".join(f"{st['ratio_to_fp32'][mode]:.2f}x" for mode in MODES)
+                         + f" | {', '.join(st['slower_than_fp32']) or 'none'} |")
     lines += ["", "Operations dispatched per iteration (`operations_per_iteration`):", "",
               "| shape | " + " | ".join(MODES) + " |", "|---|" + "---|" * len(MODES)]
     for shape, st in result["step_time"].items():

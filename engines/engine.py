@@ -63,6 +63,10 @@ class LevelEngine(Engine):
         # since it was last updated (note_finite).
         self._finite = torch.ones((), dtype=torch.bool, device=device)
         self._unfolded: list[torch.Tensor] = []
+        # (1 under perf.cuda_graphs: a replayed iteration's losses are overwritten by the next replay.)
+        self.finite_fold = FINITE_FOLD
+        # perf.cuda_graphs: the iteration's graphs (engines.graphs.IterationGraphs), None in eager mode.
+        self.graphs = None
         # Warnings of this run (warn): each once, kept until log.jsonl is open (run), then written as records.
         self._warned: set[str] = set()
         self._pending_records: list[dict] = []
@@ -190,15 +194,16 @@ class LevelEngine(Engine):
         """Note this iteration's losses for the finiteness flag, into which they are folded FINITE_FOLD at a time
         (``_fold_finite``): no host synchronisation, and no operation in most steps."""
         # (A loss is one number; reshaped only where a level's is not 0-dim, so that they stack.)
-        self._unfolded.extend(loss if loss.dim() == 0 else loss.reshape(()) for loss in
-                              (p.last_stats["loss"] for p in self.problems if "loss" in p.last_stats))
-        if len(self._unfolded) >= FINITE_FOLD:
+        for p in self.problems:
+            self._unfolded.extend(loss if loss.dim() == 0 else loss.reshape(()) for loss in p.new_losses)
+            p.new_losses.clear()
+        if len(self._unfolded) >= self.finite_fold:
             self._fold_finite()
 
     def _fold_finite(self) -> None:
         """The flag := the flag and every noted loss finite, on the device."""
         if self._unfolded:
-            self._finite = self._finite & torch.isfinite(torch.stack(self._unfolded)).all()
+            self._finite.logical_and_(torch.isfinite(torch.stack(self._unfolded)).all())  # (in place: engines.graphs)
             self._unfolded.clear()
 
     def check_finite(self) -> None:
@@ -317,8 +322,7 @@ class LevelEngine(Engine):
             for step in range(self.global_step + 1, cfg.iters + 1):
                 start = time.perf_counter()
                 self.global_step = step
-                self.train_step()
-                self.note_finite()
+                self.iteration()
                 self.maintain()
                 self.share_batch_norm_statistics()
                 self.report_level_warnings()
@@ -348,6 +352,18 @@ class LevelEngine(Engine):
             if log is not None:
                 log.close()
             self._log = None
+
+    def iteration(self) -> None:
+        """The training iteration ``global_step``: its steps and the note of its losses, replayed as CUDA graphs
+        under ``perf.cuda_graphs``."""
+        if self.graphs is not None:
+            self.graphs.iteration(self.global_step)
+        else:
+            self.eager_iteration()
+
+    def eager_iteration(self) -> None:
+        self.train_step()
+        self.note_finite()
 
     def train_step(self):
         for p in self.problems:

@@ -27,6 +27,7 @@ from mqvae.io.tracking import require_tensorboard
 
 from .build import build_problems, config_warnings, derived_seed
 from .engine import LevelEngine
+from .graphs import IterationGraphs, make_graph_safe
 from .library_warnings import LibraryWarnings
 from .run_folder import check_folder, claim, config_sha256
 
@@ -42,6 +43,12 @@ def resolve_device(name: str) -> torch.device:
 
 def build_engine(cfg: Config, run_dir: Path) -> LevelEngine:
     device = resolve_device(cfg.device)
+    if cfg.perf.cuda_graphs and device.type != "cuda":
+        raise UserError("perf.cuda_graphs: true needs a CUDA device, and torch sees none (device: auto); a CUDA graph "
+                        "replays GPU kernels (set it to false)")
+    if cfg.perf.cuda_graphs and distributed.world_size() > 1:
+        raise UserError("perf.cuda_graphs with data-parallel ranks: the gradient averaging is not captured; run "
+                        "without perf.cuda_graphs")
     if cfg.logging.tensorboard:
         require_tensorboard()
     torch.manual_seed(cfg.seed)
@@ -65,6 +72,9 @@ def build_engine(cfg: Config, run_dir: Path) -> LevelEngine:
     problems, dependencies = build_problems(cfg, model, datasets, device)
     engine = LevelEngine(cfg, problems, dependencies, model, datasets, device, run_dir)
     engine.perf_applied = perf_applied
+    if cfg.perf.cuda_graphs:
+        make_graph_safe(engine)
+        engine.graphs = IterationGraphs(engine)
     for message in config_warnings(cfg):
         engine.warn(message)
     return engine

@@ -123,12 +123,17 @@ class Level(ImplicitProblem):
         self.mutual = mutual
         self._tentative_state = StateCache() if mutual else None
         self.last_stats: dict = {}
+        # The losses of the steps since the engine last noted them (LevelEngine.note_finite): this iteration's only,
+        # not a level's earlier loss that it did not replace (a level that steps every k-th iteration).
+        self.new_losses: list[torch.Tensor] = []
         # The learned_scalars that the level's first step found its trained parameters to reach (a value that only
         # follows a schedule is not learned); None before that step. Kept in checkpoints (progress_state).
         self.learned: set[str] | None = None
         self.last_forward = None  # (z_e, quantizer output) of the latest real step, for quantizer maintenance
         self._keeps_forward: bool | None = None  # (keeps_forward)
         self.stream = train_data_loader
+        # perf.cuda_graphs: the static slots that get_batch hands out (engines.graphs); None in eager mode.
+        self.staged: StagedBatches | None = None
         self._trainable: list[torch.Tensor] | None = None
         # The tentative steps of this level that the levels above look through: one, or hypergradient.unroll_steps
         # = k of them (Betty's unroll_steps: the levels above step after every k-th step of this level). The j-th
@@ -166,6 +171,11 @@ class Level(ImplicitProblem):
     def begin_iteration(self, step: int) -> None:
         """Called by the engine before each iteration's steps, with the iteration (from 1), for level kinds whose
         behaviour depends on it (``Discriminator``)."""
+
+    def periodic_from(self) -> int:
+        """The first iteration from which the level's iterations repeat with its window (``perf.cuda_graphs``
+        captures none before it, engines.graphs): 1, unless the level kind starts later (``Discriminator``)."""
+        return 1
 
     def param_groups(self):
         """Optimizer parameter groups. A quantizer trained by this level may ask for its own groups, which get
@@ -358,17 +368,26 @@ class Level(ImplicitProblem):
 
     def remember_pre_step(self) -> None:
         """Keep the parameters (phi, theta) before the tentative step, which Eq. 13 perturbs, and xi."""
-        if self.xi_follows_lr:
-            # The lr the coming optimizer step uses. Betty steps the scheduler right after the tentative step,
-            # before the upper level computes Eq. 13, so it must be read now. The first group holds the
-            # level's own parameters at the level's lr (later groups are the quantizer's, at quantizer_lr).
-            self.xi = self.optimizer.param_groups[0]["lr"]
         params = self.trainable_parameters()
         index = self._unroll_index()
         while len(self._unroll) <= index:
             self._unroll.append(TentativeStepRecord([torch.empty_like(p) for p in params], self.xi, None))
         record = self._unroll[index]
-        record.xi, record.batch = self.xi, None
+        record.batch = None
+        if self.xi_follows_lr:
+            # The lr the coming optimizer step uses. Betty steps the scheduler right after the tentative step,
+            # before the upper level computes Eq. 13, so it must be read now. The first group holds the
+            # level's own parameters at the level's lr (later groups are the quantizer's, at quantizer_lr).
+            lr = self.optimizer.param_groups[0]["lr"]
+            if torch.is_tensor(lr):
+                # (perf.cuda_graphs: the lr is on the device, mqvae.method.optim.DeviceSchedule.) Copied into the
+                # record's own tensor, in place, as the pre-step parameters are.
+                if not torch.is_tensor(record.xi):
+                    record.xi = torch.empty_like(lr)
+                record.xi.copy_(lr)
+            else:
+                record.xi = lr
+            self.xi = record.xi
         with torch.no_grad():
             torch._foreach_copy_(record.pre_step, params)
 
@@ -639,12 +658,12 @@ class Level(ImplicitProblem):
         if self._zero_run is None:
             self._zero_run = torch.zeros((), dtype=torch.long, device=params[0].device)
             self._longest_zero_run = torch.zeros_like(self._zero_run)
+        # In place, as every state the step carries to the next: a CUDA graph replays the same memory
+        # (engines.graphs).
+        self._zero_run.add_(1)
         if grads:
-            zero = torch.stack(torch._foreach_norm(grads)).sum() == 0
-            self._zero_run = (self._zero_run + 1) * zero  # (the run, or 0: one operation fewer than torch.where)
-        else:
-            self._zero_run = self._zero_run + 1
-        self._longest_zero_run = torch.maximum(self._longest_zero_run, self._zero_run)
+            self._zero_run.mul_(torch.stack(torch._foreach_norm(grads)).sum() == 0)  # (the run, or 0)
+        torch.maximum(self._longest_zero_run, self._zero_run, out=self._longest_zero_run)
 
     def zero_gradient_steps(self) -> int:
         """The longest run so far of optimizer steps with a zero gradient (a host sync)."""
@@ -664,12 +683,19 @@ class Level(ImplicitProblem):
             self.last_forward = (out.z_e.detach(), out.quant.detached())
         # (Detached where autograd records them, so that the logged values hold no graph; a batch perplexity has none.)
         self.last_stats = {k: v.detach() if v.requires_grad else v for k, v in stats.items()}
+        self.new_losses.append(self.last_stats["loss"])
         # (Without gradient accumulation, no division: x / 1 is x, and an operation saved per step.)
         return stats["loss"] / self.gas if self.gas > 1 else stats["loss"], self.last_stats
 
     def get_batch(self):
         if self.data == "shared":
             return self._children[0].cur_batch
+        if self.staged is not None:
+            return self.staged.next()
+        return super().get_batch()
+
+    def draw_batch(self):
+        """The next batch of the level's own stream (Betty's draw)."""
         return super().get_batch()
 
     def one_step_descent(self, batch=None):
@@ -739,6 +765,47 @@ def _reaches(value: torch.Tensor, params: list[torch.Tensor]) -> bool:
         return False
     grads = torch.autograd.grad(value, params, retain_graph=True, allow_unused=True)
     return any(grad is not None for grad in grads)
+
+
+class StagedBatches:
+    """A level's batches in static slots, for ``perf.cuda_graphs`` (engines.graphs): a captured iteration reads its
+    batches from the same memory at every replay, so they are drawn from the level's stream outside the graph and
+    copied into the slots before the iteration (``begin`` staged); each ``Level.get_batch`` of the iteration hands
+    out the next slot. In an iteration that is not staged (eager, before the capture) get_batch draws and copies at
+    once, and the draws of each phase of the iteration's period are counted, which later iterations of that phase
+    then draw ahead. Each stream is drawn in the same order either way, so the batches are the eager run's."""
+
+    def __init__(self, level: "Level"):
+        self.level = level
+        self.slots: list[tuple] = []
+        self.counts: dict[int, int] = {}  # phase -> batches an iteration of that phase takes
+        self.phase, self.taken, self.staged = None, 0, False
+
+    def begin(self, phase: int, staged: bool) -> None:
+        """Before an iteration of ``phase``: with ``staged``, draw its batches into the slots now."""
+        if staged:
+            for j in range(self.counts.get(phase, 0)):
+                self._fill(j, self.level.draw_batch())
+        self.phase, self.taken, self.staged = phase, 0, staged
+
+    def next(self) -> tuple:
+        j = self.taken
+        self.taken += 1
+        if not self.staged:
+            self.counts[self.phase] = self.taken
+            return self._fill(j, self.level.draw_batch())
+        if j >= self.counts.get(self.phase, 0):
+            raise RuntimeError(f"level '{self.level.name}': an iteration of phase {self.phase} took more batches than "
+                               "the eager one before it: the iteration's control flow is not periodic")
+        return self.slots[j]
+
+    def _fill(self, j: int, batch) -> tuple:
+        if j == len(self.slots):
+            self.slots.append(tuple(t.clone() for t in batch))
+        else:
+            for slot, t in zip(self.slots[j], batch):
+                slot.copy_(t, non_blocking=True)
+        return self.slots[j]
 
 
 def sub_batches(batch, k: int) -> list[tuple]:

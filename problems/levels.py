@@ -189,6 +189,9 @@ class Discriminator(Level):
     def begin_iteration(self, step: int) -> None:
         self.iteration = step
 
+    def periodic_from(self) -> int:
+        return self.params.disc_start + 1
+
     @property
     def on(self) -> bool:
         return self.iteration > self.params.disc_start

@@ -38,9 +38,13 @@ def test_bench_writes_the_documented_schema(tmp_path, monkeypatch, capsys):
     # One line on stderr as each part starts (the data-parallel part is left out here).
     stderr = capsys.readouterr().err.splitlines()
     assert [line.split(" (")[0] for line in stderr if line.startswith("engines.bench ")] == [
-        "engines.bench 1/5: training-step cost, digits shape", "engines.bench 2/5: training-step cost, paper shape",
-        "engines.bench 3/5: cost of the per-step checks", "engines.bench 4/5: nearest-neighbour search",
-        "engines.bench 5/5: time to quality"]
+        "engines.bench 1/6: training-step cost, digits shape", "engines.bench 2/6: training-step cost, paper shape",
+        "engines.bench 3/6: cost of the per-step checks", "engines.bench 4/6: speed switches, paper shape",
+        "engines.bench 5/6: nearest-neighbour search", "engines.bench 6/6: time to quality"]
+    if not torch.cuda.is_available():  # (the switches act on CUDA only: on the CPU the part says so)
+        assert result["switches"] == {"skipped": "the speed switches act on CUDA only (perf.cuda_graphs is refused "
+                                                 "on the CPU)"}
+        assert "Speed switches: not measured" in bench.summary(result)
     assert result["load"] == {"cores": os.cpu_count(), "before": [0.5, 0.25, 0.75],
                               "after": [os.cpu_count() + 1.5, 0.5, 0.25], "under_load": True}
     warning = [line for line in bench.summary(result).splitlines() if line.startswith("warning: ")]

@@ -277,6 +277,9 @@ class PerfConfig:
     cudnn_benchmark: bool = True
     bf16: bool = False
     compile: bool = False
+    # The training iteration captured once as CUDA graphs and replayed (engines.graphs): CUDA only, refused on the
+    # CPU with one line. Quantizer maintenance, logging, evaluation and checkpoints stay outside the graphs.
+    cuda_graphs: bool = False
 
 
 @dataclass
@@ -513,6 +516,8 @@ def _validate(cfg: Config, where: str) -> None:
         _check_mutual(cfg, where, accumulating)
     if cfg.hypergradient.unroll_steps > 1:
         _check_unroll(cfg, where, accumulating)
+    if cfg.perf.cuda_graphs:
+        _check_cuda_graphs(cfg, where)
     if cfg.data.batch_size % inner_steps:
         raise UserError(f"{where}: hypergradient.inner_steps: {inner_steps} does not divide data.batch_size = "
                         f"{cfg.data.batch_size}; each inner step takes an equal 1/{inner_steps} of the batch")
@@ -521,6 +526,24 @@ def _validate(cfg: Config, where: str) -> None:
     # Sections whose checks need more than the config's text (the prior's source run): registered checks.
     for check in registry.VALIDATORS.values():
         check(cfg, where)
+
+
+# The hypergradient methods whose step keeps to what a CUDA graph replays (tests/test_cuda_graphs.py): Betty's darts
+# reads ||v|| on the host; Betty's neumann and cg are not checked.
+GRAPH_SAFE_HYPERGRADIENTS = ("mqvae", "direct")
+
+
+def _check_cuda_graphs(cfg: Config, where: str) -> None:
+    if cfg.device == "cpu":
+        raise UserError(f"{where}: perf.cuda_graphs: true needs a CUDA device (device: cpu); a CUDA graph replays GPU "
+                        "kernels (set it to false)")
+    if cfg.perf.compile:
+        raise UserError(f"{where}: perf.cuda_graphs with perf.compile: torch.compile captures graphs of its own; set "
+                        "one of the two to false")
+    if cfg.hypergradient.type not in GRAPH_SAFE_HYPERGRADIENTS:
+        raise UserError(f"{where}: perf.cuda_graphs with hypergradient.type {quote(cfg.hypergradient.type)}: only "
+                        f"{', '.join(GRAPH_SAFE_HYPERGRADIENTS)} are checked to replay as a graph (darts reads a norm on "
+                        "the host every step)")
 
 
 def _check_model(cfg: Config, where: str) -> None:

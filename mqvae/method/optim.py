@@ -89,3 +89,55 @@ def cosine(level, total_iters):
 @register_scheduler("warmup_cosine")
 def warmup_cosine(level, total_iters):
     return LRSchedule("warmup_cosine", total_iters, level.warmup_ratio, level.min_lr / level.lr)
+
+
+class DeviceSchedule:
+    """A level's ``LambdaLR`` with its learning rates on the device, for ``perf.cuda_graphs`` (engines.graphs).
+
+    A captured optimizer step replays the same kernels on the same memory: an lr that ``LambdaLR`` writes as a new
+    host number at each step would be baked into the graph at its capture-time value. Here each group's lr is a
+    0-dim tensor on the device that the step reads, and ``step`` refills it, on the device, from a table of
+    ``base_lr · multiplier(k)`` (the ``LambdaLR``'s, k = 0..steps) at a step counter held on the device too. The
+    values are the eager schedule's, rounded to float32. The ``LambdaLR`` stays for checkpoints: ``state_dict`` is
+    its state at ``last_epoch``, so a checkpoint resumes in either mode."""
+
+    def __init__(self, scheduler: torch.optim.lr_scheduler.LambdaLR, steps: int):
+        self.scheduler = scheduler
+        self.optimizer = scheduler.optimizer
+        groups = self.optimizer.param_groups
+        device = groups[0]["params"][0].device
+        self.last_epoch = scheduler.last_epoch
+        rows = [self._host_lrs(k) for k in range(max(steps, self.last_epoch) + 1)]
+        self.table = torch.tensor(rows, dtype=torch.float32, device=device)
+        self.counter = torch.tensor(self.last_epoch, dtype=torch.long, device=device)
+        self.lrs = [torch.tensor(float(group["lr"]), dtype=torch.float32, device=device) for group in groups]
+        for group, lr in zip(groups, self.lrs):
+            group["lr"] = lr
+        self._refill()
+
+    def _host_lrs(self, k: int) -> list[float]:
+        return [base * multiplier(k) for base, multiplier in zip(self.scheduler.base_lrs, self.scheduler.lr_lambdas)]
+
+    def _refill(self) -> None:
+        # (Past the table's end the last row: the multipliers are flat after their total.)
+        row = self.table.index_select(0, self.counter.clamp(max=self.table.shape[0] - 1).view(1)).view(-1)
+        torch._foreach_copy_(self.lrs, list(row.unbind(0)))
+
+    def step(self) -> None:
+        self.last_epoch += 1
+        self.counter.add_(1)
+        self._refill()
+
+    def get_last_lr(self) -> list[float]:
+        return self._host_lrs(self.last_epoch)
+
+    def state_dict(self) -> dict:
+        self.scheduler.last_epoch, self.scheduler._step_count = self.last_epoch, self.last_epoch + 1
+        self.scheduler._last_lr = self.get_last_lr()
+        return self.scheduler.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.scheduler.load_state_dict(state)
+        self.last_epoch = self.scheduler.last_epoch
+        self.counter.fill_(self.last_epoch)
+        self._refill()

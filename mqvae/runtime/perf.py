@@ -49,10 +49,12 @@ def perf_quantizer_config(perf, quantizer_cfg, device: torch.device):
     return quantizer_cfg
 
 
-def _bf16_forward(forward):
+def _bf16_forward(forward, cache: bool = True):
+    # cache=False under perf.cuda_graphs: autocast's cache of the weights' bf16 copies must not live across a capture
+    # (torch.cuda.graph's documentation).
     @functools.wraps(forward)
     def wrapped(*args, **kwargs):
-        with torch.autocast("cuda", dtype=torch.bfloat16):
+        with torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=cache):
             out = forward(*args, **kwargs)
         return out.float()
 
@@ -74,7 +76,7 @@ def apply_perf(perf, model, device: torch.device) -> dict:
     if perf.bf16:
         for part in parts:
             # An instance attribute: state_dict keys and checkpoints stay as without the switch.
-            part.forward = _bf16_forward(part.forward)
+            part.forward = _bf16_forward(part.forward, cache=not perf.cuda_graphs)
         applied["bf16"] = True
     if perf.compile:
         # Compiled backwards "donate" (free early) saved buffers, which forbids retain_graph=True; the upper
