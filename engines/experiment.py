@@ -18,7 +18,7 @@ from mqvae.config.feasibility import check_feasible
 from mqvae.io.files import FolderLock, os_error, read_lines, remove_stale_temps, write_json, write_text
 from mqvae.data.loader import BatchStream, place
 from mqvae.method.models import build_model
-from mqvae.runtime.perf import apply_perf, perf_quantizer_config
+from mqvae.runtime.perf import apply_perf, perf_quantizer_config, perf_warnings
 from mqvae.nn.pixelcnn import GatedPixelCNN
 from mqvae.method.prior import PriorModel, code_maps, load_source, source_sha256
 from mqvae.io.provenance import provenance
@@ -75,7 +75,7 @@ def build_engine(cfg: Config, run_dir: Path) -> LevelEngine:
     if cfg.perf.cuda_graphs:
         make_graph_safe(engine)
         engine.graphs = IterationGraphs(engine)
-    for message in config_warnings(cfg):
+    for message in [*config_warnings(cfg), *perf_warnings(cfg.perf, device)]:
         engine.warn(message)
     return engine
 

@@ -68,6 +68,8 @@ def make_graph_safe(engine) -> None:
         if engine.device.type == "cuda":
             for group in p.optimizer.param_groups:
                 group["capturable"] = True
+            # (torch warns once when a capturable optimizer steps uncaptured: the warm-up iterations do, by design.)
+            p.optimizer._warned_capturable_if_run_uncaptured = True
 
 
 # -- the Python state of an iteration ----------------------------------------------------------------------

@@ -382,7 +382,7 @@ class Level(ImplicitProblem):
             if torch.is_tensor(lr):
                 # (perf.cuda_graphs: the lr is on the device, mqvae.method.optim.DeviceSchedule.) Copied into the
                 # record's own tensor, in place, as the pre-step parameters are.
-                if not torch.is_tensor(record.xi):
+                if not (torch.is_tensor(record.xi) and record.xi.device == lr.device):  # (or as a checkpoint left it)
                     record.xi = torch.empty_like(lr)
                 record.xi.copy_(lr)
             else:

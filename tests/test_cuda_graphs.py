@@ -227,6 +227,7 @@ def test_the_device_schedule_gives_the_eager_lrs_and_checkpoints_alike(tmp_path)
     (["device=cpu"], "needs a CUDA device"),
     (["perf.compile=true", "device=cuda"], "perf.compile"),
     (["hypergradient.type=darts", "device=cuda"], "darts"),
+    (["levels.autoencoder.optimizer=sgd", "levels.autoencoder.weight_decay=0", "device=cuda"], "SGD"),
 ])
 def test_refused_in_one_line(tmp_path, setting, needle):
     one_line_error(lambda: load_config(ROOT / "configs" / "digits" / "mqvae.yaml", ["perf.cuda_graphs=true", *setting]),
@@ -286,3 +287,16 @@ def test_graphs_give_the_eager_parameters_on_cuda(tmp_path, mode):
         assert p._count == q._count, (mode, p.name)
         if q.scheduler is not None:
             assert p.scheduler.state_dict()["last_epoch"] == q.scheduler.state_dict()["last_epoch"], (mode, p.name)
+
+
+def test_the_switches_measured_slower_are_said_on_cuda_alone():
+    from mqvae.config.schema import PerfConfig
+    from mqvae.runtime.perf import perf_warnings
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert perf_warnings(PerfConfig(bf16=True, compile=True), cpu) == []
+    assert perf_warnings(PerfConfig(), cuda) == []
+    bf16 = perf_warnings(PerfConfig(bf16=True), cuda)
+    assert len(bf16) == 1 and "perf.bf16 without perf.cuda_graphs" in bf16[0]
+    assert perf_warnings(PerfConfig(bf16=True, cuda_graphs=True), cuda) == []
+    assert ["perf.compile" in w for w in perf_warnings(PerfConfig(compile=True), cuda)] == [True]

@@ -531,6 +531,8 @@ def _validate(cfg: Config, where: str) -> None:
 # The hypergradient methods whose step keeps to what a CUDA graph replays (tests/test_cuda_graphs.py): Betty's darts
 # reads ||v|| on the host; Betty's neumann and cg are not checked.
 GRAPH_SAFE_HYPERGRADIENTS = ("mqvae", "direct")
+# The optimizers that take a scheduled lr as a device tensor without reading it on the host (fused Adam and AdamW).
+GRAPH_SAFE_SCHEDULED_OPTIMIZERS = ("adam", "adamw")
 
 
 def _check_cuda_graphs(cfg: Config, where: str) -> None:
@@ -540,6 +542,12 @@ def _check_cuda_graphs(cfg: Config, where: str) -> None:
     if cfg.perf.compile:
         raise UserError(f"{where}: perf.cuda_graphs with perf.compile: torch.compile captures graphs of its own; set "
                         "one of the two to false")
+    for level in cfg.levels:
+        if level.scheduler != "constant" and level.optimizer not in GRAPH_SAFE_SCHEDULED_OPTIMIZERS:
+            raise UserError(f"{where}: perf.cuda_graphs with levels.{quote_key(level.name)}.optimizer "
+                            f"{quote(level.optimizer)} and a schedule: the lr becomes a device tensor, which only "
+                            f"{', '.join(GRAPH_SAFE_SCHEDULED_OPTIMIZERS)} read on the device (torch's SGD reads it "
+                            "on the host); use scheduler: constant or one of those")
     if cfg.hypergradient.type not in GRAPH_SAFE_HYPERGRADIENTS:
         raise UserError(f"{where}: perf.cuda_graphs with hypergradient.type {quote(cfg.hypergradient.type)}: only "
                         f"{', '.join(GRAPH_SAFE_HYPERGRADIENTS)} are checked to replay as a graph (darts reads a norm on "

@@ -124,7 +124,8 @@ class RunningAffine(CodeAffine):
             total.append(centred.sum(0))
             total_sq.append(centred.square().sum(0))
         return {
-            "ze_count": torch.tensor(count, dtype=vectors.dtype, device=vectors.device),
+            # (Filled on the device: a tensor from the host list would be a copy from pageable memory, which waits.)
+            "ze_count": torch.stack([vectors.new_full((), n) for n in count]),
             "ze_sum": torch.stack(total),
             "ze_sum_sq": torch.stack(total_sq),
         }
