@@ -15,7 +15,8 @@ arguments, on the same memory, and runs no Python. So the iteration must
   levels' windows: gradient accumulation x unrolled steps, up the chain of levels), so one graph is captured per
   phase of the period. After each replay the Python state of the levels, their optimizers, schedules and modules is
   set to what the iteration would have left (``PythonState``): the state the capture of its phase left, with its
-  integer counters advanced by whole periods. Before capturing, the runner checks this model: the states of an
+  integer counters advanced by whole periods, and its references (e.g. to the latest losses) to what that capture
+  made. Before capturing, the runner checks this model: the states of an
   eager window and of the capture window may differ in integer counters only, or the run stops with one line
   naming what else changed.
 
@@ -105,26 +106,34 @@ def _owners(engine):
 
 
 class PythonState:
-    """The scalar Python attributes of ``_owners`` (numbers, strings, flags, tuples of them), by ``owner.attribute``,
-    with the objects to write them back to."""
+    """The Python attributes of ``_owners``, by ``owner.attribute``, with the objects to write them back to: the
+    scalar ones by value (numbers, strings, flags, tuples of them: ``values``), the others by reference (``refs``:
+    e.g. a level's ``last_stats``, the dict of its latest losses, which each captured phase makes anew in its own
+    graph's memory, and which a replay of that phase must point to again)."""
 
     def __init__(self, engine):
         self.values: dict[str, object] = {}
+        self.refs: dict[str, object] = {}
         self.targets: dict[str, tuple[object, str]] = {}
         for owner, obj in _owners(engine):
             items = obj.items() if isinstance(obj, dict) else vars(obj).items()
             for attr, value in items:
-                if attr not in DRAWN and _scalar(value):
-                    key = f"{owner}.{attr}"
+                if attr in DRAWN:
+                    continue
+                key = f"{owner}.{attr}"
+                self.targets[key] = (obj, attr)
+                if _scalar(value):
                     self.values[key] = tuple(value) if isinstance(value, list) else value
-                    self.targets[key] = (obj, attr)
+                else:
+                    self.refs[key] = value
 
     def set(self, key: str, value) -> None:
+        """Write ``value`` (a list where the attribute holds one) to ``key``'s attribute."""
         obj, attr = self.targets[key]
         if isinstance(obj, dict):
             obj[attr] = value
         else:
-            setattr(obj, attr, list(value) if isinstance(getattr(obj, attr), list) else value)
+            setattr(obj, attr, list(value) if isinstance(getattr(obj, attr), list) and key in self.values else value)
 
 
 def _counter(value) -> bool:
@@ -148,17 +157,23 @@ def state_changes(before: PythonState, after: PythonState) -> tuple[dict[str, in
 
 class PhaseState:
     """What a replay of one phase leaves in Python: ``state`` (the capture window's) with ``advance`` added per
-    window after the capture. ``keys``: what to write back, the counters and whatever differs from the phase before."""
+    window after the capture. ``keys``: the values to write back, the counters and whatever differs from the phase
+    before's (``previous``). ``ref_keys``: the references that the capture of this phase rebound (that differ from
+    ``before``, the state its capture started from); a reference that it left alone is the one an earlier phase
+    made, which the replays keep current."""
 
-    def __init__(self, state: PythonState, advance: dict[str, int], previous: PythonState):
+    def __init__(self, state: PythonState, advance: dict[str, int], previous: PythonState, before: PythonState):
         self.state, self.advance = state, advance
         self.keys = sorted(set(advance) | {key for key, value in state.values.items()
                                            if previous.values.get(key, "<absent>") != value})
+        self.ref_keys = sorted(key for key, value in state.refs.items() if before.refs.get(key) is not value)
 
     def apply(self, windows: int) -> None:
         for key in self.keys:
             value = self.state.values[key]
             self.state.set(key, value + windows * self.advance[key] if key in self.advance else value)
+        for key in self.ref_keys:
+            self.state.set(key, self.state.refs[key])
 
 
 # -- capture and replay -----------------------------------------------------------------------------------
@@ -234,4 +249,5 @@ class IterationGraphs:
         if len(self.captured) == self.period:
             for i in range(self.period):
                 self.phases[i] = PhaseState(self.captured[i], state_changes(self.eager_states[i], self.captured[i])[0],
-                                            self.captured[(i - 1) % self.period])
+                                            self.captured[(i - 1) % self.period],
+                                            self.captured[i - 1] if i else self.eager_states[self.period - 1])

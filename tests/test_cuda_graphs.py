@@ -26,8 +26,9 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from engines.experiment import build_engine
-from engines.graphs import (WARMUP_PERIODS, PythonState, iteration_period, make_graph_safe, state_changes)
-from helpers import one_line_error
+from engines.graphs import (WARMUP_PERIODS, IterationGraphs, PythonState, iteration_period, make_graph_safe,
+                            state_changes)
+from helpers import assert_same_checkpoints, measured, one_line_error
 from mqvae.config import load_config
 from mqvae.method.optim import DeviceSchedule
 from test_host_sync import MODES as HOST_SYNC_MODES, TINY
@@ -123,7 +124,7 @@ def _origin() -> str:
 def graph_safe_engine(mode: str, folder: Path, overrides=()):
     name, mode_overrides = MODES[mode]
     cfg = load_config(ROOT / "configs" / "digits" / f"{name}.yaml",
-                      [*mode_overrides, *overrides, "device=cpu", "data.batch_size=16", "train.iters=200"])
+                      [*mode_overrides, "device=cpu", "data.batch_size=16", "train.iters=200", *overrides])
     engine = build_engine(cfg, folder)
     engine.train()
     make_graph_safe(engine)
@@ -240,6 +241,104 @@ def test_refused_on_the_cpu_when_the_device_is_auto(tmp_path):
     cfg = load_config(ROOT / "configs" / "digits" / "mqvae.yaml", ["perf.cuda_graphs=true"])
     one_line_error(lambda: build_engine(cfg, tmp_path / "run"), "perf.cuda_graphs", "needs a CUDA device")
     assert not (tmp_path / "run").exists()
+
+
+# -- the runner, on a CPU stand-in for CUDA graphs ----------------------------------------------------------
+
+class StandInGraph:
+    """A CUDA graph's semantics on the CPU: capture records every operator the iteration dispatches, with the very
+    tensors it read and made; a replay calls the same operators on the same tensors, runs no Python, and writes each
+    new result into the tensor the capture made, so later operators, and whoever kept a reference, read it there.
+    Unlike CUDA's, the capture has already done the iteration's work, so the replay that follows it
+    (``IterationGraphs._capture``) does nothing."""
+
+    def __init__(self):
+        self.ops: list[tuple] = []
+        self.replays = 0
+
+    def replay(self) -> None:
+        self.replays += 1
+        if self.replays == 1:
+            return
+        with torch.no_grad():
+            for func, args, kwargs, out in self.ops:
+                new = func(*args, **kwargs)
+                for old, fresh in zip(_tensors(out), _tensors(new)):
+                    if fresh is not old:
+                        old.copy_(fresh)
+
+
+def _tensors(value) -> list:
+    if isinstance(value, (list, tuple)):
+        return [t for v in value for t in _tensors(v)]
+    return [value] if torch.is_tensor(value) else []
+
+
+class _Capture(TorchDispatchMode):
+    def __init__(self, graph: StandInGraph):
+        super().__init__()
+        self.graph = graph
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if not str(func).startswith("profiler."):
+            self.graph.ops.append((func, args, kwargs, out))
+        return out
+
+
+class _Stream:
+    def wait_stream(self, other) -> None:
+        pass
+
+
+def stand_in_cuda_graphs(monkeypatch) -> None:
+    """torch.cuda's graph and stream calls that ``IterationGraphs`` makes, answered on the CPU."""
+    import contextlib
+
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", StandInGraph)
+    monkeypatch.setattr(torch.cuda, "Stream", lambda device=None: _Stream())
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: _Stream())
+    monkeypatch.setattr(torch.cuda, "stream", lambda stream: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "graph", lambda graph, **kwargs: _Capture(graph))
+
+
+def _stand_in_run(mode: str, folder: Path, replay: bool):
+    """A run of ``mode`` with the graph runner, to (eager_window + 4) periods: its graphs replayed on the stand-in,
+    or (``replay`` false) every iteration eager, as the runner runs its warm-up."""
+    probe = graph_safe_engine(mode, folder / "probe")
+    iters = (_first_window(probe) + 4) * iteration_period(probe)
+    engine = graph_safe_engine(mode, folder / "run", [f"train.iters={iters}", "train.log_every=3",
+                                                      f"train.eval_every={iters}", f"train.checkpoint_every={iters}"])
+    (folder / "run").mkdir(parents=True, exist_ok=True)
+    engine.write_config()
+    engine.graphs = IterationGraphs(engine)
+    if not replay:
+        engine.graphs.eager_window = iters  # (never reached: no capture)
+    engine.run()
+    return engine
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_the_runner_replays_the_eager_run_on_a_cpu_stand_in(tmp_path, monkeypatch, mode):
+    """``IterationGraphs`` itself (warm-up, the checked eager window, one capture per phase, replays with the Python
+    state advanced, batches staged) against the same graph-safe engine run eagerly: the same parameters, optimizer
+    and schedule state, step counts, streams and logged numbers, bit for bit, replays included."""
+    stand_in_cuda_graphs(monkeypatch)
+    graphs = _stand_in_run(mode, tmp_path / "graphs", replay=True)
+    eager = _stand_in_run(mode, tmp_path / "eager", replay=False)
+    runner = graphs.graphs
+    replayed = [g.replays - 1 for g in runner.graphs.values()]
+    assert len(runner.graphs) == runner.period and min(replayed) >= 2, replayed
+    assert eager.graphs.graphs == {}
+    for key, value in eager.model.state_dict().items():
+        assert torch.equal(graphs.model.state_dict()[key], value), (mode, key)
+    assert_same_checkpoints(graphs.run_dir, eager.run_dir)  # (levels, optimizers, schedules, progress)
+    assert graphs.state_dict()["streams"] == eager.state_dict()["streams"], mode
+    for p, q in zip(graphs.problems, eager.problems):
+        assert (p._count, p.ready) == (q._count, q.ready), (mode, p.name)
+    records = [{k: v for k, v in r.items() if k != "time_s"} for r in measured(graphs.run_dir)]
+    assert records == [{k: v for k, v in r.items() if k != "time_s"} for r in measured(eager.run_dir)], mode
 
 
 # -- on CUDA --------------------------------------------------------------------------------------------------
