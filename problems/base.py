@@ -786,6 +786,8 @@ class StagedBatches:
         if staged:
             for j in range(self.counts.get(phase, 0)):
                 self._fill(j, self.level.draw_batch())
+        else:
+            self.counts[phase] = 0  # (counted afresh: the latest eager iteration of the phase is the one that counts)
         self.phase, self.taken, self.staged = phase, 0, staged
 
     def next(self) -> tuple:

@@ -190,7 +190,8 @@ def test_median_over_seeds_counts_seeds_that_never_reached_the_quality():
 
 def test_cuda_perf_switches_are_documented_noops_on_cpu(tmp_path):
     engine = tiny_engine(tmp_path, perf={"bf16": True, "compile": True})
-    assert engine.perf_applied == {"channels_last": True, "cudnn_benchmark": False, "bf16": False, "compile": False}
+    assert engine.perf_applied == {"channels_last": True, "cudnn_benchmark": False, "bf16": False, "compile": False,
+                                  "cuda_graphs": False}
     reference = tiny_engine(tmp_path / "ref")
     engine.train_step()
     reference.train_step()

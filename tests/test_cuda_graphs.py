@@ -235,6 +235,21 @@ def test_refused_in_one_line(tmp_path, setting, needle):
                    "perf.cuda_graphs", needle)
 
 
+def test_a_method_registered_graph_safe_is_accepted(tmp_path):
+    from mqvae.method.hypergradients import direct, register_hypergradient
+
+    for name in ("mqvae", "direct"):
+        load_config(ROOT / "configs" / "digits" / "mqvae.yaml", ["perf.cuda_graphs=true", "device=cuda",
+                                                                 f"hypergradient.type={name}"])
+    # (Functions of their own: the flags are attributes of the registered function.)
+    register_hypergradient("test_graph_safe_direct", lambda vector, context: direct(vector, context), graph_safe=True)
+    register_hypergradient("test_unchecked_direct", lambda vector, context: direct(vector, context))
+    load_config(ROOT / "configs" / "digits" / "mqvae.yaml", ["perf.cuda_graphs=true", "device=cuda",
+                                                             "hypergradient.type=test_graph_safe_direct"])
+    one_line_error(lambda: load_config(ROOT / "configs" / "digits" / "mqvae.yaml", [
+        "perf.cuda_graphs=true", "device=cuda", "hypergradient.type=test_unchecked_direct"]), "graph_safe=True")
+
+
 def test_refused_on_the_cpu_when_the_device_is_auto(tmp_path):
     if torch.cuda.is_available():
         pytest.skip("torch sees a CUDA device: device auto is CUDA here")
@@ -364,8 +379,8 @@ RANDOM_MODES = {"gumbel"}
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: perf.cuda_graphs captures and replays CUDA "
                     "graphs; on the CPU it is refused (test_refused_on_the_cpu_when_the_device_is_auto)")
 @pytest.mark.parametrize("mode", MODES)
-def test_graphs_give_the_eager_parameters_on_cuda(tmp_path, mode):
-    torch.backends.cudnn.deterministic = True
+def test_graphs_give_the_eager_parameters_on_cuda(tmp_path, monkeypatch, mode):
+    monkeypatch.setattr(torch.backends.cudnn, "deterministic", True)
     graphs = _cuda_run(mode, tmp_path / "graphs", True, 20)
     runner = graphs.graphs
     iters = 20

@@ -201,14 +201,16 @@ def direct(vector, context: HypergradientContext) -> list[torch.Tensor]:
 TYPES = HYPERGRADIENTS
 
 
-def register_hypergradient(name: str, fn, *, unroll_steps: bool = False) -> None:
+def register_hypergradient(name: str, fn, *, unroll_steps: bool = False, graph_safe: bool = False) -> None:
     """Make ``fn(vector, context) -> implicit term`` selectable as ``hypergradient.type: name``.
 
     ``fn`` receives v and a ``HypergradientContext`` and returns one tensor per ``context.upper`` tensor; it runs
     inside ``context.pure_evaluation()``, so whatever it writes into ``context.lower`` is put back afterwards.
     ``unroll_steps=True`` says that ``fn`` looks through every step of ``context.steps``; a config with
     ``hypergradient.unroll_steps`` > 1 may name only such a method (one that reads the latest step alone would
-    silently look through the last of the k steps).
+    silently look through the last of the k steps). ``graph_safe=True`` says that ``fn`` keeps to what a CUDA graph
+    replays (no host read, every number that changes a device tensor: docs/design.md, section 4); ``perf.cuda_graphs``
+    refuses any other method. Add a mode with it to ``tests/test_cuda_graphs.py`` to have that checked.
     """
     def run(vector, curr, prev, sync):
         context = curr.hypergradient_context(prev)
@@ -222,7 +224,7 @@ def register_hypergradient(name: str, fn, *, unroll_steps: bool = False) -> None
     jvp = functools.wraps(fn)(functools.partial(run_method, name, run))
 
     TYPES.add(name, fn)
-    fn.unroll_steps = unroll_steps  # read by the config's check (mqvae.config.schema)
+    fn.unroll_steps, fn.graph_safe = unroll_steps, graph_safe  # read by the config's checks (mqvae.config.schema)
     jvp_fn_mapping[name] = jvp
 
 
@@ -331,5 +333,5 @@ def _register_betty_method(name: str) -> None:
 BETTY_TYPES = ("darts", "neumann", "cg", "sama")
 for _name in BETTY_TYPES:
     _register_betty_method(_name)
-register_hypergradient("mqvae", mqvae, unroll_steps=True)
-register_hypergradient("direct", direct, unroll_steps=True)
+register_hypergradient("mqvae", mqvae, unroll_steps=True, graph_safe=True)
+register_hypergradient("direct", direct, unroll_steps=True, graph_safe=True)

@@ -74,7 +74,7 @@ def _bf16_forward(forward, cache: bool = True):
 
 def apply_perf(perf, model, device: torch.device) -> dict:
     """Apply the switches to ``model`` (already on ``device``); returns what was applied, by name."""
-    applied = {"channels_last": False, "cudnn_benchmark": False, "bf16": False, "compile": False}
+    applied = {"channels_last": False, "cudnn_benchmark": False, "bf16": False, "compile": False, "cuda_graphs": False}
     parts = [m for m in (getattr(model, "encoder", None), getattr(model, "decoder", None)) if m is not None]
     if perf.channels_last:
         for part in parts:
@@ -84,6 +84,7 @@ def apply_perf(perf, model, device: torch.device) -> dict:
         return applied
     torch.backends.cudnn.benchmark = perf.cudnn_benchmark
     applied["cudnn_benchmark"] = perf.cudnn_benchmark
+    applied["cuda_graphs"] = perf.cuda_graphs  # (engines.graphs does the capturing; on the CPU it is refused)
     if perf.bf16:
         for part in parts:
             # An instance attribute: state_dict keys and checkpoints stay as without the switch.
