@@ -16,7 +16,8 @@ from betty.logging.logger_base import get_logger
 from tqdm import tqdm
 
 from mqvae.runtime import distributed
-from mqvae.io.checkpoint import check_hyperparameters, non_finite_entries, rng_state, save_checkpoint, set_rng_state
+from mqvae.io.checkpoint import (check_hyperparameters, keep_run_settings, non_finite_entries, rng_state, save_checkpoint,
+                                 set_rng_state)
 from mqvae.errors import AllRanksError, Diverged, UserError
 from mqvae.evaluation import evaluate as evaluation_fns  # make_image_quality looked up at each call: stand-ins can replace it
 from mqvae.evaluation.evaluate import latents_and_codes, measures_quality
@@ -129,6 +130,7 @@ class LevelEngine(Engine):
                 p.module.load_state_dict(state["levels"][p.name])
                 built = [dict(group) for group in p.optimizer.param_groups]
                 p.optimizer.load_state_dict(state["optimizers"][p.name])
+                keep_run_settings(p.optimizer.param_groups, built)
                 check_hyperparameters(p.optimizer.param_groups, built, where)
                 if p.scheduler is not None:
                     p.scheduler.load_state_dict(state["schedulers"][p.name])

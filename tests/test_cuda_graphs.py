@@ -28,7 +28,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from engines.experiment import build_engine
 from engines.graphs import (WARMUP_PERIODS, IterationGraphs, PythonState, iteration_period, make_graph_safe,
                             state_changes)
-from helpers import assert_same_checkpoints, measured, one_line_error
+from helpers import assert_same, assert_same_checkpoints, measured, one_line_error
+from mqvae.io.checkpoint import load_checkpoint
 from mqvae.config import load_config
 from mqvae.method.optim import DeviceSchedule
 from test_host_sync import MODES as HOST_SYNC_MODES, TINY
@@ -354,6 +355,57 @@ def test_the_runner_replays_the_eager_run_on_a_cpu_stand_in(tmp_path, monkeypatc
         assert (p._count, p.ready) == (q._count, q.ready), (mode, p.name)
     records = [{k: v for k, v in r.items() if k != "time_s"} for r in measured(graphs.run_dir)]
     assert records == [{k: v for k, v in r.items() if k != "time_s"} for r in measured(eager.run_dir)], mode
+
+
+def _resumable_run(folder: Path, iters: int, every: int, graphs: bool, checkpoint: Path | None = None):
+    """MQ-VAE (warm-up cosine schedules) to ``iters``, a checkpoint every ``every`` iterations; with the graph runner
+    on the stand-in or plainly eager; resumed from ``checkpoint`` if given."""
+    overrides = [f"train.iters={iters}", "train.log_every=3", "train.eval_every=0", f"train.checkpoint_every={every}",
+                 "levels.autoencoder.scheduler=warmup_cosine", "levels.autoencoder.warmup_ratio=0.3"]
+    if graphs:
+        engine = graph_safe_engine("mqvae", folder, overrides)
+        engine.graphs = IterationGraphs(engine)
+    else:
+        name, mode_overrides = MODES["mqvae"]
+        engine = build_engine(load_config(ROOT / "configs" / "digits" / f"{name}.yaml",
+                                          [*mode_overrides, "device=cpu", "data.batch_size=16", *overrides]), folder)
+        engine.train()
+    folder.mkdir(parents=True, exist_ok=True)
+    engine.write_config()
+    if checkpoint is not None:
+        engine.load_state_dict(load_checkpoint(checkpoint), str(checkpoint))
+    engine.run()
+    return engine
+
+
+def test_a_graph_run_resumes_exactly_and_checkpoints_cross_modes(tmp_path, monkeypatch):
+    """A graph run (on the stand-in) resumed from its checkpoint ends where the run without the stop ends, bit for
+    bit; an eager checkpoint resumes under graphs and a graph checkpoint in eager mode, each lr then the schedule's
+    at the step, held as that mode holds it (a device tensor that DeviceSchedule refills; a number)."""
+    stand_in_cuda_graphs(monkeypatch)
+    iters, every = 30, 18  # (one checkpoint, at 18: the capture at 8, replays from 9; resumed: capture at 26)
+    whole = _resumable_run(tmp_path / "whole", iters, every, graphs=True)
+    resumed = _resumable_run(tmp_path / "resumed", iters, every, graphs=True, checkpoint=tmp_path / "whole" / "checkpoint.pt")
+    assert resumed.global_step == whole.global_step == iters
+    for key, value in whole.model.state_dict().items():
+        assert torch.equal(resumed.model.state_dict()[key], value), key
+    for p, q in zip(resumed.problems, whole.problems):
+        assert_same(p.optimizer.state_dict()["state"], q.optimizer.state_dict()["state"], p.name)
+        assert p.optimizer.param_groups[0]["lr"] is p.scheduler.lrs[0]  # (what DeviceSchedule refills is what is read)
+    eager = _resumable_run(tmp_path / "eager", iters, every, graphs=False)
+    into_graphs = _resumable_run(tmp_path / "into_graphs", iters, every, graphs=True,
+                                 checkpoint=tmp_path / "eager" / "checkpoint.pt")
+    into_eager = _resumable_run(tmp_path / "into_eager", iters, every, graphs=False,
+                                checkpoint=tmp_path / "whole" / "checkpoint.pt")
+    for engine in (into_graphs, into_eager):
+        level = next(p for p in engine.problems if p.name == "autoencoder")
+        want = level.scheduler.get_last_lr()[0]  # (the LambdaLR's value at the last step, in either mode)
+        lr = level.optimizer.param_groups[0]["lr"]
+        assert engine.global_step == iters and level.scheduler.last_epoch == eager.problems[1].scheduler.last_epoch
+        if engine is into_graphs:
+            assert lr is level.scheduler.lrs[0] and float(lr) == pytest.approx(want, rel=1e-6)
+        else:
+            assert isinstance(lr, float) and lr == pytest.approx(want, rel=1e-12)
 
 
 # -- on CUDA --------------------------------------------------------------------------------------------------

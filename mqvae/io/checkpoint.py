@@ -213,6 +213,26 @@ def _check_finite(state: dict) -> None:
         raise _Invalid(f"'{bad[0]}' holds NaN or infinite values{more}; it cannot be resumed")
 
 
+def keep_run_settings(loaded: list[dict], built: list[dict]) -> None:
+    """After ``optimizer.load_state_dict``: put back in each param group what belongs to this run's mode rather than
+    to the training state, as the config built it. ``capturable`` (on under perf.cuda_graphs, on CUDA), and the lr's
+    form: under perf.cuda_graphs a device tensor that the level's DeviceSchedule refills, which must stay the tensor
+    the optimizer reads (set to the loaded value); in eager mode a number. So a checkpoint resumes in either mode."""
+    for group, fresh in zip(loaded, built):
+        if "capturable" in fresh:
+            group["capturable"] = fresh["capturable"]
+        lr = group.get("lr")
+        if torch.is_tensor(lr) and lr.numel() == 1:
+            lr = float(lr)
+        if not (isinstance(lr, (int, float)) and not isinstance(lr, bool) and math.isfinite(lr)):
+            continue  # (a damaged value: check_hyperparameters names it)
+        if torch.is_tensor(fresh.get("lr")):
+            fresh["lr"].fill_(lr)
+            group["lr"] = fresh["lr"]
+        else:
+            group["lr"] = lr
+
+
 def check_hyperparameters(loaded: list[dict], built: list[dict], where: str) -> None:
     """A loaded optimizer's param_groups against those the config built: each hyperparameter is of the same kind
     (a finite number, a tuple of as many, a flag), so a damaged value stops here and not inside a later step."""
