@@ -229,8 +229,9 @@ class IterationGraphs:
     def _capture(self, phase: int) -> None:
         self._stage(phase)
         graph = torch.cuda.CUDAGraph()
-        # thread_local: the data loaders' pinning threads may use CUDA while the capture runs.
-        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+        # On the warm-up's stream, so that what libraries create per stream (cuBLAS workspaces) exists before the
+        # capture; thread_local: the data loaders' pinning threads may use CUDA while the capture runs.
+        with torch.cuda.graph(graph, stream=self.side, capture_error_mode="thread_local"):
             self.engine.eager_iteration()
         for p in self.engine.problems:
             if p.staged is not None and p.staged.taken != p.staged.counts.get(phase, 0):
