@@ -16,14 +16,14 @@ arguments, on the same memory, and runs no Python. So the iteration must
   phase of the period. After each replay the Python state of the levels, their optimizers, schedules and modules is
   set to what the iteration would have left (``PythonState``): the state the capture of its phase left, with its
   integer counters advanced by whole periods, and its references (e.g. to the latest losses) to what that capture
-  made. Before capturing, the runner checks this model: the states of an
-  eager window and of the capture window may differ in integer counters only, or the run stops with one line
-  naming what else changed.
+  made. Before capturing, the runner checks this model: the states of an eager window and of the capture window may
+  differ in integer counters only, or the run stops with one line naming what else changed.
 
-``tests/test_cuda_graphs.py`` checks the first and the last on the CPU, for every mode: two periods of iterations
-dispatch the same operators, with the same host numbers, on the same memory wherever the memory comes from outside
-the iteration, and no tensor an iteration makes is read by a later one; the Python state follows the model. Drawing
-the batches, quantizer maintenance, logging, evaluation and checkpoints stay outside the graphs.
+``tests/test_cuda_graphs.py`` checks the last two on the CPU, for every mode: two periods of iterations dispatch the
+same operators, with the same host numbers, on the same memory wherever the memory comes from outside the iteration,
+and no tensor is read by a later window than the one that made it; the Python state follows the model; and this
+runner, on a CPU stand-in for CUDA graphs, gives the eager run bit for bit. Drawing the batches, quantizer
+maintenance, logging, evaluation and checkpoints stay outside the graphs.
 """
 
 from __future__ import annotations
