@@ -33,7 +33,11 @@ def pytest_configure(config):
 @pytest.fixture(autouse=True)
 def registries_put_back():
     """What a test registers (a data set, a kind, an optimizer, a level) is gone after it: every registry of
-    mqvae.registry holds again what it held before the test."""
+    mqvae.registry holds again what it held before the test. The shipped names are registered first: run.py
+    imports the modules that register them only once a config is valid, so a test's run would otherwise register
+    them inside the test, and putting the registries back would drop them for every later test (whose modules,
+    already imported, never register again)."""
+    import problems  # noqa: F401  (registers the shipped levels, and through mqvae.shipped every other shipped name)
     from mqvae import registry
 
     held = {name: dict(value) for name, value in vars(registry).items() if isinstance(value, registry.Registry)}
