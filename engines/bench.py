@@ -131,7 +131,7 @@ def _engines(shape: str, batch_size: int, overrides: list[str], configs: Path, f
 
 def step_times(shape: str, batch_size: int, warmup: int, rounds: int, overrides: list[str] = (),
                profile_rounds: int = 0, configs: Path = CONFIGS) -> dict:
-    """Median seconds per training iteration (``train_step`` + quantizer maintenance) of each mode; for a mode with
+    """Median seconds per training iteration (``LevelEngine.iteration`` + quantizer maintenance) of each mode; for a mode with
     k unrolled steps, of a window of k iterations divided by k (``_iterations``).
 
     All engines are built from the same seed and data set, so they see batches of the same shape and

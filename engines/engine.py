@@ -193,8 +193,9 @@ class LevelEngine(Engine):
 
     # -- finiteness -------------------------------------------------------------------------------
     def note_finite(self) -> None:
-        """Note this iteration's losses for the finiteness flag, into which they are folded FINITE_FOLD at a time
-        (``_fold_finite``): no host synchronisation, and no operation in most steps."""
+        """Note the losses of this iteration's steps (``Level.new_losses``) for the finiteness flag, into which they
+        are folded ``finite_fold`` at a time (``_fold_finite``): no host synchronisation, and no operation in most
+        steps."""
         # (A loss is one number; reshaped only where a level's is not 0-dim, so that they stack.)
         for p in self.problems:
             self._unfolded.extend(loss if loss.dim() == 0 else loss.reshape(()) for loss in p.new_losses)

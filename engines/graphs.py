@@ -56,6 +56,15 @@ def iteration_period(engine) -> int:
     return math.lcm(*(level_period(p) for p in engine.problems))
 
 
+def eager_window(engine, first_step: int) -> int:
+    """The window whose Python state the capture window after it is checked against, for a run whose first
+    iteration in this process is ``first_step``: the first whole window after WARMUP_PERIODS periods of warm-up and
+    after every level's ``periodic_from``."""
+    period = iteration_period(engine)
+    start = max(first_step + WARMUP_PERIODS * period, *(p.periodic_from() for p in engine.problems))
+    return -(-(start - 1) // period)  # the first window that starts at or after start
+
+
 def make_graph_safe(engine) -> None:
     """Turn ``engine``'s levels graph-safe (see the module docstring): static batch slots, schedules on the device,
     the losses' finiteness folded every iteration; on CUDA, capturable optimizers. Also what the CPU test runs."""
@@ -198,8 +207,7 @@ class IterationGraphs:
     def iteration(self, step: int) -> None:
         window, phase = self._window_phase(step)
         if self.eager_window is None:
-            start = max(step + WARMUP_PERIODS * self.period, *(p.periodic_from() for p in self.engine.problems))
-            self.eager_window = -(-(start - 1) // self.period)  # the first window that starts at or after start
+            self.eager_window = eager_window(self.engine, step)
         capture_window = self.eager_window + 1
         if window < capture_window:
             self._eager(phase)

@@ -24,9 +24,10 @@ from pathlib import Path
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 from engines.experiment import build_engine
-from engines.graphs import (WARMUP_PERIODS, IterationGraphs, PythonState, iteration_period, make_graph_safe,
+from engines.graphs import (IterationGraphs, PythonState, eager_window, iteration_period, make_graph_safe,
                             state_changes)
 from helpers import assert_same, assert_same_checkpoints, measured, one_line_error
 from mqvae.io.checkpoint import load_checkpoint
@@ -149,17 +150,11 @@ def run_iteration(engine, step: int, staged: bool, recorder: IterationRecorder |
     engine.report_level_warnings()
 
 
-def _first_window(engine) -> int:
-    period = iteration_period(engine)
-    start = max(1 + WARMUP_PERIODS * period, *(p.periodic_from() for p in engine.problems))
-    return -(-(start - 1) // period)
-
-
 @pytest.mark.parametrize("mode", MODES)
 def test_two_periods_replay_the_same_operators_on_the_same_memory(tmp_path, mode):
     engine = graph_safe_engine(mode, tmp_path)
     period = iteration_period(engine)
-    first = _first_window(engine)
+    first = eager_window(engine, 1)
     recorder = IterationRecorder(period)
     with recorder:
         for step in range(1, (first + 2) * period + 1):
@@ -184,7 +179,7 @@ def test_the_python_state_advances_by_counters_alone(tmp_path, mode):
     alone, each advancing by the same amount per window (``PhaseState``'s model of a replay)."""
     engine = graph_safe_engine(mode, tmp_path)
     period = iteration_period(engine)
-    first = _first_window(engine)
+    first = eager_window(engine, 1)
     states: dict[tuple[int, int], PythonState] = {}
     for step in range(1, (first + 3) * period + 1):
         window, phase = divmod(step - 1, period)
@@ -261,6 +256,10 @@ def test_refused_on_the_cpu_when_the_device_is_auto(tmp_path):
 
 # -- the runner, on a CPU stand-in for CUDA graphs ----------------------------------------------------------
 
+def _tensors(value) -> list:
+    return [t for t in tree_leaves(value) if torch.is_tensor(t)]
+
+
 class StandInGraph:
     """A CUDA graph's semantics on the CPU: capture records every operator the iteration dispatches, with the very
     tensors it read and made; a replay calls the same operators on the same tensors, runs no Python, and writes each
@@ -282,12 +281,6 @@ class StandInGraph:
                 for old, fresh in zip(_tensors(out), _tensors(new)):
                     if fresh is not old:
                         old.copy_(fresh)
-
-
-def _tensors(value) -> list:
-    if isinstance(value, (list, tuple)):
-        return [t for v in value for t in _tensors(v)]
-    return [value] if torch.is_tensor(value) else []
 
 
 class _Capture(TorchDispatchMode):
@@ -323,7 +316,7 @@ def _stand_in_run(mode: str, folder: Path, replay: bool):
     """A run of ``mode`` with the graph runner, to (eager_window + 4) periods: its graphs replayed on the stand-in,
     or (``replay`` false) every iteration eager, as the runner runs its warm-up."""
     probe = graph_safe_engine(mode, folder / "probe")
-    iters = (_first_window(probe) + 4) * iteration_period(probe)
+    iters = (eager_window(probe, 1) + 4) * iteration_period(probe)
     engine = graph_safe_engine(mode, folder / "run", [f"train.iters={iters}", "train.log_every=3",
                                                       f"train.eval_every={iters}", f"train.checkpoint_every={iters}"])
     (folder / "run").mkdir(parents=True, exist_ok=True)
