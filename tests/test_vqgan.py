@@ -230,6 +230,7 @@ def test_the_layer_norm_normalises_each_latent_vector_over_its_channels():
 
 @pytest.mark.parametrize("z_norm", ["none", "layer"])
 def test_z_norm_applies_after_quant_conv(z_norm):
+    torch.manual_seed(5)
     cfg = small(ch_mult=[1, 2], attn_resolutions=[], z_channels=6, z_norm=z_norm)
     encoder = VQGANEncoder(1, cfg, 4, 16)
     x = torch.rand(2, 1, 16, 16)
@@ -240,8 +241,12 @@ def test_z_norm_applies_after_quant_conv(z_norm):
         assert isinstance(encoder.z_norm, nn.Identity) and torch.equal(z, before)
     else:
         assert encoder.z_norm.normalized_shape == (4,)
-        assert z.mean(1).abs().max() < 1e-5 and not torch.allclose(z, before)
-        assert (z.var(1, unbiased=False) - 1).abs().max() < 1e-3
+        # The LayerNorm's formula in float64 on quant_conv's output: a unit-variance check alone failed at random
+        # inputs whose channel variance is near LayerNorm's eps (var / (var + eps) is then visibly below 1).
+        b = before.double()
+        want = (b - b.mean(1, keepdim=True)) / torch.sqrt(b.var(1, unbiased=False, keepdim=True) + 1e-5)
+        torch.testing.assert_close(z.double(), want, rtol=1e-4, atol=1e-5)
+        assert not torch.allclose(z, before)
 
 
 # -- the decoders' last layer --------------------------------------------------------------------------------
