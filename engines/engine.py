@@ -325,6 +325,7 @@ class LevelEngine(Engine):
             for step in range(self.global_step + 1, cfg.iters + 1):
                 start = time.perf_counter()
                 self.global_step = step
+                self.model.quantizer.begin_iteration(step, cfg.iters)
                 self.iteration()
                 self.maintain()
                 self.share_batch_norm_statistics()

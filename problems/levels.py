@@ -89,15 +89,19 @@ class Codebook(Level):
 class CommitmentWeight(Level):
     """A third level that learns the commitment weight beta of the levels below it (Eq. 6).
 
-    beta = softplus(rho) stays positive. Its loss is the task loss on held-out data at the current
-    lower parameters; beta reaches it only through the lower level's response, so its whole gradient
-    is the hypergradient through the lower level's step.
+    beta = min_beta + softplus(rho) stays above min_beta. Its loss is the task loss on held-out data at the
+    current lower parameters; beta reaches it only through the lower level's response, so its whole gradient
+    is the hypergradient through the lower level's step. That one-step response asks for a smaller beta at every
+    step (a short-horizon bias, Wu et al. 2018): without a floor beta goes to 0, and with nothing tying z_e to the
+    codes the run diverges (README, "Adding a level").
     """
 
     @dataclass
     class Params:
         # beta at the start; null: the quantizer's beta (quantizer.beta).
         initial_beta: Optional[float] = spec(None, above=0.0)
+        # The floor beta stays above (0: none).
+        min_beta: float = spec(0.0, min=0.0)
 
     learned_scalars = ("beta",)
 
@@ -107,14 +111,16 @@ class CommitmentWeight(Level):
             raise UserError("levels: CommitmentWeight learns the commitment weight beta, but this quantizer has no "
                             "commitment term (quantizer.kind: gumbel); use quantizer.kind: vq")
         beta = model.quantizer.loss_weights()["commitment"] if params.initial_beta is None else params.initial_beta
+        if beta <= params.min_beta:
+            raise UserError(f"levels: CommitmentWeight starts at beta {beta}, which is not above its floor "
+                            f"params.min_beta {params.min_beta}; lower min_beta or raise initial_beta")
         # Inverse softplus, so the level starts at the configured beta.
-        rho = torch.tensor(float(beta)).expm1().log() if beta > 0 else torch.tensor(-10.0)
         module = nn.Module()
-        module.rho = nn.Parameter(rho)
+        module.rho = nn.Parameter(torch.tensor(float(beta - params.min_beta)).expm1().log())
         return module
 
     def beta(self) -> torch.Tensor:
-        return F.softplus(self.module.rho)
+        return self.params.min_beta + F.softplus(self.module.rho)
 
     def provided_weights(self) -> dict:
         return {"commitment": self.beta()}

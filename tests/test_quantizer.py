@@ -538,6 +538,10 @@ def test_gumbel_kl_and_modes():
     ({"codebook_mlp": [8]}, ["quantizer.kmeans_init", "quantizer.codebook_mlp", "kmeans_init: false"]),
     ({"codebook_mlp": [8], "kmeans_init": False, "replace_freq": 20}, ["quantizer.replace_freq", "quantizer.codebook_mlp"]),
     ({"kind": "gumbel", "kmeans_init": False, "codebook_mlp": [8]}, ["quantizer.codebook_mlp", "quantizer.kind"]),
+    ({"kind": "gumbel", "kmeans_init": False, "gumbel_anneal_iters": 10}, ["quantizer.gumbel_anneal_iters",
+                                                                          "quantizer.gumbel_temperature_final"]),
+    ({"gumbel_temperature_final": 0.5}, ["quantizer.gumbel_temperature_final", "kind: gumbel"]),
+    ({"gumbel_anneal_iters": 10}, ["quantizer.gumbel_anneal_iters", "kind: gumbel"]),
 ])
 def test_meaningless_combinations_are_user_errors(keys, named):
     cfg = QuantizerConfig(**{"num_codes": K, "dim": D, **keys})

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import pytest
 import torch
@@ -15,7 +16,7 @@ from mqvae.errors import UserError
 from mqvae.registry import PROBLEMS, Registry
 from problems import AutoEncoder, Level, register_problem
 
-from helpers import tiny_config, two_levels
+from helpers import one_line_error, tiny_config, two_levels
 
 
 def one_line(error: pytest.ExceptionInfo) -> str:
@@ -152,6 +153,23 @@ def test_three_levels_initial_beta_is_a_level_param(tmp_path):
     engine = experiment.build_engine(tiny_config(levels=levels, quantizer={"beta": 0.1}), tmp_path / "default")
     level = next(p for p in engine.problems if p.name == "commitment_weight")
     assert F.softplus(level.module.rho).item() == pytest.approx(0.1, rel=1e-6)
+
+
+def test_commitment_weight_stays_above_its_floor(tmp_path):
+    levels = [{"name": "commitment_weight", "problem": "CommitmentWeight", "lower": ["autoencoder"],
+               "params": {"initial_beta": 0.3, "min_beta": 0.05}}, *two_levels()]
+    engine = experiment.build_engine(tiny_config(levels=levels, quantizer={"beta": 0.1}), tmp_path)
+    level = next(p for p in engine.problems if p.name == "commitment_weight")
+    assert level.beta().item() == pytest.approx(0.3, rel=1e-6)
+    # beta = min_beta + softplus(rho), by hand in float64, from far below to far above the floor.
+    for rho in (-60.0, -3.0, 0.0, 2.5):
+        with torch.no_grad():
+            level.module.rho.fill_(rho)
+        want = 0.05 + math.log1p(math.exp(rho))
+        assert level.beta().item() == pytest.approx(want, rel=1e-6) and level.beta().item() >= 0.05
+    levels[0]["params"] = {"initial_beta": 0.05, "min_beta": 0.05}
+    one_line_error(lambda: experiment.build_engine(tiny_config(levels=levels), tmp_path / "refused"),
+                   "min_beta", "initial_beta")
 
 
 def test_messages_name_a_level_by_its_name():

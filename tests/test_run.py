@@ -185,9 +185,11 @@ def test_shipped_digits_config_runs(tmp_path, name):
 def test_three_levels_moves_beta(tmp_path):
     out = tmp_path / "three"
     assert run.main(["configs/digits/three_levels.yaml", *TINY, "--set", "train.iters=5", "--out", str(out)]) == 0
+    params = next(level for level in yaml.safe_load((out / "config.yaml").read_text())["levels"]
+                  if level["name"] == "commitment_weight")["params"]
     rho = torch.load(out / "checkpoint.pt", weights_only=True)["levels"]["commitment_weight"]["rho"]
-    beta = torch.nn.functional.softplus(rho).item()
-    assert abs(beta - 0.25) > 1e-4
+    beta = params["min_beta"] + torch.nn.functional.softplus(rho.double()).item()
+    assert abs(beta - params["initial_beta"]) > 1e-4 and beta > params["min_beta"]
 
 
 @pytest.mark.parametrize("kind", ["mqvae", "direct", "darts", "neumann", "cg", "sama"])

@@ -167,6 +167,12 @@ class QuantizerConfig:
     search_precision: str = spec("fp32", choices=["fp32", "fp16", "bf16"])
     # Gumbel-VQ (Karpathy): softmax temperature and weight of the KL-to-uniform term.
     gumbel_temperature: float = spec(1.0, above=0.0)
+    # The temperature after the anneal: tau falls geometrically from gumbel_temperature to it over the first
+    # gumbel_anneal_iters training iterations (null: all of train.iters) and stays there (Jang et al. 2017 anneal
+    # tau exponentially to a floor of 0.5; Esser et al.'s taming-transformers anneal it too).
+    # null = a constant tau (Karpathy's deep-vector-quantization).
+    gumbel_temperature_final: Optional[float] = spec(None, above=0.0)
+    gumbel_anneal_iters: Optional[int] = spec(None, min=1)
     gumbel_kl_weight: float = spec(5e-4, min=0.0)
 
 

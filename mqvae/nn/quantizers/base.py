@@ -74,6 +74,10 @@ class Quantizer(nn.Module):
     def maintain(self, z_e: torch.Tensor, out: QuantizerOutput) -> None:
         """Explicit maintenance after a training iteration (dead-code replacement, running statistics)."""
 
+    def begin_iteration(self, step: int, iters: int) -> None:
+        """Before training iteration ``step`` of ``iters`` (1-based), outside any forward and any CUDA graph: set
+        what follows a schedule over training (Gumbel-VQ's temperature), in place, without a host sync."""
+
     def initialize(self, z_e: torch.Tensor, generator: torch.Generator | None = None) -> None:
         """Data-dependent initialization from encoder outputs (k-means), drawing from ``generator``."""
 

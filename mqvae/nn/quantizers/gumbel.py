@@ -24,6 +24,9 @@ class GumbelQuantizer(Quantizer):
     straight-through gradient of softmax(logits / tau) (Karpathy samples ``hard=True`` at eval; we take
     the argmax of the logits so that evaluation is deterministic and draws no random numbers).
 
+    The temperature tau is a buffer that ``begin_iteration`` sets before each training iteration (constant, or
+    annealed by ``gumbel_temperature_final``); it is a function of the step, so it is not saved with the model.
+
     The Gumbel noise comes from the global RNG (so a checkpointed RNG state reproduces a run); no
     parameter or buffer changes in forward.
     """
@@ -38,11 +41,15 @@ class GumbelQuantizer(Quantizer):
             if unused:
                 raise UserError(f"quantizer.{key}: {getattr(cfg, key)!r} cannot be combined with quantizer.kind: gumbel "
                                 f"(it applies to nearest-code quantizers only; use kind: vq)")
+        if cfg.gumbel_anneal_iters is not None and cfg.gumbel_temperature_final is None:
+            raise UserError(f"quantizer.gumbel_anneal_iters: {cfg.gumbel_anneal_iters} needs "
+                            "quantizer.gumbel_temperature_final (the temperature it anneals to); set it, or remove "
+                            "gumbel_anneal_iters for a constant temperature")
 
     @classmethod
     def size(cls, cfg) -> tuple[int, int]:
-        # The codebook, the logit projection and its bias; no buffers.
-        return cfg.num_codes * cfg.dim + cfg.dim * cfg.num_codes + cfg.num_codes, 0
+        # The codebook, the logit projection and its bias; the temperature, one float32.
+        return cfg.num_codes * cfg.dim + cfg.dim * cfg.num_codes + cfg.num_codes, 4
 
     @classmethod
     def activation_width(cls, cfg) -> int:
@@ -55,6 +62,21 @@ class GumbelQuantizer(Quantizer):
         self.proj = nn.Linear(cfg.dim, cfg.num_codes)
         # nn.Embedding's default init, as in Karpathy's GumbelQuantize.
         self.codebook = nn.Parameter(torch.randn(cfg.num_codes, cfg.dim))
+        # A 0-dim tensor refilled in place, so that a captured CUDA graph reads each iteration's value.
+        self.register_buffer("temperature", torch.tensor(float(cfg.gumbel_temperature)), persistent=False)
+
+    def temperature_at(self, step: int, iters: int) -> float:
+        """tau at training iteration ``step`` of ``iters``: gumbel_temperature at step 0, geometric to
+        gumbel_temperature_final at step gumbel_anneal_iters (or ``iters``), and that value after it (Jang et al.
+        2017 anneal tau exponentially to a floor)."""
+        start, final = self.cfg.gumbel_temperature, self.cfg.gumbel_temperature_final
+        if final is None:
+            return start
+        span = self.cfg.gumbel_anneal_iters or iters
+        return start * (final / start) ** (min(step, span) / span)
+
+    def begin_iteration(self, step: int, iters: int) -> None:
+        self.temperature.fill_(self.temperature_at(step, iters))
 
     def loss_weights(self) -> dict:
         return {"kl": self.cfg.gumbel_kl_weight}
@@ -74,7 +96,7 @@ class GumbelQuantizer(Quantizer):
         log_q = F.log_softmax(logits, dim=-1)
         # KL(q ‖ uniform) = Σ_k q_k (log q_k + log K), averaged over positions.
         kl = (log_q.exp() * (log_q + math.log(self.num_codes))).sum(-1).mean()
-        tau = self.cfg.gumbel_temperature
+        tau = self.temperature
         codebook = self.codebook.to(logits.dtype)
         if self.training:
             y = F.gumbel_softmax(logits, tau=tau, hard=False, dim=-1)
