@@ -325,7 +325,7 @@ class LevelEngine(Engine):
             for step in range(self.global_step + 1, cfg.iters + 1):
                 start = time.perf_counter()
                 self.global_step = step
-                self.model.quantizer.begin_iteration(step, cfg.iters)
+                self.schedule_quantizer(step)
                 self.iteration()
                 self.maintain()
                 self.share_batch_norm_statistics()
@@ -398,6 +398,12 @@ class LevelEngine(Engine):
                 self.warn(f"level '{p.name}' ({type(p).__name__}): its parameters got a zero gradient for "
                           f"{ZERO_GRADIENT_STEPS} optimizer steps in a row, so they do not learn; nothing in its loss "
                           "(loss_terms' 'loss') depends on them")
+
+    def schedule_quantizer(self, step: int) -> None:
+        """What of the quantizer follows a schedule over training (Gumbel-VQ's temperature), set before iteration
+        ``step``, outside any forward and any CUDA graph. A prior's model trains no quantizer (and has none)."""
+        if self.encoder_level is not None:
+            self.model.quantizer.begin_iteration(step, self.cfg.train.iters)
 
     def maintain(self) -> None:
         """Explicit quantizer maintenance (dead-code replacement, running statistics) on this iteration's
