@@ -94,6 +94,9 @@ PROBLEMS = Registry("problem", "problems.register_problem")
 # hypergradient.type -> Betty's get_grads signature, fn(vector, curr, prev, sync) (Betty's own registry also holds
 # methods this toolkit does not wire, e.g. reinforce).
 HYPERGRADIENTS = Registry("hypergradient method", "mqvae.method.hypergradients.register_hypergradient")
+# hypergradient.type -> what its registration said of it (``unroll_steps``, ``graph_safe``), kept by name: one function
+# registered under two names with other traits keeps both, which attributes on the function could not.
+HYPERGRADIENT_TRAITS: dict[str, dict[str, bool]] = {}
 # levels.*.optimizer -> factory(level: LevelConfig, params) -> torch.optim.Optimizer.
 OPTIMIZERS = Registry("optimizer", "mqvae.method.optim.register_optimizer")
 # levels.*.scheduler -> factory(level: LevelConfig, total_iters: int) -> multiplier or None.

@@ -237,13 +237,18 @@ def test_a_method_registered_graph_safe_is_accepted(tmp_path):
     for name in ("mqvae", "direct"):
         load_config(ROOT / "configs" / "digits" / "mqvae.yaml", ["perf.cuda_graphs=true", "device=cuda",
                                                                  f"hypergradient.type={name}"])
-    # (Functions of their own: the flags are attributes of the registered function.)
-    register_hypergradient("test_graph_safe_direct", lambda vector, context: direct(vector, context), graph_safe=True)
-    register_hypergradient("test_unchecked_direct", lambda vector, context: direct(vector, context))
-    load_config(ROOT / "configs" / "digits" / "mqvae.yaml", ["perf.cuda_graphs=true", "device=cuda",
-                                                             "hypergradient.type=test_graph_safe_direct"])
+    # One function under two names, registered with other traits: each name keeps what its registration said.
+    def same(vector, context):
+        return direct(vector, context)
+
+    register_hypergradient("test_graph_safe_direct", same, graph_safe=True, unroll_steps=True)
+    register_hypergradient("test_unchecked_direct", same)
+    for setting in (["perf.cuda_graphs=true", "device=cuda"], ["hypergradient.unroll_steps=2"]):
+        load_config(ROOT / "configs" / "digits" / "mqvae.yaml", [*setting, "hypergradient.type=test_graph_safe_direct"])
     one_line_error(lambda: load_config(ROOT / "configs" / "digits" / "mqvae.yaml", [
         "perf.cuda_graphs=true", "device=cuda", "hypergradient.type=test_unchecked_direct"]), "graph_safe=True")
+    one_line_error(lambda: load_config(ROOT / "configs" / "digits" / "mqvae.yaml", [
+        "hypergradient.unroll_steps=2", "hypergradient.type=test_unchecked_direct"]), "unroll_steps=True")
 
 
 def test_refused_on_the_cpu_when_the_device_is_auto(tmp_path):

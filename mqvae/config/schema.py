@@ -553,7 +553,7 @@ def _check_cuda_graphs(cfg: Config, where: str) -> None:
                             "on the host); use scheduler: constant or one of those")
     # (A method says so when it registers, mqvae.method.hypergradients.register_hypergradient: mqvae and direct do;
     # Betty's darts reads ||v|| on the host every step, and Betty's neumann, cg and sama are not checked.)
-    if not getattr(registry.HYPERGRADIENTS.get(cfg.hypergradient.type), "graph_safe", False):
+    if not registry.HYPERGRADIENT_TRAITS.get(cfg.hypergradient.type, {}).get("graph_safe", False):
         raise UserError(f"{where}: perf.cuda_graphs with hypergradient.type {quote(cfg.hypergradient.type)}: only a "
                         "method registered with graph_safe=True replays as a graph (mqvae, direct; darts reads a norm "
                         "on the host every step)")
@@ -616,8 +616,7 @@ def _check_unroll(cfg: Config, where: str, accumulating: list[str]) -> None:
     if accumulating:
         raise UserError(f"{key} with levels.{quote_key(accumulating[0])}.grad_accumulation > 1: the k steps are "
                         "optimizer steps, each the hypergradient looks through; set grad_accumulation: 1")
-    method = registry.HYPERGRADIENTS.get(given.type)
-    if not getattr(method, "unroll_steps", False):
+    if not registry.HYPERGRADIENT_TRAITS.get(given.type, {}).get("unroll_steps", False):
         raise UserError(f"{key}: hypergradient.type {quote(given.type)} looks through the latest tentative step only "
                         "(Betty's methods take one step's parameters); use type: mqvae or direct, or register a method "
                         "that reads every step of context.steps with register_hypergradient(..., unroll_steps=True)")

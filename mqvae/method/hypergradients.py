@@ -33,7 +33,7 @@ from torch import nn
 
 from mqvae.runtime import distributed
 from mqvae.runtime.perf import phase
-from mqvae.registry import HYPERGRADIENTS
+from mqvae.registry import HYPERGRADIENT_TRAITS, HYPERGRADIENTS
 
 Tensors = tuple[torch.Tensor, ...]
 
@@ -224,7 +224,7 @@ def register_hypergradient(name: str, fn, *, unroll_steps: bool = False, graph_s
     jvp = functools.wraps(fn)(functools.partial(run_method, name, run))
 
     TYPES.add(name, fn)
-    fn.unroll_steps, fn.graph_safe = unroll_steps, graph_safe  # read by the config's checks (mqvae.config.schema)
+    HYPERGRADIENT_TRAITS[name] = {"unroll_steps": unroll_steps, "graph_safe": graph_safe}  # (mqvae.config.schema)
     jvp_fn_mapping[name] = jvp
 
 
