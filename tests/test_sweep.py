@@ -399,7 +399,7 @@ def test_a_shipped_sweep_runs_from_another_working_folder(tmp_path, monkeypatch)
     assert run.main([str(sweep), *TINY, "--set", "train.eval_every=0", "--set", "train.checkpoint_every=0",
                      "--seeds", "0", "--out", "scratch"]) == 0
     results = json.loads((tmp_path / "scratch" / "results.json").read_text())
-    assert len(results["runs"]) == 8 and all(r["metrics"]["iterations"] == 2 for r in results["runs"])
+    assert len(results["runs"]) == 9 and all(r["metrics"]["iterations"] == 2 for r in results["runs"])
 
 
 def test_shipped_sweeps_load():
