@@ -16,9 +16,10 @@ config key                    registry               filled by
 ``levels.*.scheduler``        ``SCHEDULERS``         ``mqvae.method.optim.register_scheduler``
 ============================  =====================  ==============================================================
 
-Two more hold what the config's checks and the reports look up by name: ``TASKS`` (a run's task by its name, e.g.
-the prior's, ``mqvae.method.tasks``) and ``VALIDATORS`` (a config section with checks of its own that need more
-than the config's text, e.g. ``prior.run``: a function ``check(cfg, where)`` that the config's validation calls).
+Three more hold what the config's checks and the reports look up by name: ``TASKS`` (a run's task by its name,
+e.g. the prior's, ``mqvae.method.tasks``), ``VALIDATORS`` (a config section with checks of its own that need more
+than the config's text, e.g. ``prior.run``: a function ``check(cfg, where)`` that the config's validation calls) and
+``HYPERGRADIENT_TRAITS`` (what a hypergradient method's registration said it supports).
 
 A name is known once the module that registers it is imported: ``mqvae.shipped`` imports every shipped one (and
 ``problems``, hence ``engines``, imports it), a user's module is imported from ``imports:`` or ``--import``.
