@@ -174,6 +174,10 @@ class QuantizerConfig:
     gumbel_temperature_final: Optional[float] = spec(None, above=0.0)
     gumbel_anneal_iters: Optional[int] = spec(None, min=1)
     gumbel_kl_weight: float = spec(5e-4, min=0.0)
+    # Training samples: false = the relaxed sample weights the codebook (Karpathy's default); true = the sampled
+    # code's one-hot forward, the relaxed sample's gradient backward (Jang et al. 2017's straight-through
+    # Gumbel-softmax; taming-transformers' default). Evaluation takes the most likely code either way.
+    gumbel_straight_through: bool = False
 
 
 @dataclass

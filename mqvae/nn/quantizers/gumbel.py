@@ -19,10 +19,13 @@ from mqvae.nn.quantizers.base import Quantizer, QuantizerOutput, batch_perplexit
 
 
 class GumbelQuantizer(Quantizer):
-    """Training mode: relaxed (soft) Gumbel-softmax sample, z_q = y @ C (Karpathy's default,
-    ``straight_through=False``). Eval mode: the most likely code, z_q = C[argmax] exactly, with the
-    straight-through gradient of softmax(logits / tau) (Karpathy samples ``hard=True`` at eval; we take
-    the argmax of the logits so that evaluation is deterministic and draws no random numbers).
+    """Training mode: a Gumbel-softmax sample y = softmax((logits + g) / tau). With
+    ``gumbel_straight_through: false`` the relaxed sample weights the codebook, z_q = y @ C (Karpathy's default);
+    with ``true`` z_q = C[argmax y] exactly, and the gradient is the relaxed sample's (taming-transformers'
+    default, Jang et al. 2017's straight-through estimator). Eval mode: the most likely code, z_q = C[argmax logits]
+    exactly, with the straight-through gradient of softmax(logits / tau) (Karpathy and taming sample
+    ``hard=True`` at eval; we take the argmax of the logits so that evaluation is deterministic and draws no random
+    numbers).
 
     The temperature tau is a buffer that ``begin_iteration`` sets before each training iteration (constant, or
     annealed by ``gumbel_temperature_final``); it is a function of the step, so it is not saved with the model.
@@ -99,14 +102,18 @@ class GumbelQuantizer(Quantizer):
         tau = self.temperature
         codebook = self.codebook.to(logits.dtype)
         if self.training:
-            y = F.gumbel_softmax(logits, tau=tau, hard=False, dim=-1)
-            indices = y.argmax(-1)
-            z_q = y @ codebook
+            soft = F.gumbel_softmax(logits, tau=tau, hard=False, dim=-1)
+            indices = soft.argmax(-1)
+            z_q = straight_through(indices, soft, codebook) if self.cfg.gumbel_straight_through else soft @ codebook
         else:
             indices = logits.argmax(-1)
-            soft = F.softmax(logits / tau, dim=-1)
-            # Forward value exactly C[indices] ((soft - soft) @ C is exactly 0); backward: the codebook
-            # through the one-hot, the logits through the softmax (straight-through, as hard=True).
-            z_q = F.embedding(indices, codebook) + (soft - soft.detach()) @ codebook.detach()
+            z_q = straight_through(indices, F.softmax(logits / tau, dim=-1), codebook)
         counts = code_counts(indices, self.num_codes)
         return QuantizerOutput(from_vectors(z_q, z_e), indices[:, None], {"kl": kl}, batch_perplexity(counts), counts)
+
+
+def straight_through(indices: torch.Tensor, soft: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
+    """Forward value exactly C[indices] ((soft - soft) @ C is exactly 0); backward: the codebook through the
+    one-hot, the logits through ``soft`` (the gradient of F.gumbel_softmax(hard=True), whose forward value
+    one_hot - soft + soft can differ from the one-hot by a rounding)."""
+    return F.embedding(indices, codebook) + (soft - soft.detach()) @ codebook.detach()

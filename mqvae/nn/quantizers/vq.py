@@ -66,6 +66,10 @@ class VectorQuantizer(Quantizer):
             if getattr(cfg, key) is not None:
                 raise UserError(f"quantizer.{key}: {getattr(cfg, key)} applies to quantizer.kind: gumbel only "
                                 f"(kind: vq has no temperature); remove it")
+        if cfg.gumbel_straight_through:
+            raise UserError("quantizer.gumbel_straight_through: true applies to quantizer.kind: gumbel only "
+                            "(kind: vq always takes the nearest code, with its own straight-through estimator); "
+                            "remove it")
         for key, value, what, off in (("kmeans_init", cfg.kmeans_init, "k-means init", "false"),
                                       ("replace_freq", cfg.replace_freq, "dead-code replacement", "0")):
             if cfg.codebook_mlp and value:
