@@ -1,7 +1,8 @@
 """Gumbel-VQ's temperature schedule (quantizer.gumbel_temperature_final): tau falls geometrically from
 gumbel_temperature at step 0 to gumbel_temperature_final at the last training iteration; null keeps it constant.
 Checked against the formula in float64, in the quantizer's relaxed sample, in the iterations of a run, and
-across a kill and resume (tau is not saved: it is a function of the step)."""
+across a kill and resume (tau is not saved: it is a function of the step); and the training sample, relaxed
+or straight-through, against autograd through Jang et al.'s formula."""
 
 from __future__ import annotations
 
@@ -91,3 +92,38 @@ def test_an_annealed_run_resumes_exactly(tmp_path):
     killed, reference_run = killed_and_resumed(args, tmp_path)
     assert measured(killed) == measured(reference_run)
     assert_same_checkpoints(killed, reference_run)
+
+
+@pytest.mark.parametrize("straight_through", [False, True])
+def test_the_training_sample_and_its_gradient_match_jang_et_al(straight_through):
+    """Relaxed: z_q = y @ C. Straight-through (taming-transformers' GumbelQuantize, hard=True): the forward value
+    is the sampled code's row of C, and the gradient is that of (one_hot - y.detach() + y) @ C, by autograd in
+    float64 with the same Gumbel noise."""
+    cfg = QuantizerConfig(kind="gumbel", num_codes=8, dim=4, kmeans_init=False, gumbel_temperature=0.7,
+                          gumbel_straight_through=straight_through)
+    q = build_quantizer(cfg).double().train()
+    q.begin_iteration(3, 10)  # tau refilled in float64 (the float32 buffer holds 0.7 rounded)
+    z_e = torch.randn(3, 4, 2, 2, dtype=torch.float64, requires_grad=True)
+    upstream = torch.randn(3, 4, 2, 2, dtype=torch.float64)
+    torch.manual_seed(5)
+    out = q(z_e)
+    got = torch.autograd.grad((out.z_q * upstream).sum(), [z_e, q.codebook, q.proj.weight, q.proj.bias])
+
+    torch.manual_seed(5)
+    x = z_e.detach().clone().requires_grad_(True)
+    codebook, weight, bias = (p.detach().clone().requires_grad_(True) for p in (q.codebook, q.proj.weight, q.proj.bias))
+    logits = x.movedim(1, -1).reshape(-1, 4) @ weight.T + bias
+    g = -torch.empty_like(logits).exponential_().log()
+    y = F.softmax((logits + g) / 0.7, dim=-1)
+    if straight_through:
+        one_hot = F.one_hot(y.argmax(-1), 8).to(y.dtype)
+        y = one_hot - y.detach() + y
+    z_q = (y @ codebook).reshape(3, 2, 2, 4).movedim(-1, 1)
+    want = torch.autograd.grad((z_q * upstream).sum(), [x, codebook, weight, bias])
+
+    torch.testing.assert_close(out.z_q.detach(), z_q.detach(), rtol=1e-12, atol=1e-12)
+    assert out.indices.flatten().tolist() == y.argmax(-1).tolist()
+    if straight_through:  # exactly the sampled codes' rows
+        assert torch.equal(out.z_q.detach().movedim(1, -1).reshape(-1, 4), q.codebook.detach()[y.argmax(-1)])
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)

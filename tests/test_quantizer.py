@@ -543,6 +543,7 @@ def test_gumbel_kl_and_modes():
                                                                           "quantizer.gumbel_temperature_final"]),
     ({"gumbel_temperature_final": 0.5}, ["quantizer.gumbel_temperature_final", "kind: gumbel"]),
     ({"gumbel_anneal_iters": 10}, ["quantizer.gumbel_anneal_iters", "kind: gumbel"]),
+    ({"gumbel_straight_through": True}, ["quantizer.gumbel_straight_through", "kind: gumbel"]),
 ])
 def test_meaningless_combinations_are_user_errors(keys, named):
     cfg = QuantizerConfig(**{"num_codes": K, "dim": D, **keys})
