@@ -62,14 +62,13 @@ class VectorQuantizer(Quantizer):
         if cfg.num_codes % cfg.groups:
             raise UserError(f"quantizer.groups: {cfg.groups} does not divide quantizer.num_codes = {cfg.num_codes} "
                             f"(each latent group gets num_codes/groups codes)")
-        for key in ("gumbel_temperature_final", "gumbel_anneal_iters"):
-            if getattr(cfg, key) is not None:
-                raise UserError(f"quantizer.{key}: {getattr(cfg, key)} applies to quantizer.kind: gumbel only "
-                                f"(kind: vq has no temperature); remove it")
-        if cfg.gumbel_straight_through:
-            raise UserError("quantizer.gumbel_straight_through: true applies to quantizer.kind: gumbel only "
-                            "(kind: vq always takes the nearest code, with its own straight-through estimator); "
-                            "remove it")
+        for key, unset in (("gumbel_temperature_final", None), ("gumbel_anneal_iters", None),
+                           ("gumbel_straight_through", False)):
+            value = getattr(cfg, key)
+            if value is not unset:
+                shown = str(value).lower() if isinstance(value, bool) else value
+                raise UserError(f"quantizer.{key}: {shown} applies to quantizer.kind: gumbel only (kind: vq takes "
+                                f"the nearest code: no temperature, no sample); remove it")
         for key, value, what, off in (("kmeans_init", cfg.kmeans_init, "k-means init", "false"),
                                       ("replace_freq", cfg.replace_freq, "dead-code replacement", "0")):
             if cfg.codebook_mlp and value:
